@@ -1,0 +1,151 @@
+"""Table 1 of the paper (Section 4.1): positives per class and split, and boxes per class.
+
+`lsemil stats --nih-dir D [--format md|csv|json] [--seed S]` prints the table for a folder.
+The markdown output prints the paper's numbers (`PAPER_TABLE1`) beside ours: they differ from
+the Data_Entry_2017_v2020 CSV in a few classes, as NIH relabelled 188 entries in November 2017,
+and our validation split is drawn anew (the paper's own draw was not published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import types
+from collections.abc import Mapping
+
+import numpy as np
+
+from lsemil.data.nih import CLASSES, SPLITS, DataError, NihIndex, load_index
+
+# Paper Table 1: (train, valid, test, bbox) per class in NIH order; bbox None where it has '-'.
+PAPER_TABLE1: Mapping[str, tuple[int, int, int, int | None]] = types.MappingProxyType(
+  {
+    "Atelectasis": (6168, 2112, 3255, 180),
+    "Cardiomegaly": (1273, 434, 1065, 146),
+    "Effusion": (6537, 2122, 4648, 153),
+    "Infiltration": (10244, 3538, 6088, 123),
+    "Mass": (3012, 1022, 1712, 85),
+    "Nodule": (3501, 1207, 615, 79),
+    "Pneumonia": (655, 221, 477, 120),
+    "Pneumothorax": (1939, 698, 2661, 98),
+    "Consolidation": (2114, 738, 1815, None),
+    "Edema": (1027, 361, 925, None),
+    "Emphysema": (1075, 348, 1093, None),
+    "Fibrosis": (963, 288, 435, None),
+    "Pleural_Thickening": (1693, 549, 1143, None),
+    "Hernia": (105, 36, 86, None),
+  }
+)
+# Section 4.1 totals.
+PAPER_IMAGES = 112_120
+PAPER_PATIENTS = 30_805
+FORMATS = ("md", "csv", "json")
+
+
+def table1(index: NihIndex) -> dict:
+  """Table 1 of `index` as plain data.
+
+  Returns:
+    {"classes": {class: {"train", "valid", "test", "bbox"}}, "images": {split: n, "all": n},
+     "patients": {split: n, "all": n}, "boxes": box rows, "box_images": images with a box,
+     "kind": index.kind, "official_split": bool, "seed": int}.
+  """
+  positives = {s: index.labels[index.rows(s)].sum(axis=0) for s in SPLITS}
+  boxes = np.bincount(index.box_classes, minlength=len(CLASSES))
+  classes = {
+    c: {**{s: int(positives[s][k]) for s in SPLITS}, "bbox": int(boxes[k])}
+    for k, c in enumerate(CLASSES)
+  }
+  return {
+    "classes": classes,
+    "images": {**{s: len(index.rows(s)) for s in SPLITS}, "all": len(index)},
+    "patients": {**{s: len(index.patients(s)) for s in SPLITS}, "all": len(index.patients())},
+    "boxes": len(index.box_rows),
+    "box_images": len(np.unique(index.box_rows)),
+    "kind": index.kind,
+    "official_split": index.official_split,
+    "seed": index.seed,
+  }
+
+
+def _paper_cell(v: int | None) -> str:
+  return "-" if v is None else f"{v:,}"
+
+
+def format_table1(index: NihIndex, fmt: str = "md") -> str:
+  """Table 1 of `index` as markdown (with the paper's numbers beside ours), CSV or JSON."""
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+  t = table1(index)
+  with_paper = index.kind == "nih"
+  if fmt == "json":
+    if with_paper:
+      t["paper"] = {
+        c: dict(zip(("train", "valid", "test", "bbox"), v, strict=True))
+        for c, v in PAPER_TABLE1.items()
+      }
+    return json.dumps(t, indent=2)
+  cols = ("train", "valid", "test", "bbox")
+  if fmt == "csv":
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["abnormality", *cols] + ([f"paper_{c}" for c in cols] if with_paper else []))
+    for c, row in t["classes"].items():
+      paper = ["" if v is None else v for v in PAPER_TABLE1[c]] if with_paper else []
+      w.writerow([c, *(row[k] for k in cols), *paper])
+    return buf.getvalue()
+  split = "official lists" if t["official_split"] else "patient-wise fallback"
+  lines = [
+    f"Table 1 ({index.root}, {t['kind']}; test from {split}, valid = 25% of train_val "
+    f"patients, seed {t['seed']})",
+    "",
+  ]
+  head = ["abnormality", *cols] + ([f"paper {c}" for c in cols] if with_paper else [])
+  lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1))
+            + "|"]
+  for c, row in t["classes"].items():
+    cells = [c] + [f"{row[k]:,}" if (k != "bbox" or row[k]) else "-" for k in cols]
+    if with_paper:
+      cells += [_paper_cell(v) for v in PAPER_TABLE1[c]]
+    lines.append("| " + " | ".join(cells) + " |")
+  im, pa = t["images"], t["patients"]
+  lines += [
+    "",
+    f"images: {im['all']:,} (train {im['train']:,}, valid {im['valid']:,}, test {im['test']:,})",
+    f"patients: {pa['all']:,} (train {pa['train']:,}, valid {pa['valid']:,}, "
+    f"test {pa['test']:,})",
+    f"boxes: {t['boxes']:,} on {t['box_images']:,} images",
+  ]
+  if with_paper:
+    lines += [
+      f"paper: {PAPER_IMAGES:,} images, {PAPER_PATIENTS:,} patients. Its counts differ from the "
+      "v2020 CSV in a few classes (NIH relabelled 188 entries in November 2017), and its "
+      "train/valid draw was not published.",
+    ]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+  """`lsemil stats`: print Table 1 of an NIH-layout folder."""
+  parser = argparse.ArgumentParser(
+    prog="lsemil stats",
+    description="Print Table 1 of the paper (positives per class and split, boxes per class) "
+    "for an NIH ChestX-ray14 folder or a synthetic one in its layout.",
+  )
+  parser.add_argument(
+    "--nih-dir", required=True, help="folder with Data_Entry_2017*.csv[.gz], BBox_List_2017.csv"
+    "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)"
+  )
+  parser.add_argument("--format", choices=FORMATS, default="md", help="output format (md)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
+  args = parser.parse_args(argv)
+  try:
+    index = load_index(args.nih_dir, seed=args.seed)
+  except DataError as e:
+    print(f"lsemil stats: {e}", file=sys.stderr)
+    return 1
+  sys.stdout.write(format_table1(index, args.format))
+  return 0

@@ -1,0 +1,158 @@
+# shellcheck shell=bash disable=SC2034  # its settings are read by the scripts sourcing it
+# Shared settings and helpers for the lsemil Cloud TPU scripts. Sourced, never run.
+#
+# Every setting is an environment variable. Those with a safe default get one here; those
+# without one (PROJECT, BUCKET, DATA_SRC) are checked by the script that needs them with
+# `: "${VAR:?...}"`, which fails before any command is printed or run, DRY_RUN=1 included.
+#
+#   PROJECT           GCP project id                                      (required)
+#   ZONE              TPU zone                       default us-central2-b (where v4 lives)
+#   TPU_NAME          name of the TPU VM                                   default lsemil-tpu
+#   ACCELERATOR_TYPE  slice type: v4-8, v4-32, v5litepod-16, v5p-8, v6e-8 default v4-8
+#   RUNTIME_VERSION   TPU software version; default follows the generation of
+#                     ACCELERATOR_TYPE: v4 -> tpu-ubuntu2204-base, v5e (v5litepod) ->
+#                     v2-alpha-tpuv5-lite, v5p -> v2-alpha-tpuv5, v6e -> v2-alpha-tpuv6e
+#   BUCKET            GCS bucket (name or gs://name) for workdirs, data, results (required
+#                     by stage_data.sh to a bucket, train.sh and reproduce.sh)
+#   CONFIG            config for `lsemil train`          default configs/paper.py:r0=5
+#   STAMP             suffix shared by the runs of one experiment  default: now, %Y%m%d-%H%M
+#   RUN_NAME          run name, derived from CONFIG     default e.g. paper-r0-5
+#   WORKDIR           workdir of the run      default gs://$BUCKET/lsemil/$RUN_NAME-$STAMP
+#   DATASET_NAME      name of the prepared dataset              default nih-512
+#   DATA_DIR          --data-dir on the workers   default gs://$BUCKET/lsemil/data/$DATASET_NAME
+#   REMOTE_REPO       where the code lives on each worker        default ~/lsemil
+#   REMOTE_VENV       the virtualenv on each worker              default ~/lsemil-venv
+#   REMOTE_LOG_DIR    per-worker log folder                      default ~/lsemil-logs
+#   DRY_RUN           1: print every command (shell-quoted, prefixed "+ ") instead of
+#                     running it; 0 or unset: run them                       default 0
+
+# The scripts live in <repo>/tpu_scripts; the repository root is one level up.
+TPU_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "${TPU_SCRIPTS_DIR}/.." && pwd)"
+
+die() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+log() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "[lsemil-tpu dry run] $*" >&2
+  else
+    echo "[lsemil-tpu] $*" >&2
+  fi
+}
+
+case "${DRY_RUN:-0}" in
+  0 | 1) ;;
+  *) die "DRY_RUN must be 0 or 1, got '${DRY_RUN}'" ;;
+esac
+DRY_RUN="${DRY_RUN:-0}"
+
+# Quote one word for a POSIX shell: bare when it is made of safe characters, otherwise in
+# single quotes. The output parses back to the same word under bash and Python's shlex.
+quote() {
+  local s="$1"
+  if [[ -n "${s}" && "${s}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "${s}"
+  else
+    printf "'%s'" "${s//\'/\'\\\'\'}"
+  fi
+}
+
+# Like quote, but keeps a leading "~/" unquoted so that the remote shell expands it to the
+# worker's home directory.
+# shellcheck disable=SC2088  # the tilde is meant literally, for the remote shell
+rquote() {
+  local s="$1"
+  if [[ "${s}" == "~/"* ]]; then
+    printf '~/%s' "$(quote "${s#\~/}")"
+  else
+    quote "${s}"
+  fi
+}
+
+# Quote every argument and join them with spaces.
+quote_all() {
+  local out="" word
+  for word in "$@"; do
+    out+="${out:+ }$(quote "${word}")"
+  done
+  printf '%s' "${out}"
+}
+
+# Run a command, or with DRY_RUN=1 print it as one shell-quoted line prefixed "+ ".
+run() {
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    printf '+ %s\n' "$(quote_all "$@")"
+  else
+    "$@"
+  fi
+}
+
+# Runtime (software) version for an accelerator type; empty for an unknown generation.
+default_runtime_version() {
+  case "$1" in
+    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-* | v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) echo "" ;;
+  esac
+}
+
+# "configs/paper.py:r0=5" -> "paper-r0-5": a name fit for paths and logs.
+run_name_from_config() {
+  local cfg="$1" base arg
+  base="$(basename "${cfg%%:*}" .py)"
+  arg=""
+  [[ "${cfg}" == *:* ]] && arg="${cfg#*:}"
+  local name="${base}${arg:+-${arg}}"
+  name="${name//[^A-Za-z0-9_.-]/-}"
+  printf '%s' "${name}"
+}
+
+ZONE="${ZONE:-us-central2-b}"
+TPU_NAME="${TPU_NAME:-lsemil-tpu}"
+ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
+RUNTIME_VERSION="${RUNTIME_VERSION:-$(default_runtime_version "${ACCELERATOR_TYPE}")}"
+CONFIG="${CONFIG:-configs/paper.py:r0=5}"
+# Computed once here, on this machine, so every worker gets the very same workdir.
+STAMP="${STAMP:-$(date +%Y%m%d-%H%M)}"
+RUN_NAME="${RUN_NAME:-$(run_name_from_config "${CONFIG}")}"
+DATASET_NAME="${DATASET_NAME:-nih-512}"
+REMOTE_REPO="${REMOTE_REPO:-~/lsemil}"
+REMOTE_VENV="${REMOTE_VENV:-~/lsemil-venv}"
+REMOTE_LOG_DIR="${REMOTE_LOG_DIR:-~/lsemil-logs}"
+
+# Call after `: "${BUCKET:?...}"`: the bucket URL without a trailing slash.
+bucket_url() {
+  local b="${BUCKET#gs://}"
+  printf 'gs://%s' "${b%/}"
+}
+
+require_runtime_version() {
+  [[ -n "${RUNTIME_VERSION}" ]] \
+    || die "no default RUNTIME_VERSION for ACCELERATOR_TYPE=${ACCELERATOR_TYPE}; set RUNTIME_VERSION"
+}
+
+# tpu_ssh WORKER COMMAND: run COMMAND (one string, parsed by the remote login shell) on
+# WORKER ("all" or an index) of the TPU VM.
+tpu_ssh() {
+  run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "--project=${PROJECT}" "--zone=${ZONE}" \
+    "--worker=$1" --command "$2"
+}
+
+# remote_detached NAME JOB: a remote command line that starts JOB (a shell command string)
+# in a session of its own (setsid) immune to hangups (nohup), stdin from /dev/null and all
+# output in REMOTE_LOG_DIR/NAME.log on each worker, so it survives the end of the ssh
+# session. Only the launched command is backgrounded, so ssh returns at once.
+remote_detached() {
+  local name="$1" job="$2" dir logf
+  dir="$(rquote "${REMOTE_LOG_DIR}")"
+  logf="$(rquote "${REMOTE_LOG_DIR}/${name}.log")"
+  # $(hostname) is for the remote shell to expand.
+  # shellcheck disable=SC2016
+  printf 'mkdir -p %s && { setsid nohup bash -c %s > %s 2>&1 < /dev/null & } && echo "started %s on $(hostname), log: %s"' \
+    "${dir}" "$(quote "${job}")" "${logf}" "${name}" "${logf}"
+}

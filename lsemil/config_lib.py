@@ -1,0 +1,42 @@
+"""Loading configs: `path/to/config.py[:arg]` files with a `get_config(arg)` function.
+
+The same files work with absl's `config_flags` (used by `lsemil train`); this loader
+serves the commands that take a config without absl flags, and the tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name: str) -> pathlib.Path:
+  """'paper' -> <repo>/configs/paper.py; an existing path is returned as is."""
+  path = pathlib.Path(name)
+  if path.suffix == ".py" or path.exists():
+    return path
+  return CONFIG_DIR / f"{name}.py"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'configs/paper.py:r0=5' (or 'paper:r0=5') into a ConfigDict."""
+  name, _, arg = spec.partition(":")
+  path = config_path(name)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
+  module_name = f"_lsemil_config_{path.stem}"
+  loader_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(loader_spec)
+  sys.path.insert(0, str(path.parent))
+  try:
+    loader_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(path.parent))
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} has no get_config(arg) function")
+  return module.get_config(arg or None)

@@ -1,0 +1,57 @@
+"""`lsemil info`: versions, devices, and the size of a configured model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+
+PACKAGES = (
+  "lsemil", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+  "tensorflow-datasets", "numpy", "chex", "ml_collections",
+)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(
+    prog="lsemil info", description="Print versions, devices and a model's size."
+  )
+  parser.add_argument(
+    "--config", default="paper", help="config file or name with optional :arg (default: paper)"
+  )
+  args = parser.parse_args(argv)
+
+  import jax
+
+  from lsemil import config_lib
+  from lsemil import model as model_lib
+
+  print(f"python   {platform.python_version()} ({platform.machine()})")
+  for name in PACKAGES:
+    try:
+      version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      version = "not installed"
+    print(f"{name:<20} {version}")
+  try:
+    importlib.metadata.version("tensorflow")
+    print("WARNING: tensorflow is installed; lsemil does not need it")
+  except importlib.metadata.PackageNotFoundError:
+    pass
+  print(f"backend  {jax.default_backend()}; {jax.process_count()} process(es)")
+  for device in jax.devices():
+    print(f"  {device.id}: {device.device_kind} ({device.platform})")
+
+  config = config_lib.load_config(args.config)
+  model = model_lib.from_config(config.model)
+  spec = model_lib.validate(model)
+  variables = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+  params = model_lib.param_count(variables["params"])
+  gflops = model_lib.forward_flops(model) / 1e9
+  m = config.model
+  print(f"config   {args.config} ({config.name}): input {m.input_size}x{m.input_size}, "
+        f"saliency {m.saliency_size}x{m.saliency_size}, levels {spec.level_sides}, "
+        f"pooling {m.pooling} (r0={m.r0})")
+  print(f"params   {params:,}")
+  print(f"forward  {gflops:.2f} GFLOPs/image (XLA cost analysis)")
+  return 0

@@ -1,0 +1,413 @@
+"""grain input pipelines for training and evaluation (paper Sec 4.2).
+
+Sources: `open_source` reads any prepared folder (`lsemil prepare`, png or tfds), a synthetic
+folder, or a raw NIH folder (decoded and resized to 512 on the fly, slower). Records are
+dict(image=uint8 (H, W), labels=float32 (14,), row=int row of `load_index` order).
+
+Training (`make_train_iter`): per-epoch shuffle by `config.seed`, then the augmentation of
+Sec 4.2 as ONE affine warp (`cv2.warpAffine`, bilinear, black border) that also resamples to
+the model input side S = `config.model.input_size`:
+
+- rotation by an angle uniform in [-rotation_deg, rotation_deg] degrees (paper: 25);
+- translation uniform in [-translation_px, translation_px] in each of x and y, in pixels of
+  a 512x512 image (paper: 50), i.e. a fraction translation_px / 512 of the side whatever
+  the stored or input side;
+- zoom by a factor uniform in `zoom_range` (> 1 magnifies). The paper writes "[0.25, 0.75]",
+  which we read as +-25%, the default (0.75, 1.25) (see configs/paper.py).
+
+Downscaling by more than 2x (e.g. 512 -> 128 for the demo model) first shrinks the image
+with INTER_AREA so the warp never aliases. Values are scaled to [0, 1] (float32, (S, S, 1)).
+Augmentations derive from (seed, global element index), so they are reproducible, differ
+between epochs, and do not depend on the number of threads or worker processes.
+
+Multi-host: each process takes every `process_count`-th element of the one global shuffled
+stream, so together the processes see each example once per epoch; batches are
+`batch_size // process_count` per process. The iterator is a grain `DatasetIterator`:
+`get_state()` / `set_state()` resume at the exact next batch (see lsemil.checkpointing).
+
+Evaluation (`make_eval_iter`): no augmentation, index order, the last global batch padded with
+zero images whose `mask` is False and `row` is -1, so every example is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+
+import cv2
+import grain
+import numpy as np
+
+from lsemil.data import imageio
+from lsemil.data import prepare as prep
+
+PAPER_SIDE = 512  # translation_px is in pixels of a 512x512 image (Sec 4.2)
+_log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class ImageSource:
+  """Random-access source over one split: grain's RandomAccessDataSource protocol.
+
+  Holds only plain arrays and paths (no index object), so it pickles into grain workers.
+  """
+
+  def __init__(
+    self,
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    val_fraction: float = 0.25,
+    split_seed: int = 0,
+  ):
+    self.data_dir = Path(data_dir)
+    self.split = split
+    marker = prep.read_marker(self.data_dir)
+    index = prep.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
+    rows = prep.split_rows(index, split)
+    self.rows = rows.astype(np.int64)
+    self.labels = np.asarray(index.labels, np.float32)[rows]
+    self.image_ids = [index.image_ids[r] for r in rows]
+    self.format = marker.get("format", "png") if marker.get("kind") == "prepared" else "png"
+    # Raw NIH images (no marker) are resized to 512 here, as `prepare` would.
+    self.resize_to = None if marker.get("kind") else prep.DEFAULT_SIZE
+    self.paths: list[str] = []
+    self._tfds_split: list[tuple[str, int]] = []
+    self._tfds = None
+    if self.format == "tfds":
+      self._map_tfds(marker, index, val_fraction, split_seed)
+    else:
+      paths = [prep.image_path(index, r) for r in rows]
+      missing = [self.image_ids[i] for i, p in enumerate(paths) if p is None]
+      if missing:
+        raise prep.nih.DataError(
+          f"{self.data_dir}: {len(missing)} images of split {split!r} have no file under "
+          f"images/ (first: {missing[0]})"
+        )
+      self.paths = [str(p) for p in paths]
+      if self.resize_to is not None:
+        _log.warning(
+          "%s: reading raw NIH images (decode + resize per step); run `lsemil prepare` once "
+          "for a faster input pipeline",
+          self.data_dir,
+        )
+
+  def _map_tfds(self, marker: dict, index, val_fraction: float, split_seed: int) -> None:
+    """Maps each row of this split to (tfds split, record) of the prepare-time splits."""
+    vf = float(marker.get("val_fraction", 0.25))
+    ss = int(marker.get("split_seed", 0))
+    if (vf, ss) == (val_fraction, split_seed):
+      built = index
+    else:
+      built = prep.open_index(self.data_dir, val_fraction=vf, split_seed=ss)
+    where = {}
+    for s in ("train", "valid", "test"):
+      for pos, r in enumerate(prep.split_rows(built, s)):
+        where[built.image_ids[r]] = (s, pos)
+    self._tfds_split = [where[i] for i in self.image_ids]
+
+  def _sources(self):
+    if self._tfds is None:
+      from lsemil.data import tfds_builder
+
+      self._tfds = tfds_builder.data_sources(self.data_dir)
+    return self._tfds
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_tfds"] = None  # reopened lazily in each worker
+    return state
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if self.format == "tfds":
+      s, pos = self._tfds_split[i]
+      rec = self._sources()[s][pos]
+      image_id = rec["image_id"]
+      image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+      name = f"{self.data_dir}/tfds[{s}][{pos}]"
+      if image_id != self.image_ids[i]:
+        raise prep.nih.DataError(f"{name}: holds {image_id}, expected {self.image_ids[i]}")
+      image = imageio.decode_png(rec["png"], f"{name} ({image_id})")
+    else:
+      image = imageio.read_gray(self.paths[i])
+      if self.resize_to is not None:
+        image = imageio.resize_gray(image, self.resize_to)
+    return {"image": image, "labels": self.labels[i], "row": int(self.rows[i])}
+
+  def __repr__(self) -> str:
+    return f"ImageSource({self.data_dir}, split={self.split!r}, n={len(self)}, {self.format})"
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_source(data_dir: str, split: str, val_fraction: float, split_seed: int, stamp):
+  del stamp  # only part of the cache key
+  return ImageSource(data_dir, split, val_fraction=val_fraction, split_seed=split_seed)
+
+
+def _stamp(data_dir: Path) -> tuple:
+  """Modification times of the folder's metadata: a re-prepared folder is re-read."""
+  return tuple(
+    sorted((p.name, p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file())
+  )
+
+
+def open_source(
+  data_dir: str | os.PathLike, split: str, *, val_fraction: float = 0.25, split_seed: int = 0
+) -> ImageSource:
+  """A random-access source over one split (train / valid / test) of any dataset folder."""
+  root = Path(data_dir).resolve()
+  if not root.is_dir():
+    raise prep.nih.DataError(f"{root}: not a folder")
+  return _cached_source(str(root), split, float(val_fraction), int(split_seed), _stamp(root))
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+  """One image file -> uint8 (size, size), resized as `prepare` does (for predict)."""
+  return imageio.load_image(path, size)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def affine_matrix(
+  in_hw: tuple[int, int],
+  out_size: int,
+  *,
+  angle_deg: float = 0.0,
+  zoom: float = 1.0,
+  shift: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+  """2x3 forward map source pixel -> output pixel: centre to centre, resample to out_size,
+  then zoom, rotate (counter-clockwise on screen) and shift by `shift` output pixels."""
+  h, w = in_hw
+  to_origin = np.array([[1, 0, -(w - 1) / 2], [0, 1, -(h - 1) / 2], [0, 0, 1]], np.float64)
+  resample = np.diag([out_size / w, out_size / h, 1.0])
+  t = math.radians(angle_deg)
+  c, s = math.cos(t) * zoom, math.sin(t) * zoom
+  rot_zoom = np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]], np.float64)
+  centre = (out_size - 1) / 2
+  back = np.array([[1, 0, centre + shift[0]], [0, 1, centre + shift[1]], [0, 0, 1]], np.float64)
+  return (back @ rot_zoom @ resample @ to_origin)[:2]
+
+
+def warp(
+  image: np.ndarray,
+  out_size: int,
+  *,
+  angle_deg: float = 0.0,
+  zoom: float = 1.0,
+  shift: tuple[float, float] = (0.0, 0.0),
+  min_zoom: float = 1.0,
+) -> np.ndarray:
+  """uint8 (H, W) -> uint8 (out_size, out_size) through one affine warp.
+
+  If the smallest scale this pipeline can draw (out/H * min_zoom) shrinks by more than 2x,
+  the image is first shrunk to out_size with INTER_AREA (anti-aliasing).
+  """
+  h, w = image.shape
+  if out_size / max(h, w) * min_zoom < 0.5:
+    image = cv2.resize(image, (out_size, out_size), interpolation=cv2.INTER_AREA)
+    h, w = image.shape
+  if (h, w) == (out_size, out_size) and angle_deg == 0 and zoom == 1 and shift == (0.0, 0.0):
+    return image
+  m = affine_matrix((h, w), out_size, angle_deg=angle_deg, zoom=zoom, shift=shift)
+  return cv2.warpAffine(
+    image,
+    m,
+    (out_size, out_size),
+    flags=cv2.INTER_LINEAR,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=0,
+  )
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+  return (image.astype(np.float32) * np.float32(1 / 255))[:, :, None]
+
+
+class Augment(grain.transforms.RandomMap):
+  """Sec 4.2 augmentation + resample to the model input side, one warp per image."""
+
+  def __init__(
+    self,
+    out_size: int,
+    *,
+    rotation_deg: float = 25.0,
+    translation_px: float = 50.0,
+    zoom_range: tuple[float, float] = (0.75, 1.25),
+    augment: bool = True,
+  ):
+    self.out_size = int(out_size)
+    self.rotation_deg = float(rotation_deg)
+    self.translation_px = float(translation_px)
+    self.zoom_range = (float(zoom_range[0]), float(zoom_range[1]))
+    self.augment = bool(augment)
+    if not 0 < self.zoom_range[0] <= self.zoom_range[1]:
+      raise ValueError(f"zoom_range must be 0 < lo <= hi, got {zoom_range}")
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    s = self.out_size
+    if self.augment:
+      angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
+      zoom = rng.uniform(*self.zoom_range)
+      t = self.translation_px * s / PAPER_SIDE
+      shift = (rng.uniform(-t, t), rng.uniform(-t, t))
+      image = warp(
+        element["image"], s, angle_deg=angle, zoom=zoom, shift=shift, min_zoom=self.zoom_range[0]
+      )
+    else:
+      image = warp(element["image"], s)
+    return {"image": _to_float(image), "labels": element["labels"]}
+
+
+class _EvalElement(grain.transforms.Map):
+  """Local eval position -> padded example (Sec 4.2 inputs, no augmentation)."""
+
+  def __init__(self, source, out_size: int, global_batch: int, local_batch: int, offset: int):
+    self.source, self.out_size = source, int(out_size)
+    self.global_batch, self.local_batch, self.offset = global_batch, local_batch, offset
+
+  def map(self, i: int) -> dict:
+    i = int(i)
+    g = (i // self.local_batch) * self.global_batch + self.offset + i % self.local_batch
+    s = self.out_size
+    if g >= len(self.source):
+      return {
+        "image": np.zeros((s, s, 1), np.float32),
+        "labels": np.zeros(self.source.labels.shape[1], np.float32),
+        "mask": np.False_,
+        "row": np.int32(-1),
+      }
+    rec = self.source[g]
+    return {
+      "image": _to_float(warp(rec["image"], s)),
+      "labels": rec["labels"],
+      "mask": np.True_,
+      "row": np.int32(rec["row"]),
+    }
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _get(cfg, name: str, default):
+  value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+  return default if value is None else value
+
+
+def _local_batch(global_batch: int, process_count: int, what: str) -> int:
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}")
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(
+      f"{what}={global_batch} must be a positive multiple of process_count={process_count}"
+    )
+  return global_batch // process_count
+
+
+def _source_for(config, data_dir, split: str) -> ImageSource:
+  data = config.data
+  return open_source(
+    data_dir,
+    split,
+    val_fraction=float(_get(data, "val_fraction", 0.25)),
+    split_seed=int(_get(data, "split_seed", 0)),
+  )
+
+
+def _read_options(config, local_batch: int) -> grain.ReadOptions:
+  data = config.data
+  threads = int(_get(data, "read_threads", 0)) or grain.ReadOptions().num_threads
+  # prefetch_buffer_size counts batches; ReadOptions counts elements.
+  buffer = max(threads, int(_get(data, "prefetch_buffer_size", 2)) * local_batch)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+
+
+def _maybe_workers(ds: grain.IterDataset, config) -> grain.IterDataset:
+  workers = int(_get(config.data, "worker_count", 0))
+  if workers <= 0:
+    return ds
+  from absl import flags
+
+  # grain reads an absl flag in its workers; outside an absl app they are unparsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  per_worker = max(1, int(_get(config.data, "prefetch_buffer_size", 2)))
+  return ds.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=per_worker)
+  )
+
+
+def train_dataset(
+  config, data_dir, *, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+  """The infinite, shuffled, augmented, batched train IterDataset of one process."""
+  local = _local_batch(int(config.train.batch_size), process_count, "train.batch_size")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  source = _source_for(config, data_dir, "train")
+  if len(source) == 0:
+    raise ValueError(f"{data_dir}: the train split is empty")
+  data = config.data
+  augment = Augment(
+    int(config.model.input_size),
+    rotation_deg=float(_get(data, "rotation_deg", 25.0)),
+    translation_px=float(_get(data, "translation_px", 50.0)),
+    zoom_range=tuple(_get(data, "zoom_range", (0.75, 1.25))),
+    augment=bool(_get(data, "augment", True)),
+  )
+  ds = grain.MapDataset.source(source).seed(int(config.seed)).shuffle().repeat(None)
+  ds = ds.random_map(augment)
+  # Shard the global stream after the random map: augmentations stay tied to global indices.
+  ds = ds[process_index::process_count]
+  it = ds.to_iter_dataset(_read_options(config, local))
+  it = it.batch(local, drop_remainder=True)
+  return _maybe_workers(it, config)
+
+
+def make_train_iter(config, data_dir, *, process_index: int = 0, process_count: int = 1):
+  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) f32, labels=(B, 14) f32)."""
+  return iter(
+    train_dataset(config, data_dir, process_index=process_index, process_count=process_count)
+  )
+
+
+def make_eval_iter(
+  config, data_dir, split: str, *, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+  """Batches dict(image, labels, mask, row) of one split in index order, padded and masked.
+
+  Global batch b holds examples [b*G, (b+1)*G); process p takes its [p*B, (p+1)*B) part.
+  All processes get the same number of batches (ceil(N / G)); padding has mask False, row -1.
+  """
+  global_batch = int(config.train.eval_batch_size)
+  local = _local_batch(global_batch, process_count, "train.eval_batch_size")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  source = _source_for(config, data_dir, split)
+  num_batches = math.ceil(len(source) / global_batch)
+  element = _EvalElement(
+    source, int(config.model.input_size), global_batch, local, process_index * local
+  )
+  ds = grain.MapDataset.range(num_batches * local).map(element)
+  it = ds.to_iter_dataset(_read_options(config, local)).batch(local)
+  return _maybe_workers(it, config)
+
+
+def num_examples(data_dir, split: str, config) -> int:
+  """Examples in one split (before padding or sharding)."""
+  return len(_source_for(config, data_dir, split))
+
+
+def steps_per_epoch(data_dir, config) -> int:
+  """Train steps per epoch at the global batch size (drop_remainder; at least 1)."""
+  return max(1, num_examples(data_dir, "train", config) // int(config.train.batch_size))

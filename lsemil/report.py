@@ -1,0 +1,559 @@
+"""The paper's tables and figures from plain result dicts (Yao et al. 2018, Sec 4.1-4.4).
+
+No JAX and no checkpoints: `lsemil evaluate` / `lsemil reproduce` compute `RunResult` dicts
+(lsemil.metrics) and call these formatters.
+
+  * `table1(stats)` - Table 1 (positives per class and split, boxes), beside the paper's.
+  * `table2(runs)` - Table 2: IoBB accuracy at T(IoBB) = 0.5 for several binarization
+    thresholds tau, our runs as rows above the paper's rows (r0 = 0/5/10 and Wang et al. [3]).
+  * `table3(runs)` - Table 3: per-class AUC (with bootstrap CI) and DICE of the 8 box classes,
+    our runs beside the paper's columns, plus the uniform-map DICE baseline.
+  * `figure1`, `figure3`, `overlay_png` - Fig. 1 (saliency across resolutions), Fig. 3 (image,
+    ground-truth box, saliency per run with its DICE) and a single overlay for `lsemil predict`.
+
+Each table function returns (markdown, csv). Bold in markdown marks the best of OUR runs only
+(per row in Table 3, per column in Table 2; ties displayed equal are all bold); the paper's
+numbers are shown for reference in columns / rows labelled "paper" and are never bold, and the
+uniform-map baseline is not a competitor for bold. CSV cells hold full-precision numbers, empty
+where a value is missing or undefined; markdown shows 'n/a' for an undefined value (e.g. an AUC
+of a class without positives, which is also left out of our mean) and '-' for a value that does
+not exist (DICE of a class without boxes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TypedDict
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from lsemil import metrics
+from lsemil.data.nih import BOX_CLASSES, CLASSES, ORIGINAL_SIZE
+from lsemil.data.stats import PAPER_TABLE1
+
+
+class RunResult(TypedDict, total=False):
+  """What one trained model scored on the test split; every key but `label` is optional.
+
+  Class-keyed values use the NIH names of `lsemil.data.nih.CLASSES` ('Pleural_Thickening';
+  'Pleural thickening' and 'Infiltrate' are accepted too). Per-class AUC values may also be a
+  sequence of 14 in `CLASSES` order. Tau keys may be floats or strings (after a JSON round trip).
+  """
+
+  label: str  # column / row label, e.g. 'r0=5'; 'r0=0', 'r0=5', 'r0=10' match the paper's
+  r0: float  # LSE-LBA sharpness prior of the run (Sec 3.4)
+  auc: Mapping[str, float] | Sequence[float]  # 14 test AUCs, NaN where undefined
+  auc_lo: Mapping[str, float] | Sequence[float]  # bootstrap CI lower bounds (patients)
+  auc_hi: Mapping[str, float] | Sequence[float]  # and upper bounds
+  mean_auc: float  # mean over defined classes (metrics.mean_auc); computed from auc if absent
+  dice: Mapping[str, float]  # mean continuous DICE over the test boxes of each box class
+  dice_uniform: Mapping[str, float]  # the same for the uniform-map baseline (metrics.uniform_dice)
+  iobb: Mapping[str, Mapping[float, float]]  # {class: {tau: accuracy at T(IoBB) = 0.5}}
+  table1: Mapping  # lsemil.data.stats.table1(index) of the data the run was evaluated on
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's numbers, copied verbatim from Tables 2 and 3 (bold tags dropped).
+
+_PAPER_TABLE2_TEXT = """\
+r0=0	0.3334	0.3167	0.0506	0.1645	0.1382	0.4634
+r0=5	0.5083	0.3500	0.1012	0.2025	0.1626	0.5284
+r0=10	0.4416	0.0500	0.1772	0.2152	0.1220	0.3008
+[3]	0.3833		0.0126		0.4227
+"""
+_PAPER_TABLE2_COLUMNS = (
+  ("Pneumonia", 0.1),
+  ("Pneumonia", 0.4),
+  ("Nodule", 0.4),
+  ("Nodule", 0.8),
+  ("Infiltration", 0.1),
+  ("Infiltration", 0.8),
+)
+
+_PAPER_TABLE3_TEXT = """\
+Atelectasis	0.7003	0.733	0.728	0.724	0.204	0.240	0.211
+Cardiomegaly	0.8100	0.856	0.858	0.854	0.180	0.114	0.076
+Effusion	0.7585	0.806	0.803	0.795	0.293	0.294	0.242
+Infiltration	0.6614	0.673	0.675	0.668	0.325	0.312	0.286
+Nodule	0.6687	0.718	0.724	0.727	0.202	0.238	0.196
+Mass	0.6933	0.777	0.777	0.778	0.295	0.295	0.241
+Pneumonia	0.6580	0.684	0.690	0.687	0.112	0.104	0.072
+Pneumothorax	0.7993	0.805	0.791	0.763	0.039	0.023	0.028
+Consolidation	0.7032	0.711	0.714	0.717	-	-	-
+Edema	0.8052	0.806	0.804	0.801	-	-	-
+Emphysema	0.8330	0.842	0.822	0.771	-	-	-
+Fibrosis	0.7859	0.743	0.757	0.731	-	-	-
+Pleural thickening	0.6835	0.724	0.715	0.712	-	-	-
+Hernia	0.8717	0.775	0.764	0.824	-	-	-
+A.V.G.	0.738	0.761	0.760	0.754	-	-	-
+"""
+PAPER_RUNS = ("r0=0", "r0=5", "r0=10")  # the paper's three models
+WANG = "[3]"  # Wang et al. 2017 (ChestX-ray8), the paper's reference [3]
+MEAN_ROW = "A.V.G."
+
+
+def canonical_class(name: str) -> str:
+  """'Pleural thickening' / 'pleural_thickening' / 'Infiltrate' -> the NIH name in CLASSES."""
+  key = name.strip().lower().replace(" ", "_")
+  key = {"infiltrate": "infiltration"}.get(key, key)
+  for c in CLASSES:
+    if c.lower() == key:
+      return c
+  raise KeyError(f"unknown class {name!r}; expected one of {CLASSES}")
+
+
+def display_class(name: str) -> str:
+  """The paper's spelling of a class: 'Pleural_Thickening' -> 'Pleural thickening'."""
+  return name.replace("_", " ").capitalize() if "_" in name else name
+
+
+def _parse_table3() -> tuple[dict, dict, dict]:
+  auc_cols, dice_cols = (WANG, *PAPER_RUNS), PAPER_RUNS
+  auc = {c: {} for c in auc_cols}
+  dice = {c: {} for c in dice_cols}
+  mean = {}
+  for line in _PAPER_TABLE3_TEXT.splitlines():
+    name, *cells = line.split("\t")
+    if name == MEAN_ROW:
+      mean = dict(zip(auc_cols, cells[:4], strict=True))
+      continue
+    cls = canonical_class(name)
+    for col, cell in zip(auc_cols, cells[:4], strict=True):
+      auc[col][cls] = cell
+    for col, cell in zip(dice_cols, cells[4:], strict=True):
+      if cell != "-":
+        dice[col][cls] = cell
+  return auc, dice, mean
+
+
+def _parse_table2() -> tuple[dict, dict]:
+  runs = {}
+  wang = {}
+  for line in _PAPER_TABLE2_TEXT.splitlines():
+    name, *cells = line.split("\t")
+    cells += [""] * (len(_PAPER_TABLE2_COLUMNS) - len(cells))  # the [3] row's empty last cell
+    if name == WANG:
+      for (cls, _), cell in zip(_PAPER_TABLE2_COLUMNS, cells, strict=True):
+        if cell:
+          wang[cls] = cell
+      continue
+    runs[name] = {}
+    for (cls, tau), cell in zip(_PAPER_TABLE2_COLUMNS, cells, strict=True):
+      runs[name].setdefault(cls, {})[tau] = cell
+  return runs, wang
+
+
+_P3_AUC, _P3_DICE, _P3_MEAN = _parse_table3()
+_P2_RUNS, _P2_WANG = _parse_table2()
+
+
+def _floats(d):
+  return {k: _floats(v) for k, v in d.items()} if isinstance(d, dict) else float(d)
+
+
+# Public float views: {column: {class: value}}; columns '[3]', 'r0=0', 'r0=5', 'r0=10'.
+PAPER_AUC: dict[str, dict[str, float]] = _floats(_P3_AUC)
+PAPER_MEAN_AUC: dict[str, float] = _floats(_P3_MEAN)
+PAPER_DICE: dict[str, dict[str, float]] = _floats(_P3_DICE)
+# {run: {class: {tau: accuracy}}} and Wang et al.'s single value per class (tau unspecified).
+PAPER_IOBB: dict[str, dict[str, dict[float, float]]] = _floats(_P2_RUNS)
+PAPER_IOBB_WANG: dict[str, float] = _floats(_P2_WANG)
+# Table 2's sweep: (class, taus) in the paper's column order.
+DEFAULT_CLASSES_TAUS: tuple[tuple[str, tuple[float, ...]], ...] = (
+  ("Pneumonia", (0.1, 0.4)),
+  ("Nodule", (0.4, 0.8)),
+  ("Infiltration", (0.1, 0.8)),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _by_class(values) -> dict[str, float]:
+  """A class-keyed mapping or a 14-sequence in CLASSES order -> {NIH name: float}."""
+  if values is None:
+    return {}
+  if isinstance(values, Mapping):
+    return {canonical_class(k): float(v) for k, v in values.items()}
+  values = list(values)
+  if len(values) != len(CLASSES):
+    raise ValueError(f"expected {len(CLASSES)} per-class values, got {len(values)}")
+  return {c: float(v) for c, v in zip(CLASSES, values, strict=True)}
+
+
+def _tau_value(table: Mapping, tau: float) -> float | None:
+  for k, v in table.items():
+    if math.isclose(float(k), tau, abs_tol=1e-9):
+      return float(v)
+  return None
+
+
+def _defined(v) -> bool:
+  return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _md_num(v, digits: int) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, str):  # a paper cell, verbatim
+    return v
+  return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _csv_num(v) -> str:
+  if v is None:
+    return ""
+  if isinstance(v, str):
+    return v
+  return "" if math.isnan(v) else repr(float(v))
+
+
+def _bold_best(cells: list[str], values: list, digits: int) -> list[str]:
+  """Bold the cells whose value, rounded as displayed, equals the best (max) defined value."""
+  shown = [round(v, digits) if _defined(v) else None for v in values]
+  defined = [v for v in shown if v is not None]
+  if len(defined) < 2:  # a single competitor is not "best of" anything
+    return cells
+  best = max(defined)
+  return [f"**{c}**" if s == best else c for c, s in zip(cells, shown, strict=True)]
+
+
+def _markdown(header: list[str], rows: list[list[str]], align_first_left: bool = True) -> str:
+  lines = ["| " + " | ".join(header) + " |"]
+  lines.append(
+    "|" + "|".join([":---" if align_first_left else "---:"] + ["---:"] * (len(header) - 1)) + "|"
+  )
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _csv(header: list[str], rows: list[list[str]]) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(header)
+  w.writerows(rows)
+  return buf.getvalue()
+
+
+def _label(run: Mapping) -> str:
+  if "label" in run:
+    return str(run["label"])
+  if "r0" in run:
+    return f"r0={float(run['r0']):g}"
+  raise ValueError("a RunResult needs a 'label' (or an 'r0')")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def table1(stats: Mapping) -> tuple[str, str]:
+  """Table 1 (Sec 4.1) beside the paper's: positives per class in train/valid/test and boxes.
+
+  stats: `lsemil.data.stats.table1(index)` (uses its "classes" entry) or directly
+  {class: {"train", "valid", "test", "bbox"}}. A bbox count of 0 or None shows as '-'.
+  (`lsemil.data.stats.format_table1` formats from an index; this formats from the stored dict.)
+  """
+  classes = stats.get("classes", stats)
+  cols = ("train", "valid", "test", "bbox")
+  header = ["abnormality", *cols, *(f"paper {c}" for c in cols)]
+  md_rows, csv_rows = [], []
+  for name, row in classes.items():
+    cls = canonical_class(name)
+    ours = [row.get(c) for c in cols]
+    paper = list(PAPER_TABLE1[cls])
+    md_rows.append(
+      [display_class(cls)]
+      + [
+        "-" if (v is None or (c == "bbox" and not v)) else f"{int(v):,}"
+        for c, v in zip(cols, ours, strict=True)
+      ]
+      + ["-" if v is None else f"{v:,}" for v in paper]
+    )
+    csv_rows.append([cls] + ["" if v is None else str(int(v)) for v in ours + paper])
+  csv_header = ["abnormality", *cols, *(f"paper_{c}" for c in cols)]
+  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+
+
+def table2(
+  runs: Sequence[RunResult],
+  classes_taus: Sequence[tuple[str, Sequence[float]]] = DEFAULT_CLASSES_TAUS,
+  t: float = 0.5,
+) -> tuple[str, str]:
+  """Table 2 (Sec 4.2): IoBB accuracy at T(IoBB) = t per (class, tau), runs as rows.
+
+  Our runs come first ("<label> (ours)"), then the paper's rows where it reported that
+  (class, tau) ("<r0> (paper)"), and Wang et al. [3] whose single value per class (tau
+  unspecified) is repeated under each tau of the class. Bold: per column, the best of our runs.
+  CSV: one row per run, columns 'source', 'run', then '<class>@tau=<tau>'.
+  """
+  cols = [(canonical_class(c), float(tau)) for c, taus in classes_taus for tau in taus]
+  header = [f"T(IoBB)={t:g}"] + [f"{display_class(c)} τ={tau:g}" for c, tau in cols]
+  ours = []
+  for run in runs:
+    table = {canonical_class(k): v for k, v in (run.get("iobb") or {}).items()}
+    ours.append((_label(run), [_tau_value(table.get(c, {}), tau) for c, tau in cols]))
+  md_cols = [[_md_num(v, 4) for v in vals] for _, vals in ours]
+  for j in range(len(cols)):  # bold per column among our runs
+    bolded = _bold_best([r[j] for r in md_cols], [vals[j] for _, vals in ours], 4)
+    for r, b in zip(md_cols, bolded, strict=True):
+      r[j] = b
+  md_rows = [[f"{label} (ours)", *cells] for (label, _), cells in zip(ours, md_cols, strict=True)]
+  csv_rows = [["ours", label, *(_csv_num(v) for v in vals)] for label, vals in ours]
+  paper_rows = [
+    (r, [_tau_value(_P2_RUNS[r].get(c, {}), tau) for c, tau in cols]) for r in PAPER_RUNS
+  ]
+  paper_rows.append((WANG, [_P2_WANG.get(c) for c, _ in cols]))
+  for name, cells in paper_rows:
+    if t != 0.5 or all(v is None for v in cells):
+      continue  # the paper reports T(IoBB) = 0.5 only
+    label = f"{name} Wang et al. (paper, τ unspecified)" if name == WANG else f"{name} (paper)"
+    md_rows.append([label] + [_md_num(v, 4) for v in cells])
+    csv_rows.append(["paper", name] + [_csv_num(v) for v in cells])
+  csv_header = ["source", "run"] + [f"{c}@tau={tau:g}" for c, tau in cols]
+  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+
+
+def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
+  """Table 3 (Sec 4.3): AUC of the 14 classes and DICE of the 8 box classes.
+
+  Columns: AUC of [3] and of the paper's r0 = 0/5/10 ("paper"), our AUC per run ("ours", with
+  its bootstrap 95% CI in brackets when given), the paper's DICE for r0 = 0/5/10, our DICE per
+  run, and the uniform-map DICE baseline (from the first run that has it; it depends on the
+  ground truth only). Rows: the 14 classes and 'A.V.G.': the mean AUC over our classes with a
+  defined AUC (a class shown 'n/a' is left out; the row notes how many classes entered) and our
+  mean DICE over the box classes with a value. Bold: per row, the best of our runs, separately
+  for AUC and for DICE.
+
+  CSV columns: 'abnormality', 'auc_paper_<col>', 'auc_<label>' (+ '_lo', '_hi'),
+  'dice_paper_<col>', 'dice_<label>', 'dice_uniform'.
+  """
+  labels = [_label(r) for r in runs]
+  aucs = [_by_class(r.get("auc")) for r in runs]
+  los = [_by_class(r.get("auc_lo")) for r in runs]
+  his = [_by_class(r.get("auc_hi")) for r in runs]
+  dices = [_by_class(r.get("dice")) for r in runs]
+  uniform = next((_by_class(r["dice_uniform"]) for r in runs if r.get("dice_uniform")), {})
+  auc_paper_cols = (WANG, *PAPER_RUNS)
+
+  header = (
+    ["abnormality"]
+    + [f"AUC {c} (paper)" for c in auc_paper_cols]
+    + [f"AUC {lb} (ours)" for lb in labels]
+    + [f"DICE {c} (paper)" for c in PAPER_RUNS]
+    + [f"DICE {lb} (ours)" for lb in labels]
+    + ["DICE uniform (ours)"]
+  )
+  csv_header = (
+    ["abnormality"]
+    + [f"auc_paper_{c}" for c in auc_paper_cols]
+    + [x for lb in labels for x in (f"auc_{lb}", f"auc_{lb}_lo", f"auc_{lb}_hi")]
+    + [f"dice_paper_{c}" for c in PAPER_RUNS]
+    + [f"dice_{lb}" for lb in labels]
+    + ["dice_uniform"]
+  )
+
+  def auc_cell(i: int, cls: str) -> str:
+    v = aucs[i].get(cls)
+    cell = _md_num(v, 3)
+    lo, hi = los[i].get(cls), his[i].get(cls)
+    if _defined(v) and _defined(lo) and _defined(hi):
+      cell += f" [{lo:.3f}, {hi:.3f}]"
+    return cell
+
+  md_rows, csv_rows = [], []
+  for cls in CLASSES:
+    box = cls in BOX_CLASSES
+    our_auc = [a.get(cls) for a in aucs]
+    our_dice = [d.get(cls) if box else None for d in dices]
+    auc_cells = _bold_best([auc_cell(i, cls) for i in range(len(runs))], our_auc, 3)
+    dice_cells = _bold_best([_md_num(v, 3) for v in our_dice], our_dice, 3)
+    md_rows.append(
+      [display_class(cls)]
+      + [_P3_AUC[c][cls] for c in auc_paper_cols]
+      + auc_cells
+      + [_P3_DICE[c].get(cls, "-") for c in PAPER_RUNS]
+      + dice_cells
+      + [_md_num(uniform.get(cls) if box else None, 3)]
+    )
+    csv_rows.append(
+      [cls]
+      + [_P3_AUC[c][cls] for c in auc_paper_cols]
+      + [
+        _csv_num(x)
+        for i in range(len(runs))
+        for x in (our_auc[i], los[i].get(cls), his[i].get(cls))
+      ]
+      + [_P3_DICE[c].get(cls, "") for c in PAPER_RUNS]
+      + [_csv_num(v) for v in our_dice]
+      + [_csv_num(uniform.get(cls) if box else None)]
+    )
+
+  # Mean row.
+  means, notes = [], []
+  for run, a in zip(runs, aucs, strict=True):
+    vals = [a.get(c, float("nan")) for c in CLASSES]
+    mean, missing = metrics.mean_auc(vals) if a else (float("nan"), [])
+    if run.get("mean_auc") is not None:
+      mean = float(run["mean_auc"])
+    means.append(mean)
+    notes.append(f" ({len(CLASSES) - len(missing)}/{len(CLASSES)})" if missing and a else "")
+
+  def mean_dice(d: Mapping[str, float]) -> float | None:
+    vals = [d[c] for c in BOX_CLASSES if _defined(d.get(c))]
+    return float(np.mean(vals)) if vals else None
+
+  our_mdice = [mean_dice(d) for d in dices]
+  mean_auc_cells = _bold_best(
+    [_md_num(m, 3) + n for m, n in zip(means, notes, strict=True)], means, 3
+  )
+  md_rows.append(
+    [MEAN_ROW]
+    + [_P3_MEAN[c] for c in auc_paper_cols]
+    + mean_auc_cells
+    + ["-"] * len(PAPER_RUNS)
+    + _bold_best([_md_num(v, 3) for v in our_mdice], our_mdice, 3)
+    + [_md_num(mean_dice(uniform), 3)]
+  )
+  csv_rows.append(
+    [MEAN_ROW]
+    + [_P3_MEAN[c] for c in auc_paper_cols]
+    + [x for m in means for x in (_csv_num(m), "", "")]
+    + [""] * len(PAPER_RUNS)
+    + [_csv_num(v) for v in our_mdice]
+    + [_csv_num(mean_dice(uniform))]
+  )
+  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API: no pyplot state, no display; PNG via the Agg canvas)
+
+
+class Figure3Case(TypedDict, total=False):
+  """One row of Figure 3: a test image, one class's ground truth, and each run's saliency."""
+
+  image: np.ndarray  # (H, W) grey image, any range (shown min..max)
+  boxes: Sequence[Sequence[float]]  # ground-truth boxes (x, y, w, h) in source_size pixels
+  source_size: float  # pixel space of the boxes; default 1024 (NIH originals)
+  finding: str  # class name, shown at the start of the row
+  saliency: Mapping[str, np.ndarray]  # run label -> that class's (n, n) saliency map in [0, 1]
+  dice: Mapping[str, float]  # optional: run label -> DICE; else computed at 512 x 512
+
+
+PANEL_INCHES = 2.5
+DPI = 100
+
+
+def _grey(image) -> np.ndarray:
+  img = np.asarray(image, dtype=np.float64)
+  if img.ndim == 3 and img.shape[-1] == 1:
+    img = img[..., 0]
+  if img.ndim != 2:
+    raise ValueError(f"image must be (H, W) or (H, W, 1), got {img.shape}")
+  return img
+
+
+def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: str = "jet"):
+  img = _grey(image)
+  h, w = img.shape
+  ax.imshow(img, cmap="gray", interpolation="bilinear")
+  if saliency is not None:
+    # extent stretches the (n, n) map over the image, nearest = the model's upsampling.
+    ax.imshow(
+      np.asarray(saliency, dtype=np.float64),
+      cmap=cmap,
+      alpha=alpha,
+      vmin=0.0,
+      vmax=1.0,
+      interpolation="nearest",
+      extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+    )
+  ax.set_title(title, fontsize=8)
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def _draw_boxes(ax, boxes, image_size: int, source_size: float, color: str = "lime"):
+  s = image_size / float(source_size)
+  for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+    ax.add_patch(
+      Rectangle((x * s - 0.5, y * s - 0.5), w * s, h * s, fill=False, edgecolor=color, lw=1.2)
+    )
+
+
+def _save(fig: Figure, path) -> Figure:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, format="png", dpi=DPI)
+  return fig
+
+
+def figure3(path, cases: Sequence[Figure3Case], runs: Sequence[str] | None = None) -> Figure:
+  """Figure 3 (Sec 4.4): one row per case - image, ground-truth box, each run's saliency.
+
+  Saliency is overlaid with the 'jet' colormap (0..1) at alpha 0.5 on the grey image; each
+  saliency panel's title carries its DICE against the case's boxes (`metrics.box_dice` at
+  512 x 512, nearest upsampling) unless the case gives it. `runs` fixes the column order
+  (default: the first case's saliency keys, e.g. r0=0, r0=5, r0=10). Writes a PNG; returns the
+  figure (one axis per panel).
+  """
+  if not cases:
+    raise ValueError("figure3 needs at least one case")
+  runs = list(runs if runs is not None else cases[0]["saliency"].keys())
+  n_cols = 2 + len(runs)
+  fig = Figure(figsize=(PANEL_INCHES * n_cols, PANEL_INCHES * len(cases)), layout="constrained")
+  axes = fig.subplots(len(cases), n_cols, squeeze=False)
+  for row, case in zip(axes, cases, strict=True):
+    img = _grey(case["image"])
+    src = case.get("source_size", ORIGINAL_SIZE)
+    boxes = case.get("boxes", [])
+    finding = display_class(case.get("finding", ""))
+    _show(row[0], img, title=finding or "image")
+    _show(row[1], img, title="ground truth")
+    _draw_boxes(row[1], boxes, img.shape[0], src)
+    given = case.get("dice") or {}
+    for ax, run in zip(row[2:], runs, strict=True):
+      sal = case["saliency"].get(run)
+      if sal is None:
+        _show(ax, img, title=f"{run}: n/a")
+        continue
+      d = given.get(run)
+      if d is None:
+        d = metrics.box_dice(sal, boxes, size=512, source_size=src)
+      _show(ax, img, sal, title=f"{run}  DICE {d:.3f}")
+  return _save(fig, path)
+
+
+def figure1(path, image, levels: Sequence[tuple[str, np.ndarray]]) -> Figure:
+  """Figure 1: the image, then the saliency of each level (coarse to fine) overlaid on it.
+
+  levels: [(name, (n, n) map)] in the order to show; each panel's title is the name and the
+  map's resolution. Writes a PNG; returns the figure (one axis per panel).
+  """
+  fig = Figure(figsize=(PANEL_INCHES * (1 + len(levels)), PANEL_INCHES), layout="constrained")
+  axes = fig.subplots(1, 1 + len(levels), squeeze=False)[0]
+  _show(axes[0], image, title="image")
+  for ax, (name, sal) in zip(axes[1:], levels, strict=True):
+    sal = np.asarray(sal)
+    _show(ax, image, sal, title=f"{name} ({sal.shape[0]}x{sal.shape[1]})")
+  return _save(fig, path)
+
+
+def overlay_png(
+  path, image, saliency, title: str = "", boxes=None, source_size: float = ORIGINAL_SIZE
+) -> Figure:
+  """One saliency map over its image (for `lsemil predict`), optional boxes drawn; a PNG."""
+  fig = Figure(figsize=(2 * PANEL_INCHES, 2 * PANEL_INCHES), layout="constrained")
+  ax = fig.subplots()
+  _show(ax, image, saliency, title=title)
+  if boxes is not None:
+    _draw_boxes(ax, boxes, _grey(image).shape[0], source_size)
+  return _save(fig, path)

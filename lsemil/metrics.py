@@ -10,6 +10,7 @@ Localization:
   * `boxes_to_mask`, `resize_saliency` - ground truth G and saliency S on the 512x512 grid.
   * `dice` / `box_dice` - the continuous DICE = 2*sum(SG) / (sum(S^2) + sum(G^2)) of Sec 4.2.
   * `uniform_dice` - DICE of a constant saliency map, the "uniform map" baseline.
+  * `mean_box_dice`, `mean_uniform_dice` - their means over a class's test cases (Table 3).
   * `localization_hits`, `iobb_accuracy` - IoBB / IoU accuracy of Wang et al. 2017
     (ChestX-ray8, CVPR), used in Table 2 at T(IoBB) = 0.5.
 
@@ -263,6 +264,32 @@ def uniform_dice(mask, value: float | None = None) -> float:
   c = np.sqrt(fg / area) if value is None else float(value)
   den = c * c * area + fg
   return 1.0 if den == 0.0 else 2.0 * c * float(g.sum()) / den
+
+
+def mean_box_dice(
+  cases: Iterable[tuple[np.ndarray, Sequence[Box]]],
+  size: int = 512,
+  source_size: float = 1024,
+  method: str = "nearest",
+) -> float:
+  """Mean `box_dice` over (saliency of the class, that class's boxes on the image) cases.
+
+  One case per (test image, box class): G is the union of the image's boxes of that class.
+  This is a Table 3 DICE cell. NaN when there are no cases.
+  """
+  d = [box_dice(s, b, size, source_size, method) for s, b in cases]
+  return float(np.mean(d)) if d else float("nan")
+
+
+def mean_uniform_dice(
+  boxes_per_case: Iterable[Sequence[Box]],
+  value: float | None = None,
+  size: int = 512,
+  source_size: float = 1024,
+) -> float:
+  """Mean `uniform_dice` over the same cases (only their boxes): the uniform-map baseline."""
+  d = [uniform_dice(boxes_to_mask(b, size, source_size), value) for b in boxes_per_case]
+  return float(np.mean(d)) if d else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,6 +196,17 @@ def test_uniform_dice_best_constant_and_given_value():
   assert M.uniform_dice(g2) == pytest.approx(np.sqrt(15 / 64))
 
 
+def test_mean_box_dice_and_uniform_baseline():
+  s = np.zeros((4, 4))
+  s[:2, :2] = 1.0
+  cases = [(s, [(0, 0, 4, 4)]), (s, [(4, 4, 4, 4)])]  # exact hit (1) and disjoint (0)
+  assert M.mean_box_dice(cases, size=8, source_size=8) == pytest.approx(0.5)
+  # both boxes cover 16 of 64 pixels: best constant DICE sqrt(1/4) each
+  assert M.mean_uniform_dice([b for _, b in cases], size=8, source_size=8) == pytest.approx(0.5)
+  assert M.mean_uniform_dice([[(0, 0, 4, 4)]], 1.0, 8, 8) == pytest.approx(32 / 80)
+  assert np.isnan(M.mean_box_dice([])) and np.isnan(M.mean_uniform_dice([]))
+
+
 # ------------------------------------------------------------------------------ IoBB / IoU
 
 

@@ -176,10 +176,11 @@ def _copy_filtered_list(src: Path, dst_dir: Path, drop: set[str]) -> None:
 
 def _write_bbox(src: Path, dst: Path, from_space: float, size: int, drop: set[str]) -> int:
   """Rewrites the box list with coordinates in pixels of the size x size output."""
-  rows = list(csv.reader(io.StringIO(_read_text(src), newline="")))
+  text = _read_text(src)
+  rows = list(csv.reader(io.StringIO(text, newline="")))
   if not rows:
     raise nih.DataError(f"{src}: empty box list")
-  out = [rows[0]]
+  out = []
   for lineno, r in enumerate(rows[1:], 2):
     if not r or all(not v.strip() for v in r):
       continue
@@ -193,9 +194,10 @@ def _write_bbox(src: Path, dst: Path, from_space: float, size: int, drop: set[st
       raise nih.DataError(f"{src}:{lineno}: box coordinates {r[2:6]} are not numbers") from None
     out.append(r[:2] + [_fmt(v) for v in box] + r[6:])
   buf = io.StringIO()
+  buf.write(text.splitlines()[0] + "\n")  # NIH's header verbatim: 'Bbox [x,y,w,h],,,'
   csv.writer(buf, lineterminator="\n").writerows(out)
   _write_text_atomic(dst, buf.getvalue())
-  return len(out) - 1
+  return len(out)
 
 
 def write_metadata(

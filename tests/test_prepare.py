@@ -1,0 +1,283 @@
+"""Tests of `lsemil prepare` and lsemil.data.imageio (paper Sec 4.2: 1024 -> 512 resize)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from lsemil.data import imageio, nih
+from lsemil.data import prepare as prep
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih_samples"
+BOX = ("100", "200", "300", "400")
+
+
+def phantom(seed: int, size: int = 1024) -> np.ndarray:
+  """A chest-like smooth gradient with fine noise texture, uint8."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  base = 60 + 120 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.08)
+  noise = cv2.GaussianBlur(rng.normal(0, 25, (size, size)), (0, 0), 1.5)
+  return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def write_nih_folder(
+  root: Path, *, patients: int = 8, per_patient: int = 2, size: int = 1024, same: bool = False
+) -> list[str]:
+  """A raw NIH-layout folder: images/, Data_Entry, the two lists, one box; returns image ids."""
+  (root / "images").mkdir(parents=True)
+  ids, lines = [], ["Image Index,Finding Labels,Follow-up #,Patient ID"]
+  for p in range(1, patients + 1):
+    for k in range(per_patient):
+      image_id = f"{p:08d}_{k:03d}.png"
+      ids.append(image_id)
+      img = phantom(0 if same else len(ids), size)
+      cv2.imwrite(str(root / "images" / image_id), img)
+      label = ["No Finding", "Cardiomegaly", "Effusion|Mass"][p % 3 if p < patients else 2]
+      lines.append(f"{image_id},{label},{k},{p}")
+  (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+  n_test = 2 * per_patient
+  (root / "train_val_list.txt").write_text("\n".join(ids[:-n_test]) + "\n")
+  (root / "test_list.txt").write_text("\n".join(ids[-n_test:]) + "\n")
+  (root / "BBox_List_2017.csv").write_text(
+    "Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + f"{ids[-1]},Effusion,{','.join(BOX)}\n"
+  )
+  return ids
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> Path:
+  root = tmp_path_factory.mktemp("raw") / "nih"
+  write_nih_folder(root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def png_dir(raw_dir, tmp_path_factory) -> Path:
+  out = tmp_path_factory.mktemp("prep") / "png"
+  prep.prepare(raw_dir, out, workers=2, progress=False)
+  return out
+
+
+# --------------------------------------------------------------------------- resize / boxes
+
+
+def test_scale_box_to_output_size():
+  assert prep.scale_box((100, 200, 300, 400), 1024, 512) == (50.0, 100.0, 150.0, 200.0)
+  assert prep.scale_box((10, 20, 30, 40), 512, 128) == (2.5, 5.0, 7.5, 10.0)
+
+
+def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
+  marker = json.loads((png_dir / "lsemil_dataset.json").read_text())
+  assert marker == {"kind": "prepared", "format": "png", "image_size": 512, "box_space": 512}
+  text = (png_dir / "BBox_List_2017.csv").read_text()
+  assert text.splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+  rows = list(csv.reader(text.splitlines()))
+  assert [float(v) for v in rows[1][2:6]] == [50.0, 100.0, 150.0, 200.0]
+  raw, index = nih.load_index(raw_dir), nih.load_index(png_dir)
+  assert index.image_ids == raw.image_ids
+  np.testing.assert_array_equal(index.labels, raw.labels)
+  np.testing.assert_array_equal(index.splits, raw.splits)
+  np.testing.assert_allclose(index.box_xywh, raw.box_xywh / 2)
+  for row, image_id in enumerate(index.image_ids):
+    with Image.open(index.image_paths[row]) as im:
+      assert (im.mode, im.size) == ("L", (512, 512)), image_id
+
+
+@pytest.mark.parametrize("src_side", [1024, 1000, 700])
+def test_resize_matches_skimage_within_one_grey_level(src_side):
+  from skimage.transform import resize
+
+  real = cv2.imread(str(SAMPLES / "00000001_000.png"), cv2.IMREAD_GRAYSCALE)
+  assert real is not None, f"missing sample image under {SAMPLES}"
+  for img in (cv2.resize(real, (src_side, src_side), interpolation=cv2.INTER_CUBIC), phantom(3)):
+    img = cv2.resize(img, (src_side, src_side), interpolation=cv2.INTER_CUBIC)
+    ours = imageio.resize_gray(img, 512).astype(np.float64)
+    ref = resize(img, (512, 512), anti_aliasing=True) * 255
+    diff = np.abs(ours - ref).max()
+    assert diff <= 1.0, diff  # measured: 0.5 (uint8 rounding only)
+
+
+def test_resize_downscale_by_four_matches_skimage():
+  from skimage.transform import resize
+
+  img = cv2.imread(str(SAMPLES / "00027426_000.png"), cv2.IMREAD_GRAYSCALE)
+  ref = resize(img, (128, 128), anti_aliasing=True) * 255
+  assert np.abs(imageio.resize_gray(img, 128) - ref).max() <= 1.0
+
+
+# --------------------------------------------------------------------------- PNG modes
+
+
+def _mode_images() -> dict[str, tuple[Image.Image, np.ndarray]]:
+  """PIL image of each mode + its expected 8-bit gray, 1024x1024."""
+  g = phantom(7)
+  rgb = np.dstack([g, g, g])
+  coloured = np.dstack([g, 255 - g, g // 2])
+  w16 = g.astype(np.uint16) * 257 + np.uint16(100)
+  w16[:4, :4] = 0
+  w16[-4:, -4:] = 65535
+  luma = (coloured @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
+  return {
+    "L": (Image.fromarray(g, "L"), g),
+    "LA": (Image.fromarray(np.dstack([g, 255 - g]), "LA"), g),
+    "RGB": (Image.fromarray(rgb, "RGB"), g),
+    "RGB_colour": (Image.fromarray(coloured, "RGB"), luma),
+    "RGBA": (Image.fromarray(np.dstack([rgb, np.full_like(g, 77)]), "RGBA"), g),
+    "I;16": (Image.fromarray(w16), np.rint(w16 / 257.0).astype(np.uint8)),
+  }
+
+
+@pytest.fixture(scope="module")
+def modes_prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("modes") / "nih"
+  ids = write_nih_folder(root, patients=3, per_patient=2)
+  images = _mode_images()
+  mapping = dict(zip(images, ids, strict=False))
+  for mode, image_id in mapping.items():
+    images[mode][0].save(root / "images" / image_id)
+  out = root.parent / "out"
+  prep.prepare(root, out, workers=0, progress=False)
+  return out, mapping, images
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGB_colour", "RGBA", "I;16"])
+def test_each_png_mode_prepared_pixelwise(modes_prepared, mode):
+  out, mapping, images = modes_prepared
+  pil, expected_gray = images[mode]
+  assert pil.mode == mode.split("_")[0]
+  with Image.open(out / "images" / mapping[mode]) as im:
+    assert im.mode == "L" and im.size == (512, 512)
+    got = np.asarray(im)
+  expected = imageio.resize_gray(expected_gray, 512)
+  # cv2's fixed-point luma may round one grey level away from the float formula.
+  tol = 1 if mode == "RGB_colour" else 0
+  assert np.abs(got.astype(int) - expected).max() <= tol
+
+
+def test_16bit_keeps_full_range_not_clipped():
+  w16 = np.array([[0, 257, 32768, 65535]], np.uint16)
+  np.testing.assert_array_equal(imageio.to_gray8(w16), [[0, 1, 128, 255]])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _break(root: Path, ids: list[str]) -> tuple[Path, Path]:
+  truncated = root / "images" / ids[3]
+  truncated.write_bytes(truncated.read_bytes()[:5000])
+  missing = root / "images" / ids[5]
+  missing.unlink()
+  return truncated, missing
+
+
+def test_truncated_png_names_the_file(tmp_path):
+  ids = write_nih_folder(tmp_path / "nih", patients=3)
+  truncated, missing = _break(tmp_path / "nih", ids)
+  with pytest.raises(prep.PrepareError, match=str(truncated).replace(".", r"\.")):
+    prep.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
+  assert not (tmp_path / "out" / "lsemil_dataset.json").exists()
+
+
+def test_missing_file_names_the_file(tmp_path):
+  ids = write_nih_folder(tmp_path / "nih", patients=3)
+  (tmp_path / "nih" / "images" / ids[4]).unlink()
+  with pytest.raises(prep.PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
+    prep.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
+
+
+def test_decode_png_rejects_truncated_bytes():
+  data = imageio.encode_png(phantom(1, 64))
+  with pytest.raises(imageio.ImageError, match="x.png: truncated"):
+    imageio.decode_png(data[:-20], "x.png")
+
+
+def test_on_bad_skip_lists_and_drops_rows(tmp_path, capsys):
+  ids = write_nih_folder(tmp_path / "nih", patients=4)
+  truncated, missing = _break(tmp_path / "nih", ids)
+  out = tmp_path / "out"
+  rc = prep.main(
+    ["--nih-dir", str(tmp_path / "nih"), "--out", str(out), "--on-bad", "skip", "--workers", "1"]
+  )
+  assert rc == 0
+  err = capsys.readouterr().err
+  assert "2 bad images skipped" in err and str(truncated) in err and ids[5] in err
+  bad = (out / "bad_files.txt").read_text().splitlines()
+  assert [line.split("\t")[0] for line in bad] == [ids[3], ids[5]]
+  index = nih.load_index(out)
+  assert len(index) == len(ids) - 2
+  assert ids[3] not in index.image_ids and ids[5] not in index.image_ids
+  listed = [i for n in prep._LIST_NAMES for i in (out / n).read_text().split()]
+  assert sorted(listed) == sorted(set(ids) - {ids[3], ids[5]})
+  assert all(p is not None for p in index.image_paths)
+
+
+def test_cli_error_exit_code_names_file(tmp_path, capsys):
+  ids = write_nih_folder(tmp_path / "nih", patients=3)
+  (tmp_path / "nih" / "images" / ids[0]).unlink()
+  argv = ["--nih-dir", str(tmp_path / "nih"), "--out", str(tmp_path / "o"), "--workers", "0"]
+  rc = prep.main(argv)
+  assert rc == 1 and ids[0] in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- resumable
+
+
+def test_resume_skips_done_and_distrusts_temp_files(tmp_path):
+  ids = write_nih_folder(tmp_path / "nih", patients=3)
+  out = tmp_path / "out"
+  first = prep.prepare(tmp_path / "nih", out, workers=0, progress=False)
+  assert first.written == len(ids)
+  images = out / "images"
+  stamps = {p.name: p.stat().st_mtime_ns for p in images.iterdir()}
+  # An interrupted run: one output never renamed (only its half-written temp file exists).
+  half = images / f".{ids[2]}.999.tmp"
+  half.write_bytes((images / ids[2]).read_bytes()[:300])
+  (images / ids[2]).unlink()
+  (out / "lsemil_dataset.json").unlink()
+  second = prep.prepare(tmp_path / "nih", out, workers=0, progress=False)
+  assert (second.written, second.already_done, second.stale_temp_removed) == (1, len(ids) - 1, 1)
+  assert not half.exists()
+  imageio.read_gray(images / ids[2])  # complete again
+  for name, stamp in stamps.items():
+    if name != ids[2]:
+      assert (images / name).stat().st_mtime_ns == stamp, name
+  assert (out / "lsemil_dataset.json").is_file()
+  with pytest.raises(prep.PrepareError, match="image_size=512, not 256"):
+    prep.prepare(tmp_path / "nih", out, size=256, workers=0, progress=False)
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def test_tfds_round_trip_pixel_equal_to_png(raw_dir, png_dir, tmp_path):
+  import tensorflow_datasets as tfds
+
+  from lsemil.data import tfds_builder
+
+  out = tmp_path / "tf"
+  prep.prepare(raw_dir, out, fmt="tfds", workers=2, progress=False)
+  marker = json.loads((out / "lsemil_dataset.json").read_text())
+  assert (marker["kind"], marker["format"], marker["image_size"]) == ("prepared", "tfds", 512)
+  assert not (out / prep.STAGING_NAME).exists() and not (out / "images").exists()
+  index = nih.load_index(out)
+  assert index.image_ids == nih.load_index(png_dir).image_ids
+  data_dir = tfds_builder.dataset_dir(out)
+  for split in ("train", "valid", "test"):
+    source = tfds.data_source(
+      f"{tfds_builder.NAME}/{data_dir.parent.name}", split=split, data_dir=str(out / "tfds")
+    )
+    rows = prep.split_rows(index, split)
+    assert len(source) == len(rows) > 0
+    for pos, row in enumerate(rows):
+      rec = source[pos]
+      assert rec["image_id"].decode() == index.image_ids[row]
+      np.testing.assert_array_equal(rec["labels"], index.labels[row])
+      png = imageio.read_gray(png_dir / "images" / index.image_ids[row])
+      np.testing.assert_array_equal(imageio.decode_png(rec["png"]), png)

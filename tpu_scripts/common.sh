@@ -101,15 +101,18 @@ default_runtime_version() {
   esac
 }
 
+# Replace every character but [A-Za-z0-9_.-] with "-": a name safe in paths and commands.
+safe_name() {
+  printf '%s' "${1//[^A-Za-z0-9_.-]/-}"
+}
+
 # "configs/paper.py:r0=5" -> "paper-r0-5": a name fit for paths and logs.
 run_name_from_config() {
   local cfg="$1" base arg
   base="$(basename "${cfg%%:*}" .py)"
   arg=""
   [[ "${cfg}" == *:* ]] && arg="${cfg#*:}"
-  local name="${base}${arg:+-${arg}}"
-  name="${name//[^A-Za-z0-9_.-]/-}"
-  printf '%s' "${name}"
+  safe_name "${base}${arg:+-${arg}}"
 }
 
 ZONE="${ZONE:-us-central2-b}"
@@ -148,7 +151,8 @@ tpu_ssh() {
 # output in REMOTE_LOG_DIR/NAME.log on each worker, so it survives the end of the ssh
 # session. Only the launched command is backgrounded, so ssh returns at once.
 remote_detached() {
-  local name="$1" job="$2" dir logf
+  local name job="$2" dir logf
+  name="$(safe_name "$1")"
   dir="$(rquote "${REMOTE_LOG_DIR}")"
   logf="$(rquote "${REMOTE_LOG_DIR}/${name}.log")"
   # $(hostname) is for the remote shell to expand.

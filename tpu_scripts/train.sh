@@ -35,7 +35,7 @@ DATA_DIR="${DATA_DIR:-$(bucket_url)/lsemil/data/${DATASET_NAME}}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 [[ "${WORKDIR}" == gs://* ]] \
   || die "WORKDIR=${WORKDIR} must be a gs:// URL: every host writes to the same run"
-name="train-$(basename "${WORKDIR}")"
+name="$(safe_name "train-$(basename "${WORKDIR}")")"
 
 job="cd $(rquote "${REMOTE_REPO}") && . $(rquote "${REMOTE_VENV}")/bin/activate"
 job+=" && export LSEMIL_MULTIHOST=1"

@@ -407,7 +407,7 @@ def _mass(rng, a: _Anatomy) -> list[_Patch]:
 def _nodule(rng, a: _Anatomy) -> list[_Patch]:
   side = int(rng.integers(2))
   cx, cy = _lung_point(rng, a, side, (-0.7, 0.7), (-0.7, 0.6))
-  r = rng.uniform(0.024, 0.03) * a.s
+  r = rng.uniform(0.024, 0.03) * a.size  # >= 6 px across at 128x128
   x0, y0, xx, yy = _window(a, cx - r - 2, cx + r + 2, cy - r - 2, cy + r + 2)
   rho2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (r * r)
   disc = np.clip((1 - np.sqrt(rho2)) * r / 1.0 + 0.5, 0, 1)
@@ -519,7 +519,7 @@ def _pleural_thickening(rng, a: _Anatomy) -> list[_Patch]:
   lung, lat = a.lungs[side], a.lateral(side)
   mid = (180.0 if lat < 0 else 0.0) + lat * rng.uniform(-45, 35)
   span = rng.uniform(20, 30)
-  thick = max(3, int(round(rng.uniform(0.035, 0.045) * a.s)))
+  thick = max(3, int(round(rng.uniform(0.045, 0.055) * a.size)))
   x0, y0, xx, yy = _window(a, lung.cx - lung.ax - thick, lung.cx + lung.ax + thick,
                            lung.cy - lung.ay - thick, lung.cy + lung.ay + thick)
   band = np.zeros((yy.shape[0], xx.shape[1]), np.float32)

@@ -218,9 +218,9 @@ def _remote_job(ssh_argv):
   assert "setsid" in words and "nohup" in words
   i = words.index("bash")
   assert words[i + 1] == "-c"
-  # Detached: stdin from /dev/null, stdout and stderr to a log, backgrounded.
+  # Detached: stdin from /dev/null, stdout and stderr appended to a log, backgrounded.
   rest = words[i + 3 :]
-  assert rest[:5] == [">", rest[1], "2>&1", "<", "/dev/null"] and rest[5] == "&", rest
+  assert rest[:5] == [">>", rest[1], "2>&1", "<", "/dev/null"] and rest[5] == "&", rest
   return words[i + 2], rest[1]
 
 
@@ -385,6 +385,29 @@ def test_no_credentials_in_scripts_or_commands(fake):
   for name, text in texts.items():
     for pattern in CREDENTIAL_PATTERNS:
       assert not re.search(pattern, text, re.IGNORECASE), f"{pattern!r} in {name}"
+
+
+QUOTE_CASES = ["", "plain", "a b", "it's", "$HOME", "`x`", '"q"', "a\\b", "*?[x]", "~/x", "-n", "é"]
+
+
+def test_quote_round_trips_through_shlex():
+  """common.sh `quote` output parses back, in Python's shlex, to the very same word."""
+  proc = subprocess.run(
+    [
+      "bash",
+      "-c",
+      'source "$0"; for a in "$@"; do quote "$a"; echo; done',
+      str(SCRIPTS_DIR / "common.sh"),
+      *QUOTE_CASES,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=10,
+    env={**os.environ, "DRY_RUN": "0"},
+  )
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.split("\n")[: len(QUOTE_CASES)]
+  assert [shlex.split(line) for line in lines] == [[c] for c in QUOTE_CASES]
 
 
 def test_scripts_are_strict_bash():

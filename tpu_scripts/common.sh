@@ -147,9 +147,9 @@ tpu_ssh() {
 }
 
 # remote_detached NAME JOB: a remote command line that starts JOB (a shell command string)
-# in a session of its own (setsid) immune to hangups (nohup), stdin from /dev/null and all
-# output in REMOTE_LOG_DIR/NAME.log on each worker, so it survives the end of the ssh
-# session. Only the launched command is backgrounded, so ssh returns at once.
+# in a session of its own (setsid), immune to hangups (nohup), with stdin from /dev/null and
+# all output appended to REMOTE_LOG_DIR/NAME.log on each worker, so that it survives the end
+# of the ssh session. Only the launched command is backgrounded, so ssh returns at once.
 remote_detached() {
   local name job="$2" dir logf
   name="$(safe_name "$1")"
@@ -157,6 +157,6 @@ remote_detached() {
   logf="$(rquote "${REMOTE_LOG_DIR}/${name}.log")"
   # $(hostname) is for the remote shell to expand.
   # shellcheck disable=SC2016
-  printf 'mkdir -p %s && { setsid nohup bash -c %s > %s 2>&1 < /dev/null & } && echo "started %s on $(hostname), log: %s"' \
+  printf 'mkdir -p %s && { setsid nohup bash -c %s >> %s 2>&1 < /dev/null & } && echo "started %s on $(hostname), log: %s"' \
     "${dir}" "$(quote "${job}")" "${logf}" "${name}" "${logf}"
 }

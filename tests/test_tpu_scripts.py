@@ -186,6 +186,10 @@ def test_dry_run_prints_exactly_what_runs(fake, script, extra):
     assert argv[0] == "gcloud"
     # GA surface only: no `gcloud alpha|beta`.
     assert argv[1] in ("compute", "storage"), argv
+  for argv in printed:
+    if _is_tpu_vm(argv, "ssh"):  # what each worker's shell will parse must be valid bash
+      check = subprocess.run(["bash", "-n", "-c", _flag(argv, "command")], capture_output=True)
+      assert check.returncode == 0, check.stderr
   proc, printed_real, calls = run_script(fake, script, env, dry_run=False)
   assert proc.returncode == 0, proc.stderr
   assert printed_real == [], "printed commands without DRY_RUN"

@@ -42,7 +42,9 @@ if [[ -n "${REPO_URL}" ]]; then
   [[ "${REPO_URL}" =~ ://[^/]*@ ]] && die "REPO_URL must not carry credentials (user:token@)"
   url="$(quote "${REPO_URL}")"
   ref="$(quote "${REPO_REF}")"
-  tpu_ssh all "if [ -d ${repo}/.git ]; then git -C ${repo} fetch --depth=1 origin ${ref} && git -C ${repo} checkout --force FETCH_HEAD; else git clone --depth=1 --branch=${ref} ${url} ${repo}; fi"
+  fetch="git -C ${repo} fetch --depth=1 origin ${ref} && git -C ${repo} checkout --force FETCH_HEAD"
+  clone="git clone --depth=1 --branch=${ref} ${url} ${repo}"
+  tpu_ssh all "if [ -d ${repo}/.git ]; then ${fetch}; else ${clone}; fi"
 else
   read -r -a ship <<<"${SHIP_PATHS}"
   sources=()
@@ -65,7 +67,8 @@ fi
 if [[ "${PYTHON_VERSION}" == system ]]; then
   make_venv="python3 -m venv ${venv}"
 else
-  make_venv="python3 -m pip install --user --upgrade uv && ~/.local/bin/uv venv --seed --python $(quote "${PYTHON_VERSION}") ${venv}"
+  make_venv="python3 -m pip install --user --upgrade uv"
+  make_venv+=" && ~/.local/bin/uv venv --seed --python $(quote "${PYTHON_VERSION}") ${venv}"
 fi
 install="[ -x ${venv}/bin/python ] || { ${make_venv}; }"
 install+=" && ${venv}/bin/pip install --upgrade pip"

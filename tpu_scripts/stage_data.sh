@@ -57,7 +57,8 @@ else
   else
     # scp copies a folder *into* an existing destination, so the destination must not exist.
     parent="$(rquote "$(dirname "${WORKER_DATA_DIR}")")"
-    tpu_ssh all "mkdir -p ${parent} && if [ -e ${wdir} ]; then echo \"${WORKER_DATA_DIR} exists on \$(hostname); remove it or set DATASET_NAME\" >&2; exit 1; fi"
+    exists="echo \"${WORKER_DATA_DIR} exists on \$(hostname); remove it or set DATASET_NAME\" >&2"
+    tpu_ssh all "mkdir -p ${parent} && if [ -e ${wdir} ]; then ${exists}; exit 1; fi"
     dest="${WORKER_DATA_DIR#\~/}"
     run gcloud compute tpus tpu-vm scp --recurse "${src}" "${TPU_NAME}:${dest}" \
       "--project=${PROJECT}" "--zone=${ZONE}" --worker=all

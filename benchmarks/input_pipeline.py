@@ -6,8 +6,8 @@ Without --data-dir it writes a synthetic 512x512 dataset (lsemil.data.synth) to 
 folder. For 0, 1 and 2 grain worker processes it prints images/s of `make_train_iter`
 (shuffle, decode, one-warp augmentation, batching) beside a plain decode loop over the same
 train files with the same resources (0 workers: a thread pool in-process, like grain's read
-threads; k workers: k processes), and their ratio (best of --repeat interleaved runs each, as other jobs may share
-the cores). Target: ratio >= 0.8.
+threads; k workers: k processes), and their ratio: the best of --repeat interleaved runs
+each, as other jobs may share the cores. Target: ratio >= 0.8.
 """
 
 from __future__ import annotations

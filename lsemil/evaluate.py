@@ -56,8 +56,16 @@ DEFAULT_N_BOOT = 1000
 FIGURE_CASES = 6
 SALIENCY_SUFFIX = "_saliency_boxes.npz"
 # Keys whose leaves are numbers: JSON null there means NaN.
-_NUMERIC_KEYS = ("auc", "auc_lo", "auc_hi", "mean_auc", "dice", "dice_uniform", "iobb",
-                 "localization")
+_NUMERIC_KEYS = (
+  "auc",
+  "auc_lo",
+  "auc_hi",
+  "mean_auc",
+  "dice",
+  "dice_uniform",
+  "iobb",
+  "localization",
+)
 
 
 class EvaluateError(RuntimeError):
@@ -282,8 +290,9 @@ def evaluate_checkpoint(
   t0 = time.perf_counter()
   t_first = None
   n_after_first = 0
-  bar = tqdm(total=n_total, desc=f"evaluate {split}", unit="img", disable=not progress,
-             file=sys.stderr)
+  bar = tqdm(
+    total=n_total, desc=f"evaluate {split}", unit="img", disable=not progress, file=sys.stderr
+  )
   for batch in batches:
     out = predict_fn(variables, np.asarray(batch["image"]))
     probs = _allgather(np.asarray(out["probs"], np.float32), pcount)
@@ -380,7 +389,9 @@ def _figure_images(config, data_dir: Path, split: str, rows: Sequence[int]) -> n
     return np.zeros((0, 1, 1), np.uint8)
   data = config.data
   source = pipeline.open_source(
-    data_dir, split, val_fraction=float(data.get("val_fraction", 0.25) or 0.25),
+    data_dir,
+    split,
+    val_fraction=float(data.get("val_fraction", 0.25) or 0.25),
     split_seed=int(data.get("split_seed", 0) or 0),
   )
   pos = {int(r): i for i, r in enumerate(source.rows)}
@@ -397,7 +408,8 @@ def write_saliency(path: Path, kept, levels, fig, index, config, data_dir, split
     "image_ids": np.array([index.image_ids[r] for r in rows], dtype=str),
     "saliency": (
       np.stack([kept[r] for r in rows]).astype(np.float16)
-      if len(rows) else np.zeros((0, *shape), np.float16)
+      if len(rows)
+      else np.zeros((0, *shape), np.float16)
     ),
     "classes": np.array(nih.CLASSES),
     "box_space": np.array(index.box_space),
@@ -426,12 +438,20 @@ def load_saliency(path: str | os.PathLike) -> dict:
       maps = {int(r): z["saliency"][i].astype(np.float32) for i, r in enumerate(z["rows"])}
       n_levels = int(z["num_levels"])
       figure = [
-        (int(r), int(k), z["fig_images"][i],
-         [z[f"levels_{lv}"][i].astype(np.float32) for lv in range(n_levels)])
+        (
+          int(r),
+          int(k),
+          z["fig_images"][i],
+          [z[f"levels_{lv}"][i].astype(np.float32) for lv in range(n_levels)],
+        )
         for i, (r, k) in enumerate(zip(z["fig_rows"], z["fig_classes"], strict=True))
       ]
-      return {"maps": maps, "figure": figure, "box_space": float(z["box_space"]),
-              "split": str(z["split"])}
+      return {
+        "maps": maps,
+        "figure": figure,
+        "box_space": float(z["box_space"]),
+        "split": str(z["split"]),
+      }
   except (OSError, KeyError, ValueError) as e:
     raise EvaluateError(f"{path}: not a saliency file of `lsemil evaluate` ({e})") from e
 
@@ -534,7 +554,7 @@ def workdir_of(path: str | os.PathLike) -> Path:
 
 
 def default_output(workdir: str | os.PathLike, split: str = "test") -> Path:
-  """Where `lsemil evaluate --workdir W` writes, and where `reproduce` looks: W/evaluation_<split>.json."""
+  """W/evaluation_<split>.json: where `evaluate --workdir W` writes and `reproduce` looks."""
   return Path(workdir) / f"evaluation_{split}.json"
 
 
@@ -589,19 +609,33 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument(
     "--checkpoint", help="a workdir, its checkpoints/ folder or one step folder W/checkpoints/N"
   )
-  p.add_argument("--which", choices=("best", "latest"), default="best",
-                 help="checkpoint of a workdir: best validation mean AUC or latest (default best)")
+  p.add_argument(
+    "--which",
+    choices=("best", "latest"),
+    default="best",
+    help="checkpoint of a workdir: best validation mean AUC or latest (default best)",
+  )
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the run's config)")
   p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
   p.add_argument("--out", help="output JSON (default: <workdir>/evaluation_<split>.json)")
-  p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT,
-                 help=f"bootstrap resamples of patients for AUC CIs (default {DEFAULT_N_BOOT}; 0 "
-                 "= none)")
+  p.add_argument(
+    "--n-boot",
+    type=int,
+    default=DEFAULT_N_BOOT,
+    help=f"bootstrap resamples of patients for AUC CIs (default {DEFAULT_N_BOOT}; 0 = none)",
+  )
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-  p.add_argument("--taus", default=",".join(tau_key(t) for t in DEFAULT_TAUS),
-                 help="binarization thresholds tau for IoBB (default 0.1,...,0.9)")
-  p.add_argument("--batch-size", type=int, default=0,
-                 help="eval batch size (default: the config's train.eval_batch_size)")
+  p.add_argument(
+    "--taus",
+    default=",".join(tau_key(t) for t in DEFAULT_TAUS),
+    help="binarization thresholds tau for IoBB (default 0.1,...,0.9)",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=0,
+    help="eval batch size (default: the config's train.eval_batch_size)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -628,9 +662,18 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else default_output(workdir_of(path), args.split)
     _log(f"checkpoint {info.get('checkpoint', path)} (step {step}); data {data_dir}")
     result = evaluate_checkpoint(
-      config, model, variables, data_dir, args.split, n_boot=args.n_boot, seed=args.seed,
-      taus=taus, saliency_path=saliency_path_for(out), progress=not args.no_progress,
-      step=step, checkpoint=str(info.get("checkpoint", path)),
+      config,
+      model,
+      variables,
+      data_dir,
+      args.split,
+      n_boot=args.n_boot,
+      seed=args.seed,
+      taus=taus,
+      saliency_path=saliency_path_for(out),
+      progress=not args.no_progress,
+      step=step,
+      checkpoint=str(info.get("checkpoint", path)),
     )
     result["which"] = args.which
   except (EvaluateError, nih.DataError, FileNotFoundError, ValueError) as e:
@@ -640,8 +683,9 @@ def main(argv: list[str]) -> int:
 
   if jax.process_index() == 0:
     json_path, csv_path = write_evaluation(result, out)
-    undefined = f" ({len(result['auc_undefined'])} classes undefined)" if result[
-      "auc_undefined"] else ""
+    undefined = (
+      f" ({len(result['auc_undefined'])} classes undefined)" if result["auc_undefined"] else ""
+    )
     print(f"mean AUC {result['mean_auc']:.4f}{undefined} over {result['num_images']} images")
     for c, v in result["dice"].items():
       print(f"  DICE {c:<14} {v:.3f}  (uniform {result['dice_uniform'][c]:.3f})")

@@ -1,0 +1,223 @@
+"""Orbax checkpoints of training runs, and the loader for inference (paper Sec 4.2).
+
+The paper keeps the model with the best validation mean AUC (early stopping, Sec 4.2);
+this is the only module that imports orbax. Layout of a workdir:
+
+  W/checkpoints/<step>/model/       {'params', 'batch_stats'?}   (StandardSave)
+  W/checkpoints/<step>/opt/         {'opt_state', 'step', 'rng'} (StandardSave)
+  W/checkpoints/<step>/train_iter/  grain iterator state, one JSON file per process
+  W/checkpoints/<step>/config/      the resolved config (JSON)
+  W/checkpoints/<step>/meta/        progress: epoch, evaluation history, early stopping
+  W/checkpoints/<step>/metrics/     {'val_mean_auc'} on evaluation steps (orbax's own)
+
+Weights and optimizer state are separate items so that `load_inference` reads only the
+weights. Saves are asynchronous (device -> host copy blocks, the write runs in the
+background); the manager keeps the last `keep` checkpoints plus the best one by
+validation mean AUC. Paths go through etils.epath, so gs:// workdirs work as local ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from lsemil import model as model_lib
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "val_mean_auc"
+_policies = ocp.checkpoint_managers
+
+
+def _metric(metrics: Any) -> float:
+  """The ranking value of a checkpoint: val mean AUC, NaN/missing ranked last."""
+  value = (metrics or {}).get(BEST_METRIC)
+  value = float("nan") if value is None else float(value)
+  return -math.inf if math.isnan(value) else value
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+def create_manager(
+  workdir: str | epath.Path,
+  *,
+  keep: int = 2,
+  save_every_steps: int = 0,
+  async_save: bool = True,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
+  """A CheckpointManager on W/checkpoints keeping the last `keep` plus the best checkpoint.
+
+  `save_every_steps` (0 = none) and preemption notices drive `manager.should_save`; the
+  trainer also forces saves on evaluation steps (those carry `metrics`).
+  """
+  save_policies = [_policies.PreemptionCheckpointingPolicy()]
+  if save_every_steps > 0:
+    save_policies.append(_policies.FixedIntervalPolicy(int(save_every_steps)))
+  options = ocp.CheckpointManagerOptions(
+    create=not read_only,
+    read_only=read_only,
+    best_fn=_metric,
+    best_mode="max",
+    save_decision_policy=_policies.AnySavePolicy(save_policies),
+    preservation_policy=_policies.AnyPreservationPolicy(
+      [
+        _policies.LatestN(n=max(1, int(keep))),
+        _policies.BestN(get_metric_fn=_metric, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    ),
+    enable_async_checkpointing=async_save,
+  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _model_item(state: Any) -> dict:
+  item = {"params": state.params}
+  if state.batch_stats:
+    item["batch_stats"] = state.batch_stats
+  return item
+
+
+def _opt_item(state: Any) -> dict:
+  return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  train_iter: Any,
+  *,
+  config: ml_collections.ConfigDict,
+  meta: dict,
+  metrics: dict | None = None,
+) -> None:
+  """Saves the train state, the grain iterator, the config and `meta` at `step` (async)."""
+  args = ocp.args.Composite(
+    model=ocp.args.StandardSave(_model_item(state)),
+    opt=ocp.args.StandardSave(_opt_item(state)),
+    train_iter=grain.checkpoint.CheckpointSave(train_iter),
+    config=ocp.args.JsonSave(config.to_dict()),
+    meta=ocp.args.JsonSave(meta),
+  )
+  manager.save(int(step), args=args, metrics=metrics, force=True)
+
+
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any, train_iter: Any
+) -> tuple[Any, dict]:
+  """Restores the state (into the shardings of `abstract_state`) and the grain iterator.
+
+  `abstract_state` has jax.ShapeDtypeStruct leaves with target shardings (it is a
+  TrainState); `train_iter` is advanced in place to the saved position. Returns
+  (state, meta).
+  """
+  args = ocp.args.Composite(
+    model=ocp.args.StandardRestore(_model_item(abstract_state)),
+    opt=ocp.args.StandardRestore(_opt_item(abstract_state)),
+    train_iter=grain.checkpoint.CheckpointRestore(train_iter),
+    meta=ocp.args.JsonRestore(),
+  )
+  out = manager.restore(int(step), args=args)
+  model, opt = out["model"], out["opt"]
+  state = abstract_state.replace(
+    params=model["params"],
+    batch_stats=model.get("batch_stats", abstract_state.batch_stats),
+    opt_state=opt["opt_state"],
+    step=opt["step"],
+    rng=opt["rng"],
+  )
+  return state, dict(out["meta"])
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+  return dict(manager.restore(int(step), args=args)["meta"])
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+  """The step with the best validation mean AUC (None when no evaluated checkpoint)."""
+  steps = [s for s in manager.all_steps() if manager.metrics(s) is not None]
+  if not steps:
+    return None
+  return max(steps, key=lambda s: (_metric(manager.metrics(s)), s))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _locate(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
+  """(checkpoints root, step or None to choose by `which`) for a workdir, root or step dir."""
+  if (path / CHECKPOINT_DIR).is_dir():
+    return path / CHECKPOINT_DIR, None
+  if re.fullmatch(r"\d+", path.name) and (path / "model").is_dir():
+    return path.parent, int(path.name)
+  if path.is_dir() and any(re.fullmatch(r"\d+", p.name) for p in path.iterdir()):
+    return path, None
+  raise FileNotFoundError(
+    f"{path}: neither a training workdir (with {CHECKPOINT_DIR}/), a checkpoints folder, nor "
+    "a checkpoint step folder (with model/)"
+  )
+
+
+def load_inference(
+  path: str | epath.Path, *, which: str = "best"
+) -> tuple[ml_collections.ConfigDict, model_lib.MultiResolutionMIL, dict, int, dict]:
+  """Loads weights for evaluation or prediction, without the optimizer state.
+
+  Args:
+    path: a training workdir, its checkpoints/ folder, or one step folder
+      (W/checkpoints/<step>).
+    which: for a workdir, 'best' (highest validation mean AUC; the latest when no
+      checkpoint was evaluated) or 'latest'. Ignored for a step folder.
+
+  Returns:
+    (config, model, variables, step, info): `variables` = {'params', 'batch_stats'?} as
+    numpy arrays on the host, ready for `model.apply`; info has 'checkpoint' (the step
+    folder), 'which', and the saved evaluation ('val_mean_auc', 'val_per_class_auc')
+    when present.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  root, step = _locate(epath.Path(path), which)
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    if step is None:
+      step = best_step(manager) if which == "best" else None
+      step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{root}: no checkpoints")
+    head = manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    )
+    config = ml_collections.ConfigDict(dict(head["config"]))
+    model = model_lib.from_config(config.model)
+    abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+    abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    variables = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        model=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
+      ),
+    )["model"]
+  finally:
+    manager.close()
+  meta = dict(head["meta"])
+  info = {"checkpoint": str(root / str(step)), "which": which, "step": int(step)}
+  last = meta.get("last_eval") or {}
+  if int(last.get("step", -1)) == int(step):
+    info["val_mean_auc"] = last.get("val_mean_auc")
+    info["val_per_class_auc"] = last.get("val_per_class_auc")
+  logging.info("loaded %s (step %d)", info["checkpoint"], step)
+  return config, model, dict(variables), int(step), info

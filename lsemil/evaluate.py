@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from lsemil import metrics
@@ -77,6 +78,43 @@ class EvaluateError(RuntimeError):
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
+
+
+def as_path(path) -> epath.Path:
+  """A local or remote (gs://) path; outputs and workdirs go through etils.epath."""
+  return epath.Path(path)
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def norm_dir(path) -> str:
+  """A folder's identity for comparisons: the resolved local path or the URL as written."""
+  return str(path).rstrip("/") if is_remote(path) else str(Path(path).resolve())
+
+
+def write_bytes(path, data: bytes) -> None:
+  """Writes a file, atomically (temp name + rename) when local; parents are created."""
+  path = as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    path.write_bytes(data)
+    return
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
+def init_distributed() -> None:
+  """`lsemil.sharding.maybe_initialize_distributed` (env LSEMIL_MULTIHOST=1), if present."""
+  try:
+    from lsemil import sharding
+  except ImportError:
+    return
+  init = getattr(sharding, "maybe_initialize_distributed", None)
+  if init is not None:
+    init()
 
 
 def tau_key(tau: float) -> str:
@@ -269,7 +307,6 @@ def evaluate_checkpoint(
   from lsemil.data import pipeline
   from lsemil.data import stats as stats_lib
 
-  data_dir = Path(data_dir)
   index = open_index(config, data_dir)
   split_rows = index.rows(split)
   if keep_saliency_for is None:
@@ -352,7 +389,7 @@ def evaluate_checkpoint(
     "split": split,
     "step": None if step is None else int(step),
     "checkpoint": checkpoint,
-    "data_dir": str(data_dir.resolve()),
+    "data_dir": norm_dir(data_dir),
     "config_name": str(config.get("name", "")),
     "num_images": int(n_total),
     "num_patients": int(len(np.unique(patients))),
@@ -375,7 +412,7 @@ def evaluate_checkpoint(
     "table1": stats_lib.table1(index),
   }
   if saliency_path is not None and pindex == 0:
-    saliency_path = Path(saliency_path)
+    saliency_path = as_path(saliency_path)
     write_saliency(saliency_path, kept, levels, fig, index, config, data_dir, split)
     result["saliency_file"] = saliency_path.name
   return result
@@ -398,7 +435,7 @@ def _figure_images(config, data_dir: Path, split: str, rows: Sequence[int]) -> n
   return np.stack([source[pos[int(r)]]["image"] for r in rows])
 
 
-def write_saliency(path: Path, kept, levels, fig, index, config, data_dir, split) -> None:
+def write_saliency(path, kept, levels, fig, index, config, data_dir, split) -> None:
   """Writes the kept maps and the Figure 1/3 material as one compressed .npz."""
   rows = np.array(sorted(kept), np.int64)
   some = next(iter(kept.values()), None)
@@ -418,23 +455,22 @@ def write_saliency(path: Path, kept, levels, fig, index, config, data_dir, split
   fig = [(r, k) for r, k in fig if r in levels]
   arrays["fig_rows"] = np.array([r for r, _ in fig], np.int64)
   arrays["fig_classes"] = np.array([k for _, k in fig], np.int64)
-  arrays["fig_images"] = _figure_images(config, Path(data_dir), split, [r for r, _ in fig])
+  arrays["fig_images"] = _figure_images(config, data_dir, split, [r for r, _ in fig])
   n_levels = len(levels[fig[0][0]]) if fig else 0
   arrays["num_levels"] = np.array(n_levels)
   for lv in range(n_levels):
     arrays[f"levels_{lv}"] = np.stack([levels[r][lv] for r, _ in fig]).astype(np.float16)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  write_bytes(path, buf.getvalue())
 
 
 def load_saliency(path: str | os.PathLike) -> dict:
   """The .npz of `write_saliency` as a dict: 'maps' {row: (N, N, K) float32},
   'figure' [(row, class index, image, [level maps (n_l, n_l, K)])], 'box_space', 'split'."""
-  path = Path(path)
+  path = as_path(path)
   try:
-    with np.load(path) as z:
+    with np.load(io.BytesIO(path.read_bytes())) as z:
       maps = {int(r): z["saliency"][i].astype(np.float32) for i, r in enumerate(z["rows"])}
       n_levels = int(z["num_levels"])
       figure = [
@@ -486,9 +522,9 @@ def to_json(result: Mapping) -> str:
 
 def load_evaluation(path: str | os.PathLike) -> dict:
   """An evaluation JSON, with null metric values turned back into NaN."""
-  path = Path(path)
+  path = as_path(path)
   try:
-    result = json.loads(path.read_text(encoding="utf-8"))
+    result = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise EvaluateError(f"{path}: cannot read an evaluation JSON ({e})") from e
   if not isinstance(result, dict):
@@ -523,29 +559,26 @@ def to_csv(result: Mapping) -> str:
   return buf.getvalue()
 
 
-def saliency_path_for(out: str | os.PathLike) -> Path:
-  out = Path(out)
+def saliency_path_for(out) -> epath.Path:
+  out = as_path(out)
   return out.with_name(out.stem + SALIENCY_SUFFIX)
 
 
-def write_evaluation(result: Mapping, out: str | os.PathLike) -> tuple[Path, Path]:
-  """Writes F.json and F.csv (atomically); returns their paths."""
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+def write_evaluation(result: Mapping, out) -> tuple[epath.Path, epath.Path]:
+  """Writes F.json and F.csv (atomically when local); returns their paths."""
+  out = as_path(out)
   csv_path = out.with_suffix(".csv")
-  for path, text in ((out, to_json(result)), (csv_path, to_csv(result))):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+  write_bytes(out, to_json(result).encode())
+  write_bytes(csv_path, to_csv(result).encode())
   return out, csv_path
 
 
 # --------------------------------------------------------------------------- workdirs
 
 
-def workdir_of(path: str | os.PathLike) -> Path:
+def workdir_of(path) -> epath.Path:
   """The training workdir of a workdir, its checkpoints/ folder or a step folder."""
-  p = Path(path)
+  p = as_path(path)
   if p.name.isdigit() and p.parent.name == "checkpoints":
     return p.parent.parent
   if p.name == "checkpoints":
@@ -553,20 +586,19 @@ def workdir_of(path: str | os.PathLike) -> Path:
   return p
 
 
-def default_output(workdir: str | os.PathLike, split: str = "test") -> Path:
+def default_output(workdir, split: str = "test") -> epath.Path:
   """W/evaluation_<split>.json: where `evaluate --workdir W` writes and `reproduce` looks."""
-  return Path(workdir) / f"evaluation_{split}.json"
+  return as_path(workdir) / f"evaluation_{split}.json"
 
 
-def resolve_data_dir(config, data_dir) -> Path:
+def resolve_data_dir(config, data_dir) -> str:
   """--data-dir, else the run's `config.data.data_dir`; raises naming what is missing."""
   chosen = data_dir or (config.data.get("data_dir") if "data" in config else None)
   if not chosen:
     raise EvaluateError("no --data-dir given and the run's config records no data.data_dir")
-  path = Path(chosen)
-  if not path.is_dir():
-    raise EvaluateError(f"{path}: dataset folder not found")
-  return path
+  if not as_path(chosen).is_dir():
+    raise EvaluateError(f"{chosen}: dataset folder not found")
+  return str(chosen)
 
 
 def load_checkpoint(path, which: str = "best"):
@@ -582,7 +614,7 @@ def load_checkpoint(path, which: str = "best"):
 def matches(result: Mapping, *, step: int, split: str, data_dir) -> bool:
   """Whether a stored evaluation is of this checkpoint step, split and dataset."""
   try:
-    same_dir = Path(result.get("data_dir", "")).resolve() == Path(data_dir).resolve()
+    same_dir = norm_dir(result.get("data_dir", "")) == norm_dir(data_dir)
   except OSError:
     same_dir = False
   return (
@@ -652,6 +684,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
+  init_distributed()
   try:
     taus = _floats(args.taus, "--taus")
     path = args.workdir or args.checkpoint
@@ -659,7 +692,7 @@ def main(argv: list[str]) -> int:
     data_dir = resolve_data_dir(config, args.data_dir)
     if args.batch_size:
       config.train.eval_batch_size = int(args.batch_size)
-    out = Path(args.out) if args.out else default_output(workdir_of(path), args.split)
+    out = as_path(args.out) if args.out else default_output(workdir_of(path), args.split)
     _log(f"checkpoint {info.get('checkpoint', path)} (step {step}); data {data_dir}")
     result = evaluate_checkpoint(
       config,

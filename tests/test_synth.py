@@ -135,6 +135,7 @@ def test_resume_restores_missing_files_and_refuses_other_settings(tmp_path):
   kept_mtime = kept.stat().st_mtime_ns
   victim.unlink()
   (out / "Data_Entry_2017_v2020.csv").unlink()
+  (out / "images" / f".{victim.name}.tmp999").write_bytes(b"partial")  # an interrupted write
   synth.synthesize(out, patients=2, size=SIZE, seed=5, workers=1, progress=False)
   assert victim.read_bytes() == original
   assert kept.stat().st_mtime_ns == kept_mtime  # finished images are not rewritten

@@ -298,9 +298,7 @@ def _read_bbox(path: Path, row_of: Mapping[str, int], box_space: int, csv_name: 
     _, header = next(rows)
   except StopIteration:
     raise DataError(f"{path}:1: empty file, expected a header line") from None
-  if header[:2] != ["Image Index", "Finding Label"] or not header[2:3] or not header[
-    2
-  ].startswith("Bbox"):
+  if header[:2] != ["Image Index", "Finding Label"] or not "".join(header[2:3]).startswith("Bbox"):
     raise DataError(
       f"{path}:1: expected header 'Image Index,Finding Label,Bbox [x,y,w,h],,,', got {header}"
     )

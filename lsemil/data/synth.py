@@ -703,6 +703,8 @@ def synthesize(
   else:
     _atomic_write(params_path, json.dumps(params).encode())
 
+  for stale in (out / "images").glob(".*.tmp*"):  # left by an interrupted run
+    stale.unlink()
   specs = plan(patients, seed)
   workers = min(2, os.cpu_count() or 1) if workers is None else max(1, workers)
   chunk = 8

@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+# Smallest r the r < 1 branch of `lse` evaluates at: there LSE_r - mean <= r (max S - min S)^2 / 8
+# is far below float32 resolution, and 1/r^2 in the backward pass stays finite (r0 = 0 with
+# beta -> -inf drives r = exp(beta) to 0, where 0/0 and 1/0^2 would give NaN).
+_R_FLOOR = 1e-16
+
 # Added inside log() of the generalized mean so that S = 0 gives a finite log
 # (log(1e-30) ~ -69) and finite gradients; far below any float32 saliency that matters.
 _GM_LOG_FLOOR = 1e-30
@@ -50,12 +55,14 @@ def lse(s: jax.Array, r: jax.Array | float) -> jax.Array:
   s = _as_f32(s)
   r = jnp.asarray(r, jnp.float32)
   n = _spatial_size(s)
-  by_logsumexp = (jax.nn.logsumexp(r * s, axis=(-3, -2)) - jnp.log(float(n))) / r
+  # r is clamped to each branch's range, so the unselected side stays finite and where()
+  # passes clean gradients (where, not maximum: a tie at r = 1 would halve d/dr).
+  r_big = jnp.where(r < 1.0, 1.0, r)
+  by_logsumexp = (jax.nn.logsumexp(r_big * s, axis=(-3, -2)) - jnp.log(float(n))) / r_big
   # For r < 1, logsumexp - log(HW) cancels catastrophically (float32 error ~ 1e-6/r),
   # so use the algebraically equal max(S) + log1p(mean(expm1(r (S - max S)))) / r, whose
-  # arguments lie in [-1, 0] there. r is clamped in this branch so the unselected side
-  # stays finite and where() passes clean gradients.
-  r_small = jnp.minimum(r, 1.0)
+  # arguments lie in [-1, 0] there.
+  r_small = jnp.clip(r, _R_FLOOR, 1.0)
   s_max = jnp.max(s, axis=(-3, -2), keepdims=True)
   by_log1p = jnp.squeeze(s_max, axis=(-3, -2)) + jnp.log1p(
     jnp.mean(jnp.expm1(r_small * (s - s_max)), axis=(-3, -2))
@@ -101,9 +108,15 @@ def noisy_or(s: jax.Array) -> jax.Array:
   """Noisy-OR pooling 1 - prod(1 - S) (Sec 3.4), through a sum of log1p(-S).
 
   Evaluated as -expm1(sum log1p(-S)), which keeps tiny probabilities (sum S ~ 1e-30)
-  instead of rounding 1 - prod to 0.
+  instead of rounding 1 - prod to 0. An entry of exactly 1 (a saturated float32 sigmoid)
+  makes NOR exactly 1; such entries are kept out of the log-sum so the backward pass never
+  forms exp(-inf) * inf = NaN (the class's gradient is then 0: exact for the other entries,
+  whose factor 1 - 1 = 0).
   """
-  return -jnp.expm1(log1m_noisy_or(s))
+  s = _as_f32(s)
+  saturated = s >= 1.0
+  nor = -jnp.expm1(log1m_noisy_or(jnp.where(saturated, 0.0, s)))
+  return jnp.where(jnp.any(saturated, axis=(-3, -2)), 1.0, nor)
 
 
 def max_pool(s: jax.Array) -> jax.Array:

@@ -235,7 +235,7 @@ def format_table(rows: Sequence[dict], threshold: float) -> str:
     return "no readable images"
   names = [Path(r["path"]).name for r in rows]
   w = min(max(len(n) for n in names), 40)
-  head = f"{'image':<{w}}  " + " ".join(f"{SHORT_NAMES[c]:>5}" for c in CLASSES)
+  head = f"{'image':<{w}}  " + " ".join(f"{SHORT_NAMES[c]:>5} " for c in CLASSES)
   lines = [head, "-" * len(head)]
   for n, r in zip(names, rows, strict=True):
     cells = " ".join(
@@ -244,7 +244,7 @@ def format_table(rows: Sequence[dict], threshold: float) -> str:
     lines.append(f"{n[-w:]:<{w}}  {cells}")
   legend = ", ".join(f"{SHORT_NAMES[c]}={c}" for c in CLASSES)
   lines.append(f"* p >= {threshold:g}.  {legend}")
-  return "\n".join(lines)
+  return "\n".join(line.rstrip() for line in lines)
 
 
 # --------------------------------------------------------------------------- CLI

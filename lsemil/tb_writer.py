@@ -26,16 +26,16 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
   """JSON-safe: numpy scalars -> Python, NaN/inf -> None, tuples -> lists."""
   if hasattr(value, "tolist"):
     value = value.tolist()
   if isinstance(value, float) and not math.isfinite(value):
     return None
   if isinstance(value, list | tuple):
-    return [_clean(v) for v in value]
+    return [json_safe(v) for v in value]
   if isinstance(value, dict):
-    return {str(k): _clean(v) for k, v in value.items()}
+    return {str(k): json_safe(v) for k, v in value.items()}
   return value
 
 
@@ -71,7 +71,7 @@ class MetricWriter:
     as `<kind>/<name>`."""
     if not self.enabled:
       return
-    record = {"step": int(step), "kind": kind, **_clean(scalars)}
+    record = {"step": int(step), "kind": kind, **json_safe(scalars)}
     line = json.dumps(record) + "\n"
     if self._file is not None:
       self._file.write(line)

@@ -291,6 +291,14 @@ def evaluate(
 # --------------------------------------------------------------------------- the loop
 
 
+def _class_names(model) -> list[str]:
+  from lsemil.data import nih
+
+  if model.num_classes == len(nih.CLASSES):
+    return [c.replace(" ", "_") for c in nih.CLASSES]
+  return [f"class{k}" for k in range(model.num_classes)]
+
+
 def _finite(x) -> float | None:
   x = float(x) if x is not None else float("nan")
   return x if math.isfinite(x) else None
@@ -496,9 +504,16 @@ def train_and_evaluate(
             meta.update(best_step=step, best_val_mean_auc=auc, evals_since_best=0)
           else:
             meta["evals_since_best"] = int(meta.get("evals_since_best", 0)) + 1
-          meta["last_eval"] = {"step": step, **tb_writer._clean(eval_metrics)}
+          meta["last_eval"] = {"step": step, **tb_writer.json_safe(eval_metrics)}
+          per_class = dict(zip(_class_names(model), eval_metrics["val_per_class_auc"], strict=True))
           writer.write(
-            step, {**eval_metrics, "best_val_mean_auc": meta["best_val_mean_auc"]}, kind="eval"
+            step,
+            {
+              **eval_metrics,
+              "best_val_mean_auc": meta["best_val_mean_auc"],
+              **{f"auc_{name}": a for name, a in per_class.items()},
+            },
+            kind="eval",
           )
           auc_s = "n/a" if auc is None else f"{auc:.4f}"
           note(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
@@ -521,6 +536,8 @@ def train_and_evaluate(
           )
           last_saved = step
           writer.flush()
+        if is_eval or save:  # keep evaluation and saving out of the images/s window
+          window_start, window_steps = time.perf_counter(), 0
         if meta["stopped_early"]:
           break
   except BaseException:

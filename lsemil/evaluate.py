@@ -163,32 +163,35 @@ def box_cases(index: nih.NihIndex, rows: Iterable[int]) -> dict[int, list[tuple[
 def figure_cases(index: nih.NihIndex, split: str, n: int = FIGURE_CASES) -> list[tuple[int, int]]:
   """Up to n (row, box class) pairs for Figure 3, covering as many classes as possible.
 
-  Deterministic (the same images for every run on the same dataset): round-robin over the box
-  classes in NIH order, each time the lowest row of the split with a box of that class that is
-  not chosen yet.
+  Deterministic (the same images for every run on the same dataset). The first round gives
+  each box class of the split one image, rarest class first (so an image is not spent on a
+  common class when it is a rare class's only one), the lowest unused row each time; later
+  rounds go round-robin in NIH order. Returned in round, then class order.
   """
   split_rows = set(index.rows(split).tolist())
   by_class: dict[int, list[int]] = {}
   for r, k in zip(index.box_rows.tolist(), index.box_classes.tolist(), strict=True):
-    if r in split_rows:
-      by_class.setdefault(k, [])
-      if r not in by_class[k]:
-        by_class[k].append(r)
+    if r in split_rows and r not in by_class.setdefault(k, []):
+      by_class[k].append(r)
   for rows in by_class.values():
     rows.sort()
-  chosen: list[tuple[int, int]] = []
+  chosen: list[tuple[int, int, int]] = []  # (round, class, row)
   used: set[int] = set()
+  order = sorted(by_class, key=lambda k: (len(by_class[k]), k))
+  rnd = 0
   while len(chosen) < n:
     progressed = False
-    for k in sorted(by_class):
+    for k in order:
       rows = [r for r in by_class[k] if r not in used]
       if rows and len(chosen) < n:
-        chosen.append((rows[0], k))
+        chosen.append((rnd, k, rows[0]))
         used.add(rows[0])
         progressed = True
     if not progressed:
       break
-  return chosen
+    rnd += 1
+    order = sorted(by_class)
+  return [(r, k) for _, k, r in sorted(chosen)]
 
 
 # --------------------------------------------------------------------------- localization

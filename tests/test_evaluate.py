@@ -1,0 +1,307 @@
+"""Tests of `lsemil evaluate` and `lsemil reproduce` (paper Sec 4.2-4.4, Tables 1-3, Figs 1/3).
+
+A smoke-sized model initialised here runs over the `synth_dir` fixture; the checkpoint loader
+is replaced by one returning that model, so these tests need no training. One slow test trains
+the smoke config and runs the real CLIs on its workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from lsemil import config_lib, metrics
+from lsemil import evaluate as ev
+from lsemil import model as model_lib
+from lsemil import reproduce as rp
+from lsemil.data import nih
+
+N_BOOT = 50
+
+
+def fast_variables(model, seed: int = 0) -> dict:
+  """Deterministic random weights without compiling `model.init` (slow on 2 CPU cores).
+
+  Kernels ~ N(0, 1/fan_in), norm scales and running variances 1, everything else 0.
+  """
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+    if name in ("scale", "var"):
+      return np.ones(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def smoke(synth_dir):
+  """(config, model, variables) of the smoke config, data_dir = synth_dir."""
+  config = config_lib.load_config("smoke")
+  config.data.data_dir = str(synth_dir)
+  model = model_lib.from_config(config.model)
+  variables = fast_variables(model)
+  return config, model, variables
+
+
+@pytest.fixture(scope="module")
+def index(smoke, synth_dir):
+  return ev.open_index(smoke[0], synth_dir)
+
+
+@pytest.fixture(scope="module")
+def evaluation(smoke, synth_dir, tmp_path_factory):
+  config, model, variables = smoke
+  out = tmp_path_factory.mktemp("eval") / "evaluation_test.json"
+  result = ev.evaluate_checkpoint(
+    config,
+    model,
+    variables,
+    synth_dir,
+    "test",
+    n_boot=N_BOOT,
+    saliency_path=ev.saliency_path_for(out),
+    progress=False,
+    step=3,
+  )
+  ev.write_evaluation(result, out)
+  return result, out
+
+
+def _reject_nan(text):
+  raise ValueError(f"non-standard JSON constant {text}")
+
+
+def test_evaluation_json_and_csv_parse(evaluation, index):
+  result, out = evaluation
+  data = json.loads(out.read_text(), parse_constant=_reject_nan)  # strict JSON: no NaN
+  assert data["split"] == "test" and data["step"] == 3
+  assert data["num_images"] == len(index.rows("test"))
+  assert data["num_patients"] == len(index.patients("test"))
+  loaded = ev.load_evaluation(out)
+  for cls in nih.CLASSES:
+    auc = loaded["auc"][cls]
+    assert math.isnan(auc) or 0.0 <= auc <= 1.0
+    positives = data["num_positives"][cls]
+    assert math.isnan(auc) == (positives in (0, data["num_images"]))
+    if not math.isnan(auc):
+      assert loaded["auc_lo"][cls] <= auc + 1e-9 <= loaded["auc_hi"][cls] + 2e-9
+  defined = [v for v in loaded["auc"].values() if not math.isnan(v)]
+  assert loaded["mean_auc"] == pytest.approx(np.mean(defined))
+  rows = list(csv.DictReader(io.StringIO(out.with_suffix(".csv").read_text())))
+  aucs = {r["class"]: r["value"] for r in rows if r["metric"] == "auc"}
+  assert list(aucs) == list(nih.CLASSES)
+  for cls, v in aucs.items():
+    assert (v == "") == math.isnan(loaded["auc"][cls])
+    if v:
+      assert float(v) == pytest.approx(loaded["auc"][cls])
+  # IoBB: every box class present in the test boxes, every tau of the sweep, values in [0, 1].
+  box_classes = {
+    nih.CLASSES[k] for k in index.box_classes[np.isin(index.box_rows, index.rows("test"))]
+  }
+  assert set(loaded["iobb"]) == box_classes == set(loaded["dice"])
+  for by_tau in loaded["iobb"].values():
+    assert set(by_tau) == {ev.tau_key(t) for t in ev.DEFAULT_TAUS}
+    assert all(0.0 <= v <= 1.0 for v in by_tau.values())
+  assert any(r["metric"] == "iobb_accuracy" and r["T"] == "0.5" for r in rows)
+
+
+def test_saliency_kept_only_for_images_with_boxes(evaluation, index, smoke):
+  result, out = evaluation
+  sal = ev.load_saliency(ev.saliency_path_for(out))
+  test_rows = set(index.rows("test").tolist())
+  with_boxes = set(index.box_rows.tolist()) & test_rows
+  assert with_boxes and set(sal["maps"]) == with_boxes
+  assert result["num_saliency_kept"] == len(with_boxes) < len(test_rows)
+  n = smoke[0].model.saliency_size
+  assert all(m.shape == (n, n, nih.NUM_CLASSES) for m in sal["maps"].values())
+  assert sal["figure"], "Figure 3 candidates are stored"
+  for row, _k, image, levels in sal["figure"]:
+    assert row in with_boxes and image.ndim == 2 and image.dtype == np.uint8
+    assert levels[-1].shape == (n, n, nih.NUM_CLASSES)
+    assert [lv.shape[0] for lv in levels] == sorted(lv.shape[0] for lv in levels)
+    assert np.allclose(levels[-1], sal["maps"][row], atol=1e-3)
+  # DICE recomputed from the stored maps matches the JSON.
+  cases = ev.box_cases(index, sal["maps"])
+  cls = next(iter(result["dice"]))
+  k = nih.CLASSES.index(cls)
+  mine = [
+    metrics.box_dice(sal["maps"][r][..., k], boxes, 512, index.box_space)
+    for r, cs in cases.items()
+    for kk, boxes in cs
+    if kk == k
+  ]
+  assert result["dice"][cls] == pytest.approx(np.mean(mine), abs=1e-3)
+
+
+def test_localization_metrics_perfect_and_empty_maps():
+  # A map equal to the box scores DICE 1 and finds the box at every tau; an empty map none.
+  box = (64.0, 128.0, 128.0, 64.0)  # x, y, w, h in 512 px
+  mask = metrics.boxes_to_mask([box], 512, 512)
+  perfect = np.zeros((512, 512, 2))
+  perfect[..., 1] = mask
+  empty = np.zeros((512, 512, 2))
+  cases = {0: [(1, [box])], 1: [(1, [box])]}
+  loc = ev.localization_metrics({0: perfect}, cases, 512, taus=(0.2, 0.7))
+  cls = nih.CLASSES[1]
+  assert loc["dice"][cls] == pytest.approx(1.0)
+  assert loc["dice_uniform"][cls] == pytest.approx(math.sqrt(mask.mean()))
+  assert loc["iobb"][cls] == {"0.2": 1.0, "0.7": 1.0}
+  assert loc["localization"]["iou"]["0.75"][cls]["0.7"] == 1.0
+  loc = ev.localization_metrics({0: perfect, 1: empty}, cases, 512, taus=(0.5,))
+  assert loc["num_cases"][cls] == 2 and loc["num_boxes"][cls] == 2
+  assert loc["iobb"][cls]["0.5"] == 0.5
+  assert loc["dice"][cls] == pytest.approx(0.5)
+
+
+def test_figure_cases_cover_different_classes(index):
+  picks = ev.figure_cases(index, "test", 6)
+  rows = [r for r, _ in picks]
+  assert len(rows) == len(set(rows)) <= 6
+  test_rows = set(index.rows("test").tolist())
+  box_classes = {
+    int(k) for r, k in zip(index.box_rows, index.box_classes, strict=True) if int(r) in test_rows
+  }
+  assert len({k for _, k in picks}) == min(len(picks), len(box_classes))
+  for r, k in picks:
+    assert k in [kk for kk, _ in index.boxes(r)]
+  assert picks == ev.figure_cases(index, "test", 6)  # deterministic
+
+
+# ---------------------------------------------------------------------------------- reproduce
+
+
+@pytest.fixture
+def fake_runs(smoke, monkeypatch):
+  """Replace the checkpoint loader: workdir 'w<r0>' -> the smoke model with that r0, step 7."""
+  config, _, variables = smoke
+  calls = []
+
+  def load(path, which="best"):
+    cfg = config.copy_and_resolve_references()
+    cfg.model.r0 = float(str(path).rsplit("w", 1)[-1])
+    calls.append(str(path))
+    return cfg, model_lib.from_config(cfg.model), variables, 7, {"checkpoint": f"{path}/7"}
+
+  monkeypatch.setattr(ev, "load_checkpoint", load)
+  return calls
+
+
+def _md_header(path):
+  line = path.read_text().split("\n|", 1)[1].split("\n")[0]
+  return [c.strip() for c in line.rstrip().rstrip("|").split("|")]
+
+
+def test_reproduce_two_runs_then_one_reuses(tmp_path, fake_runs, monkeypatch, synth_dir):
+  runs = [("r0=0", 0.0, tmp_path / "w0"), ("r0=5", 5.0, tmp_path / "w5")]
+  out = tmp_path / "R"
+  summary = rp.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False)
+  for name in ("table1", "table2", "table2_sweep", "table3"):
+    assert (out / f"{name}.md").is_file()
+    list(csv.reader(io.StringIO((out / f"{name}.csv").read_text())))
+  header = _md_header(out / "table3.md")
+  for col in (
+    "AUC [3] (paper)",
+    "AUC r0=0 (paper)",
+    "AUC r0=5 (paper)",
+    "AUC r0=10 (paper)",
+    "AUC r0=0 (ours)",
+    "AUC r0=5 (ours)",
+    "DICE r0=5 (paper)",
+    "DICE uniform (ours)",
+  ):
+    assert col in header
+  t3 = (out / "table3.md").read_text()
+  assert "| Atelectasis | 0.7003 | 0.733 | 0.728 | 0.724 |" in t3 and "A.V.G." in t3
+  t2 = (out / "table2.md").read_text()
+  assert "r0=0 (ours)" in t2 and "r0=5 (ours)" in t2 and "r0=5 (paper) | 0.5083" in t2
+  t1 = (out / "table1.csv").read_text().splitlines()
+  assert len(t1) == 1 + nih.NUM_CLASSES
+  data = json.loads((out / "summary.json").read_text(), parse_constant=_reject_nan)
+  assert data["labels"] == ["r0=0", "r0=5"] and data["figures"] == ["figure3.png", "figure1.png"]
+  assert [r["r0"] for r in data["runs"]] == [0.0, 5.0]
+  assert summary["table1"]["images"]["test"] == data["runs"][0]["num_images"]
+  for fig in ("figure3.png", "figure1.png"):
+    with Image.open(out / fig) as im:
+      assert im.format == "PNG" and im.size[0] > 200
+  with Image.open(out / "figure3.png") as im:  # 4 panels per row: image, truth, 2 runs
+    assert im.size[0] / im.size[1] == pytest.approx(4 / len(summary["figure3_cases"]), 0.05)
+  # The evaluations were stored in the workdirs; a second reproduce reuses them.
+  assert (tmp_path / "w5" / "evaluation_test.json").is_file()
+
+  def no_eval(*a, **k):
+    raise AssertionError("evaluated again although a matching evaluation exists")
+
+  monkeypatch.setattr(ev, "evaluate_checkpoint", no_eval)
+  out1 = tmp_path / "R1"
+  one = rp.reproduce_runs([runs[1]], None, out1, progress=False)
+  assert one["labels"] == ["r0=5"] and (out1 / "figure3.png").is_file()
+  assert "AUC r0=5 (ours)" in _md_header(out1 / "table3.md")
+  assert one["runs"][0]["auc"] == pytest.approx(summary["runs"][1]["auc"], nan_ok=True)
+
+
+def test_reproduce_cli_custom_taus_and_errors(tmp_path, fake_runs, capsys):
+  out = tmp_path / "R"
+  rc = rp.main(
+    [
+      "--run",
+      f"r0=10:{tmp_path / 'w10'}",
+      "--out",
+      str(out),
+      "--tau",
+      "Nodule=0.35,0.8",
+      "--figure-images",
+      "2",
+      "--n-boot",
+      "0",
+      "--no-progress",
+    ]
+  )
+  assert rc == 0
+  header = _md_header(out / "table2.md")
+  assert header[1:] == ["Nodule τ=0.35", "Nodule τ=0.8"]  # 0.35 filled in from the saliency
+  row = next(
+    r for r in csv.DictReader(io.StringIO((out / "table2.csv").read_text())) if r["run"] == "r0=10"
+  )
+  assert row["Nodule@tau=0.35"] != ""
+  assert rp.main(["--run", f"x:{tmp_path / 'w1'}", "--out", str(out), "--tau", "Edema=0.5"]) == 1
+  assert "Edema has no boxes" in capsys.readouterr().err
+  assert rp.parse_run("r0=5:gs://b/w") == ("r0=5", 5.0, "gs://b/w")
+  assert rp.parse_run("gs://b/w") == ("gs://b/w", None, "gs://b/w")
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
+  """Train the smoke config briefly, then the real `evaluate`, `reproduce` and `predict`."""
+  from lsemil import predict, train
+
+  config = config_lib.load_config("smoke")
+  config.train.num_steps = 2
+  config.train.eval_every_steps = 2
+  w = tmp_path / "w"
+  train.train_and_evaluate(config, str(w), data_dir=str(synth_dir))
+  assert ev.main(["--workdir", str(w), "--n-boot", "20", "--no-progress"]) == 0
+  result = ev.load_evaluation(w / "evaluation_test.json")
+  assert result["data_dir"] == str(synth_dir.resolve()) and result["step"] == 2
+  out = tmp_path / "R"
+  assert rp.main(["--run", f"r0=5:{w}", "--out", str(out), "--no-progress"]) == 0
+  assert "reusing" in capsys.readouterr().err
+  assert (out / "table3.md").is_file() and (out / "figure1.png").is_file()
+  img = next((synth_dir / "images").iterdir())
+  assert (
+    predict.main(["--checkpoint", str(w), str(img), "--out", str(tmp_path / "P"), "--no-progress"])
+    == 0
+  )
+  assert (tmp_path / "P" / "predictions.csv").is_file()

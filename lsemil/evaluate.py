@@ -634,7 +634,7 @@ def matches(result: Mapping, *, step: int, split: str, data_dir) -> bool:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil evaluate",
-    description="Per-class AUC (95%% patient-bootstrap CI), DICE of the 8 box classes (with the "
+    description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the 8 box classes (with the "
     "uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec 4.2-4.4) of a checkpoint "
     "on one split. Writes F.json, F.csv and F" + SALIENCY_SUFFIX + " (saliency maps of the "
     "images with boxes).",
@@ -712,7 +712,7 @@ def main(argv: list[str]) -> int:
       checkpoint=str(info.get("checkpoint", path)),
     )
     result["which"] = args.which
-  except (EvaluateError, nih.DataError, FileNotFoundError, ValueError) as e:
+  except (EvaluateError, nih.DataError, OSError, ValueError) as e:
     print(f"lsemil evaluate: {e}", file=sys.stderr)
     return 1
   import jax

@@ -423,7 +423,7 @@ def main(argv: list[str]) -> int:
       force=args.force,
       progress=not args.no_progress,
     )
-  except (ev.EvaluateError, nih.DataError, FileNotFoundError, ValueError, KeyError) as e:
+  except (ev.EvaluateError, nih.DataError, OSError, ValueError, KeyError) as e:
     print(f"lsemil reproduce: {e}", file=sys.stderr)
     return 1
   if "tables" in summary:  # process 0

@@ -634,9 +634,11 @@ def matches(result: Mapping, *, step: int, split: str, data_dir) -> bool:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil evaluate",
-    description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the 8 box classes (with the "
-    "uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec 4.2-4.4) of a checkpoint "
-    "on one split. Writes F.json, F.csv and F" + SALIENCY_SUFFIX + " (saliency maps of the "
+    description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the 8 box classes "
+    "(with the uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec 4.2-4.4) of a "
+    "checkpoint on one split. Writes F.json, F.csv and F"
+    + SALIENCY_SUFFIX
+    + " (saliency maps of the "
     "images with boxes).",
   )
   src = p.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,441 @@
+"""Tests of lsemil.model (Sec 3, Fig. 2) and lsemil.losses (Sec 3.6, 4.2) on tiny configs.
+
+The configs are the smoke config shrunk to 32-64 px inputs; compiles dominate the runtime, so
+shapes are checked with `jax.eval_shape` and one model is compiled and shared per module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from lsemil import config_lib, losses
+from lsemil import model as M
+from lsemil import pooling as P
+
+# RngBitGenerator keys compile far faster than threefry on CPU; init values do not matter here.
+KEY = jax.random.key(0, impl="unsafe_rbg")
+K = 3
+R0 = 2.5
+
+
+def _cfg(**overrides):
+  """The smoke model config shrunk to a 32 px input, 2 levels (16, 8 px), N = 16, K = 3."""
+  cfg = config_lib.load_config("smoke").model
+  cfg.num_classes = K
+  cfg.input_size = 32
+  cfg.stem_stride = 2
+  cfg.widths = (8, 16)
+  cfg.blocks_per_level = (0, 1)
+  cfg.saliency_size = 16
+  cfg.r0 = R0
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).uniform(0.0, 1.0, (n, size, size, 1)).astype(np.float32)
+
+
+@functools.cache
+def _base():
+  """The base model, its variables and its eval outputs on a fixed batch of 4."""
+  model = M.from_config(_cfg())
+  variables = M.init_variables(model, KEY)
+  x = _images(4)
+  out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  return model, variables, x, out
+
+
+def _in_unit(a) -> bool:
+  a = np.asarray(a)
+  return bool(np.all(np.isfinite(a)) and np.all(a >= 0) and np.all(a <= 1))
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    dict(saliency_size=8),  # 32 px, stride 2: levels 16, 8
+    dict(saliency_size=16),
+    dict(input_size=64, widths=(8, 16, 32), blocks_per_level=(0, 0, 0), saliency_size=32),
+    dict(stem_stride=1, widths=(8, 16, 32), blocks_per_level=(0, 0, 0), saliency_size=32),
+    dict(
+      input_size=64, stem_stride=1, widths=(8, 16, 32), blocks_per_level=(0, 0, 0), saliency_size=64
+    ),
+  ],
+  ids=["N8", "N16", "N32", "N=input32", "N=input64"],
+)
+def test_output_shapes_for_each_n(overrides):
+  cfg = _cfg(**overrides)
+  model = M.from_config(cfg)
+  size, n = cfg.input_size, cfg.saliency_size
+  x = jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  out = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  assert out["probs"].shape == (2, K)
+  assert out["saliency"].shape == (2, n, n, K)
+  # Coarse to fine: the coarsest level, doubling, ending at N (== saliency).
+  level_sides = [size // cfg.stem_stride // 2**level for level in range(len(cfg.widths))]
+  sides = [s.shape[1] for s in out["saliency_levels"]]
+  assert sides[0] == min(level_sides)
+  assert sides[-1] == n
+  assert all(b == 2 * a for a, b in zip(sides, sides[1:], strict=False))
+  assert len(sides) == sum(side <= n for side in level_sides)
+  for s in out["saliency_levels"]:
+    assert s.shape == (2, s.shape[1], s.shape[1], K) and s.dtype == jnp.float32
+  spec = M.validate(cfg)
+  assert spec.level_sides == tuple(level_sides)
+  assert [spec.level_sides[level] for level in spec.fused_levels] == sides[::-1]
+
+
+def test_forward_values_in_unit_interval_and_levels_end_at_saliency():
+  _, _, _, out = _base()
+  assert _in_unit(out["probs"]) and _in_unit(out["saliency"])
+  assert all(_in_unit(s) for s in out["saliency_levels"])
+  assert [s.shape[1] for s in out["saliency_levels"]] == [8, 16]
+  np.testing.assert_array_equal(out["saliency_levels"][-1], out["saliency"])
+  # Different images give different maps (the saliency is not a constant).
+  assert float(jnp.std(out["saliency"])) > 0
+
+
+def test_probs_equal_lse_lba_of_returned_saliency_and_pool_beta():
+  model, variables, x, _ = _base()
+  beta = jnp.array([0.3, -1.2, 2.0])
+  params = dict(variables["params"])
+  assert params["pool"]["beta"].shape == (K,)
+  params["pool"] = {"beta": beta}
+  out = model.apply({**variables, "params": params}, x, train=False)
+  want = P.lse_lba(out["saliency"], beta, R0)
+  np.testing.assert_allclose(out["probs"], want, rtol=1e-6, atol=1e-7)
+  # beta does enter: with the init beta (0) the probs differ.
+  zero_beta = P.lse_lba(out["saliency"], jnp.zeros(K), R0)
+  assert float(jnp.max(jnp.abs(out["probs"] - zero_beta))) > 1e-4
+
+
+def test_scalar_beta_config():
+  model = M.from_config(_cfg(per_class_beta=False, beta_init=-0.5))
+  variables = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    KEY,
+    jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32),
+  )
+  assert variables["params"]["pool"]["beta"].shape == ()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _learnable_batch():
+  """8 images with 3 findings: a bright square, a horizontal bar, a square in the left half."""
+  rng = np.random.default_rng(1)
+  x = rng.uniform(0.0, 0.2, (8, 32, 32, 1)).astype(np.float32)
+  y = np.zeros((8, K), np.float32)
+  for i in range(8):
+    if i % 2:
+      r, c = rng.integers(2, 24, 2)
+      x[i, r : r + 6, c : c + 6] = 1.0
+      y[i, 0] = 1.0
+      y[i, 2] = float(c + 3 < 16)
+    if (i // 2) % 2:
+      r = rng.integers(2, 30)
+      x[i, r : r + 2, 4:28] = 0.7
+      y[i, 1] = 1.0
+  return x, y
+
+
+@functools.cache
+def _trained(steps: int = 30):
+  """Adam (paper_optimizer, lr 1e-3, wd 1e-5) on the learnable batch; BatchNorm in train mode."""
+  model, variables, _, _ = _base()
+  tx = losses.paper_optimizer()
+  x, y = _learnable_batch()
+
+  def loss_fn(params, batch_stats):
+    out, state = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return losses.binary_cross_entropy(out["probs"], y), state["batch_stats"]
+
+  @jax.jit
+  def step(params, batch_stats, opt_state):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
+
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state = tx.init(params)
+  loss_history, first_grads = [], None
+  for _ in range(steps + 1):  # the last call only evaluates the loss after `steps` updates
+    new = step(params, batch_stats, opt_state)
+    loss_history.append(float(new[3]))
+    first_grads = new[4] if first_grads is None else first_grads
+    params, batch_stats, opt_state = new[:3]
+  return loss_history, first_grads
+
+
+def test_jit_grad_is_finite_for_every_param_including_beta():
+  _, variables, _, _ = _base()
+  _, grads = _trained()
+  assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert g.dtype == jnp.float32
+    assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
+  assert grads["pool"]["beta"].shape == (K,)
+  assert np.all(np.asarray(grads["pool"]["beta"]) != 0)
+  assert float(jnp.max(jnp.abs(grads["head"]["kernel"]))) > 0
+  assert float(jnp.max(jnp.abs(grads["stem"]["kernel"]))) > 0
+
+
+def test_adam_steps_lower_the_loss():
+  history, _ = _trained()
+  assert all(np.isfinite(history))
+  assert history[-1] < 0.8 * history[0], history
+
+
+# ------------------------------------------------------------------------------ dtypes and norms
+
+
+def test_bfloat16_path_float32_params_and_close_to_float32():
+  base_model, variables, x, out32 = _base()
+  model = M.from_config(_cfg(dtype="bfloat16"))
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), KEY, jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  )
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes["params"]))
+  assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+  out16 = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  assert out16["probs"].dtype == jnp.float32 and out16["saliency"].dtype == jnp.float32
+  assert _in_unit(out16["probs"]) and _in_unit(out16["saliency"])
+  np.testing.assert_allclose(out16["probs"], out32["probs"], atol=0.03)
+  np.testing.assert_allclose(out16["saliency"], out32["saliency"], atol=0.06)
+  # ... and it is a different computation, not silently float32.
+  assert float(jnp.max(jnp.abs(out16["saliency"] - out32["saliency"]))) > 0
+  del base_model
+
+
+def test_group_norm_at_n_equal_to_input_size():
+  # GroupNorm: no batch_stats collection, no train/eval difference. The same model runs
+  # Sec 3.6's "typical choice" N = w = h (stem stride 1, N = 32 = input size).
+  model = M.from_config(_cfg(norm="group", group_norm_groups=4, stem_stride=1, saliency_size=32))
+  variables = M.init_variables(model, KEY)
+  assert set(variables) == {"params"}
+  x = _images(2, seed=3)
+  apply = jax.jit(model.apply, static_argnames="train")
+  train_out = apply(variables, x, train=True)  # no mutable collection needed
+  eval_out = apply(variables, x, train=False)
+  assert eval_out["saliency"].shape == (2, 32, 32, K)
+  assert [s.shape[1] for s in eval_out["saliency_levels"]] == [16, 32]
+  assert _in_unit(eval_out["probs"]) and _in_unit(eval_out["saliency"])
+  np.testing.assert_allclose(train_out["probs"], eval_out["probs"], rtol=1e-6)
+  np.testing.assert_allclose(train_out["saliency"], eval_out["saliency"], rtol=1e-6)
+
+
+def test_batch_norm_train_updates_batch_stats_and_eval_uses_running_averages():
+  model, variables, x, out_eval = _base()
+  apply_train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  out_train, state = apply_train(variables, x)
+  old, new = variables["batch_stats"], state["batch_stats"]
+  assert jax.tree.structure(old) == jax.tree.structure(new)
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True):
+    assert not np.allclose(a, b)
+  # momentum 0.9 on the stem norm: mean' = 0.9 * 0 + 0.1 * batch mean of the stem conv.
+  stem = nn.Conv(8, (7, 7), strides=2, use_bias=False).apply(
+    {"params": variables["params"]["stem"]}, x
+  )
+  np.testing.assert_allclose(
+    new["stem_norm"]["mean"], 0.1 * np.asarray(stem).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7
+  )
+  # train=True normalizes with the batch's statistics: an image's output depends on the batch.
+  out_train_half, _ = apply_train(variables, x[:2])
+  assert not np.allclose(out_train_half["probs"], out_train["probs"][:2], atol=1e-5)
+  # train=False uses the stored running averages: per-image, independent of the batch ...
+  eval_half = model.apply(variables, x[:2], train=False)
+  np.testing.assert_allclose(eval_half["probs"], out_eval["probs"][:2], rtol=1e-5, atol=1e-7)
+  # ... and it reads them: the updated averages change the output.
+  updated = model.apply({**variables, "batch_stats": new}, x[:2], train=False)
+  assert not np.allclose(updated["probs"], eval_half["probs"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_upsample_nearest_maps_each_pixel_to_a_block(factor):
+  x = np.random.default_rng(4).normal(size=(2, 3, 5, 4)).astype(np.float32)
+  up = np.asarray(M.upsample_nearest(jnp.asarray(x), factor))
+  assert up.shape == (2, 3 * factor, 5 * factor, 4)
+  for i in range(3):
+    for j in range(5):
+      block = up[:, i * factor : (i + 1) * factor, j * factor : (j + 1) * factor]
+      np.testing.assert_array_equal(block, np.broadcast_to(x[:, i : i + 1, j : j + 1], block.shape))
+  assert M.upsample_nearest(jnp.zeros((3, 3, 2), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", [p for p in P.POOLINGS if p != "lse_lba"])
+def test_alternative_pooling_builds_and_gives_probs_in_unit_interval(name):
+  _, variables, x, base_out = _base()
+  model = M.from_config(_cfg(pooling=name))
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), KEY, jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  )
+  assert "pool" not in shapes["params"]  # parameter-free pooling
+  params = {k: v for k, v in variables["params"].items() if k != "pool"}
+  out = model.apply({**variables, "params": params}, x, train=False)
+  assert out["probs"].shape == (4, K) and _in_unit(out["probs"])
+  np.testing.assert_allclose(out["saliency"], base_out["saliency"], rtol=1e-6, atol=1e-7)
+  want = P.FixedPool(name, r=R0).apply({}, out["saliency"])
+  np.testing.assert_allclose(out["probs"], want, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ invalid configs
+
+INVALID = [
+  (dict(input_size=64, saliency_size=64), "saliency_size"),  # stride 2: largest level is 32
+  (dict(saliency_size=64), "saliency_size"),  # N > input size
+  (dict(saliency_size=12), "saliency_size"),  # not a power of two
+  (dict(input_size=48), "input_size"),
+  (dict(pooling="median"), "pooling"),
+  (dict(norm="layer"), "norm"),
+  (dict(dtype="float16"), "dtype"),
+  (dict(blocks_per_level=(0, 0, 0)), "blocks_per_level"),
+  (dict(stem_stride=3), "stem_stride"),
+  (dict(r0=-1.0), "r0"),
+  (dict(norm="group", group_norm_groups=3), "group_norm_groups"),
+]
+
+
+class _CompileEvents:
+  """Collects jax's trace/lower/compile monitoring events while active."""
+
+  def __init__(self):
+    self.events = []
+
+  def _record(self, name, *args, **kwargs):
+    if name.startswith("/jax/core/compile"):
+      self.events.append(name)
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._record)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+def test_compile_event_probe_sees_compiles():
+  # The probe used below can fail: a fresh jit does register compile events.
+  with _CompileEvents() as probe:
+    jax.jit(lambda v: v * 3.0 + 1.0)(jnp.ones(3)).block_until_ready()
+  assert probe.events
+
+
+@pytest.mark.parametrize("overrides, field", INVALID, ids=[f for _, f in INVALID])
+def test_invalid_config_raises_naming_the_field_before_any_compile(overrides, field):
+  cfg = _cfg(**overrides)
+  with _CompileEvents() as probe:
+    with pytest.raises(ValueError, match=f"model config: {field}:"):
+      M.validate(cfg)
+    with pytest.raises(ValueError, match=f"model config: {field}:"):
+      M.from_config(cfg)  # validates eagerly: no init, no trace
+  assert probe.events == []
+
+
+def test_unknown_field_in_from_config_raises_naming_it():
+  cfg = _cfg()
+  cfg.saliency_sise = 16
+  with _CompileEvents() as probe:
+    with pytest.raises(ValueError, match="unknown fields.*saliency_sise"):
+      M.from_config(cfg)
+    with pytest.raises(ValueError, match="unknown fields.*bogus"):
+      M.from_config({**_cfg().to_dict(), "bogus": 1})
+  assert probe.events == []
+
+
+def test_from_config_accepts_a_mapping_and_lists():
+  values = _cfg().to_dict()
+  values["widths"] = [8, 16]
+  model = M.from_config(values)
+  assert model.widths == (8, 16) and model.saliency_size == 16
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _np_bce(p, y):
+  p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+  return -np.sum(y * np.log(p) + (1 - y) * np.log(1 - p), axis=-1)
+
+
+def test_bce_matches_float64_numpy():
+  rng = np.random.default_rng(5)
+  p = rng.uniform(0.01, 0.99, (16, 14)).astype(np.float32)
+  y = (rng.random((16, 14)) < 0.3).astype(np.float32)
+  got = float(losses.binary_cross_entropy(jnp.asarray(p), jnp.asarray(y)))
+  np.testing.assert_allclose(got, _np_bce(p, y).mean(), rtol=1e-5)
+  assert float(losses.binary_cross_entropy(jnp.asarray(p).astype(jnp.bfloat16), y)) > 0
+
+
+def test_bce_finite_at_probs_exactly_0_and_1():
+  p = jnp.array([[0.0, 1.0, 0.0, 1.0]])
+  y = jnp.array([[0.0, 1.0, 1.0, 0.0]])
+  loss = float(losses.binary_cross_entropy(p, y))
+  assert np.isfinite(loss)
+  # Two right (~0 each), two confidently wrong: p clipped to eps and to float32(1 - eps).
+  eps = losses.PROB_EPS
+  wrong = -np.log(eps) - np.log1p(-np.float64(np.float32(1 - eps)))
+  np.testing.assert_allclose(loss, wrong, rtol=1e-4)
+  g = jax.grad(lambda q: losses.binary_cross_entropy(q, y))(p)
+  assert np.all(np.isfinite(g))
+
+
+def test_bce_mask_excludes_padded_rows():
+  rng = np.random.default_rng(6)
+  p = rng.uniform(0.05, 0.95, (6, 4)).astype(np.float32)
+  y = (rng.random((6, 4)) < 0.5).astype(np.float32)
+  mask = np.array([1, 1, 1, 1, 0, 0], np.float32)
+  got = float(losses.binary_cross_entropy(p, y, mask))
+  np.testing.assert_allclose(got, _np_bce(p[:4], y[:4]).mean(), rtol=1e-5)
+  p2, y2 = p.copy(), y.copy()
+  p2[4:], y2[4:] = 0.999, 0.0  # padded rows changed to a huge loss: no effect
+  assert float(losses.binary_cross_entropy(p2, y2, mask)) == pytest.approx(got, rel=1e-6)
+  assert float(losses.binary_cross_entropy(p2, y2)) > got + 0.5  # they would count unmasked
+  assert float(losses.binary_cross_entropy(p, y, np.zeros(6, np.float32))) == 0.0
+
+
+def test_paper_optimizer_applies_coupled_weight_decay():
+  lr, wd = 1e-3, 1e-5
+  params = {"w": jnp.array([2.0, -3.0, 0.5, -0.1, 0.0]), "beta": jnp.array([0.7, -0.2])}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = losses.paper_optimizer(lr, wd)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # Zero loss gradient: the update is Adam applied to the L2 gradient wd * w ...
+  adam = optax.adam(lr)
+  decay_grads = jax.tree.map(lambda w: wd * w, params)
+  want, _ = adam.update(decay_grads, adam.init(params), params)
+  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-12)
+  jax.tree.map(chex_close, updates, want)
+  # ... which on the first step is ~ -lr * sign(w): every param moves toward 0 by ~lr.
+  for key in params:
+    w, u = np.asarray(params[key]), np.asarray(updates[key])
+    np.testing.assert_allclose(u, -lr * np.sign(w), rtol=2e-2)
+    assert np.all(np.abs(w + u) <= np.abs(w))
+  # Decoupled decay (AdamW) would move w by only lr * wd * w: ~1e3 times less.
+  adamw = optax.adamw(lr, weight_decay=wd)
+  decoupled, _ = adamw.update(zeros, adamw.init(params), params)
+  assert float(jnp.max(jnp.abs(decoupled["w"]))) < 1e-3 * float(jnp.max(jnp.abs(updates["w"])))
+  # With a loss gradient g the decay is added before the moments: Adam(g + wd * w).
+  g = jax.tree.map(lambda w: 0.01 * jnp.cos(w), params)
+  updates, _ = tx.update(g, tx.init(params), params)
+  want, _ = adam.update(jax.tree.map(lambda a, w: a + wd * w, g, params), adam.init(params))
+  jax.tree.map(chex_close, updates, want)

@@ -140,7 +140,7 @@ def test_lse_lba_strictly_increasing_in_beta_and_r0_on_a_spread_map(size):
   assert np.all(np.diff(q, axis=0) > 0)
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", [8, 64, 512])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lse_lba_all_zeros_is_0_and_all_ones_is_1(size, dtype):
   zeros, ones = jnp.zeros((size, size, 3), dtype), jnp.ones((size, size, 3), dtype)
@@ -442,38 +442,40 @@ def test_fixed_pool_dispatches_by_name_and_rejects_unknown():
 def test_lse_lba_pool_module(per_class, shape):
   s = jnp.asarray(_rand_map((2, 16, 16, 4), seed=13))
   pool = P.LSELBAPool(r0=5.0, per_class_beta=per_class, beta_init=0.7)
-  variables = pool.init(jax.random.key(0), s)
+  variables = jax.jit(pool.init)(jax.random.key(0), s)
   beta = variables["params"]["beta"]
   assert beta.shape == shape and beta.dtype == jnp.float32
   np.testing.assert_array_equal(beta, np.full(shape, 0.7, np.float32))
-  out = pool.apply(variables, s)
+  apply = jax.jit(pool.apply)
+  out = apply(variables, s)
   assert out.shape == (2, 4) and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, P.lse_lba(s, 0.7, 5.0), rtol=1e-6)
+  np.testing.assert_allclose(out, _lse_lba(s, 0.7, 5.0), rtol=1e-6)
   # A changed beta is the one used.
   other = jax.tree.map(lambda b: b - 2.0, variables)
-  np.testing.assert_allclose(pool.apply(other, s), P.lse_lba(s, -1.3, 5.0), rtol=1e-6)
-  g = jax.grad(lambda v: pool.apply(v, s).sum())(variables)["params"]["beta"]
+  np.testing.assert_allclose(apply(other, s), _lse_lba(s, -1.3, 5.0), rtol=1e-6)
+  g = jax.jit(jax.grad(lambda v: pool.apply(v, s).sum()))(variables)["params"]["beta"]
   assert g.shape == shape
   assert np.all(np.isfinite(g)) and np.all(np.asarray(g) > 0)
 
 
 def test_default_lse_lba_pool_is_per_class_with_beta_zero():
   pool = P.LSELBAPool(r0=0.0)
-  variables = pool.init(jax.random.key(0), jnp.zeros((8, 8, 3)))
-  np.testing.assert_array_equal(variables["params"]["beta"], np.zeros(3, np.float32))
-  assert nn.Module in type(pool).__mro__
+  assert isinstance(pool, nn.Module)
+  variables = jax.eval_shape(pool.init, jax.random.key(0), jnp.zeros((8, 8, 3)))
+  assert variables["params"]["beta"].shape == (3,)
+  assert pool.per_class_beta and pool.beta_init == 0.0
 
 
 def test_beta_vector_broadcast_matches_scalar_and_per_class_slices():
   s = _rand_map((2, 16, 8, 3), seed=14)
   for r0 in (0.0, 5.0):
-    scalar = P.lse_lba(s, 0.4, r0)
-    np.testing.assert_allclose(P.lse_lba(s, jnp.full((3,), 0.4), r0), scalar, rtol=1e-6)
+    scalar = _lse_lba(s, 0.4, r0)
+    np.testing.assert_allclose(_lse_lba(s, jnp.full((3,), 0.4), r0), scalar, rtol=1e-6)
     betas_ = jnp.array([-2.0, 0.0, 2.5])
-    vec = P.lse_lba(s, betas_, r0)
+    vec = _lse_lba(s, betas_, r0)
     for k in range(3):
       np.testing.assert_allclose(
-        vec[..., k], P.lse_lba(s[..., k : k + 1], betas_[k], r0)[..., 0], rtol=1e-6
+        vec[..., k], _lse_lba(s[..., k : k + 1], betas_[k], r0)[..., 0], rtol=1e-6
       )
     np.testing.assert_allclose(P.sharpness(betas_, r0), r0 + np.exp(np.asarray(betas_)), rtol=1e-6)
 

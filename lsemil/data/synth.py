@@ -407,11 +407,11 @@ def _mass(rng, a: _Anatomy) -> list[_Patch]:
 def _nodule(rng, a: _Anatomy) -> list[_Patch]:
   side = int(rng.integers(2))
   cx, cy = _lung_point(rng, a, side, (-0.7, 0.7), (-0.7, 0.6))
-  r = rng.uniform(0.024, 0.03) * a.size  # >= 6 px across at 128x128
+  r = rng.uniform(0.026, 0.032) * a.size  # >= 6.5 px across at 128x128
   x0, y0, xx, yy = _window(a, cx - r - 2, cx + r + 2, cy - r - 2, cy + r + 2)
   rho2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (r * r)
   disc = np.clip((1 - np.sqrt(rho2)) * r / 1.0 + 0.5, 0, 1)
-  return [_Patch(x0, y0, add=rng.uniform(85, 100) * disc * (0.85 + 0.15 * np.clip(1 - rho2, 0, 1)))]
+  return [_Patch(x0, y0, add=rng.uniform(95, 110) * disc * (0.85 + 0.15 * np.clip(1 - rho2, 0, 1)))]
 
 
 def _pneumonia(rng, a: _Anatomy) -> list[_Patch]:
@@ -438,10 +438,10 @@ def _pneumothorax(rng, a: _Anatomy) -> list[_Patch]:
                            lung.cy - lung.ay - 2, y_hi)
   upper = np.clip((y_hi - 6 - yy) / 4.0, 0, 1)
   alpha = lung.alpha(xx, yy, 1.5) * (1 - col.alpha(xx, yy, 1.5)) * upper
-  w = 0.006 * a.s
+  w = 0.009 * a.s
   grown = _Ellipse(col.cx, col.cy, col.ax + w, col.ay + w, col.angle)
   ring = grown.alpha(xx, yy, 1.0) - col.alpha(xx, yy, 1.0)
-  line = rng.uniform(30, 40) * ring * lung.alpha(xx, yy, 1.5) * upper
+  line = rng.uniform(50, 60) * ring * lung.alpha(xx, yy, 1.5) * upper
   return [_Patch(x0, y0, add=line, alpha=alpha, target=a.air + rng.uniform(10, 20))]
 
 

@@ -152,6 +152,7 @@ def _env(cache: Path) -> dict:
     JAX_COMPILATION_CACHE_DIR=str(cache),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # cheaper CPU compiles; every run shares it
   )
 
 

@@ -117,6 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Shard large params over 'data' (FSDP style) instead of replicating them.
   config.train.fsdp = False
   config.train.fsdp_min_size = 2**18
+  # Start from the weights of an earlier lsemil run (its workdir or a checkpoint step
+  # folder; the best checkpoint of a workdir) when the workdir has no checkpoint of its
+  # own; the optimizer starts fresh. '' = from scratch, as in the paper.
+  config.train.init_from = ""
+  # Write checkpoints in the background (orbax async); False blocks at each save.
+  config.train.async_checkpoints = True
 
   if args:
     raise ValueError(f"unknown config arguments {sorted(args)}; known: r0")

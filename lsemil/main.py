@@ -22,7 +22,8 @@ from ml_collections import config_flags
 _USAGE = "lsemil train --config FILE[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
 
 
-def _define_flags() -> flags.FlagValues:
+def _define_flags(argv: list[str]) -> flags.FlagValues:
+  """Fresh flags (not absl's global FLAGS) for `argv` = ['lsemil train', *args]."""
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
     "config",
@@ -31,6 +32,7 @@ def _define_flags() -> flags.FlagValues:
     "field with --config.FIELD=VALUE, e.g. --config.train.batch_size=16.",
     flag_values=fv,
     lock_config=True,
+    sys_argv=argv,  # config_flags reads the --config.FIELD overrides from here
   )
   flags.DEFINE_string(
     "workdir", None, "Output folder (local or gs://): checkpoints, metrics, config.", flag_values=fv
@@ -67,18 +69,30 @@ def _help(fv: flags.FlagValues) -> str:
   return f"usage: {_USAGE}\n\n{doc}\n\nflags:\n{fv.get_help(include_special_flags=False)}"
 
 
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+  """Parses `lsemil train` arguments (without the command names) into a fresh FlagValues.
+
+  Raises flags.Error for bad flags, a bad config file or override, or a missing
+  --config / --workdir.
+  """
+  argv = ["lsemil train", *_normalise(argv)]
+  fv = _define_flags(argv)
+  fv(argv)
+  if fv.config is None or not fv.workdir:
+    raise flags.Error("--config and --workdir are required")
+  fv.config.keys()  # config_flags defers a failed load until first use: fail here
+  return fv
+
+
 def main(argv: list[str]) -> int:
-  fv = _define_flags()
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
-    print(_help(fv))
+    print(_help(_define_flags(["lsemil train"])))
     return 0
   try:
-    fv(["lsemil train", *_normalise(argv)])
-  except flags.Error as e:
+    fv = parse_flags(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+    # config_flags reports an unknown --config.FIELD as AttributeError, a bad file as OSError.
     print(f"lsemil train: {e}\nusage: {_USAGE}", file=sys.stderr)
-    return 2
-  if fv.config is None or not fv.workdir:
-    print(f"lsemil train: --config and --workdir are required\nusage: {_USAGE}", file=sys.stderr)
     return 2
 
   # grain's worker processes read absl flags; mark the global set parsed for them.

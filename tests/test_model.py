@@ -50,8 +50,20 @@ def _base():
   model = M.from_config(_cfg())
   variables = M.init_variables(model, KEY)
   x = _images(4)
-  out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  out = _base_eval(variables, x)
   return model, variables, x, out
+
+
+@functools.cache
+def _base_apply(train: bool):
+  """The base model's jitted apply (compiled once per batch shape); train=True returns state."""
+  model = M.from_config(_cfg())
+  mutable = ["batch_stats"] if train else False
+  return jax.jit(functools.partial(model.apply, train=train, mutable=mutable))
+
+
+def _base_eval(variables, x):
+  return _base_apply(False)(variables, x)
 
 
 def _in_unit(a) -> bool:
@@ -110,12 +122,12 @@ def test_forward_values_in_unit_interval_and_levels_end_at_saliency():
 
 
 def test_probs_equal_lse_lba_of_returned_saliency_and_pool_beta():
-  model, variables, x, _ = _base()
+  _, variables, x, _ = _base()
   beta = jnp.array([0.3, -1.2, 2.0])
   params = dict(variables["params"])
   assert params["pool"]["beta"].shape == (K,)
   params["pool"] = {"beta": beta}
-  out = model.apply({**variables, "params": params}, x, train=False)
+  out = _base_eval({**variables, "params": params}, x)
   want = P.lse_lba(out["saliency"], beta, R0)
   np.testing.assert_allclose(out["probs"], want, rtol=1e-6, atol=1e-7)
   # beta does enter: with the init beta (0) the probs differ.
@@ -242,8 +254,8 @@ def test_group_norm_at_n_equal_to_input_size():
 
 
 def test_batch_norm_train_updates_batch_stats_and_eval_uses_running_averages():
-  model, variables, x, out_eval = _base()
-  apply_train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  _, variables, x, out_eval = _base()
+  apply_train = _base_apply(True)
   out_train, state = apply_train(variables, x)
   old, new = variables["batch_stats"], state["batch_stats"]
   assert jax.tree.structure(old) == jax.tree.structure(new)
@@ -257,14 +269,16 @@ def test_batch_norm_train_updates_batch_stats_and_eval_uses_running_averages():
     new["stem_norm"]["mean"], 0.1 * np.asarray(stem).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7
   )
   # train=True normalizes with the batch's statistics: an image's output depends on the batch.
-  out_train_half, _ = apply_train(variables, x[:2])
-  assert not np.allclose(out_train_half["probs"], out_train["probs"][:2], atol=1e-5)
+  # Same first two images, two other companions.
+  x_alt = np.concatenate([x[:2], _images(2, seed=9)])
+  out_train_alt, _ = apply_train(variables, x_alt)
+  assert not np.allclose(out_train_alt["probs"][:2], out_train["probs"][:2], atol=1e-5)
   # train=False uses the stored running averages: per-image, independent of the batch ...
-  eval_half = model.apply(variables, x[:2], train=False)
-  np.testing.assert_allclose(eval_half["probs"], out_eval["probs"][:2], rtol=1e-5, atol=1e-7)
+  eval_alt = _base_eval(variables, x_alt)
+  np.testing.assert_allclose(eval_alt["probs"][:2], out_eval["probs"][:2], rtol=1e-5, atol=1e-7)
   # ... and it reads them: the updated averages change the output.
-  updated = model.apply({**variables, "batch_stats": new}, x[:2], train=False)
-  assert not np.allclose(updated["probs"], eval_half["probs"], atol=1e-5)
+  updated = _base_eval({**variables, "batch_stats": new}, x)
+  assert not np.allclose(updated["probs"], out_eval["probs"], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ pieces

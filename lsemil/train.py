@@ -291,6 +291,26 @@ def evaluate(
 # --------------------------------------------------------------------------- the loop
 
 
+def early_stopping_update(
+  meta: dict, step: int, auc: float | None, *, patience: int, last_step: bool = False
+) -> dict:
+  """Early stopping on the validation mean AUC (Sec 4.2), as a pure update of `meta`.
+
+  `auc` None (undefined) never improves. After `patience` evaluations in a row without a
+  new best (patience <= 0: never), `stopped_early` becomes True, unless this was the
+  last step anyway. Returns the changed fields.
+  """
+  best = meta.get("best_val_mean_auc")
+  if auc is not None and (best is None or auc > best):
+    out = {"best_step": step, "best_val_mean_auc": auc, "evals_since_best": 0}
+  else:
+    out = {"evals_since_best": int(meta.get("evals_since_best", 0)) + 1}
+  out["stopped_early"] = bool(
+    patience > 0 and out["evals_since_best"] >= patience and not last_step
+  )
+  return out
+
+
 def _class_names(model) -> list[str]:
   from lsemil.data import nih
 
@@ -499,11 +519,11 @@ def train_and_evaluate(
         if is_eval:
           eval_metrics = evaluate(p_eval_step, state, config, data_dir, mesh)
           auc = _finite(eval_metrics["val_mean_auc"])
-          best = meta.get("best_val_mean_auc")
-          if auc is not None and (best is None or auc > best):
-            meta.update(best_step=step, best_val_mean_auc=auc, evals_since_best=0)
-          else:
-            meta["evals_since_best"] = int(meta.get("evals_since_best", 0)) + 1
+          meta.update(
+            early_stopping_update(
+              meta, step, auc, patience=int(t.patience), last_step=step == num_steps
+            )
+          )
           meta["last_eval"] = {"step": step, **tb_writer.json_safe(eval_metrics)}
           per_class = dict(zip(_class_names(model), eval_metrics["val_per_class_auc"], strict=True))
           writer.write(
@@ -517,10 +537,8 @@ def train_and_evaluate(
           )
           auc_s = "n/a" if auc is None else f"{auc:.4f}"
           note(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
-          patience = int(t.patience)
-          if patience > 0 and meta["evals_since_best"] >= patience and step < num_steps:
-            meta["stopped_early"] = True
-            note(f"early stopping at step {step}: no improvement in {patience} evaluations")
+          if meta["stopped_early"]:
+            note(f"early stopping at step {step}: no improvement in {t.patience} evaluations")
         if save or meta["stopped_early"]:
           meta["step"], meta["epoch"] = step, step / steps_per_epoch
           checkpointing.save(

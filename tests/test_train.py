@@ -136,3 +136,17 @@ def test_cli_help_and_usage_errors(capsys):
   assert "--workdir" in capsys.readouterr().err
   assert main_lib.main(["--config", "configs/smoke.py", "--workdir", "w", "--config.x.y=1"]) == 2
   assert main_lib.main(["--config", "configs/nothere.py", "--workdir", "w"]) == 2
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+  meta = {"best_step": None, "best_val_mean_auc": None, "evals_since_best": 0}
+  history = [(1, None), (2, 0.6), (3, 0.7), (4, 0.65), (5, 0.7), (6, 0.69)]
+  stopped = []
+  for step, auc in history:
+    meta.update(train.early_stopping_update(meta, step, auc, patience=3))
+    stopped.append(meta["stopped_early"])
+  assert meta["best_step"] == 3 and meta["best_val_mean_auc"] == 0.7  # ties do not improve
+  assert stopped == [False, False, False, False, False, True]
+  last = train.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
+  assert last["stopped_early"] is False  # the run ends anyway
+  assert not train.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]

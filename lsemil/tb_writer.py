@@ -42,10 +42,13 @@ def json_safe(value: Any) -> Any:
 class MetricWriter:
   """Scalars to TensorBoard and JSONL lines to W/metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(
+    self, workdir: str | os.PathLike, *, enabled: bool = True, remote: bool | None = None
+  ):
+    """`remote` (default: the path has a scheme such as gs://) selects copy-on-flush."""
     self.enabled = enabled
     self.workdir = epath.Path(workdir)
-    self.remote = "://" in os.fspath(workdir)
+    self.remote = "://" in os.fspath(workdir) if remote is None else remote
     self._tb = None
     self._lines: list[str] = []
     self._file = None
@@ -96,25 +99,25 @@ class MetricWriter:
     if not self.enabled:
       return
     self._tb.flush()
-    if self.remote:
-      (self.workdir / METRICS_FILE).write_text("".join(self._lines))
-      dest = self.workdir / TB_DIR
-      dest.mkdir(parents=True, exist_ok=True)
-      for name in os.listdir(self._tmp):
-        epath.Path(os.path.join(self._tmp, name)).copy(dest / name, overwrite=True)
+    self._upload()
+
+  def _upload(self) -> None:
+    """Remote workdirs: rewrite metrics.jsonl and copy the event files over."""
+    if not self.remote:
+      return
+    (self.workdir / METRICS_FILE).write_text("".join(self._lines))
+    dest = self.workdir / TB_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._tmp):
+      epath.Path(os.path.join(self._tmp, name)).copy(dest / name, overwrite=True)
 
   def close(self) -> None:
-    if not self.enabled or self._tb is None:
+    if not self.enabled:
       return
-    self.flush()
     self._tb.close()
+    self._upload()
     if self.remote:
-      self.flush_files_only()
       shutil.rmtree(self._tmp, ignore_errors=True)
     if self._file is not None:
       self._file.close()
-    self._tb = None
-
-  def flush_files_only(self) -> None:
-    for name in os.listdir(self._tmp):
-      epath.Path(os.path.join(self._tmp, name)).copy(self.workdir / TB_DIR / name, overwrite=True)
+    self.enabled = False

@@ -6,6 +6,8 @@ End-to-end runs (CLI smoke run, exact resume, NaN stop) are in test_checkpointin
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,24 @@ def test_early_stopping_counts_evaluations_without_improvement():
   last = train.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
   assert last["stopped_early"] is False  # the run ends anyway
   assert not train.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_metric_writer_jsonl_and_tensorboard(tmp_path, remote):
+  from lsemil import tb_writer
+
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 2.0}\n')
+  w = tb_writer.MetricWriter(tmp_path, remote=remote)  # remote: the gs:// copy-on-flush path
+  w.write(
+    2, {"loss": np.float32(1.5), "aucs": [0.5, float("nan")], "auc": float("nan")}, kind="train"
+  )
+  w.flush()
+  w.close()
+  w.close()  # idempotent
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines[0]["step"] == 1  # appended, not overwritten (resume)
+  assert lines[1] == {"step": 2, "kind": "train", "loss": 1.5, "aucs": [0.5, None], "auc": None}
+  events = list((tmp_path / "tb").glob("events.out.tfevents*"))
+  assert events and events[0].stat().st_size > 0
+  tb_writer.MetricWriter(tmp_path / "off", enabled=False).write(1, {"x": 1}, kind="train")
+  assert not (tmp_path / "off").exists()  # only process 0 writes

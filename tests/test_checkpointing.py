@@ -122,8 +122,9 @@ _RUN = textwrap.dedent(
   from lsemil import sharding, train
   from lsemil.config_lib import load_config
 
-  workdir, data_dir, num_steps, nan_at = sys.argv[1:5]
+  workdir, data_dir, num_steps, nan_at, init_from = sys.argv[1:6]
   config = load_config("smoke")
+  config.train.init_from = init_from
   config.train.num_steps = int(num_steps)
   config.train.eval_every_steps = 2
   if int(nan_at):
@@ -156,8 +157,8 @@ def _env(cache: Path) -> dict:
   )
 
 
-def _run(workdir, data_dir, num_steps, *, cache, nan_at=0):
-  args = [str(workdir), str(data_dir), str(num_steps), str(nan_at)]
+def _run(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
+  args = [str(workdir), str(data_dir), str(num_steps), str(nan_at), str(init_from)]
   proc = subprocess.run(
     [sys.executable, "-c", _RUN, *args],
     env=_env(cache),
@@ -225,3 +226,8 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
   out, _ = _run(tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
   assert "at step 3" in out["error"] and "step 2" in out["error"]
   assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["2"]
+
+  # init_from: a new workdir starts from run a's best weights (fresh optimizer, step 0).
+  out, log = _run(tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
+  assert f"initialised weights from {a} (step {best['best_step']})" in log
+  assert out["last_step"] == 2

@@ -53,5 +53,5 @@ def main(argv: list[str]) -> int:
         f"saliency {m.saliency_size}x{m.saliency_size}, levels {spec.level_sides}, "
         f"pooling {m.pooling} (r0={m.r0})")
   print(f"params   {params:,}")
-  print(f"forward  {gflops:.2f} GFLOPs/image (XLA cost analysis)")
+  print(f"forward  {gflops:.4g} GFLOPs/image (XLA cost analysis)")
   return 0

@@ -23,8 +23,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+from lsemil import checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 N = 2  # steps per launch: N, exit both processes, relaunch to 2N
@@ -211,12 +214,8 @@ def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir):
     assert started in results[0]["stdout"]
 
     # The checkpoint both processes saved restores in another (single) process.
-    from lsemil import checkpointing
-
     _, _, variables, step, _ = checkpointing.load_inference(w, which="latest")
     assert step == steps
-    import jax
-
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
       np.testing.assert_array_equal(leaf, p0[f"{steps}{jax.tree_util.keystr(path)}"])
 
@@ -226,6 +225,15 @@ def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir):
   ref_records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
   losses = [[r["loss"] for r in rs if r["kind"] == "train"] for rs in (records, ref_records)]
   assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+  # Validation at 2N: each process evaluates its part of every global eval batch; every
+  # valid example is counted once, with the single-process run's predictions.
+  (last,), (ref_last,) = (
+    [r for r in rs if r["kind"] == "eval"][-1:] for rs in (records, ref_records)
+  )
+  assert last["step"] == ref_last["step"] == 2 * N
+  assert last["val_examples"] == ref_last["val_examples"] > 0
+  assert last["val_loss"] == pytest.approx(ref_last["val_loss"], rel=1e-5)
+  assert last["val_mean_auc"] == pytest.approx(ref_last["val_mean_auc"], abs=1e-3)
   assert len(list((w / "tb").glob("events.out.tfevents*"))) == 2  # one per launch, process 0
   config = json.loads((w / "config.json").read_text())
   assert config["train"]["num_steps"] == 2 * N

@@ -107,8 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_epochs = 30
   # 0 = run num_epochs epochs.
   config.train.num_steps = 0
-  # Validation every N steps (0 = once per epoch); early stopping patience in evaluations.
+  # Validation every N steps; 0 = every `eval_every_epochs` epochs. Early stopping
+  # patience counts evaluations.
   config.train.eval_every_steps = 0
+  config.train.eval_every_epochs = 1
   config.train.patience = 5
   config.train.log_every_steps = 50
   # Checkpoints: every N steps (0 = at each evaluation), keep the last k plus the best.

@@ -16,9 +16,10 @@ model. `train_and_evaluate(config, workdir)` does exactly that:
   (jit, no axis_name). The same code runs on one device, many, or many hosts.
 - Mixed precision: `config.model.dtype='bfloat16'` computes in bf16; params, Adam moments
   and the loss stay float32.
-- Validation every epoch (or `eval_every_steps`): per-class and mean AUC on the valid
-  split; early stopping after `patience` evaluations without improvement; orbax keeps the
-  last `keep_checkpoints` plus the best by validation mean AUC (lsemil.checkpointing).
+- Validation every `eval_every_epochs` epochs (or `eval_every_steps`): per-class and mean
+  AUC on the valid split; early stopping after `patience` evaluations without improvement;
+  orbax keeps the last `keep_checkpoints` plus the best by validation mean AUC
+  (lsemil.checkpointing).
 - A non-finite loss (or parameter norm) stops the run with `NonFiniteLossError` naming the
   step; nothing after the last good checkpoint is saved.
 """
@@ -226,6 +227,8 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelSpec:
     raise ValueError(f"config train.weight_decay must be finite and >= 0, got {wd}")
   if int(t.num_steps) < 0 or int(t.num_epochs) < 0 or int(t.num_steps) == int(t.num_epochs) == 0:
     raise ValueError("config: set train.num_steps > 0 or train.num_epochs > 0")
+  if int(t.eval_every_epochs) < 1:
+    raise ValueError(f"config train.eval_every_epochs must be >= 1, got {t.eval_every_epochs}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     if int(t[field]) < 0:
       raise ValueError(f"config train.{field} must be >= 0, got {t[field]}")
@@ -401,7 +404,7 @@ def train_and_evaluate(
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(data_dir, config)
   num_steps = int(t.num_steps) or int(t.num_epochs) * steps_per_epoch
-  eval_every = int(t.eval_every_steps) or steps_per_epoch
+  eval_every = int(t.eval_every_steps) or int(t.eval_every_epochs) * steps_per_epoch
   log_every = max(1, int(t.log_every_steps))
   global_bs = int(t.batch_size)
   if is_main:

@@ -339,3 +339,13 @@ def test_missing_folder_and_csv(tmp_path):
   shutil.move(d / "Data_Entry_2017_v2020.csv", d / "other.csv")
   with pytest.raises(DataError, match="Data_Entry_2017"):
     load_index(d)
+
+
+def test_real_validation_fraction_is_configurable(nih_metadata_dir):
+  index = load_index(nih_metadata_dir, val_fraction=0.1)
+  train_val = np.unique(index.patient_ids[index.splits != "test"])
+  valid = np.unique(index.patient_ids[index.splits == "valid"])
+  assert len(valid) == round(0.1 * len(train_val))
+  assert not np.intersect1d(valid, index.patient_ids[index.splits == "train"]).size
+  with pytest.raises(DataError, match="val_fraction"):
+    load_index(nih_metadata_dir, val_fraction=1.0)

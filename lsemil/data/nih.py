@@ -388,10 +388,12 @@ def _official_splits(
   return member
 
 
-def _assign_splits(pids: np.ndarray, is_test: np.ndarray, seed: int) -> np.ndarray:
+def _assign_splits(
+  pids: np.ndarray, is_test: np.ndarray, seed: int, val_fraction: float
+) -> np.ndarray:
   splits = np.full(len(pids), "train", dtype="<U5")
   splits[is_test] = "test"
-  valid_patients = _patient_split(pids[~is_test], VALID_FRACTION, seed, salt=1)
+  valid_patients = _patient_split(pids[~is_test], val_fraction, seed, salt=1)
   splits[~is_test & np.isin(pids, valid_patients)] = "valid"
   return splits
 
@@ -399,13 +401,16 @@ def _assign_splits(pids: np.ndarray, is_test: np.ndarray, seed: int) -> np.ndarr
 # --------------------------------------------------------------------------- entry point
 
 
-def load_index(nih_dir: str | os.PathLike, *, seed: int = 0) -> NihIndex:
+def load_index(
+  nih_dir: str | os.PathLike, *, seed: int = 0, val_fraction: float = VALID_FRACTION
+) -> NihIndex:
   """Reads an NIH ChestX-ray14 folder (or a synthetic one in its layout) into an `NihIndex`.
 
   Args:
     nih_dir: the folder holding the Data_Entry CSV and, optionally, the box list, the two
       official list files, the images and an `lsemil_dataset.json` marker.
     seed: draws the validation patients (and, without official lists, the test patients).
+    val_fraction: the patient-wise fraction of train_val that becomes 'valid' (Sec 4.1: 25%).
 
   Raises:
     DataError: naming the file and line of the first bad input.
@@ -413,6 +418,8 @@ def load_index(nih_dir: str | os.PathLike, *, seed: int = 0) -> NihIndex:
   root = Path(nih_dir)
   if not root.is_dir():
     raise DataError(f"{root}: not a folder")
+  if not 0.0 <= val_fraction < 1.0:
+    raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
   csv_path = _find(root, DATA_ENTRY_NAMES)
   if csv_path is None:
     raise DataError(f"{root}: no {' or '.join(DATA_ENTRY_NAMES)} (plain or .gz)")
@@ -434,7 +441,7 @@ def load_index(nih_dir: str | os.PathLike, *, seed: int = 0) -> NihIndex:
     is_test = _official_splits(ids, pids, lines, csv_path, tv_path, test_path) == 1
   else:
     is_test = np.isin(pids, _patient_split(pids, FALLBACK_TEST_FRACTION, seed, salt=0))
-  splits = _assign_splits(pids, is_test, seed)
+  splits = _assign_splits(pids, is_test, seed, val_fraction)
 
   bbox_path = _find(root, (BBOX_NAME,))
   if bbox_path is not None:

@@ -73,15 +73,7 @@ def read_marker(nih_dir: str | os.PathLike) -> dict:
 
 def open_index(nih_dir: str | os.PathLike, *, val_fraction: float = 0.25, split_seed: int = 0):
   """`nih.load_index` with the validation fraction and split seed of the config."""
-  try:
-    return nih.load_index(nih_dir, val_fraction=val_fraction, split_seed=split_seed)
-  except TypeError:
-    # The index API without a configurable fraction: 25% of train_val patients (Sec 4.1).
-    if abs(val_fraction - getattr(nih, "VALID_FRACTION", 0.25)) > 1e-12:
-      raise ValueError(
-        f"val_fraction={val_fraction} is not supported by lsemil.data.nih.load_index"
-      ) from None
-    return nih.load_index(nih_dir, seed=split_seed)
+  return nih.load_index(nih_dir, seed=split_seed, val_fraction=val_fraction)
 
 
 def split_rows(index, split: str) -> np.ndarray:

@@ -254,3 +254,21 @@ def test_eval_images_are_unaugmented_resizes(dirs):
   src = pl.open_source(png, "test")[0]["image"]
   expected = cv2.resize(src, (64, 64), interpolation=cv2.INTER_AREA) / np.float32(255)
   np.testing.assert_allclose(first["image"][0, :, :, 0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/x", "s3://bucket/x/", "https://host/data"])
+def test_remote_data_dir_is_refused_clearly(url):
+  msg = (
+    f"data folders must be on local disk: {url} is remote; copy it to each host first, "
+    "e.g. tpu_scripts/stage_data.sh with STAGE_TO=workers"
+  )
+  for open_remote in (
+    lambda: pl.open_source(url, "train"),
+    lambda: pl.ImageSource(url, "train"),
+    lambda: prep.open_index(url),
+    lambda: pl.make_train_iter(make_config(), url),
+  ):
+    with pytest.raises(prep.nih.DataError) as e:
+      open_remote()
+    assert str(e.value) == msg
+    assert isinstance(e.value, ValueError)

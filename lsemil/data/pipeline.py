@@ -65,6 +65,7 @@ class ImageSource:
     val_fraction: float = 0.25,
     split_seed: int = 0,
   ):
+    prep.require_local(data_dir)
     self.data_dir = Path(data_dir)
     self.split = split
     marker = prep.read_marker(self.data_dir)
@@ -163,7 +164,9 @@ def _stamp(data_dir: Path) -> tuple:
 def open_source(
   data_dir: str | os.PathLike, split: str, *, val_fraction: float = 0.25, split_seed: int = 0
 ) -> ImageSource:
-  """A random-access source over one split (train / valid / test) of any dataset folder."""
+  """A random-access source over one split (train / valid / test) of any dataset folder
+  (on local disk: a gs:// or other URL raises DataError)."""
+  prep.require_local(data_dir)
   root = Path(data_dir).resolve()
   if not root.is_dir():
     raise prep.nih.DataError(f"{root}: not a folder")

@@ -28,6 +28,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -71,8 +72,22 @@ def read_marker(nih_dir: str | os.PathLike) -> dict:
   return marker
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def require_local(data_dir: str | os.PathLike) -> None:
+  """Raises `nih.DataError` for a URL-like data folder (gs://, s3://, any scheme://): the
+  data layer reads local files only (pathlib, cv2), while workdirs may be remote."""
+  if _URL.match(os.fspath(data_dir)):
+    raise nih.DataError(
+      f"data folders must be on local disk: {os.fspath(data_dir)} is remote; copy it to each "
+      "host first, e.g. tpu_scripts/stage_data.sh with STAGE_TO=workers"
+    )
+
+
 def open_index(nih_dir: str | os.PathLike, *, val_fraction: float = 0.25, split_seed: int = 0):
   """`nih.load_index` with the validation fraction and split seed of the config."""
+  require_local(nih_dir)
   return nih.load_index(nih_dir, seed=split_seed, val_fraction=val_fraction)
 
 

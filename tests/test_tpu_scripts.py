@@ -263,9 +263,10 @@ def test_train_one_ssh_carries_config_and_workdir(fake):
     "--workdir",
     "gs://my-bucket/lsemil/paper-r0-10-exp1",
     "--data-dir",
-    "gs://my-bucket/lsemil/data/nih-512",
+    "~/lsemil-data/nih-512",  # the worker's local copy; the worker's shell expands ~/
     "--config.train.batch_size=64",
   ]
+  assert " --data-dir ~/lsemil-data/nih-512" in job  # the tilde is left unquoted
   assert log == "~/lsemil-logs/train-paper-r0-10-exp1.log"
 
 
@@ -292,6 +293,46 @@ def test_reproduce_finds_the_train_workdirs(fake):
   runs = [argv[i + 1] for i, a in enumerate(argv) if a == "--run"]
   assert runs == [f"r0={r0}:{w}" for r0, w in train_workdirs.items()]
   assert argv[argv.index("--out") + 1] == "gs://my-bucket/lsemil/reproduce-exp1"
+  assert argv[argv.index("--data-dir") + 1] == "~/lsemil-data/nih-512"
+  assert " --data-dir ~/lsemil-data/nih-512 " in job
+
+
+def test_staged_worker_copy_is_the_default_data_dir(fake):
+  """stage_data.sh STAGE_TO=workers writes where train.sh reads, and says so."""
+  env = _settings(fake, {"DATA_SRC": "gs://my-bucket/lsemil/data/nih-512", "STAGE_TO": "workers"})
+  proc, printed, _ = run_script(fake, "stage_data.sh", env, dry_run=True)
+  assert proc.returncode == 0, proc.stderr
+  (ssh,) = printed
+  words = _shell_words(_flag(ssh, "command"))
+  assert words[-1] == "~/lsemil-data/nih-512" and "gs://my-bucket/lsemil/data/nih-512" in words
+  assert "DATA_DIR=~/lsemil-data/nih-512" in proc.stderr
+  # Bucket staging points at the next step: onto the workers.
+  proc, _, _ = run_script(
+    fake, "stage_data.sh", _settings(fake, {"DATA_SRC": "@data"}), dry_run=True
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "STAGE_TO=workers DATA_SRC=gs://my-bucket/lsemil/data/nih-512" in proc.stderr
+
+
+REMOTE_DATA = [
+  ("train.sh", "DATA_DIR", {"DATA_DIR": "gs://my-bucket/lsemil/data/nih-512"}),
+  ("reproduce.sh", "DATA_DIR", {"DATA_DIR": "s3://b/nih-512"}),
+  (
+    "stage_data.sh",
+    "WORKER_DATA_DIR",
+    {"DATA_SRC": "@data", "STAGE_TO": "workers", "WORKER_DATA_DIR": "gs://b/x"},
+  ),
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry", "real"])
+@pytest.mark.parametrize("script,var,extra", REMOTE_DATA, ids=[s for s, _, _ in REMOTE_DATA])
+def test_remote_data_dir_is_refused(fake, script, var, extra, dry_run):
+  proc, printed, calls = run_script(fake, script, _settings(fake, extra), dry_run=dry_run)
+  assert proc.returncode != 0
+  assert f"{var}=" in proc.stderr and "local disk" in proc.stderr, proc.stderr
+  assert "STAGE_TO=workers" in proc.stderr
+  assert printed == [] and calls == []
 
 
 def test_setup_installs_jax_tpu_and_lsemil_everywhere(fake):
@@ -488,7 +529,7 @@ def test_train_remote_command_runs_detached_on_a_worker(fake):
     "--workdir",
     workdir,
     "--data-dir",
-    "gs://my-bucket/lsemil/data/nih-512",
+    str(home / "lsemil-data" / "nih-512"),  # ~/ expanded by the worker's shell
   ]
   assert got["multihost"] == "1"
   assert got["sid"] != os.getsid(0)  # its own session: no SIGHUP when ssh goes

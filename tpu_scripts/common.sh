@@ -12,14 +12,18 @@
 #   RUNTIME_VERSION   TPU software version; default follows the generation of
 #                     ACCELERATOR_TYPE: v4 -> tpu-ubuntu2204-base, v5e (v5litepod) ->
 #                     v2-alpha-tpuv5-lite, v5p -> v2-alpha-tpuv5, v6e -> v2-alpha-tpuv6e
-#   BUCKET            GCS bucket (name or gs://name) for workdirs, data, results (required
-#                     by stage_data.sh to a bucket, train.sh and reproduce.sh)
+#   BUCKET            GCS bucket (name or gs://name) for workdirs, results and the staged
+#                     copy of the data (required by stage_data.sh to a bucket, train.sh and
+#                     reproduce.sh)
 #   CONFIG            config for `lsemil train`          default configs/paper.py:r0=5
 #   STAMP             suffix shared by the runs of one experiment  default: now, %Y%m%d-%H%M
 #   RUN_NAME          run name, derived from CONFIG     default e.g. paper-r0-5
 #   WORKDIR           workdir of the run      default gs://$BUCKET/lsemil/$RUN_NAME-$STAMP
 #   DATASET_NAME      name of the prepared dataset              default nih-512
-#   DATA_DIR          --data-dir on the workers   default gs://$BUCKET/lsemil/data/$DATASET_NAME
+#   DATA_DIR          --data-dir on the workers: a folder on each worker's local disk (lsemil
+#                     reads data from local disk only; workdirs and outputs may be on gs://),
+#                     put there by stage_data.sh STAGE_TO=workers; a leading ~/ is expanded
+#                     by each worker's shell              default ~/lsemil-data/$DATASET_NAME
 #   REMOTE_REPO       where the code lives on each worker        default ~/lsemil
 #   REMOTE_VENV       the virtualenv on each worker              default ~/lsemil-venv
 #   REMOTE_LOG_DIR    per-worker log folder                      default ~/lsemil-logs
@@ -124,6 +128,7 @@ CONFIG="${CONFIG:-configs/paper.py:r0=5}"
 STAMP="${STAMP:-$(date +%Y%m%d-%H%M)}"
 RUN_NAME="${RUN_NAME:-$(run_name_from_config "${CONFIG}")}"
 DATASET_NAME="${DATASET_NAME:-nih-512}"
+DATA_DIR="${DATA_DIR:-~/lsemil-data/${DATASET_NAME}}"
 REMOTE_REPO="${REMOTE_REPO:-~/lsemil}"
 REMOTE_VENV="${REMOTE_VENV:-~/lsemil-venv}"
 REMOTE_LOG_DIR="${REMOTE_LOG_DIR:-~/lsemil-logs}"
@@ -132,6 +137,17 @@ REMOTE_LOG_DIR="${REMOTE_LOG_DIR:-~/lsemil-logs}"
 bucket_url() {
   local b="${BUCKET#gs://}"
   printf 'gs://%s' "${b%/}"
+}
+
+# require_local_dir VAR: die unless the folder in VAR is a local path (not gs://, s3://,
+# any scheme://): lsemil reads its data from each worker's local disk.
+require_local_dir() {
+  local value="${!1}"
+  if [[ "${value}" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+    die "$1=${value} is remote, but lsemil reads data from local disk only; copy it to every" \
+      "worker with STAGE_TO=workers DATA_SRC=${value} ./tpu_scripts/stage_data.sh and set" \
+      "$1 to the worker folder (default ~/lsemil-data/\$DATASET_NAME)"
+  fi
 }
 
 require_runtime_version() {

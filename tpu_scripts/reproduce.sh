@@ -20,7 +20,8 @@
 #   PAPER_CONFIG      config file the runs were trained with   default configs/paper.py
 #   RUNS              "r0=0:W0 r0=5:W5 r0=10:W10" (space-separated --run values)
 #                                                   default from R0_VALUES and STAMP
-#   DATA_DIR          default gs://$BUCKET/lsemil/data/$DATASET_NAME
+#   DATA_DIR          the dataset on each worker's local disk (see train.sh)
+#                                               default ~/lsemil-data/$DATASET_NAME
 #   OUT               where the tables and figures go  default gs://$BUCKET/lsemil/reproduce-$STAMP
 #   REPRODUCE_ARGS    more `lsemil reproduce` flags, a shell fragment       default unset
 #   REPRODUCE_WORKER  all | 0                                             default all
@@ -39,11 +40,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 R0_VALUES="${R0_VALUES:-0 5 10}"
 PAPER_CONFIG="${PAPER_CONFIG:-configs/paper.py}"
-DATA_DIR="${DATA_DIR:-$(bucket_url)/lsemil/data/${DATASET_NAME}}"
 OUT="${OUT:-$(bucket_url)/lsemil/reproduce-${STAMP}}"
 REPRODUCE_ARGS="${REPRODUCE_ARGS:-}"
 REPRODUCE_WORKER="${REPRODUCE_WORKER:-all}"
 DETACH="${DETACH:-1}"
+require_local_dir DATA_DIR
 
 if [[ -z "${RUNS:-}" ]]; then
   RUNS=""

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Copy a prepared dataset (the output of `lsemil prepare`) where the TPU workers read it.
+# lsemil reads data from local disk only (workdirs and outputs may be on gs://), so the
+# dataset goes to the bucket once, then from there onto the local disk of every worker:
 #
 #   # once, on any machine with the NIH images:
 #   lsemil prepare --nih-dir /data/nih --out /data/nih-512 --format png --size 512
-#   # to the bucket (default), then train with DATA_DIR=gs://$BUCKET/lsemil/data/nih-512:
+#   # to the bucket (default): gs://my-bucket/lsemil/data/nih-512
 #   BUCKET=my-bucket DATA_SRC=/data/nih-512 ./tpu_scripts/stage_data.sh
-#   # or onto every worker's disk, then train with DATA_DIR=~/lsemil-data/nih-512:
+#   # then onto every worker's disk, ~/lsemil-data/nih-512, train.sh's default DATA_DIR
+#   # (again after every create.sh: a new TPU VM has empty disks):
 #   PROJECT=my-project STAGE_TO=workers DATA_SRC=gs://my-bucket/lsemil/data/nih-512 \
 #     ./tpu_scripts/stage_data.sh
 #
@@ -21,7 +24,8 @@
 #   BUCKET           (required for STAGE_TO=bucket) see common.sh
 #   PROJECT          (required for STAGE_TO=workers) see common.sh
 #   DATASET_NAME     name of the staged copy                              default nih-512
-#   WORKER_DATA_DIR  STAGE_TO=workers: where on each worker  default ~/lsemil-data/$DATASET_NAME
+#   WORKER_DATA_DIR  STAGE_TO=workers: where on each worker (a local path)
+#                    default DATA_DIR, i.e. ~/lsemil-data/$DATASET_NAME
 #   ZONE, TPU_NAME   see common.sh
 #   DRY_RUN          1: print the commands instead of running them        default 0
 set -euo pipefail
@@ -45,12 +49,15 @@ if [[ "${src}" != gs://* ]]; then
 fi
 
 if [[ "${STAGE_TO}" == bucket ]]; then
-  [[ "${src}" == gs://* ]] && die "DATA_SRC=${DATA_SRC} is already in GCS; use it as DATA_DIR"
+  [[ "${src}" == gs://* ]] \
+    && die "DATA_SRC=${DATA_SRC} is already in GCS; copy it to the workers with STAGE_TO=workers"
   dest="$(bucket_url)/lsemil/data/${DATASET_NAME}"
   run gcloud storage rsync --recursive "${src}" "${dest}"
-  log "staged; train with DATA_DIR=${dest}"
+  log "staged to ${dest}; now copy it to every worker (lsemil reads local disk):" \
+    "PROJECT=${PROJECT:-my-project} STAGE_TO=workers DATA_SRC=${dest} ./tpu_scripts/stage_data.sh"
 else
-  WORKER_DATA_DIR="${WORKER_DATA_DIR:-~/lsemil-data/${DATASET_NAME}}"
+  WORKER_DATA_DIR="${WORKER_DATA_DIR:-${DATA_DIR}}"
+  require_local_dir WORKER_DATA_DIR
   wdir="$(rquote "${WORKER_DATA_DIR}")"
   if [[ "${src}" == gs://* ]]; then
     tpu_ssh all "mkdir -p ${wdir} && gcloud storage rsync --recursive $(quote "${src}") ${wdir}"

@@ -7,7 +7,8 @@
 #
 # One `tpu-vm ssh --worker=all` carries one command line, so every host runs the same
 # config with the same workdir; the workdir (its date stamp included) is resolved here,
-# not on the workers. LSEMIL_MULTIHOST=1 makes lsemil call jax.distributed.initialize(),
+# not on the workers. The data is read from each worker's local disk (DATA_DIR, default
+# ~/lsemil-data/$DATASET_NAME): stage it there first with stage_data.sh STAGE_TO=workers. LSEMIL_MULTIHOST=1 makes lsemil call jax.distributed.initialize(),
 # which on Cloud TPU finds the coordinator and the process ids by itself. Each worker
 # writes its log to REMOTE_LOG_DIR/<run>.log on its own disk and, when the run ends,
 # copies it to $WORKDIR/logs/<hostname>.log. Relaunching with the same WORKDIR resumes.
@@ -17,7 +18,8 @@
 #   CONFIG                    default configs/paper.py:r0=5
 #   STAMP, RUN_NAME, WORKDIR  default WORKDIR gs://$BUCKET/lsemil/$RUN_NAME-$STAMP
 #                             (must be on gs://: all hosts write one run)
-#   DATA_DIR                  default gs://$BUCKET/lsemil/data/$DATASET_NAME
+#   DATA_DIR                  the dataset on each worker's local disk (stage_data.sh
+#                             STAGE_TO=workers puts it there)  default ~/lsemil-data/$DATASET_NAME
 #   TRAIN_ARGS                more `lsemil train` flags, a shell fragment appended as is,
 #                             e.g. '--config.train.batch_size=64'           default unset
 #   ZONE, TPU_NAME, REMOTE_REPO, REMOTE_VENV, REMOTE_LOG_DIR   see common.sh
@@ -31,10 +33,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 WORKDIR="${WORKDIR:-$(bucket_url)/lsemil/${RUN_NAME}-${STAMP}}"
 WORKDIR="${WORKDIR%/}"
-DATA_DIR="${DATA_DIR:-$(bucket_url)/lsemil/data/${DATASET_NAME}}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 [[ "${WORKDIR}" == gs://* ]] \
   || die "WORKDIR=${WORKDIR} must be a gs:// URL: every host writes to the same run"
+require_local_dir DATA_DIR
 name="$(safe_name "train-$(basename "${WORKDIR}")")"
 
 job="cd $(rquote "${REMOTE_REPO}") && . $(rquote "${REMOTE_VENV}")/bin/activate"

@@ -335,7 +335,10 @@ def _source_for(config, data_dir, split: str) -> ImageSource:
 
 def _read_options(config, local_batch: int) -> grain.ReadOptions:
   data = config.data
-  threads = int(_get(data, "read_threads", 0)) or grain.ReadOptions().num_threads
+  # grain's default of 16 threads oversubscribes small hosts (measured on 2 cores: 2-4
+  # threads gave ~10% more images/s than 16); cv2 releases the GIL, so 2 per core suffice.
+  default_threads = max(2, min(grain.ReadOptions().num_threads, 2 * (os.cpu_count() or 1)))
+  threads = int(_get(data, "read_threads", 0)) or default_threads
   # prefetch_buffer_size counts batches; ReadOptions counts elements.
   buffer = max(threads, int(_get(data, "prefetch_buffer_size", 2)) * local_batch)
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)

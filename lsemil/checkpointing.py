@@ -32,6 +32,14 @@ from etils import epath
 
 from lsemil import model as model_lib
 
+
+def _not_read_only_notice(record) -> bool:
+  # Orbax warns on every read-only manager, which is how inference opens checkpoints.
+  return "is read only" not in record.getMessage()
+
+
+logging.get_absl_logger().addFilter(_not_read_only_notice)
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_mean_auc"
 _policies = ocp.checkpoint_managers
@@ -190,7 +198,8 @@ def load_inference(
   if which not in ("best", "latest"):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   root, step = _locate(epath.Path(path), which)
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  manager = ocp.CheckpointManager(root, options=options)
   try:
     if step is None:
       step = best_step(manager) if which == "best" else None

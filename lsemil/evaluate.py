@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import io
 import json
 import math
@@ -120,21 +119,6 @@ def init_distributed() -> None:
 def tau_key(tau: float) -> str:
   """JSON key of a threshold: 0.1 -> '0.1'."""
   return f"{float(tau):g}"
-
-
-def make_predict_fn(model):
-  """`lsemil.train.make_predict_fn(model)` when available, else a jitted eval forward.
-
-  Either way: fn(variables, images (B, S, S, 1)) -> dict(probs, saliency, saliency_levels).
-  """
-  try:
-    from lsemil import train as train_lib
-
-    return train_lib.make_predict_fn(model)
-  except (ImportError, AttributeError):
-    import jax
-
-    return jax.jit(functools.partial(model.apply, train=False))
 
 
 def open_index(config, data_dir) -> nih.NihIndex:
@@ -318,7 +302,9 @@ def evaluate_checkpoint(
     keep = set(int(r) for r in keep_saliency_for)
   fig = figure_cases(index, split, n_figure)
   fig_rows = [r for r, _ in fig]
-  predict_fn = predict_fn or make_predict_fn(model)
+  from lsemil import train as train_lib
+
+  predict_fn = predict_fn or train_lib.make_predict_fn(model)
   pcount, pindex = jax.process_count(), jax.process_index()
   batches = pipeline.make_eval_iter(
     config, data_dir, split, process_index=pindex, process_count=pcount

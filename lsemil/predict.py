@@ -168,10 +168,10 @@ def predict_files(
   files only); failures: [(path, message)]. With `out_dir`, overlays (one per image and class
   with p >= threshold) and predictions.csv are written there.
   """
-  from lsemil import evaluate as ev
   from lsemil import report
+  from lsemil import train as train_lib
 
-  predict_fn = predict_fn or ev.make_predict_fn(model)
+  predict_fn = predict_fn or train_lib.make_predict_fn(model)
   size = int(config.model.input_size)
   out = Path(out_dir) if out_dir is not None else None
   if out is not None:

@@ -1,6 +1,7 @@
 """The multi-resolution MIL model of Yao et al. 2018 (Sec 3, Fig. 2), in flax.linen.
 
-Data flow, NHWC throughout, for an input `(B, H, H, 1)` in [0, 1]:
+Data flow, NHWC throughout, for an input `(B, H, H, 1)`: float in [0, 1], or uint8 in
+[0, 255] (what the input pipeline sends; scaled to [0, 1] here, on the device):
 
 1. Stem: a 7x7 conv with stride `stem_stride` -> level 0 at H / stem_stride pixels.
 2. Down path (Sec 3.1): level l (l >= 1) starts with a strided residual block
@@ -205,6 +206,8 @@ class MultiResolutionMIL(nn.Module):
         f"expected images shaped (B, {self.input_size}, {self.input_size}, 1), got {x.shape}"
       )
     dtype = _DTYPES[self.dtype]
+    if x.dtype == jnp.uint8:
+      x = x.astype(jnp.float32) * (1.0 / 255.0)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
     if self.norm == "batch":
       norm = functools.partial(

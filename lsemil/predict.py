@@ -132,12 +132,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def model_input(gray: np.ndarray, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 (H, W) -> (the 512 x 512 prepared image, float32 (S, S, 1) model input in [0, 1])."""
+  """uint8 (H, W) -> (the 512 x 512 prepared image, uint8 (S, S, 1) model input)."""
   from lsemil.data import pipeline
 
   prepared = imageio.resize_gray(gray, PREPARED_SIZE)
-  x = pipeline.warp(prepared, int(input_size)).astype(np.float32) * np.float32(1 / 255)
-  return prepared, x[:, :, None]
+  return prepared, pipeline.warp(prepared, int(input_size))[:, :, None]
 
 
 # --------------------------------------------------------------------------- prediction

@@ -108,7 +108,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on the BCE of the pooled probabilities (Sec 3.6, 4.2). Pure.
 
-  `batch`: image (B, S, S, 1) float32 in [0, 1], labels (B, K) float32. Returns the new
+  `batch`: image (B, S, S, 1) uint8 (or float32 in [0, 1]), labels (B, K) float32. Returns the new
   state and float32 scalars: loss, grad_norm, param_norm (after the update), r (LSE-LBA).
   """
   use_bn = bool(state.batch_stats)

@@ -134,7 +134,7 @@ _RUN = textwrap.dedent(
       if "mask" not in local:
         calls[0] += 1
         if calls[0] == int(nan_at):
-          local = dict(local, image=np.full_like(local["image"], np.nan))
+          local = dict(local, labels=np.full_like(local["labels"], np.nan))
       return real(local, sh)
     sharding.global_batch = poisoned
   try:

@@ -453,3 +453,16 @@ def test_paper_optimizer_applies_coupled_weight_decay():
   updates, _ = tx.update(g, tx.init(params), params)
   want, _ = adam.update(jax.tree.map(lambda a, w: a + wd * w, g, params), adam.init(params))
   jax.tree.map(chex_close, updates, want)
+
+
+def test_uint8_input_equals_float_input_scaled_to_unit_interval():
+  # The input pipeline sends uint8 images; the model scales them to [0, 1] on the device.
+  _, variables, _, _ = _base()
+  x8 = (np.random.default_rng(3).uniform(0, 256, (4, 32, 32, 1))).astype(np.uint8)
+  out8 = _base_eval(variables, x8)
+  outf = _base_eval(variables, x8.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(out8["probs"], outf["probs"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out8["saliency"], outf["saliency"], rtol=1e-5, atol=1e-6)
+  # Without the scaling, 0..255 inputs would give a different model output.
+  outraw = _base_eval(variables, x8.astype(np.float32))
+  assert not np.allclose(outraw["probs"], outf["probs"], atol=1e-3)

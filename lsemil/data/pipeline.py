@@ -16,7 +16,9 @@ the model input side S = `config.model.input_size`:
   which we read as +-25%, the default (0.75, 1.25) (see configs/paper.py).
 
 Downscaling by more than 2x (e.g. 512 -> 128 for the demo model) first shrinks the image
-with INTER_AREA so the warp never aliases. Values are scaled to [0, 1] (float32, (S, S, 1)).
+with INTER_AREA so the warp never aliases. Batches carry images as uint8 (B, S, S, 1); the
+model scales them to [0, 1] on the device, so the host never converts to float and sends a
+quarter of the bytes (lsemil.model.MultiResolutionMIL accepts uint8 or float input).
 Augmentations derive from (seed, global element index), so they are reproducible, differ
 between epochs, and do not depend on the number of threads or worker processes.
 
@@ -233,13 +235,10 @@ def warp(
   )
 
 
-def _to_float(batch: dict) -> dict:
-  """uint8 (B, S, S) -> float32 (B, S, S, 1) in [0, 1], once per batch in the main process.
-
-  Elements and worker-to-main transfers stay uint8: 4x less copying than float32.
-  """
+def _add_channel(batch: dict) -> dict:
+  """uint8 (B, S, S) -> uint8 (B, S, S, 1) (NHWC); scaling to [0, 1] happens in the model."""
   out = dict(batch)
-  out["image"] = (batch["image"].astype(np.float32) * np.float32(1 / 255))[..., None]
+  out["image"] = batch["image"][..., None]
   return out
 
 
@@ -383,11 +382,11 @@ def train_dataset(
   ds = ds[process_index::process_count]
   it = ds.to_iter_dataset(_read_options(config, local))
   it = it.batch(local, drop_remainder=True)
-  return _maybe_workers(it, config).map(_to_float)
+  return _maybe_workers(it, config).map(_add_channel)
 
 
 def make_train_iter(config, data_dir, *, process_index: int = 0, process_count: int = 1):
-  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) f32, labels=(B, 14) f32)."""
+  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) u8, labels=(B, 14) f32)."""
   return iter(
     train_dataset(config, data_dir, process_index=process_index, process_count=process_count)
   )
@@ -412,7 +411,7 @@ def make_eval_iter(
   )
   ds = grain.MapDataset.range(num_batches * local).map(element)
   it = ds.to_iter_dataset(_read_options(config, local)).batch(local)
-  return _maybe_workers(it, config).map(_to_float)
+  return _maybe_workers(it, config).map(_add_channel)
 
 
 def num_examples(data_dir, split: str, config) -> int:

@@ -105,17 +105,6 @@ def write_bytes(path, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def init_distributed() -> None:
-  """`lsemil.sharding.maybe_initialize_distributed` (env LSEMIL_MULTIHOST=1), if present."""
-  try:
-    from lsemil import sharding
-  except ImportError:
-    return
-  init = getattr(sharding, "maybe_initialize_distributed", None)
-  if init is not None:
-    init()
-
-
 def tau_key(tau: float) -> str:
   """JSON key of a threshold: 0.1 -> '0.1'."""
   return f"{float(tau):g}"
@@ -675,7 +664,9 @@ def _floats(text: str, what: str) -> list[float]:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  init_distributed()
+  from lsemil import sharding
+
+  sharding.maybe_initialize_distributed()
   try:
     taus = _floats(args.taus, "--taus")
     path = args.workdir or args.checkpoint

@@ -434,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  ev.init_distributed()
+  from lsemil import sharding
+
+  sharding.maybe_initialize_distributed()
   try:
     runs = [parse_run(s) for s in args.run]
     classes_taus = [parse_tau(s) for s in args.tau] if args.tau else report.DEFAULT_CLASSES_TAUS

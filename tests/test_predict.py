@@ -10,10 +10,10 @@ import csv
 import io
 
 import cv2
-import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import fast_variables  # random weights without compiling init
 
 from lsemil import config_lib, predict
 from lsemil import evaluate as ev
@@ -22,27 +22,12 @@ from lsemil.data import imageio, pipeline
 from lsemil.data.nih import CLASSES
 
 
-def _fast_variables(model, seed: int = 0) -> dict:
-  """Random weights without compiling `model.init` (kernels ~ N(0, 1/fan_in))."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
-
-  def fill(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    return (np.ones if name in ("scale", "var") else np.zeros)(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def smoke(synth_dir):
   config = config_lib.load_config("smoke")
   config.data.data_dir = str(synth_dir)
   model = model_lib.from_config(config.model)
-  return config, model, _fast_variables(model, seed=1)
+  return config, model, fast_variables(model, seed=1)
 
 
 @pytest.fixture(scope="module")

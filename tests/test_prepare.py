@@ -273,7 +273,7 @@ def test_tfds_round_trip_pixel_equal_to_png(raw_dir, png_dir, tmp_path):
     source = tfds.data_source(
       f"{tfds_builder.NAME}/{data_dir.parent.name}", split=split, data_dir=str(out / "tfds")
     )
-    rows = prep.split_rows(index, split)
+    rows = index.rows(split)
     assert len(source) == len(rows) > 0
     for pos, row in enumerate(rows):
       rec = source[pos]

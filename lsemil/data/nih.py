@@ -191,8 +191,9 @@ def _read_list(path: Path) -> list[tuple[int, str]]:
   return out
 
 
-def _read_marker(root: Path) -> dict:
-  path = root / MARKER_NAME
+def read_marker(nih_dir: str | os.PathLike) -> dict:
+  """The folder's `lsemil_dataset.json` as a dict ({} when absent); bad fields raise."""
+  path = Path(nih_dir) / MARKER_NAME
   if not path.is_file():
     return {}
   try:
@@ -423,7 +424,7 @@ def load_index(
   csv_path = _find(root, DATA_ENTRY_NAMES)
   if csv_path is None:
     raise DataError(f"{root}: no {' or '.join(DATA_ENTRY_NAMES)} (plain or .gz)")
-  marker = _read_marker(root)
+  marker = read_marker(root)
   kind = str(marker.get("kind", "nih"))
   image_size = int(marker.get("image_size", ORIGINAL_SIZE))
   box_space = int(marker.get("box_space", ORIGINAL_SIZE))

@@ -70,9 +70,9 @@ class ImageSource:
     prep.require_local(data_dir)
     self.data_dir = Path(data_dir)
     self.split = split
-    marker = prep.read_marker(self.data_dir)
+    marker = prep.nih.read_marker(self.data_dir)
     index = prep.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
-    rows = prep.split_rows(index, split)
+    rows = index.rows(split)
     self.rows = rows.astype(np.int64)
     self.labels = np.asarray(index.labels, np.float32)[rows]
     self.image_ids = [index.image_ids[r] for r in rows]
@@ -85,7 +85,7 @@ class ImageSource:
     if self.format == "tfds":
       self._map_tfds(marker, index, val_fraction, split_seed)
     else:
-      paths = [prep.image_path(index, r) for r in rows]
+      paths = [index.image_paths[r] for r in rows]
       missing = [self.image_ids[i] for i, p in enumerate(paths) if p is None]
       if missing:
         raise prep.nih.DataError(
@@ -110,7 +110,7 @@ class ImageSource:
       built = prep.open_index(self.data_dir, val_fraction=vf, split_seed=ss)
     where = {}
     for s in ("train", "valid", "test"):
-      for pos, r in enumerate(prep.split_rows(built, s)):
+      for pos, r in enumerate(built.rows(s)):
         where[built.image_ids[r]] = (s, pos)
     self._tfds_split = [where[i] for i in self.image_ids]
 

@@ -35,12 +35,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from lsemil.data import imageio, nih
 
-MARKER_NAME = "lsemil_dataset.json"
+MARKER_NAME = nih.MARKER_NAME
 BAD_FILES_NAME = "bad_files.txt"
 STAGING_NAME = ".staging"  # tfds: resumable PNG stage, removed once the dataset is built
 STATE_NAME = ".lsemil_prepare.json"  # settings of an unfinished run, to refuse mixing sizes
@@ -54,23 +53,6 @@ class PrepareError(nih.DataError):
 
 
 # --------------------------------------------------------------------------- index access
-# `lsemil.data.nih` is written in parallel to this module; these helpers are the only
-# places that touch its row / path / split API.
-
-
-def read_marker(nih_dir: str | os.PathLike) -> dict:
-  """The folder's `lsemil_dataset.json` as a dict ({} when absent)."""
-  path = Path(nih_dir) / MARKER_NAME
-  if not path.is_file():
-    return {}
-  try:
-    marker = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise nih.DataError(f"{path}: not a JSON object ({e})") from e
-  if not isinstance(marker, dict):
-    raise nih.DataError(f"{path}: not a JSON object")
-  return marker
-
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -89,19 +71,6 @@ def open_index(nih_dir: str | os.PathLike, *, val_fraction: float = 0.25, split_
   """`nih.load_index` with the validation fraction and split seed of the config."""
   require_local(nih_dir)
   return nih.load_index(nih_dir, seed=split_seed, val_fraction=val_fraction)
-
-
-def split_rows(index, split: str) -> np.ndarray:
-  """Rows (in index order) of one split."""
-  if hasattr(index, "split_indices"):
-    return np.asarray(index.split_indices(split), np.int64)
-  return np.asarray(index.rows(split), np.int64)
-
-
-def image_path(index, row: int) -> Path | None:
-  """The image file of a row, or None when the folder has none."""
-  p = index.image_paths[row]
-  return Path(p) if p else None
 
 
 def expected_image_path(nih_dir: Path, image_id: str) -> Path:
@@ -219,7 +188,7 @@ def write_metadata(
       _copy_filtered_list(src, out, drop)
   bbox = _find(nih_dir, "BBox_List_2017.csv")
   if bbox is not None:
-    from_space = float(read_marker(nih_dir).get("box_space", RAW_BOX_SPACE))
+    from_space = float(nih.read_marker(nih_dir).get("box_space", RAW_BOX_SPACE))
     _write_bbox(bbox, out / "BBox_List_2017.csv", from_space, size, drop)
   bad_path = out / BAD_FILES_NAME
   if bad:
@@ -306,7 +275,7 @@ def write_images(
     if dst.is_file():
       summary.already_done += 1
       continue
-    src = image_path(index, row)
+    src = index.image_paths[row]
     todo.append((image_id, None if src is None else str(src), str(dst), size))
   workers = (os.cpu_count() or 1) if workers is None else workers
   bar = tqdm(

@@ -6,7 +6,7 @@ TensorFlow to encode and decode. Records: `image_id` (bytes), `png` (bytes of a
 size x size 8-bit grayscale PNG), `labels` (uint8 (14,) multi-hot, order `nih.CLASSES`).
 
 One TFDS split per index split (`train`, `valid`, `test`), each in index (Data_Entry) order
-(`disable_shuffling=True`), so record i of split s is row `split_rows(index, s)[i]` of
+(`disable_shuffling=True`), so record i of split s is row `index.rows(s)[i]` of
 `load_index` with the same `val_fraction` / `split_seed` (kept in the prepared folder's
 marker). The manual dir is any NIH-layout folder: raw images are decoded and resized on the
 fly; images that are already size x size 8-bit gray PNGs (a `prepare` staging folder) are
@@ -112,7 +112,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
     root = Path(dl_manager.manual_dir)
     cfg = self.builder_config
     index = prep.open_index(root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    return {s: self._generate_examples(index, prep.split_rows(index, s)) for s in SPLITS}
+    return {s: self._generate_examples(index, index.rows(s)) for s in SPLITS}
 
   def _generate_examples(self, index, rows):
     size = self.builder_config.size
@@ -139,7 +139,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
 
 
 def _src(index, row: int) -> str | None:
-  p = prep.image_path(index, row)
+  p = index.image_paths[row]
   return None if p is None else str(p)
 
 

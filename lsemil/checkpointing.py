@@ -14,11 +14,21 @@ Weights and optimizer state are separate items so that `load_inference` reads on
 weights. Saves are asynchronous (device -> host copy blocks, the write runs in the
 background); the manager keeps the last `keep` checkpoints plus the best one by
 validation mean AUC. Paths go through etils.epath, so gs:// workdirs work as local ones.
+
+A save that fails (a full disk, any OSError, also when tensorstore reports an OS error
+code) raises ONE `lsemil.errors.OutputError` naming the checkpoint folder, the step and the
+errno text, after removing the failed step's partial folder; earlier checkpoints are not
+touched. A partial save (failed, or the process killed mid-write) never counts as a
+checkpoint: locally orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it when
+complete; on gs:// a step folder counts only once its `commit_success.txt` exists. Orbax
+skips both kinds when listing steps, and a manager created for training removes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from typing import Any
 
@@ -30,7 +40,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from lsemil import fileio
 from lsemil import model as model_lib
+from lsemil.errors import OutputError
 
 
 def _not_read_only_notice(record) -> bool:
@@ -38,7 +50,15 @@ def _not_read_only_notice(record) -> bool:
   return "is read only" not in record.getMessage()
 
 
+def _not_reported_save_failure(record) -> bool:
+  # Orbax logs a failed background save with its traceback, once per thread that sees it;
+  # the failure is raised as one OutputError (`_Manager`), so those logs are dropped.
+  exc = record.exc_info[1] if record.exc_info else None
+  return exc is None or _errno_of(exc) is None
+
+
 logging.get_absl_logger().addFilter(_not_read_only_notice)
+logging.get_absl_logger().addFilter(_not_reported_save_failure)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_mean_auc"
@@ -56,6 +76,93 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 
+# --------------------------------------------------------------------------- write failures
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix of a step folder being written (local)
+COMMIT_FILE = "commit_success.txt"  # orbax's marker of a finished step folder on gs://
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_STEP_IN_PATH = re.compile(r"/(\d+)(?:\.orbax-checkpoint-tmp[^/]*)?/")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+  """The OS error number behind `exc` (an OSError, or tensorstore's ValueError carrying
+  `os_error_code=N`), looking through its causes; None for anything else."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+      return int(exc.errno)
+    if m := _OS_ERROR_CODE.search(str(exc)):
+      return int(m.group(1))
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def partial_step_dirs(directory: str | epath.Path, step: int | None = None) -> list[epath.Path]:
+  """Unfinished step folders under a checkpoints folder (of `step`, or of any step)."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  out = []
+  for p in directory.iterdir():
+    name, _, _ = p.name.partition(TMP_MARK)
+    if not name.isdigit() or (step is not None and int(name) != step):
+      continue
+    if TMP_MARK in p.name or (fileio.is_remote(p) and not (p / COMMIT_FILE).exists()):
+      out.append(p)
+  return out
+
+
+def _remove_partial(directory: epath.Path, step: int | None) -> None:
+  if jax.process_index() != 0:
+    return
+  for p in partial_step_dirs(directory, step):
+    with contextlib.suppress(OSError):
+      p.rmtree()
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager whose write failures surface as one OutputError."""
+
+  _reported: set[int]
+
+  @contextlib.contextmanager
+  def _as_output_error(self, step: int | None, *, again_ok: bool):
+    reported = self.__dict__.setdefault("_reported", set())
+    try:
+      yield
+    except OutputError:
+      raise
+    except Exception as e:
+      code = _errno_of(e)
+      if code is None:
+        raise
+      if id(e) in reported and again_ok:
+        return  # already raised once (orbax re-raises a failed async save on every wait)
+      reported.add(id(e))
+      m = _STEP_IN_PATH.search(str(e))
+      failed = int(m.group(1)) if m else step
+      _remove_partial(self.directory, failed)
+      intact = ocp.step.checkpoint_steps(self.directory)  # re-read from storage
+      what = "a checkpoint" if failed is None else f"checkpoint step {failed}"
+      kept = f"latest intact checkpoint: step {max(intact)}" if intact else "no checkpoint yet"
+      raise OutputError(
+        f"{self.directory}: cannot save {what}: {os.strerror(code)} (errno {code}); {kept}"
+      ) from e
+
+  def save(self, step, *args, **kwargs):
+    with self._as_output_error(int(step), again_ok=False):
+      return super().save(step, *args, **kwargs)
+
+  def wait_until_finished(self):
+    with self._as_output_error(None, again_ok=True):
+      return super().wait_until_finished()
+
+  def close(self):
+    with self._as_output_error(None, again_ok=True):
+      return super().close()
+
+
 def create_manager(
   workdir: str | epath.Path,
   *,
@@ -67,7 +174,10 @@ def create_manager(
   """A CheckpointManager on W/checkpoints keeping the last `keep` plus the best checkpoint.
 
   `save_every_steps` (0 = none) and preemption notices drive `manager.should_save`; the
-  trainer also forces saves on evaluation steps (those carry `metrics`).
+  trainer also forces saves on evaluation steps (those carry `metrics`). A manager for
+  writing removes the partial step folders of earlier, interrupted saves; hold the
+  workdir's lock (`lsemil.workdir_lock.hold`) first, or another run's save in progress
+  would be one of them.
   """
   save_policies = [_policies.PreemptionCheckpointingPolicy()]
   if save_every_steps > 0:
@@ -86,7 +196,9 @@ def create_manager(
     ),
     enable_async_checkpointing=async_save,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  if not read_only:
+    _remove_partial(checkpoint_dir(workdir), None)  # synchronous: before any listing
+  return _Manager(checkpoint_dir(workdir), options=options)
 
 
 def _model_item(state: Any) -> dict:

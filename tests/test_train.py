@@ -154,12 +154,11 @@ def test_early_stopping_counts_evaluations_without_improvement():
   assert not train.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
 
 
-@pytest.mark.parametrize("remote", [False, True])
-def test_metric_writer_jsonl_and_tensorboard(tmp_path, remote):
+def test_metric_writer_jsonl_and_tensorboard(tmp_path):
   from lsemil import tb_writer
 
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 2.0}\n')
-  w = tb_writer.MetricWriter(tmp_path, remote=remote)  # remote: the gs:// copy-on-flush path
+  w = tb_writer.MetricWriter(tmp_path)
   w.write(
     2, {"loss": np.float32(1.5), "aucs": [0.5, float("nan")], "auc": float("nan")}, kind="train"
   )

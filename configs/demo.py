@@ -6,15 +6,11 @@ same code path as the paper config (`lsemil demo` uses it for r0 = 0, 5, 10).
   lsemil train --config configs/demo.py:r0=5 --workdir W --data-dir P
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import paper  # noqa: E402  (sibling config)
+from lsemil import config_lib
 
 
 def get_config(arg: str | None = None):
-  config = paper.get_config(arg)
+  config = config_lib.load_config("paper", arg)
   config.name = "demo"
   m = config.model
   m.input_size = 128

@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # A prepared folder (`lsemil prepare`, png or tfds) or a raw NIH-layout folder.
   config.data.data_dir = ""
+  # > 0: with no data_dir, synthesize this many patients into WORKDIR/data first
+  # (`lsemil synth`; the smoke config's self-contained run). 0 = a data_dir is required.
+  config.data.synth_patients = 0
   # Validation = this patient-wise fraction of the official train_val list (Sec 4.1).
   config.data.val_fraction = 0.25
   config.data.split_seed = 0

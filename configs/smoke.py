@@ -1,17 +1,15 @@
 """Smoke configuration: seconds on a CPU, for tests and a first `lsemil train`.
 
   lsemil train --config configs/smoke.py --workdir W
+
+Without --data-dir it synthesizes `data.synth_patients` patients into W/data first.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402  (sibling config)
+from lsemil import config_lib
 
 
 def get_config(arg: str | None = None):
-  config = demo.get_config(arg)
+  config = config_lib.load_config("demo", arg)
   config.name = "smoke"
   m = config.model
   m.input_size = 64
@@ -23,6 +21,8 @@ def get_config(arg: str | None = None):
   m.up_features = 16
   m.saliency_size = 16
   m.group_norm_groups = 4
+  # No --data-dir: synthesize this many patients into WORKDIR/data (lsemil.data.synth).
+  config.data.synth_patients = 40
   config.train.batch_size = 8
   config.train.eval_batch_size = 16
   config.train.num_epochs = 1

@@ -1,8 +1,13 @@
-"""The `lsemil` command line: a thin dispatcher over subcommand modules.
+"""The `lsemil` command line: a thin dispatcher over the command modules.
 
-Each subcommand lives in its own module exposing `main(argv: list[str]) -> int`
-(argv excludes the program and subcommand names). Modules are imported only
-when their subcommand runs, so `lsemil --help` stays fast (no JAX import).
+Each command lives in `lsemil/commands/<name>.py` exposing `main(argv: list[str]) -> int`
+(argv excludes the program and command names). Modules are imported only when their
+command runs, so `lsemil --help` stays fast (no JAX import).
+
+Errors: a `lsemil.errors.UserError` (bad data, image, config, checkpoint or output) is
+printed as one line `lsemil <command>: <message>` with exit status 1 in every command
+(75 for a training run stopped by SIGTERM / SIGINT after saving); anything else is a bug and
+propagates with its traceback. Bad arguments exit 2 (argparse).
 """
 
 from __future__ import annotations
@@ -10,17 +15,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+from lsemil.errors import EXIT_USER_ERROR, UserError
+
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-  "info": ("lsemil.info", "versions, devices, default model size and GFLOPs/image"),
-  "demo": ("lsemil.demo", "the whole method on a synthetic dataset, on a CPU"),
-  "synth": ("lsemil.data.synth", "write a synthetic dataset in the NIH ChestX-ray14 layout"),
-  "stats": ("lsemil.data.stats", "print Table 1 (split and box statistics) of an NIH folder"),
-  "prepare": ("lsemil.data.prepare", "resize an NIH folder to 512x512 PNGs or a TFDS dataset"),
-  "train": ("lsemil.main", "train a model (configs/*.py) into a workdir"),
-  "evaluate": ("lsemil.evaluate", "AUC, DICE and IoBB of a checkpoint on a split"),
-  "reproduce": ("lsemil.reproduce", "the paper's Tables 1-3 and Figures 1/3 from runs"),
-  "predict": ("lsemil.predict", "class probabilities and saliency overlays for images"),
+  "info": ("lsemil.commands.info", "versions, devices, default model size and GFLOPs/image"),
+  "demo": ("lsemil.commands.demo", "the whole method on a synthetic dataset, on a CPU"),
+  "synth": ("lsemil.commands.synth", "write a synthetic dataset in the NIH ChestX-ray14 layout"),
+  "stats": ("lsemil.commands.stats", "print Table 1 (split and box statistics) of an NIH folder"),
+  "prepare": ("lsemil.commands.prepare", "resize an NIH folder to 512x512 PNGs or a TFDS dataset"),
+  "train": ("lsemil.commands.train", "train a model (configs/*.py) into a workdir"),
+  "evaluate": ("lsemil.commands.evaluate", "AUC, DICE and IoBB of a checkpoint on a split"),
+  "reproduce": ("lsemil.commands.reproduce", "the paper's Tables 1-3 and Figures 1/3 from runs"),
+  "predict": ("lsemil.commands.predict", "class probabilities and saliency overlays for images"),
 }
 
 
@@ -53,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lsemil: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
   module = importlib.import_module(COMMANDS[name][0])
-  return int(module.main(rest) or 0)
+  try:
+    return int(module.main(rest) or 0)
+  except UserError as e:
+    print(f"lsemil {name}: {e}", file=sys.stderr)
+    return int(getattr(e, "exit_code", EXIT_USER_ERROR))
 
 
 if __name__ == "__main__":

@@ -14,19 +14,21 @@ The same code path as the real release, step by step:
    demo is held to (README): mean test AUC >= 0.90 and DICE above a uniform map's.
 
 Re-running reuses what is there: the dataset, prepared files, finished runs and their
-evaluations. `--quick` trains one r0 on a smaller dataset.
+evaluations. `--quick` trains one r0 on a smaller dataset. The command is
+`lsemil.commands.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from lsemil import fileio
+from lsemil.data import nih
 
 # DICE groups for the sharpness-prior comparison of Sec 4.3: focal findings, where a larger
 # r0 should help, and large or diffuse ones, where it should hurt.
@@ -55,11 +57,11 @@ def _mean(values) -> float:
 
 def run_summary(result: dict) -> dict:
   """The demo's bar numbers for one evaluated run (a `lsemil evaluate` result dict)."""
-  dice, uniform = result.get("dice", {}), result.get("dice_uniform", {})
+  dice, uniform = result["dice"], result["dice_uniform"]
   present = sorted(c for c in dice if not math.isnan(float(dice[c] or "nan")))
   return {
-    "mean_auc": result.get("mean_auc"),
-    "classes_in_auc": 14 - len(result.get("missing_classes", []) or []),
+    "mean_auc": result["mean_auc"],
+    "classes_in_auc": nih.NUM_CLASSES - len(result["auc_undefined"]),
     "mean_dice": _mean(dice[c] for c in present),
     "mean_dice_uniform": _mean(uniform.get(c) for c in present),
     "dice_focal": _mean(dice.get(c) for c in FOCAL_CLASSES),
@@ -114,8 +116,9 @@ def run_demo(
     timings[f"train_{label}_s"] = time.perf_counter() - t0
     runs.append((label, r0, workdir, result))
 
-  _say(f"[4/4] evaluate on the test split and reproduce Tables 1-3, Figures 1/3 -> "
-       f"{out / 'results'}")
+  _say(
+    f"[4/4] evaluate on the test split and reproduce Tables 1-3, Figures 1/3 -> {out / 'results'}"
+  )
   t0 = time.perf_counter()
   summary = reproduce.reproduce_runs(
     [(label, r0, workdir) for label, r0, workdir, _ in runs],
@@ -131,32 +134,42 @@ def run_demo(
     per_run[label] = {
       "r0": r0,
       "workdir": str(workdir),
-      "best_step": train_result.get("best_step"),
-      "best_val_mean_auc": train_result.get("best_val_mean_auc"),
+      "best_step": train_result["best_step"],
+      "best_val_mean_auc": train_result["best_val_mean_auc"],
       **run_summary(evaluated),
     }
   demo = {
     "quick": quick,
     "patients": patients,
-    "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-    f"{platform.python_version()}",
+    "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     "bar": {"mean_auc": plan["auc_bar"], "dice": "above the uniform map's DICE on the same boxes"},
     "runs": per_run,
     "timings_s": {k: round(v, 1) for k, v in timings.items()},
     "results_dir": str(out / "results"),
     "files": {
       name: str(out / "results" / name)
-      for name in ("report.md", "table1.md", "table2.md", "table3.md", "figure1.png",
-                   "figure3.png", "summary.json")
+      for name in (
+        "report.md",
+        "table1.md",
+        "table2.md",
+        "table3.md",
+        "figure1.png",
+        "figure3.png",
+        "summary.json",
+      )
     },
   }
-  (out / "results" / "demo_summary.json").write_text(json.dumps(demo, indent=2) + "\n")
+  fileio.write_json(out / "results" / "demo_summary.json", demo, indent=2)
   return demo
 
 
 def format_summary(demo: dict) -> str:
-  lines = ["", "lsemil demo: " + ("quick" if demo["quick"] else "full") + " run finished in "
-           f"{demo['timings_s']['total_s']:.0f} s ({demo['machine']})", ""]
+  lines = [
+    "",
+    "lsemil demo: " + ("quick" if demo["quick"] else "full") + " run finished in "
+    f"{demo['timings_s']['total_s']:.0f} s ({demo['machine']})",
+    "",
+  ]
   lines.append("| run | test mean AUC | mean DICE | uniform-map DICE | DICE focal | DICE diffuse |")
   lines.append("|---|---|---|---|---|---|")
   for label, r in demo["runs"].items():
@@ -171,32 +184,7 @@ def format_summary(demo: dict) -> str:
     "",
     f"bar: mean AUC >= {bar}: {'met' if ok_auc else 'NOT met'}; "
     f"DICE above the uniform map: {'met' if ok_dice else 'NOT met'}",
-    f"tables and figures: {demo['results_dir']} (report.md, table1-3.md, figure1.png, "
-    "figure3.png)",
+    f"tables and figures: {demo['results_dir']} (report.md, table1-3.md, figure1.png, figure3.png)",
     f"summary: {Path(demo['results_dir']) / 'demo_summary.json'}",
   ]
   return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(
-    prog="lsemil demo",
-    description="Synthesize a NIH-layout dataset, prepare it, train r0 = 0, 5, 10 with "
-    "configs/demo.py, evaluate and reproduce the paper's tables and figures, on a CPU.",
-  )
-  parser.add_argument("--out", default="lsemil_demo", help="output folder (default ./lsemil_demo)")
-  parser.add_argument(
-    "--quick", action="store_true", help="one r0 (5) on a smaller dataset: about 3 minutes"
-  )
-  parser.add_argument("--r0", default=None, help="comma-separated r0 values (default 0,5,10)")
-  parser.add_argument("--patients", type=int, default=None, help="synthetic patients")
-  parser.add_argument("--epochs", type=int, default=None, help="override train.num_epochs")
-  parser.add_argument("--workers", type=int, default=None, help="processes for synth/prepare")
-  args = parser.parse_args(argv)
-  r0s = [float(x) for x in args.r0.split(",")] if args.r0 else None
-  demo = run_demo(
-    args.out, quick=args.quick, r0s=r0s, patients=args.patients, epochs=args.epochs,
-    workers=args.workers,
-  )
-  print(format_summary(demo))
-  return 0

@@ -21,17 +21,15 @@ paper's layout with the paper's numbers as reference columns (`lsemil.report`):
 
 Each run's evaluation is `lsemil.evaluate.evaluate_checkpoint`; an evaluation JSON already in
 the run's workdir (W/evaluation_<split>.json with its saliency .npz) is reused when it is of the
-same checkpoint step, split and dataset, and a fresh one is written there otherwise.
+same checkpoint step, split and dataset, and a fresh one is written there otherwise. The command
+is `lsemil.commands.reproduce`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import re
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,14 +38,9 @@ from typing import Any
 import numpy as np
 
 from lsemil import evaluate as ev
-from lsemil import report
+from lsemil import fileio, inference, report
 from lsemil.data import nih
-
-_R0_LABEL = re.compile(r"^r0=([-+0-9.eE]+)$")
-
-
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+from lsemil.errors import UserError
 
 
 # --------------------------------------------------------------------------- runs
@@ -66,42 +59,33 @@ def load_or_evaluate(
   """(evaluation result, saliency dict or None, config) of a run's checkpoint.
 
   Reuses W/evaluation_<split>.json (+ its saliency .npz) when it matches the checkpoint's
-  step, the split and the dataset; otherwise evaluates and writes them there (a workdir that
-  cannot be written is only warned about).
+  step, the split and the dataset; otherwise evaluates (`lsemil.evaluate.evaluate_checkpoint`,
+  the one inference path) and writes all of `lsemil evaluate`'s outputs there, the per-image
+  predictions too (a workdir that cannot be written is only warned about).
   """
-  config, model, variables, step, info = ev.load_checkpoint(workdir, which)
-  data_dir = ev.resolve_data_dir(config, data_dir)
+  import jax
+
+  loaded = inference.load(workdir, which)
+  data_dir = ev.resolve_data_dir(loaded.config, data_dir)
   out = ev.default_output(ev.workdir_of(workdir), split)
   sal_path = ev.saliency_path_for(out)
   if not force and out.is_file() and sal_path.is_file():
     result = ev.load_evaluation(out)
-    if ev.matches(result, step=step, split=split, data_dir=data_dir):
-      _log(f"{workdir}: reusing {out} (step {step})")
-      return result, ev.load_saliency(sal_path), config
-  _log(f"{workdir}: evaluating step {step} on {split!r} of {data_dir}")
-  import jax
-
-  writer = jax.process_index() == 0
-  result = ev.evaluate_checkpoint(
-    config,
-    model,
-    variables,
-    data_dir,
-    split,
-    n_boot=n_boot,
-    saliency_path=sal_path if writer else None,
-    progress=progress,
-    step=step,
-    checkpoint=str(info.get("checkpoint", workdir)),
-  )
-  result["which"] = which
-  saliency = ev.load_saliency(sal_path) if writer else None
-  if writer:
-    try:
-      ev.write_evaluation(result, out)
-    except OSError as e:
-      _log(f"warning: could not store the evaluation in {out} ({e})")
-  return result, saliency, config
+    if ev.matches(result, step=loaded.step, split=split, data_dir=data_dir):
+      ev.log(f"{workdir}: reusing {out} (step {loaded.step})")
+      return result, ev.load_saliency(sal_path), loaded.config
+  ev.log(f"{workdir}: evaluating step {loaded.step} on {split!r} of {data_dir}")
+  options = ev.EvalOptions(n_boot=n_boot, progress=progress)
+  run = ev.evaluate_checkpoint(loaded, data_dir, split, options)
+  run.result.which = which
+  if jax.process_index() != 0:
+    return run.result.to_dict(), None, loaded.config
+  try:
+    ev.write_outputs(run, loaded.config, data_dir, out)
+  except OSError as e:
+    ev.log(f"warning: could not store the evaluation in {out} ({e})")
+    return run.result.to_dict(), None, loaded.config
+  return run.result.to_dict(), ev.load_saliency(sal_path), loaded.config
 
 
 def _fill_iobb(result: dict, saliency: dict | None, index, taus_needed: Sequence[float]) -> None:
@@ -128,7 +112,7 @@ def _figure3_cases(index, split, entries, n_figure, config, data_dir) -> list[di
       images.setdefault(row, img)
   need = [r for r, _ in picks if r not in images]
   if need:
-    for r, img in zip(need, ev._figure_images(config, data_dir, split, need), strict=True):
+    for r, img in zip(need, ev.stored_images(config, data_dir, split, need), strict=True):
       images[r] = img
   cases = []
   boxes_of = ev.box_cases(index, [r for r, _ in picks])
@@ -172,8 +156,8 @@ def _figure1(path: Path, entries) -> bool:
 def _write(out_dir, name: str, md_csv: tuple[str, str], caption: str) -> str:
   md, csv_text = md_csv
   text = f"{caption}\n\n{md}"
-  ev.write_bytes(out_dir / f"{name}.md", text.encode())
-  ev.write_bytes(out_dir / f"{name}.csv", csv_text.encode())
+  fileio.write_text(out_dir / f"{name}.md", text)
+  fileio.write_text(out_dir / f"{name}.csv", csv_text)
   return text
 
 
@@ -183,7 +167,7 @@ def _save_figure(out_dir, name: str, draw) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     local = Path(tmp) / name
     draw(local)
-    ev.write_bytes(out_dir / name, local.read_bytes())
+    fileio.write_bytes(out_dir / name, local.read_bytes())
 
 
 def sweep_table(runs: Sequence[dict], taus: Sequence[float]) -> tuple[str, str]:
@@ -230,12 +214,12 @@ def reproduce_results(
   """
   from lsemil.data import stats as stats_lib
 
-  out_dir = ev.as_path(out_dir)
+  out_dir = fileio.as_path(out_dir)
   if not entries:
-    raise ev.EvaluateError("reproduce needs at least one run")
+    raise UserError("reproduce needs at least one run")
   labels = [r["label"] for r, _ in entries]
   if len(set(labels)) != len(labels):
-    raise ev.EvaluateError(f"run labels must differ, got {labels}")
+    raise UserError(f"run labels must differ, got {labels}")
   needed = [t for _, taus in classes_taus for t in taus]
   for res, sal in entries:
     _fill_iobb(res, sal, index, needed)
@@ -283,7 +267,7 @@ def reproduce_results(
   for name in ("table1", "table2", "table3", "table2_sweep"):
     md += [texts[name], ""]
   md += [f"![{f}]({f})" for f in figures]
-  ev.write_bytes(out_dir / "report.md", ("\n".join(md) + "\n").encode())
+  fileio.write_text(out_dir / "report.md", "\n".join(md) + "\n")
   summary = {
     "split": split,
     "data_dir": str(index.root),
@@ -305,7 +289,7 @@ def reproduce_results(
       "iobb_wang": report.PAPER_IOBB_WANG,
     },
   }
-  ev.write_bytes(out_dir / "summary.json", ev.to_json(summary).encode())
+  fileio.write_json(out_dir / "summary.json", summary)
   return summary
 
 
@@ -354,109 +338,3 @@ def reproduce_runs(
     config=first_config,
     data_dir=data_dir,
   )
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def parse_run(spec: str) -> tuple[str, float | None, str]:
-  """'r0=5:W' -> ('r0=5', 5.0, 'W'); 'name:W' -> ('name', None, 'W'); 'W' -> ('W', None, 'W')."""
-  label, sep, path = spec.partition(":")
-  if not sep or "/" in label or not path or path.startswith("//"):
-    return spec, None, spec  # a bare path (also gs://...)
-  m = _R0_LABEL.match(label)
-  r0 = float(m.group(1)) if m else None
-  if r0 is not None and not math.isfinite(r0):
-    raise ValueError(f"--run {spec!r}: r0 must be a finite number")
-  return label, r0, path
-
-
-def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
-  """'Nodule=0.4,0.8' -> ('Nodule', (0.4, 0.8))."""
-  name, sep, values = spec.partition("=")
-  if not sep:
-    raise ValueError(f"--tau {spec!r}: expected CLASS=T1,T2,...")
-  cls = report.canonical_class(name)
-  if cls not in nih.BOX_CLASSES:
-    raise ValueError(f"--tau {spec!r}: {cls} has no boxes; box classes: {nih.BOX_CLASSES}")
-  taus = tuple(ev._floats(values, f"--tau {spec!r}"))
-  return cls, taus
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="lsemil reproduce",
-    description="Tables 1-3 and Figures 1 and 3 of Yao et al. 2018 from trained runs, in the "
-    "paper's layout beside the paper's numbers (Markdown + CSV, PNG, summary.json).",
-  )
-  p.add_argument(
-    "--run",
-    action="append",
-    required=True,
-    metavar="LABEL:WORKDIR",
-    help="a run, e.g. r0=5:W5 (repeatable; labels r0=0 / r0=5 / r0=10 line up with the "
-    "paper's columns; a bare WORKDIR is labelled by its path)",
-  )
-  p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the first run)")
-  p.add_argument("--out", required=True, help="output folder R")
-  p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
-  p.add_argument(
-    "--which",
-    choices=("best", "latest"),
-    default="best",
-    help="checkpoint of each run (default best validation mean AUC)",
-  )
-  p.add_argument(
-    "--tau",
-    action="append",
-    metavar="CLASS=T1,T2",
-    help="Table 2 columns (repeatable; default the paper's Pneumonia=0.1,0.4 "
-    "Nodule=0.4,0.8 Infiltration=0.1,0.8)",
-  )
-  p.add_argument(
-    "--figure-images",
-    type=int,
-    default=ev.FIGURE_CASES,
-    help=f"rows of Figure 3 (default {ev.FIGURE_CASES}; 0 = no Figure 3)",
-  )
-  p.add_argument(
-    "--n-boot",
-    type=int,
-    default=ev.DEFAULT_N_BOOT,
-    help="bootstrap resamples for AUC CIs when a run must be evaluated",
-  )
-  p.add_argument(
-    "--force", action="store_true", help="re-evaluate even when a matching evaluation JSON exists"
-  )
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
-def main(argv: list[str]) -> int:
-  args = build_parser().parse_args(argv)
-  from lsemil import sharding
-
-  sharding.maybe_initialize_distributed()
-  try:
-    runs = [parse_run(s) for s in args.run]
-    classes_taus = [parse_tau(s) for s in args.tau] if args.tau else report.DEFAULT_CLASSES_TAUS
-    summary = reproduce_runs(
-      runs,
-      args.data_dir,
-      args.out,
-      split=args.split,
-      which=args.which,
-      classes_taus=classes_taus,
-      n_figure=args.figure_images,
-      n_boot=args.n_boot,
-      force=args.force,
-      progress=not args.no_progress,
-    )
-  except (ev.EvaluateError, nih.DataError, OSError, ValueError, KeyError) as e:
-    print(f"lsemil reproduce: {e}", file=sys.stderr)
-    return 1
-  if "tables" in summary:  # process 0
-    print(summary["tables"]["table3"])
-    figures = ", ".join(summary["figures"]) or "no figures"
-    print(f"wrote tables, {figures} and summary.json to {args.out}")
-  return 0

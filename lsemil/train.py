@@ -5,30 +5,45 @@ pooled probabilities (Sec 3.6), with the Sec 4.2 augmentation, validates on a pa
 held-out part of train_val, stops early on the validation mean AUC, and keeps the best
 model. `train_and_evaluate(config, workdir)` does exactly that:
 
-  mesh -> data -> model/state -> jitted steps -> restore -> loop (log / eval / checkpoint)
+  setup -> lock -> restore or init -> train_loop (log / validate / checkpoint) -> result
+
+Banner sections: state & steps, config, validation, early stopping, stop requests, the run.
 
 - `TrainState`: params, batch_stats ({} with GroupNorm), optimizer state, step, rng
   (raw uint32 key data, so orbax stores it as a plain array).
-- `train_step` / `eval_step` are pure module-level functions, compiled once each by
-  `make_train_step` / `make_eval_step` with `jax.jit` and explicit shardings on the
+- `train_step` is a pure module-level function, compiled once by `make_train_step` with
+  `jax.jit` and explicit shardings on the
   ('data', 'model') mesh of lsemil.sharding: batch over 'data', state replicated or
   FSDP-sharded (`config.train.fsdp`). BatchNorm statistics are over the global batch
   (jit, no axis_name). The same code runs on one device, many, or many hosts.
 - Mixed precision: `config.model.dtype='bfloat16'` computes in bf16; params, Adam moments
   and the loss stay float32.
-- Validation every `eval_every_epochs` epochs (or `eval_every_steps`): per-class and mean
-  AUC on the valid split; early stopping after `patience` evaluations without improvement;
+- Validation every `eval_every_epochs` epochs (or `eval_every_steps`) through the one
+  inference path (`lsemil.inference`, as `evaluate` and `predict`): per-class and mean AUC and
+  the BCE on the valid split, per-image predictions in W/validation_predictions.csv; early
+  stopping after `patience` evaluations without improvement;
   orbax keeps the last `keep_checkpoints` plus the best by validation mean AUC
   (lsemil.checkpointing).
 - A non-finite loss (or parameter norm) stops the run with `NonFiniteLossError` naming the
   step; nothing after the last good checkpoint is saved.
+- SIGTERM / SIGINT (`StopRequests`; multi-host: jax's preemption sync point) save a
+  checkpoint at the next step boundary and raise `Interrupted` (exit 75); rerunning resumes
+  exactly. A second `lsemil train` on a workdir in use is refused (`lsemil.workdir_lock`), and
+  resuming with another model, seed, split or batch size is refused before anything is
+  written (`check_resume_config`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
+import os
+import signal
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -41,18 +56,28 @@ from absl import logging
 from etils import epath
 from flax import struct
 
-from lsemil import checkpointing, losses, metrics, sharding, tb_writer
+from lsemil import (
+  checkpointing,
+  fileio,
+  inference,
+  losses,
+  metrics,
+  sharding,
+  tb_writer,
+)
 from lsemil import model as model_lib
+from lsemil.data import nih, pipeline
+from lsemil.errors import ConfigError, DataError, Interrupted, UserError
 
 CONFIG_FILE = "config.json"
+VALIDATION_PREDICTIONS = "validation_predictions.csv"  # per image, the latest validation
 _CHEAP_CPU_COMPILE = {
   "xla_backend_optimization_level": 0,
   "xla_llvm_disable_expensive_passes": True,
 }
-SMOKE_PATIENTS = 40
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss; the message names the step and the last checkpoint."""
 
 
@@ -141,17 +166,6 @@ def train_step(
   return new_state, out
 
 
-def eval_step(
-  state: TrainState, batch: dict[str, jax.Array], *, model: model_lib.MultiResolutionMIL
-) -> dict[str, jax.Array]:
-  """Class probabilities of a (padded) eval batch, passed back with its labels and mask."""
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  out = model.apply(variables, batch["image"], train=False)
-  return {"probs": out["probs"], "labels": batch["labels"], "mask": batch["mask"]}
-
-
 def make_train_step(model, tx, mesh: jax.sharding.Mesh, state_sharding: Any):
   """`train_step` jitted: state in/out with `state_sharding`, batch over 'data', state donated."""
   return jax.jit(
@@ -160,27 +174,6 @@ def make_train_step(model, tx, mesh: jax.sharding.Mesh, state_sharding: Any):
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-
-
-def make_eval_step(model, mesh: jax.sharding.Mesh, state_sharding: Any):
-  """`eval_step` jitted: outputs replicated, so every process reads all predictions."""
-  return jax.jit(
-    functools.partial(eval_step, model=model),
-    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-    out_shardings=sharding.replicated(mesh),
-  )
-
-
-def make_predict_fn(model: model_lib.MultiResolutionMIL):
-  """jitted fn(variables, images (B, S, S, 1) float32) -> dict(probs, saliency, saliency_levels).
-
-  `variables` = {'params', 'batch_stats'?} as returned by checkpointing.load_inference.
-  """
-
-  def predict(variables, images):
-    return model.apply(variables, images, train=False)
-
-  return jax.jit(predict)
 
 
 def abstract_state(model, tx, seed: int) -> TrainState:
@@ -194,7 +187,7 @@ def state_sharding_for(config, model, tx, mesh) -> tuple[TrainState, Any]:
     abstract,
     mesh,
     fsdp=bool(config.train.fsdp),
-    min_size=int(config.train.get("fsdp_min_size", 2**18)),
+    min_size=int(config.train.fsdp_min_size),
   )
   return abstract, shardings
 
@@ -211,94 +204,148 @@ def init_state(config, model, tx, mesh, shardings) -> TrainState:
 
 # --------------------------------------------------------------------------- config
 
+# Fields a resumed run must share with the run that wrote the workdir's checkpoints; the
+# others (steps, cadences, patience, input threads, data_dir, ...) may change on resume.
+RESUME_FIELDS = ("seed", "model", "data.val_fraction", "data.split_seed", "train.batch_size")
+
 
 def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelSpec:
-  """Raises ValueError for a bad config, before any data is read or anything compiles."""
+  """Raises ConfigError naming the field, before any data is read or anything compiles."""
   spec = model_lib.validate(config.model)
-  t = config.train
-  for field in ("batch_size", "eval_batch_size"):
-    sharding.check_batch_sizes(int(t[field]), f"train.{field}")
-    if int(t[field]) % jax.process_count():
-      raise ValueError(f"config train.{field}={t[field]} must divide over the processes")
+  t, d = config.train, config.data
+  try:
+    for field in ("batch_size", "eval_batch_size"):
+      sharding.check_batch_sizes(int(t[field]), f"train.{field}")
+      if int(t[field]) % jax.process_count():
+        raise ConfigError(f"config train.{field}={t[field]} must divide over the processes")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   lr, wd = float(t.learning_rate), float(t.weight_decay)
   if not (math.isfinite(lr) and lr > 0):
-    raise ValueError(f"config train.learning_rate must be finite and > 0, got {lr}")
+    raise ConfigError(f"config train.learning_rate must be finite and > 0, got {lr}")
   if not (math.isfinite(wd) and wd >= 0):
-    raise ValueError(f"config train.weight_decay must be finite and >= 0, got {wd}")
+    raise ConfigError(f"config train.weight_decay must be finite and >= 0, got {wd}")
   if int(t.num_steps) < 0 or int(t.num_epochs) < 0 or int(t.num_steps) == int(t.num_epochs) == 0:
-    raise ValueError("config: set train.num_steps > 0 or train.num_epochs > 0")
+    raise ConfigError("config: set train.num_steps > 0 or train.num_epochs > 0")
   if int(t.eval_every_epochs) < 1:
-    raise ValueError(f"config train.eval_every_epochs must be >= 1, got {t.eval_every_epochs}")
+    raise ConfigError(f"config train.eval_every_epochs must be >= 1, got {t.eval_every_epochs}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     if int(t[field]) < 0:
-      raise ValueError(f"config train.{field} must be >= 0, got {t[field]}")
+      raise ConfigError(f"config train.{field} must be >= 0, got {t[field]}")
+  if not 0.0 < float(d.val_fraction) < 1.0:
+    raise ConfigError(
+      f"config data.val_fraction must lie in (0, 1) (the patient-wise validation share of "
+      f"train_val, Sec 4.1), got {d.val_fraction}"
+    )
+  if int(d.synth_patients) < 0:
+    raise ConfigError(f"config data.synth_patients must be >= 0, got {d.synth_patients}")
   return spec
 
 
-def _resolve_data_dir(config, workdir: epath.Path, data_dir, note) -> str:
-  """--data-dir, else config.data.data_dir, else (smoke config only) synthesize W/data."""
-  data_dir = data_dir or config.data.get("data_dir", "")
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """The `RESUME_FIELDS` (flattened: 'model.r0', ...) in which `config` differs from the
+  `saved` config.json of a workdir, as 'field: saved -> new' lines."""
+  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  keys = sorted(set(old) | set(new))
+  wanted = [k for k in keys if any(k == f or k.startswith(f + ".") for f in RESUME_FIELDS)]
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in wanted if old.get(k) != new.get(k)]
+
+
+def check_resume_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir whose checkpoints were written with another model, seed,
+  split or batch size (before anything in the workdir is touched)."""
+  path = workdir / CONFIG_FILE
+  if not (checkpointing.checkpoint_dir(workdir).exists() and path.exists()):
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from None
+  diff = config_differences(saved, config)
+  if diff:
+    raise ConfigError(
+      f"{workdir} holds checkpoints of a run with another config; it differs in "
+      + "; ".join(diff)
+      + ". Use a new --workdir, or the workdir's own config."
+    )
+
+
+def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None, note) -> str:
+  """--data-dir, else config.data.data_dir, else (config.data.synth_patients > 0) a
+  synthetic dataset written into W/data once."""
+  data_dir = data_dir or config.data.data_dir
   if data_dir:
-    return str(data_dir)
-  if config.get("name") != "smoke":
-    raise ValueError(
+    data_dir = fileio.resolve(data_dir)
+    nih.require_local(data_dir)
+    return data_dir
+  patients = int(config.data.synth_patients)
+  if patients <= 0:
+    raise DataError(
       "no dataset: pass --data-dir (a `lsemil prepare` output, a `lsemil synth` folder or a "
       "raw NIH ChestX-ray14 folder) or set --config.data.data_dir"
     )
   from lsemil.data import synth
 
   out = workdir / "data"
-  if not (out / "lsemil_dataset.json").exists():
+  if fileio.is_remote(out):
+    out = epath.Path(
+      fileio.resolve(os.path.join(tempfile.gettempdir(), "lsemil_synth", f"{patients}p"))
+    )
+  if not (out / nih.MARKER_NAME).exists():
     if jax.process_index() == 0:
-      note(f"no --data-dir: synthesizing {SMOKE_PATIENTS} patients into {out} (smoke config)")
-      synth.synthesize(out, patients=SMOKE_PATIENTS, size=512, seed=0, workers=1)
+      note(f"no --data-dir: synthesizing {patients} patients into {out} (data.synth_patients)")
+      synth.synthesize(out, patients=patients, size=nih.PREPARED_SIZE, seed=0, workers=1)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      multihost_utils.sync_global_devices("lsemil_smoke_data")
+      multihost_utils.sync_global_devices("lsemil_synth_data")
   return str(out)
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- validation
 
 
-def evaluate(
-  p_eval_step, state: TrainState, config, data_dir: str, mesh, split: str = "valid"
-) -> dict[str, Any]:
-  """Per-class AUC, mean AUC (over classes with an AUC) and BCE loss on a split."""
-  from lsemil.data import pipeline
+def state_variables(state: TrainState) -> dict:
+  """The model variables of a train state ({'params', 'batch_stats'?})."""
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
 
-  it = pipeline.make_eval_iter(
-    config,
-    data_dir,
-    split,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+
+def validate(
+  predictor: inference.Predictor, config, data_dir: str, split: str = "valid"
+) -> tuple[dict[str, Any], inference.SplitPredictions]:
+  """Per-class AUC, mean AUC (over classes with an AUC) and the BCE (Sec 3.6) on a split,
+  through the one inference path; also returns the per-image predictions."""
+  rows = pipeline.split_rows(config, data_dir, split)
+  preds = inference.collect(
+    inference.predict_split(predictor, config, data_dir, split), rows, f"{data_dir} {split}"
   )
-  batch_sh = sharding.batch_sharding(mesh)
-  probs, labels = [], []
-  for batch in it:
-    local = {k: np.asarray(batch[k]) for k in ("image", "labels", "mask")}
-    out = sharding.to_host(p_eval_step(state, sharding.global_batch(local, batch_sh)))
-    keep = out["mask"].astype(bool)
-    probs.append(out["probs"][keep])
-    labels.append(out["labels"][keep])
-  p = np.concatenate(probs).astype(np.float64)
-  y = np.concatenate(labels).astype(np.float64)
-  aucs = metrics.per_class_auc(y, p)
+  aucs = metrics.per_class_auc(preds.labels.astype(np.float64), preds.probs.astype(np.float64))
   mean, missing = metrics.mean_auc(aucs)
-  pc = np.clip(p, losses.PROB_EPS, 1 - losses.PROB_EPS)
-  loss = float(np.mean(-np.sum(y * np.log(pc) + (1 - y) * np.log1p(-pc), axis=-1)))
+  loss = losses.binary_cross_entropy(jnp.asarray(preds.probs), jnp.asarray(preds.labels))
   return {
     "val_mean_auc": mean,
     "val_per_class_auc": [None if math.isnan(a) else float(a) for a in aucs],
     "val_missing_classes": missing,
-    "val_loss": loss,
-    "val_examples": int(len(y)),
-  }
+    "val_loss": float(loss),
+    "val_examples": int(len(preds.rows)),
+  }, preds
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- early stopping
 
 
 def early_stopping_update(
@@ -310,11 +357,11 @@ def early_stopping_update(
   new best (patience <= 0: never), `stopped_early` becomes True, unless this was the
   last step anyway. Returns the changed fields.
   """
-  best = meta.get("best_val_mean_auc")
+  best = meta["best_val_mean_auc"]
   if auc is not None and (best is None or auc > best):
     out = {"best_step": step, "best_val_mean_auc": auc, "evals_since_best": 0}
   else:
-    out = {"evals_since_best": int(meta.get("evals_since_best", 0)) + 1}
+    out = {"evals_since_best": int(meta["evals_since_best"]) + 1}
   out["stopped_early"] = bool(
     patience > 0 and out["evals_since_best"] >= patience and not last_step
   )
@@ -322,8 +369,6 @@ def early_stopping_update(
 
 
 def _class_names(model) -> list[str]:
-  from lsemil.data import nih
-
   if model.num_classes == len(nih.CLASSES):
     return [c.replace(" ", "_") for c in nih.CLASSES]
   return [f"class{k}" for k in range(model.num_classes)]
@@ -334,7 +379,278 @@ def _finite(x) -> float | None:
   return x if math.isfinite(x) else None
 
 
-def _result(workdir: epath.Path, manager, meta: dict, data_dir: str) -> dict[str, Any]:
+# --------------------------------------------------------------------------- stop requests
+
+
+class StopRequests:
+  """SIGTERM / SIGINT as a flag read at step boundaries (single process), so a preempted
+  or interrupted run saves a checkpoint of the step it finished and exits (`Interrupted`).
+
+  A second SIGINT raises KeyboardInterrupt at once. Multi-process runs leave SIGTERM to jax's
+  preemption sync manager (the orbax `PreemptionCheckpointingPolicy` of
+  `checkpointing.create_manager` saves at the step every process agrees on) and keep
+  Python's SIGINT.
+  """
+
+  def __init__(self) -> None:
+    self.signal: str | None = None
+    self._old: dict[int, Any] = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the next step boundary", self.signal)
+
+  def __enter__(self) -> StopRequests:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old.clear()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+  """What a training run is made of, resolved once (`setup`)."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  data_dir: str
+  steps_per_epoch: int
+  num_steps: int
+  eval_every: int
+  mesh: jax.sharding.Mesh
+  model: model_lib.MultiResolutionMIL
+  tx: optax.GradientTransformation
+  abstract: TrainState
+  state_sharding: Any
+  is_main: bool
+  note: Any  # fn(message): log, and print on process 0
+
+  @property
+  def log_every(self) -> int:
+    return max(1, int(self.config.train.log_every_steps))
+
+
+def setup(config, workdir: str, data_dir: str | None, note) -> Run:
+  """Validates the config, resolves the workdir and data, builds mesh, model and optimizer."""
+  validate_config(config)
+  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may resolve
+  workdir = epath.Path(fileio.resolve(workdir))
+  check_resume_config(workdir, config)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  config.data.data_dir = resolve_data_dir(config, workdir, data_dir, note)
+  t = config.train
+  steps_per_epoch = pipeline.steps_per_epoch(config.data.data_dir, config)
+  mesh = sharding.create_mesh()
+  model = model_lib.from_config(config.model)
+  tx = create_optimizer(config)
+  abstract, state_sh = state_sharding_for(config, model, tx, mesh)
+  return Run(
+    config=config,
+    workdir=workdir,
+    data_dir=config.data.data_dir,
+    steps_per_epoch=steps_per_epoch,
+    num_steps=int(t.num_steps) or int(t.num_epochs) * steps_per_epoch,
+    eval_every=int(t.eval_every_steps) or int(t.eval_every_epochs) * steps_per_epoch,
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    abstract=abstract,
+    state_sharding=state_sh,
+    is_main=is_main,
+    note=note,
+  )
+
+
+def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
+  """The workdir's own latest checkpoint (exact next batch), else `config.train.init_from`
+  (an earlier run's best weights, fresh optimizer), else from scratch."""
+  meta = {"num_steps": run.num_steps, "best_step": None, "best_val_mean_auc": None}
+  meta.update(evals_since_best=0, stopped_early=False, last_eval=None)
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract_sh = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      run.abstract,
+      run.state_sharding,
+    )
+    state, saved = checkpointing.restore(manager, latest, abstract_sh, train_iter)
+    meta.update({k: v for k, v in saved.items() if k != "num_steps"})
+    run.note(
+      f"resuming from {checkpointing.checkpoint_dir(run.workdir) / str(latest)} (step {latest})"
+    )
+    return state, meta
+  state = init_state(run.config, run.model, run.tx, run.mesh, run.state_sharding)
+  init_from = run.config.train.init_from
+  if init_from:
+    loaded = inference.load(init_from, which="best")
+    state = state.replace(
+      params=jax.device_put(loaded.variables["params"], run.state_sharding.params),
+      batch_stats=jax.device_put(
+        loaded.variables.get("batch_stats", {}), run.state_sharding.batch_stats
+      ),
+    )
+    run.note(f"initialised weights from {init_from} (step {loaded.step}); optimizer from scratch")
+  else:
+    run.note("training from scratch")
+  return state, meta
+
+
+class MetricWindow:
+  """Step metrics fetched in batches (no per-step host sync): their mean is logged, a
+  non-finite loss stops the run naming the step, and images/s is measured between flushes."""
+
+  def __init__(self, run: Run, writer, bar) -> None:
+    self.run, self.writer, self.bar = run, writer, bar
+    self.pending: list[tuple[int, dict]] = []
+    self.last_saved: int | None = None
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def add(self, step: int, step_metrics: dict) -> None:
+    self.pending.append((step, step_metrics))
+    self.steps += 1
+
+  def flush(self, step: int) -> None:
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending.clear()
+    for s, m in zip(steps, fetched, strict=True):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
+        good = "none" if self.last_saved is None else f"step {self.last_saved}"
+        raise NonFiniteLossError(
+          f"non-finite loss ({float(m['loss'])}) or parameters at step {s}; stopping. "
+          f"Last good checkpoint: {good} in {checkpointing.checkpoint_dir(self.run.workdir)}"
+        )
+    dt = time.perf_counter() - self.start
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    mean["images_per_s"] = self.steps * int(self.run.config.train.batch_size) / max(dt, 1e-9)
+    mean["epoch"] = step / self.run.steps_per_epoch
+    self.writer.write(step, mean, kind="train")
+    self.bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{mean['images_per_s']:.1f}")
+    self.restart()
+
+
+class Validator:
+  """Validation during training through the one inference path (`inference.Predictor`,
+  compiled once), writing W/validation_predictions.csv (the latest evaluation, per image)."""
+
+  def __init__(self, run: Run, state: TrainState) -> None:
+    self.run = run
+    self.predictor = inference.Predictor(run.model, state_variables(state), run.mesh)
+    self._index = None
+
+  def __call__(self, state: TrainState, step: int, meta: dict, writer) -> dict:
+    run = self.run
+    self.predictor.variables = state_variables(state)
+    eval_metrics, preds = validate(self.predictor, run.config, run.data_dir)
+    auc = _finite(eval_metrics["val_mean_auc"])
+    meta.update(
+      early_stopping_update(
+        meta, step, auc, patience=int(run.config.train.patience), last_step=step == run.num_steps
+      )
+    )
+    meta["last_eval"] = {"step": step, **fileio.json_safe(eval_metrics)}
+    per_class = dict(zip(_class_names(run.model), eval_metrics["val_per_class_auc"], strict=True))
+    writer.write(
+      step,
+      {
+        **eval_metrics,
+        "best_val_mean_auc": meta["best_val_mean_auc"],
+        **{f"auc_{name}": a for name, a in per_class.items()},
+      },
+      kind="eval",
+    )
+    if run.is_main:
+      if self._index is None:
+        self._index = nih.open_index(
+          run.data_dir,
+          val_fraction=float(run.config.data.val_fraction),
+          split_seed=int(run.config.data.split_seed),
+        )
+      inference.write_split_predictions(run.workdir / VALIDATION_PREDICTIONS, self._index, preds)
+    auc_s = "n/a" if auc is None else f"{auc:.4f}"
+    run.note(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
+    if meta["stopped_early"]:
+      run.note(
+        f"early stopping at step {step}: no improvement in {run.config.train.patience} evaluations"
+      )
+    return eval_metrics
+
+
+def train_loop(run: Run, state, meta, manager, train_iter, writer, bar, stops) -> TrainState:
+  """Steps from the state's step to `run.num_steps`: log, validate, checkpoint; stops early
+  (Sec 4.2) or on a stop request after saving (raises `Interrupted`)."""
+  start = int(jax.device_get(state.step))
+  p_train_step = make_train_step(run.model, run.tx, run.mesh, run.state_sharding)
+  batch_sh = sharding.batch_sharding(run.mesh)
+  validator = Validator(run, state)
+  window = MetricWindow(run, writer, bar)
+  window.last_saved = manager.latest_step()
+  for step in range(start + 1, run.num_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      local = next(train_iter)
+      batch = sharding.global_batch(
+        {"image": np.asarray(local["image"]), "labels": np.asarray(local["labels"])}, batch_sh
+      )
+      state, step_metrics = p_train_step(state, batch)
+    window.add(step, step_metrics)
+    if step == start + 1:
+      jax.block_until_ready(state)
+      logging.info("first step (compile) took %.1fs", time.perf_counter() - window.start)
+    bar.update(1)
+    is_eval = step % run.eval_every == 0 or step == run.num_steps
+    stop = stops.signal is not None
+    save = is_eval or manager.should_save(step) or stop  # should_save: every process, every step
+    if step % run.log_every == 0 or save:
+      window.flush(step)
+    eval_metrics = validator(state, step, meta, writer) if is_eval else None
+    if save or meta["stopped_early"]:
+      meta["step"], meta["epoch"] = step, step / run.steps_per_epoch
+      metric = None if eval_metrics is None else _finite(eval_metrics["val_mean_auc"])
+      checkpointing.save(
+        manager,
+        step,
+        state,
+        train_iter,
+        config=run.config,
+        meta=meta,
+        metrics=None if eval_metrics is None else {checkpointing.BEST_METRIC: metric},
+      )
+      window.last_saved = step
+      writer.flush()
+    if stop or manager.reached_preemption(step):
+      manager.wait_until_finished()
+      why = stops.signal or "a preemption notice"
+      raise Interrupted(
+        f"stopped by {why} after saving step {step} in "
+        f"{checkpointing.checkpoint_dir(run.workdir)}; rerun the same command to resume"
+      )
+    if is_eval or save:  # keep evaluation and saving out of the images/s window
+      window.restart()
+    if meta["stopped_early"]:
+      break
+  return state
+
+
+def _result(run: Run, manager, meta: dict) -> dict[str, Any]:
+  workdir = run.workdir
   best = checkpointing.best_step(manager)
   best_auc = None
   if best is not None:
@@ -346,13 +662,13 @@ def _result(workdir: epath.Path, manager, meta: dict, data_dir: str) -> dict[str
     if best is not None
     else None,
     "last_step": manager.latest_step(),
-    "num_steps": meta.get("num_steps"),
-    "stopped_early": bool(meta.get("stopped_early", False)),
+    "num_steps": meta["num_steps"],
+    "stopped_early": bool(meta["stopped_early"]),
     "workdir": str(workdir),
     "checkpoint_dir": str(checkpointing.checkpoint_dir(workdir)),
     "metrics_file": str(workdir / tb_writer.METRICS_FILE),
     "config_file": str(workdir / CONFIG_FILE),
-    "data_dir": data_dir,
+    "data_dir": run.data_dir,
   }
 
 
@@ -372,215 +688,76 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` into `workdir` (resuming from its latest checkpoint) and validates.
 
-  Resume order: the workdir's own latest checkpoint (exact next batch), else
-  `config.train.init_from` (weights of an earlier lsemil run, best checkpoint), else
-  from scratch. A workdir that already finished (last step reached or stopped early)
-  is left as it is and its best checkpoint reported.
-
-  Returns dict(best_step, best_val_mean_auc, best_checkpoint, last_step, num_steps,
-  stopped_early, workdir, checkpoint_dir, metrics_file, config_file, data_dir).
-  Raises ValueError for config errors (before compiling) and NonFiniteLossError.
+  setup -> lock the workdir -> restore or init -> loop (log / validate / checkpoint) -> result.
+  A workdir that already finished (last step reached or stopped early) is left as it is and
+  its best checkpoint reported. Returns dict(best_step, best_val_mean_auc, best_checkpoint,
+  last_step, num_steps, stopped_early, workdir, checkpoint_dir, metrics_file, config_file,
+  data_dir), also written to W/result.json. Raises ConfigError / DataError before compiling,
+  NonFiniteLossError, and Interrupted after saving on SIGTERM / SIGINT.
   """
   from tqdm.auto import tqdm
 
-  from lsemil.data import pipeline
-
-  is_main = jax.process_index() == 0
   bar = None
 
   def note(msg: str) -> None:
     logging.info("%s", msg)
-    if is_main:
+    if jax.process_index() == 0:
       (bar.write if bar is not None else print)(msg)
 
-  # ---- config, workdir, data
-  validate_config(config)
-  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may resolve
-  workdir = epath.Path(workdir)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-  data_dir = _resolve_data_dir(config, workdir, data_dir, note)
-  config.data.data_dir = data_dir
-  t = config.train
-  steps_per_epoch = pipeline.steps_per_epoch(data_dir, config)
-  num_steps = int(t.num_steps) or int(t.num_epochs) * steps_per_epoch
-  eval_every = int(t.eval_every_steps) or int(t.eval_every_epochs) * steps_per_epoch
-  log_every = max(1, int(t.log_every_steps))
-  global_bs = int(t.batch_size)
-  if is_main:
-    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
-
-  # ---- mesh, model, state shardings, steps
-  mesh = sharding.create_mesh()
-  model = model_lib.from_config(config.model)
-  tx = create_optimizer(config)
-  abstract, state_sh = state_sharding_for(config, model, tx, mesh)
-  p_train_step = make_train_step(model, tx, mesh, state_sh)
-  p_eval_step = make_eval_step(model, mesh, state_sh)
-  batch_sh = sharding.batch_sharding(mesh)
-
-  # ---- input
-  train_iter = pipeline.make_train_iter(
-    config, data_dir, process_index=jax.process_index(), process_count=jax.process_count()
-  )
-
-  # ---- restore: own checkpoint > init_from > scratch
-  manager = checkpointing.create_manager(
-    workdir,
-    keep=int(t.keep_checkpoints),
-    save_every_steps=int(t.checkpoint_every_steps),
-    async_save=bool(t.get("async_checkpoints", True)),
-  )
-  meta = {"num_steps": num_steps, "best_step": None, "best_val_mean_auc": None}
-  meta.update(evals_since_best=0, stopped_early=False, last_eval=None)
-  latest = manager.latest_step()
-  if latest is not None:
-    abstract_sh = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+  run = setup(config, workdir, data_dir, note)
+  with contextlib.nullcontext():  # XXXLOCK workdir_lock.hold(run.workdir, enabled=run.is_main):
+    t = run.config.train
+    manager = checkpointing.create_manager(
+      run.workdir,
+      keep=int(t.keep_checkpoints),
+      save_every_steps=int(t.checkpoint_every_steps),
+      async_save=bool(t.async_checkpoints),
     )
-    state, saved = checkpointing.restore(manager, latest, abstract_sh, train_iter)
-    meta.update({k: v for k, v in saved.items() if k != "num_steps"})
-    note(f"resuming from {checkpointing.checkpoint_dir(workdir) / str(latest)} (step {latest})")
-  else:
-    state = init_state(config, model, tx, mesh, state_sh)
-    init_from = t.get("init_from", "")
-    if init_from:
-      _, _, variables, src_step, _ = checkpointing.load_inference(init_from, which="best")
-      state = state.replace(
-        params=jax.device_put(variables["params"], state_sh.params),
-        batch_stats=jax.device_put(variables.get("batch_stats", {}), state_sh.batch_stats),
-      )
-      note(f"initialised weights from {init_from} (step {src_step}); optimizer from scratch")
-    else:
-      note("training from scratch")
-  start = int(jax.device_get(state.step))
-
-  if start >= num_steps or meta.get("stopped_early"):
-    why = "stopped early" if meta.get("stopped_early") else f"reached step {start}"
-    note(f"{workdir}: already finished ({why}); nothing to do")
-    manager.wait_until_finished()
-    result = _result(workdir, manager, meta, data_dir)
-    manager.close()
-    note(_final_line(result))
-    return result
-
-  # ---- loop
-  writer = tb_writer.MetricWriter(workdir, enabled=is_main)
-  if start == 0:
-    writer.write_text("config", config.to_json_best_effort(indent=2))
-  last_saved = latest
-  pending: list[tuple[int, dict]] = []
-  window_start, window_steps = time.perf_counter(), 0
-  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main)
-  logging.info(
-    "training steps %d..%d: %d steps/epoch, eval every %d, %d processes, %d devices",
-    start + 1,
-    num_steps,
-    steps_per_epoch,
-    eval_every,
-    jax.process_count(),
-    jax.device_count(),
-  )
-
-  def flush_metrics(step: int) -> None:
-    """Fetches the pending step metrics, stops on a non-finite one, logs their mean."""
-    nonlocal window_start, window_steps
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
-    pending.clear()
-    for s, m in zip(steps, fetched, strict=True):
-      if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
-        good = "none" if last_saved is None else f"step {last_saved}"
-        raise NonFiniteLossError(
-          f"non-finite loss ({float(m['loss'])}) or parameters at step {s}; stopping. "
-          f"Last good checkpoint: {good} in {checkpointing.checkpoint_dir(workdir)}"
+    train_iter = pipeline.make_train_iter(
+      run.config,
+      run.data_dir,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    try:
+      state, meta = restore_or_init(run, manager, train_iter)
+      start = int(jax.device_get(state.step))
+      if start >= run.num_steps or meta["stopped_early"]:
+        why = "stopped early" if meta["stopped_early"] else f"reached step {start}"
+        note(f"{run.workdir}: already finished ({why}); nothing to do")
+      else:
+        if run.is_main:
+          fileio.write_text(
+            run.workdir / CONFIG_FILE, run.config.to_json_best_effort(indent=2) + "\n"
+          )
+        writer = tb_writer.MetricWriter(run.workdir, enabled=run.is_main, resume_step=start)
+        if start == 0:
+          writer.write_text("config", run.config.to_json_best_effort(indent=2))
+        bar = tqdm(
+          total=run.num_steps, initial=start, desc="train", unit="step", disable=not run.is_main
         )
-    dt = time.perf_counter() - window_start
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    mean["images_per_s"] = window_steps * global_bs / max(dt, 1e-9)
-    mean["epoch"] = step / steps_per_epoch
-    writer.write(step, mean, kind="train")
-    bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{mean['images_per_s']:.1f}")
-    window_start, window_steps = time.perf_counter(), 0
-
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, num_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          local = next(train_iter)
-          batch = sharding.global_batch(
-            {"image": np.asarray(local["image"]), "labels": np.asarray(local["labels"])},
-            batch_sh,
-          )
-          state, step_metrics = p_train_step(state, batch)
-        pending.append((step, step_metrics))
-        window_steps += 1
-        if step == start + 1:
-          jax.block_until_ready(state)
-          logging.info("first step (compile) took %.1fs", time.perf_counter() - window_start)
-        bar.update(1)
-        is_eval = step % eval_every == 0 or step == num_steps
-        save = is_eval or manager.should_save(step)
-        if step % log_every == 0 or save:
-          flush_metrics(step)
-        eval_metrics = None
-        if is_eval:
-          eval_metrics = evaluate(p_eval_step, state, config, data_dir, mesh)
-          auc = _finite(eval_metrics["val_mean_auc"])
-          meta.update(
-            early_stopping_update(
-              meta, step, auc, patience=int(t.patience), last_step=step == num_steps
-            )
-          )
-          meta["last_eval"] = {"step": step, **tb_writer.json_safe(eval_metrics)}
-          per_class = dict(zip(_class_names(model), eval_metrics["val_per_class_auc"], strict=True))
-          writer.write(
-            step,
-            {
-              **eval_metrics,
-              "best_val_mean_auc": meta["best_val_mean_auc"],
-              **{f"auc_{name}": a for name, a in per_class.items()},
-            },
-            kind="eval",
-          )
-          auc_s = "n/a" if auc is None else f"{auc:.4f}"
-          note(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
-          if meta["stopped_early"]:
-            note(f"early stopping at step {step}: no improvement in {t.patience} evaluations")
-        if save or meta["stopped_early"]:
-          meta["step"], meta["epoch"] = step, step / steps_per_epoch
-          checkpointing.save(
-            manager,
-            step,
-            state,
-            train_iter,
-            config=config,
-            meta=meta,
-            metrics=None
-            if eval_metrics is None
-            else {checkpointing.BEST_METRIC: _finite(eval_metrics["val_mean_auc"])},
-          )
-          last_saved = step
-          writer.flush()
-        if is_eval or save:  # keep evaluation and saving out of the images/s window
-          window_start, window_steps = time.perf_counter(), 0
-        if meta["stopped_early"]:
-          break
-  except BaseException:
-    manager.wait_until_finished()
-    manager.close()
-    raise
-  finally:
-    bar.close()
-    bar = None
-    writer.close()
-  manager.wait_until_finished()
-
-  result = _result(workdir, manager, meta, data_dir)
-  manager.close()
-  if is_main:
-    (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        logging.info(
+          "training steps %d..%d: %d steps/epoch, eval every %d, %d processes, %d devices",
+          start + 1,
+          run.num_steps,
+          run.steps_per_epoch,
+          run.eval_every,
+          jax.process_count(),
+          jax.device_count(),
+        )
+        try:
+          with StopRequests() as stops, jax.set_mesh(run.mesh):
+            train_loop(run, state, meta, manager, train_iter, writer, bar, stops)
+        finally:
+          bar.close()
+          bar = None
+          writer.close()
+      manager.wait_until_finished()
+      result = _result(run, manager, meta)
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+  if run.is_main:
+    fileio.write_json(run.workdir / "result.json", result, indent=2)
   note(_final_line(result))
   return result

@@ -266,10 +266,10 @@ def test_remote_data_dir_is_refused_clearly(url):
   for open_remote in (
     lambda: pl.open_source(url, "train"),
     lambda: pl.ImageSource(url, "train"),
-    lambda: prep.open_index(url),
+    lambda: nih.open_index(url),
     lambda: pl.make_train_iter(make_config(), url),
   ):
-    with pytest.raises(prep.nih.DataError) as e:
+    with pytest.raises(nih.DataError) as e:
       open_remote()
     assert str(e.value) == msg
     assert isinstance(e.value, ValueError)

@@ -43,8 +43,7 @@ import cv2
 import grain
 import numpy as np
 
-from lsemil.data import imageio
-from lsemil.data import prepare as prep
+from lsemil.data import imageio, nih
 
 PAPER_SIDE = 512  # translation_px is in pixels of a 512x512 image (Sec 4.2)
 _log = logging.getLogger(__name__)
@@ -64,21 +63,21 @@ class ImageSource:
     data_dir: str | os.PathLike,
     split: str,
     *,
-    val_fraction: float = 0.25,
+    val_fraction: float = nih.VALID_FRACTION,
     split_seed: int = 0,
   ):
-    prep.require_local(data_dir)
+    nih.require_local(data_dir)
     self.data_dir = Path(data_dir)
     self.split = split
-    marker = prep.nih.read_marker(self.data_dir)
-    index = prep.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
+    marker = nih.read_marker(self.data_dir)
+    index = nih.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
     rows = index.rows(split)
     self.rows = rows.astype(np.int64)
     self.labels = np.asarray(index.labels, np.float32)[rows]
     self.image_ids = [index.image_ids[r] for r in rows]
     self.format = marker.get("format", "png") if marker.get("kind") == "prepared" else "png"
-    # Raw NIH images (no marker) are resized to 512 here, as `prepare` would.
-    self.resize_to = None if marker.get("kind") else prep.DEFAULT_SIZE
+    # Raw NIH images (no marker) are brought to 512 here, as `prepare` would.
+    self.raw = not marker.get("kind")
     self.paths: list[str] = []
     self._tfds_split: list[tuple[str, int]] = []
     self._tfds = None
@@ -88,12 +87,12 @@ class ImageSource:
       paths = [index.image_paths[r] for r in rows]
       missing = [self.image_ids[i] for i, p in enumerate(paths) if p is None]
       if missing:
-        raise prep.nih.DataError(
+        raise nih.DataError(
           f"{self.data_dir}: {len(missing)} images of split {split!r} have no file under "
           f"images/ (first: {missing[0]})"
         )
       self.paths = [str(p) for p in paths]
-      if self.resize_to is not None:
+      if self.raw:
         _log.warning(
           "%s: reading raw NIH images (decode + resize per step); run `lsemil prepare` once "
           "for a faster input pipeline",
@@ -102,12 +101,12 @@ class ImageSource:
 
   def _map_tfds(self, marker: dict, index, val_fraction: float, split_seed: int) -> None:
     """Maps each row of this split to (tfds split, record) of the prepare-time splits."""
-    vf = float(marker.get("val_fraction", 0.25))
+    vf = float(marker.get("val_fraction", nih.VALID_FRACTION))
     ss = int(marker.get("split_seed", 0))
     if (vf, ss) == (val_fraction, split_seed):
       built = index
     else:
-      built = prep.open_index(self.data_dir, val_fraction=vf, split_seed=ss)
+      built = nih.open_index(self.data_dir, val_fraction=vf, split_seed=ss)
     where = {}
     for s in ("train", "valid", "test"):
       for pos, r in enumerate(built.rows(s)):
@@ -138,12 +137,12 @@ class ImageSource:
       image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
       name = f"{self.data_dir}/tfds[{s}][{pos}]"
       if image_id != self.image_ids[i]:
-        raise prep.nih.DataError(f"{name}: holds {image_id}, expected {self.image_ids[i]}")
+        raise nih.DataError(f"{name}: holds {image_id}, expected {self.image_ids[i]}")
       image = imageio.decode_png(rec["png"], f"{name} ({image_id})")
     else:
       image = imageio.read_gray(self.paths[i])
-      if self.resize_to is not None:
-        image = imageio.resize_gray(image, self.resize_to)
+      if self.raw:
+        image = prepared_image(image)
     return {"image": image, "labels": self.labels[i], "row": int(self.rows[i])}
 
   def __repr__(self) -> str:
@@ -158,26 +157,45 @@ def _cached_source(data_dir: str, split: str, val_fraction: float, split_seed: i
 
 def _stamp(data_dir: Path) -> tuple:
   """Modification times of the folder's metadata: a re-prepared folder is re-read."""
-  return tuple(
-    sorted((p.name, p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file())
-  )
+  return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file()))
 
 
 def open_source(
-  data_dir: str | os.PathLike, split: str, *, val_fraction: float = 0.25, split_seed: int = 0
+  data_dir: str | os.PathLike,
+  split: str,
+  *,
+  val_fraction: float = nih.VALID_FRACTION,
+  split_seed: int = 0,
 ) -> ImageSource:
   """A random-access source over one split (train / valid / test) of any dataset folder
   (on local disk: a gs:// or other URL raises DataError)."""
-  prep.require_local(data_dir)
+  nih.require_local(data_dir)
   root = Path(data_dir).resolve()
   if not root.is_dir():
-    raise prep.nih.DataError(f"{root}: not a folder")
+    raise nih.DataError(f"{root}: not a folder")
   return _cached_source(str(root), split, float(val_fraction), int(split_seed), _stamp(root))
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-  """One image file -> uint8 (size, size), resized as `prepare` does (for predict)."""
-  return imageio.load_image(path, size)
+# --------------------------------------------------------------------------- the input contract
+
+
+def prepared_image(image: np.ndarray) -> np.ndarray:
+  """A decoded raw image -> what `lsemil prepare` stores (Sec 4.2): larger than 512 px,
+  resized to 512 x 512 (anti-aliased, as skimage); 512 or smaller, kept as it is."""
+  if max(image.shape) > nih.PREPARED_SIZE or image.shape[0] != image.shape[1]:
+    return imageio.resize_gray(image, nih.PREPARED_SIZE)
+  return image
+
+
+def eval_image(image: np.ndarray, out_size: int) -> np.ndarray:
+  """THE evaluation input contract: a decoded uint8 grey image of any size (a stored image
+  of a dataset folder, or any file `predict` reads) -> the uint8 (S, S) model input.
+
+  `prepared_image` first (a prepared folder's images already are), then one unaugmented
+  warp to the model side S. The model takes uint8 (B, S, S, 1) and scales it to [0, 1] on
+  the device. Evaluation, validation, reproduce and predict all go through this function.
+  """
+  return warp(prepared_image(image), int(out_size))
 
 
 # --------------------------------------------------------------------------- transforms
@@ -297,7 +315,7 @@ class _EvalElement(grain.transforms.Map):
       }
     rec = self.source[g]
     return {
-      "image": warp(rec["image"], s),
+      "image": eval_image(rec["image"], s),
       "labels": rec["labels"],
       "mask": np.True_,
       "row": np.int32(rec["row"]),
@@ -305,11 +323,6 @@ class _EvalElement(grain.transforms.Map):
 
 
 # --------------------------------------------------------------------------- pipelines
-
-
-def _get(cfg, name: str, default):
-  value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-  return default if value is None else value
 
 
 def _local_batch(global_batch: int, process_count: int, what: str) -> int:
@@ -327,8 +340,8 @@ def _source_for(config, data_dir, split: str) -> ImageSource:
   return open_source(
     data_dir,
     split,
-    val_fraction=float(_get(data, "val_fraction", 0.25)),
-    split_seed=int(_get(data, "split_seed", 0)),
+    val_fraction=float(data.val_fraction),
+    split_seed=int(data.split_seed),
   )
 
 
@@ -337,14 +350,14 @@ def _read_options(config, local_batch: int) -> grain.ReadOptions:
   # grain's default of 16 threads oversubscribes small hosts (measured on 2 cores: 2-4
   # threads gave ~10% more images/s than 16); cv2 releases the GIL, so 2 per core suffice.
   default_threads = max(2, min(grain.ReadOptions().num_threads, 2 * (os.cpu_count() or 1)))
-  threads = int(_get(data, "read_threads", 0)) or default_threads
+  threads = int(data.read_threads) or default_threads
   # prefetch_buffer_size counts batches; ReadOptions counts elements.
-  buffer = max(threads, int(_get(data, "prefetch_buffer_size", 2)) * local_batch)
+  buffer = max(threads, int(data.prefetch_buffer_size) * local_batch)
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
 
 
 def _maybe_workers(ds: grain.IterDataset, config) -> grain.IterDataset:
-  workers = int(_get(config.data, "worker_count", 0))
+  workers = int(config.data.worker_count)
   if workers <= 0:
     return ds
   from absl import flags
@@ -352,7 +365,7 @@ def _maybe_workers(ds: grain.IterDataset, config) -> grain.IterDataset:
   # grain reads an absl flag in its workers; outside an absl app they are unparsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  per_worker = max(1, int(_get(config.data, "prefetch_buffer_size", 2)))
+  per_worker = max(1, int(config.data.prefetch_buffer_size))
   return ds.mp_prefetch(
     grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=per_worker)
   )
@@ -371,10 +384,10 @@ def train_dataset(
   data = config.data
   augment = Augment(
     int(config.model.input_size),
-    rotation_deg=float(_get(data, "rotation_deg", 25.0)),
-    translation_px=float(_get(data, "translation_px", 50.0)),
-    zoom_range=tuple(_get(data, "zoom_range", (0.75, 1.25))),
-    augment=bool(_get(data, "augment", True)),
+    rotation_deg=float(data.rotation_deg),
+    translation_px=float(data.translation_px),
+    zoom_range=tuple(data.zoom_range),
+    augment=bool(data.augment),
   )
   ds = grain.MapDataset.source(source).seed(int(config.seed)).shuffle().repeat(None)
   ds = ds.random_map(augment)
@@ -412,6 +425,11 @@ def make_eval_iter(
   ds = grain.MapDataset.range(num_batches * local).map(element)
   it = ds.to_iter_dataset(_read_options(config, local)).batch(local)
   return _maybe_workers(it, config).map(_add_channel)
+
+
+def split_rows(config, data_dir, split: str) -> np.ndarray:
+  """The index rows of one split, in the order `make_eval_iter` yields them."""
+  return _source_for(config, data_dir, split).rows
 
 
 def num_examples(data_dir, split: str, config) -> int:

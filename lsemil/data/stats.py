@@ -8,17 +8,15 @@ and our validation split is drawn anew (the paper's own draw was not published).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import sys
 import types
 from collections.abc import Mapping
 
 import numpy as np
 
-from lsemil.data.nih import CLASSES, SPLITS, DataError, NihIndex, load_index
+from lsemil.data.nih import CLASSES, SPLITS, NihIndex
 
 # Paper Table 1: (train, valid, test, bbox) per class in NIH order; bbox None where it has '-'.
 PAPER_TABLE1: Mapping[str, tuple[int, int, int, int | None]] = types.MappingProxyType(
@@ -126,26 +124,3 @@ def format_table1(index: NihIndex, fmt: str = "md") -> str:
       "train/valid draw was not published.",
     ]
   return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str]) -> int:
-  """`lsemil stats`: print Table 1 of an NIH-layout folder."""
-  parser = argparse.ArgumentParser(
-    prog="lsemil stats",
-    description="Print Table 1 of the paper (positives per class and split, boxes per class) "
-    "for an NIH ChestX-ray14 folder or a synthetic one in its layout.",
-  )
-  parser.add_argument(
-    "--nih-dir", required=True, help="folder with Data_Entry_2017*.csv[.gz], BBox_List_2017.csv"
-    "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)"
-  )
-  parser.add_argument("--format", choices=FORMATS, default="md", help="output format (md)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
-  args = parser.parse_args(argv)
-  try:
-    index = load_index(args.nih_dir, seed=args.seed)
-  except DataError as e:
-    print(f"lsemil stats: {e}", file=sys.stderr)
-    return 1
-  sys.stdout.write(format_table1(index, args.format))
-  return 0

@@ -25,7 +25,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lsemil.data import imageio, nih
-from lsemil.data import prepare as prep
 
 NAME = "nih_chest_xray14"
 SPLITS = ("train", "valid", "test")
@@ -36,7 +35,7 @@ class NihConfig(tfds.core.BuilderConfig):
   """Output side and the validation split (Sec 4.1) the TFDS splits are cut with."""
 
   size: int = 512
-  val_fraction: float = 0.25
+  val_fraction: float = nih.VALID_FRACTION
   split_seed: int = 0
 
 
@@ -44,7 +43,9 @@ def config_name(size: int, val_fraction: float, split_seed: int) -> str:
   return f"s{size}_v{round(val_fraction * 1000):03d}_seed{split_seed}"
 
 
-def make_config(size: int = 512, val_fraction: float = 0.25, split_seed: int = 0) -> NihConfig:
+def make_config(
+  size: int = 512, val_fraction: float = nih.VALID_FRACTION, split_seed: int = 0
+) -> NihConfig:
   return NihConfig(
     name=config_name(size, val_fraction, split_seed),
     description=f"{size}x{size} 8-bit PNG bytes; valid = {val_fraction:g} of train_val patients",
@@ -111,7 +112,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = Path(dl_manager.manual_dir)
     cfg = self.builder_config
-    index = prep.open_index(root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    index = nih.open_index(root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
     return {s: self._generate_examples(index, index.rows(s)) for s in SPLITS}
 
   def _generate_examples(self, index, rows):
@@ -126,12 +127,15 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
     try:
       for i, (row, (data, reason)) in enumerate(zip(rows, results, strict=True)):
         if data is None:
-          raise prep.PrepareError(reason)
-        yield i, {
-          "image_id": index.image_ids[row].encode(),
-          "png": data,
-          "labels": np.asarray(index.labels[row], np.uint8),
-        }
+          raise nih.DataError(reason)
+        yield (
+          i,
+          {
+            "image_id": index.image_ids[row].encode(),
+            "png": data,
+            "labels": np.asarray(index.labels[row], np.uint8),
+          },
+        )
     finally:
       if pool is not None:
         pool.terminate()
@@ -148,7 +152,7 @@ def build(
   data_dir: str | os.PathLike,
   *,
   size: int = 512,
-  val_fraction: float = 0.25,
+  val_fraction: float = nih.VALID_FRACTION,
   split_seed: int = 0,
   workers: int | None = None,
 ) -> Path:

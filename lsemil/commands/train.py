@@ -3,7 +3,7 @@
   lsemil train --config configs/paper.py:r0=5 --workdir W --data-dir D [--config.x=y ...]
   lsemil train --config configs/smoke.py --workdir W      # synthesizes W/data, < 1 min on CPU
 
-Thin entry point: flags, optional jax.distributed start-up, then
+Thin entry point (flax's main.py): flags, optional jax.distributed start-up, then
 `lsemil.train.train_and_evaluate` (importable from notebooks and other commands). Any config
 field can be overridden on the command line (`--config.train.batch_size=16`). Running again
 with the same workdir resumes from its latest checkpoint at the exact next batch.
@@ -14,10 +14,11 @@ or set LSEMIL_MULTIHOST=1 (Cloud TPU: no other argument needed).
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
+
+from lsemil import config_lib
+from lsemil.errors import ConfigError
 
 _USAGE = "lsemil train --config FILE[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
 
@@ -84,16 +85,43 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
   return fv
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first --config.FIELD override that names no field of the config file, as a message."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return None
+  try:
+    config = config_lib.load_config(spec)
+  except Exception:  # noqa: BLE001  (the config file's own error is reported by absl)
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config.") :].split("=", 1)[0]
+    node, walked = config, []
+    for key in path.split("."):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(walked) or "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+        return f"--config.{path}: {where} has no field {key!r} (its fields: {known})"
+      node, walked = node[key], [*walked, key]
+  return None
+
+
 def main(argv: list[str]) -> int:
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
     print(_help(_define_flags(["lsemil train"])))
     return 0
+  argv = _normalise(argv)
   try:
     fv = parse_flags(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
-    # config_flags reports an unknown --config.FIELD as AttributeError, a bad file as OSError.
-    print(f"lsemil train: {e}\nusage: {_USAGE}", file=sys.stderr)
-    return 2
+    # config_flags reports an unknown --config.FIELD as AttributeError / KeyError naming only
+    # the last key, a bad file as OSError: say which field of which file.
+    msg = _unknown_override(argv) or str(e)
+    raise ConfigError(f"{msg}\nusage: {_USAGE}") from None
 
   # grain's worker processes read absl flags; mark the global set parsed for them.
   if not flags.FLAGS.is_parsed():
@@ -107,7 +135,7 @@ def main(argv: list[str]) -> int:
 
   import jax
 
-  from lsemil import train
+  from lsemil import fileio, train
 
   logging.info(
     "process %d of %d, local devices %s",
@@ -115,16 +143,6 @@ def main(argv: list[str]) -> int:
     jax.process_count(),
     jax.local_devices(),
   )
-  try:
-    train.train_and_evaluate(fv.config, fv.workdir, data_dir=fv.data_dir)
-  except ValueError as e:
-    print(f"lsemil train: {e}", file=sys.stderr)
-    return 2
-  except train.NonFiniteLossError as e:
-    print(f"lsemil train: {e}", file=sys.stderr)
-    return 1
+  data_dir = fileio.resolve(fv.data_dir) if fv.data_dir else None
+  train.train_and_evaluate(fv.config, fileio.resolve(fv.workdir), data_dir=data_dir)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

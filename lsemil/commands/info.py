@@ -7,8 +7,17 @@ import importlib.metadata
 import platform
 
 PACKAGES = (
-  "lsemil", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-  "tensorflow-datasets", "numpy", "chex", "ml_collections",
+  "lsemil",
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "tensorflow-datasets",
+  "numpy",
+  "chex",
+  "ml_collections",
 )
 
 
@@ -49,9 +58,11 @@ def main(argv: list[str]) -> int:
   params = model_lib.param_count(variables["params"])
   gflops = model_lib.forward_flops(model) / 1e9
   m = config.model
-  print(f"config   {args.config} ({config.name}): input {m.input_size}x{m.input_size}, "
-        f"saliency {m.saliency_size}x{m.saliency_size}, levels {spec.level_sides}, "
-        f"pooling {m.pooling} (r0={m.r0})")
+  print(
+    f"config   {args.config} ({config.name}): input {m.input_size}x{m.input_size}, "
+    f"saliency {m.saliency_size}x{m.saliency_size}, levels {spec.level_sides}, "
+    f"pooling {m.pooling} (r0={m.r0})"
+  )
   print(f"params   {params:,}")
   print(f"forward  {gflops:.4g} GFLOPs/image (XLA cost analysis)")
   return 0

@@ -1,0 +1,43 @@
+"""Argument parsing shared by the commands: values checked where they are read."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def unit_floats(text: str, what: str) -> list[float]:
+  """'0.1,0.5' -> [0.1, 0.5]; every value in (0, 1); raises argparse.ArgumentTypeError."""
+  try:
+    vals = [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"{what}: expected comma-separated numbers, got {text!r}"
+    ) from None
+  if not vals or any(not 0 < v < 1 for v in vals):
+    raise argparse.ArgumentTypeError(f"{what}: values must lie in (0, 1), got {text!r}")
+  return vals
+
+
+def taus(text: str) -> tuple[float, ...]:
+  """argparse type of --taus."""
+  return tuple(unit_floats(text, "--taus"))
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def nonnegative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+  return value

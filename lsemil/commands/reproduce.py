@@ -1,0 +1,125 @@
+"""`lsemil reproduce`: the paper's Tables 1-3 and Figures 1 and 3 from trained runs (Sec 4.1-4.4).
+
+  lsemil reproduce --run r0=0:W0 --run r0=5:W5 --run r0=10:W10 --data-dir D --out R
+
+See `lsemil.reproduce` for what is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+from lsemil import evaluate as ev
+from lsemil import fileio, report, sharding
+from lsemil import reproduce as rp
+from lsemil.commands import args as args_lib
+from lsemil.data import nih
+
+_R0_LABEL = re.compile(r"^r0=([-+0-9.eE]+)$")
+
+
+def parse_run(spec: str) -> tuple[str, float | None, str]:
+  """'r0=5:W' -> ('r0=5', 5.0, 'W'); 'name:W' -> ('name', None, 'W'); 'W' -> ('W', None, 'W')."""
+  label, sep, path = spec.partition(":")
+  if not sep or "/" in label or not path or path.startswith("//"):
+    return spec, None, spec  # a bare path (also gs://...)
+  m = _R0_LABEL.match(label)
+  r0 = float(m.group(1)) if m else None
+  if r0 is not None and not math.isfinite(r0):
+    raise argparse.ArgumentTypeError(f"--run {spec!r}: r0 must be a finite number")
+  return label, r0, path
+
+
+def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
+  """'Nodule=0.4,0.8' -> ('Nodule', (0.4, 0.8))."""
+  name, sep, values = spec.partition("=")
+  if not sep:
+    raise argparse.ArgumentTypeError(f"--tau {spec!r}: expected CLASS=T1,T2,...")
+  cls = report.canonical_class(name)
+  if cls not in nih.BOX_CLASSES:
+    raise argparse.ArgumentTypeError(
+      f"--tau {spec!r}: {cls} has no boxes; box classes: {nih.BOX_CLASSES}"
+    )
+  taus = tuple(args_lib.unit_floats(values, f"--tau {spec!r}"))
+  return cls, taus
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog="lsemil reproduce",
+    description="Tables 1-3 and Figures 1 and 3 of Yao et al. 2018 from trained runs, in the "
+    "paper's layout beside the paper's numbers (Markdown + CSV, PNG, summary.json).",
+  )
+  p.add_argument(
+    "--run",
+    action="append",
+    required=True,
+    metavar="LABEL:WORKDIR",
+    help="a run, e.g. r0=5:W5 (repeatable; labels r0=0 / r0=5 / r0=10 line up with the "
+    "paper's columns; a bare WORKDIR is labelled by its path)",
+  )
+  p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the first run)")
+  p.add_argument("--out", required=True, help="output folder R")
+  p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
+  p.add_argument(
+    "--which",
+    choices=("best", "latest"),
+    default="best",
+    help="checkpoint of each run (default best validation mean AUC)",
+  )
+  p.add_argument(
+    "--tau",
+    action="append",
+    metavar="CLASS=T1,T2",
+    help="Table 2 columns (repeatable; default the paper's Pneumonia=0.1,0.4 "
+    "Nodule=0.4,0.8 Infiltration=0.1,0.8)",
+  )
+  p.add_argument(
+    "--figure-images",
+    type=int,
+    default=ev.FIGURE_CASES,
+    help=f"rows of Figure 3 (default {ev.FIGURE_CASES}; 0 = no Figure 3)",
+  )
+  p.add_argument(
+    "--n-boot",
+    type=args_lib.nonnegative_int,
+    default=ev.DEFAULT_N_BOOT,
+    help="bootstrap resamples for AUC CIs when a run must be evaluated",
+  )
+  p.add_argument(
+    "--force", action="store_true", help="re-evaluate even when a matching evaluation JSON exists"
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
+def main(argv: list[str]) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  sharding.maybe_initialize_distributed()
+  try:
+    runs = [parse_run(s) for s in args.run]
+    classes_taus = [parse_tau(s) for s in args.tau] if args.tau else report.DEFAULT_CLASSES_TAUS
+  except argparse.ArgumentTypeError as e:
+    parser.error(str(e))
+  runs = [(label, r0, fileio.resolve(path)) for label, r0, path in runs]
+  out = fileio.resolve(args.out)
+  summary = rp.reproduce_runs(
+    runs,
+    args.data_dir and fileio.resolve(args.data_dir),
+    out,
+    split=args.split,
+    which=args.which,
+    classes_taus=classes_taus,
+    n_figure=args.figure_images,
+    n_boot=args.n_boot,
+    force=args.force,
+    progress=not args.no_progress,
+  )
+  if "tables" in summary:  # process 0
+    print(summary["tables"]["table3"])
+    figures = ", ".join(summary["figures"]) or "no figures"
+    print(f"wrote tables, {figures} and summary.json to {out}")
+  return 0

@@ -1,0 +1,366 @@
+"""lsemil.html_report and lsemil.plots: Markdown conversion, figures, thumbnails, and the
+report loaded from disk (file://) in headless Chromium: no console errors, every image loads,
+the gallery holds one card per box image and sorts / filters in the browser."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from lsemil import html_report, metrics, plots, report
+from lsemil.data.nih import CLASSES
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+def test_markdown_table_to_html():
+  md = "| a | b & c |\n|:---|---:|\n| **0.9** | <x> |\n"
+  out = html_report.markdown_to_html(md)
+  assert out.count("<table>") == 1 and out.count("<tr>") == 2
+  assert '<th style="text-align:left">a</th>' in out
+  assert '<th style="text-align:right">b &amp; c</th>' in out
+  assert '<td style="text-align:left"><b>0.9</b></td>' in out
+  assert "&lt;x&gt;" in out and "<x>" not in out
+  text = "# Head\n\nsome `code` and **bold**\ncontinued\n\n" + md + "Bold rule: see CSV.\n"
+  out = html_report.markdown_to_html(text)
+  assert "<h3>Head</h3>" in out
+  assert "<p>some <code>code</code> and <b>bold</b> continued</p>" in out
+  assert out.index("<table>") < out.index("<p>Bold rule: see CSV.</p>")
+
+
+def test_report_tables_convert():
+  run = {"label": "r0=5", "auc": [0.7] * 14, "dice": {"Mass": 0.3}}
+  md, _ = report.table3([run, {**run, "label": "r0=10", "auc": [0.8] * 14}])
+  out = html_report.markdown_to_html(md)
+  n_rows = len([x for x in md.splitlines() if x.startswith("|")]) - 1  # minus the align row
+  assert out.count("<tr>") == n_rows
+  assert "<b>0.800</b>" in out and "**" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def test_roc_curve_area_is_roc_auc():
+  rng = np.random.default_rng(0)
+  y = rng.random(200) < 0.3
+  s = np.round(y + rng.normal(size=200), 1)  # ties, including positive-negative ties
+  fpr, tpr = plots.roc_curve(y, s)
+  assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+  assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+  area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+  assert area == pytest.approx(metrics.roc_auc(y, s), abs=1e-12)
+  assert plots.roc_curve(np.zeros(5), np.arange(5))[0].size == 0
+
+
+def _png_size(path) -> tuple[int, int]:
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    return im.size
+
+
+def test_roc_curves_and_reliability_diagrams(tmp_path):
+  rng = np.random.default_rng(1)
+  y = rng.random((150, 14)) < 0.2
+  y[:, 13] = False  # a class without positives: 'n/a'
+  runs = [(f"r0={r}", 1 / (1 + np.exp(-(2 * y + rng.normal(size=y.shape) - 1)))) for r in (5, 10)]
+  fig = plots.roc_curves(tmp_path / "roc.png", y, runs, CLASSES)
+  w, h = _png_size(tmp_path / "roc.png")
+  assert w > 800 and h > 800
+  axes = fig.get_axes()
+  assert len(axes) == 16 and sum(ax.get_visible() and ax.axison for ax in axes) == 14
+  assert len(axes[0].get_lines()) == 3  # diagonal + 2 runs
+  assert axes[13].get_title().endswith("(n/a)") and len(axes[13].get_lines()) == 1
+  fitted = {"r0=5": np.clip(runs[0][1] * 0.5, 0, 1)}
+  fig = plots.reliability_diagrams(tmp_path / "rel.png", y, runs, fitted=fitted)
+  _png_size(tmp_path / "rel.png")
+  ax0, ax1 = fig.get_axes()[:2]
+  assert len(ax0.get_lines()) == 3 and len(ax1.get_lines()) == 2  # perfect + raw (+ fitted)
+  assert "ECE" in ax0.get_legend().get_texts()[1].get_text()
+
+
+def test_thumbnail():
+  img = np.zeros((64, 64))
+  img[:, 32:] = 1.0
+  sal = np.zeros((4, 4))
+  sal[0, 0] = 1.0  # the top-left 16x16 source pixels = 32x32 thumbnail pixels
+  data = plots.thumbnail(img, sal, [[512, 512, 256, 256]], source_size=1024, size=128)
+  im = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+  assert im.shape == (128, 128, 3)
+  jet = matplotlib.colormaps["jet"]
+
+  def blend(grey, s):  # 0.5 grey + 0.5 jet(s), in 0..255
+    return np.round(255 * (0.5 * grey + 0.5 * np.asarray(jet(s)[:3])))
+
+  np.testing.assert_allclose(im[10, 10], blend(0.0, 1.0), atol=1)  # dark red over black
+  np.testing.assert_allclose(im[100, 20], blend(0.0, 0.0), atol=1)  # dark blue over black
+  np.testing.assert_allclose(im[100, 100], blend(1.0, 0.0), atol=1)  # over white
+  assert tuple(im[64, 80]) == (0, 255, 0)  # box outline at 512/1024 * 128 = 64
+  assert tuple(im[70, 80]) != (0, 255, 0)  # inside the box: not filled
+  plain = np.asarray(Image.open(io.BytesIO(plots.thumbnail(img, size=128))).convert("L"))
+  assert plain[5, 5] == 0 and plain[5, 120] == 255  # no overlay: the grey image
+  jpeg = plots.thumbnail(img, sal, size=128, format="jpeg")
+  assert jpeg[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(jpeg)).size == (128, 128)
+  with pytest.raises(ValueError, match="format"):
+    plots.thumbnail(img, format="gif")
+
+
+# ----------------------------------------------------------------------------------------------
+# The report (structure, without a browser)
+
+
+def _fake_xray(rng, n=96) -> np.ndarray:
+  yy, xx = np.mgrid[0:n, 0:n] / n
+  return np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 4) + 0.1 * rng.random((n, n))
+
+
+@pytest.fixture(scope="module")
+def figure_pngs(tmp_path_factory):
+  """Real ROC and reliability PNGs and a Table 3 in Markdown, made once for the module."""
+  src = tmp_path_factory.mktemp("src")
+  rng = np.random.default_rng(0)
+  y = rng.random((120, 14)) < 0.25
+  probs = [1 / (1 + np.exp(-(2 * y + rng.normal(size=y.shape) - 2))) for _ in range(2)]
+  runs = [("r0=5", probs[0]), ("r0=10", probs[1])]
+  plots.roc_curves(src / "roc.png", y, runs)
+  plots.reliability_diagrams(src / "rel.png", y, runs)
+  md, _ = report.table3([{"label": lb, "auc": metrics.per_class_auc(y, p)} for lb, p in runs])
+  return src, md
+
+
+def _inputs(figure_pngs, n_items=5):
+  src, md = figure_pngs
+  rng = np.random.default_rng(0)
+  classes = ["Mass", "Nodule", "Atelectasis", "Mass", "Pneumonia", "Effusion", "Nodule"]
+  gallery = []
+  for i in range(n_items):
+    boxes = [[100 + 60 * i, 200, 300, 250]]
+    sal = {lb: rng.random((8, 8)) for lb in ("r0=5", "r0=10")}
+    gallery.append(
+      html_report.gallery_item(
+        _fake_xray(rng), boxes, classes[i % len(classes)], sal, size=96, caption=f"img{i}.png"
+      )
+    )
+  tables = [("Table 3", md + "\nBold: best of our runs.\n"), ("Raw", "<p id='raw'>x</p>")]
+  figures = [("ROC curves", src / "roc.png"), ("Reliability", src / "rel.png")]
+  return tables, figures, gallery
+
+
+class _Tags(HTMLParser):
+  def __init__(self):
+    super().__init__()
+    self.tags: list[tuple[str, dict]] = []
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append((tag, dict(attrs)))
+
+
+def _parse(path) -> list[tuple[str, dict]]:
+  p = _Tags()
+  p.feed(Path(path).read_text())
+  return p.tags
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_write_report_is_self_contained(tmp_path, figure_pngs, embed):
+  tables, figures, gallery = _inputs(figure_pngs)
+  out = html_report.write_report(
+    tmp_path / "results",
+    title="t <1>",
+    tables=tables,
+    figures=figures,
+    gallery=gallery,
+    embed=embed,
+  )
+  assert Path(out) == tmp_path / "results" / "index.html"
+  text = Path(out).read_text()
+  tags = _parse(out)
+  srcs = [a["src"] for t, a in tags if t == "img"]
+  assert len(srcs) == 2 + 5 * 3  # figures + (ground truth + 2 runs) per item
+  assert sum(1 for t, a in tags if "gallery-item" in a.get("class", "")) == 5
+  # No network and no external script / style sheet.
+  assert not re.search(r"(src|href)=\"(https?:)?//", text)
+  assert not any(t in ("link", "iframe") or (t == "script" and "src" in a) for t, a in tags)
+  if embed:
+    assert all(re.match(r"data:image/(png|jpeg);base64,", s) for s in srcs)
+    assert sum(s.startswith("data:image/jpeg") for s in srcs) == 5 * 3  # gallery: JPEG
+    assert not (tmp_path / "results" / html_report.ASSETS).exists()
+  else:
+    assert not any(s.startswith("data:") or os.path.isabs(s) for s in srcs)
+    assert all((tmp_path / "results" / s).is_file() for s in srcs)
+  ids = [a["id"] for _, a in tags if "id" in a]
+  assert len(ids) == len(set(ids)), "duplicate element ids"
+  assert "<title>t &lt;1&gt;</title>" in text and "<p id='raw'>x</p>" in text
+
+
+def test_write_report_auto_embed_and_links_beside(tmp_path, figure_pngs, monkeypatch):
+  _, _, gallery = _inputs(figure_pngs, n_items=1)
+  res = tmp_path / "res"
+  plots.roc_curves(
+    res / "roc.png", np.array([[1], [0]]), [("a", np.array([[0.6], [0.4]]))], ["Mass"]
+  )
+  out = html_report.write_report(
+    res, title="t", figures=[("roc", res / "roc.png")], gallery=gallery
+  )
+  assert "data:image/png" in Path(out).read_text()  # small: embedded
+  monkeypatch.setattr(html_report, "EMBED_LIMIT", 10)
+  out = html_report.write_report(
+    res, title="t", figures=[("roc", res / "roc.png")], gallery=gallery
+  )
+  srcs = [a["src"] for t, a in _parse(out) if t == "img"]
+  assert srcs[0] == "roc.png"  # already beside the page: linked where it is
+  assert all(s.startswith(html_report.ASSETS + "/") for s in srcs[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The report in a real browser
+
+
+def _chromium() -> str | None:
+  for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+    if path := shutil.which(name):
+      return path
+  return None
+
+
+# Injected first into <head> of a copy of the page: records errors (including failed image
+# loads, via the capture phase) and console.error, then after load checks every image,
+# exercises the gallery's controls, and writes the findings into the DOM as JSON.
+_PROBE = """<script>
+window.__errs=[];
+window.addEventListener('error',function(e){
+  var t=e.target;window.__errs.push(t&&t.tagName?('load failed: '+t.tagName+' '+(t.src||'')
+    .slice(0,60)):('error: '+e.message));},true);
+var __ce=console.error;console.error=function(){
+  window.__errs.push('console.error: '+Array.prototype.join.call(arguments,' '));
+  __ce.apply(console,arguments);};
+window.addEventListener('load',function(){setTimeout(function(){
+  var r={errors:window.__errs},imgs=Array.prototype.slice.call(document.images);
+  r.images=imgs.length;
+  r.broken=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);})
+    .map(function(i){return i.src.slice(0,60);});
+  var items=function(){return Array.prototype.slice.call(
+    document.querySelectorAll('.gallery-item'));};
+  r.gallery=items().length;
+  var cnt=document.getElementById('gallery-count');r.count_text=cnt?cnt.textContent:null;
+  var s=document.getElementById('gallery-sort'),c=document.getElementById('gallery-class');
+  if(s){
+    s.value='dice:0:desc';s.dispatchEvent(new Event('change'));
+    r.dice0_desc=items().map(function(e){return parseFloat(e.dataset.dice0);});
+    s.value='dice:1:asc';s.dispatchEvent(new Event('change'));
+    r.dice1_asc=items().map(function(e){return parseFloat(e.dataset.dice1);});
+    s.value='class';s.dispatchEvent(new Event('change'));
+    r.by_class=items().map(function(e){return e.dataset.cls;});
+    c.value='Mass';c.dispatchEvent(new Event('change'));
+    r.mass_visible=items().filter(function(e){return e.style.display!=='none';}).length;
+    r.mass_count_text=cnt.textContent;
+  }
+  var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(r);
+  document.body.appendChild(pre);},0);});
+</script>"""
+
+
+def _chromium_run(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+  cmd = [
+    exe,
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-extensions",
+    f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    *args,
+  ]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _probe(exe: str, page: Path, tmp_path: Path) -> dict:
+  probe = page.with_name("_probe_" + page.name)  # beside it: relative image paths resolve
+  probe.write_text(page.read_text().replace("<head>", "<head>\n" + _PROBE, 1))
+  out = _chromium_run(exe, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+  m = re.search(r'<pre id="probe">(.*?)</pre>', out.stdout, re.S)
+  assert m, f"no probe result; chromium rc {out.returncode}: {out.stderr[-2000:]}"
+  return json.loads(html.unescape(m.group(1)))
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+  exe = _chromium()
+  if exe is None:
+    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run does)")
+  try:
+    v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    pytest.skip(f"{exe} cannot be run: {e}")
+  if v.returncode != 0:
+    pytest.skip(f"{exe} --version failed: {v.stderr.strip()[:200]}")
+  return exe
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_report_in_chromium(chromium, tmp_path, figure_pngs, embed):
+  tables, figures, gallery = _inputs(figure_pngs, n_items=7)
+  page = Path(
+    html_report.write_report(
+      tmp_path / "results",
+      title="lsemil report",
+      tables=tables,
+      figures=figures,
+      gallery=gallery,
+      embed=embed,
+    )
+  )
+  r = _probe(chromium, page, tmp_path)
+  assert r["errors"] == []
+  assert r["images"] == 2 + 7 * 3 and r["broken"] == []
+  assert r["gallery"] == 7 and r["count_text"] == "7 of 7 images"
+  d0 = [g["runs"][0]["dice"] for g in gallery]
+  d1 = [g["runs"][1]["dice"] for g in gallery]
+  np.testing.assert_allclose(r["dice0_desc"], sorted(d0, reverse=True))
+  np.testing.assert_allclose(r["dice1_asc"], sorted(d1))
+  assert r["by_class"] == sorted(g["cls"] for g in gallery)
+  n_mass = sum(g["cls"] == "Mass" for g in gallery)
+  assert r["mass_visible"] == n_mass == 2 and r["mass_count_text"] == "2 of 7 images"
+  if embed:  # a screenshot of the page itself, not the probe copy
+    shot = tmp_path / "screenshot.png"
+    _chromium_run(
+      chromium,
+      tmp_path,
+      "--window-size=1280,2200",
+      "--hide-scrollbars",
+      f"--screenshot={shot}",
+      page.as_uri(),
+    )
+    assert _png_size(shot) == (1280, 2200)
+    px = np.asarray(Image.open(shot).convert("L"))
+    assert px.std() > 10  # not a blank page
+    if keep := os.environ.get("LSEMIL_KEEP_SCREENSHOT"):
+      shutil.copy(shot, keep)
+
+
+def test_probe_catches_errors(chromium, tmp_path):
+  # The probe must be able to fail: a missing image, a script error and console.error.
+  page = tmp_path / "bad.html"
+  page.write_text(
+    "<!DOCTYPE html><html><head><title>x</title></head><body>"
+    '<img src="missing.png"><script>console.error("boom");undefinedFn();</script>'
+    "</body></html>"
+  )
+  r = _probe(chromium, page, tmp_path)
+  assert len(r["broken"]) == 1 and r["gallery"] == 0
+  text = " | ".join(r["errors"])
+  assert "load failed: IMG" in text and "console.error: boom" in text and "undefinedFn" in text

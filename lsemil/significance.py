@@ -22,6 +22,8 @@ Multiplicity and bold:
   * `pairwise_delong`, `pairwise_bootstrap_dice` - raw p-values of every pair of runs.
   * `significant_best` - which run's per-class value is significantly best, for bold;
     `BOLD_RULE` states the rule in words for under a table.
+  * `compare_runs` - all of the above for Table 3 in one JSON-able dict (pairs, p, Holm p,
+    bold cells, for AUC and DICE).
 
 A two-sided p is NaN wherever the test is undefined (a class with fewer than 2 positives or
 negatives for DeLong, no cases for DICE); NaN p-values never count as significant.
@@ -370,4 +372,105 @@ def significant_best(
     others = have[have != best]
     better = sign * (v[best, k] - v[others, k]) > 0
     out[best, k] = bool(np.all(better & (adj[best, others, k] < alpha)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything Table 3 needs, in one JSON-able dict
+
+
+def _pairs_json(run_labels, names, p, extra: dict) -> list[dict]:
+  adj = holm(p)
+  out = []
+  for i in range(len(run_labels)):
+    for j in range(i + 1, len(run_labels)):
+      row = {"a": run_labels[i], "b": run_labels[j]}
+      for key, arr in extra.items():
+        row[key] = dict(zip(names, arr[i, j].tolist(), strict=True))
+      row["p"] = dict(zip(names, p[i, j].tolist(), strict=True))
+      row["p_holm"] = dict(zip(names, adj[i, j].tolist(), strict=True))
+      out.append(row)
+  return out
+
+
+def _bold_json(run_labels, names, best) -> dict[str, list[str]]:
+  return {
+    lb: [c for c, b in zip(names, best[r], strict=True) if b] for r, lb in enumerate(run_labels)
+  }
+
+
+def compare_runs(
+  run_labels: Sequence[str],
+  labels,
+  scores: Sequence,
+  classes: Sequence[str],
+  *,
+  dice: Sequence | None = None,
+  dice_patients=None,
+  dice_classes=None,
+  n_boot: int = 2000,
+  seed: int = 0,
+  alpha: float = ALPHA,
+) -> dict:
+  """Pairwise tests of R runs and the Table 3 bold, as one JSON-able dict.
+
+  AUC: labels (N, K) and scores [R x (N, K)] on the same test images, classes the K names;
+  paired DeLong per class (`pairwise_delong`). DICE (optional): dice [R x (C,)] per-case DICE
+  on the same C box cases, dice_patients (C,) and dice_classes (C,) (names from `classes`);
+  paired patient bootstrap (`pairwise_bootstrap_dice`). Returns
+  {'rule': BOLD_RULE, 'alpha',
+   'auc': {'test', 'pairs': [{'a', 'b', 'diff', 'z', 'p', 'p_holm': {class: v}}],
+           'bold': {run: [classes]}},
+   'dice': {'test', 'n_boot', 'seed', 'mean': {run: {class: v}},
+            'pairs': [{'a', 'b', 'diff', 'p', 'p_holm'}], 'bold': {run: [classes]}}?};
+  p_holm is Holm-adjusted over the classes of that pair; bold per `significant_best`.
+  """
+  run_labels = [str(x) for x in run_labels]
+  names = list(classes)
+  r = len(run_labels)
+  if len(scores) != r:
+    raise ValueError(f"{len(scores)} score arrays for {r} runs")
+  auc = np.stack([delong(labels, s).auc for s in scores])  # (R, K)
+  p = np.full((r, r, len(names)), np.nan)
+  z = np.full_like(p, np.nan)
+  diff = np.full_like(p, np.nan)
+  for i in range(r):
+    for j in range(i + 1, r):
+      t = delong_paired(labels, scores[i], scores[j])
+      p[i, j] = p[j, i] = t.p
+      z[i, j], z[j, i] = t.z, -t.z
+      diff[i, j], diff[j, i] = t.diff, -t.diff
+  out = {
+    "rule": BOLD_RULE,
+    "alpha": alpha,
+    "auc": {
+      "test": "paired DeLong (Sun & Xu 2014)",
+      "pairs": _pairs_json(run_labels, names, p, {"diff": diff, "z": z}),
+      "bold": _bold_json(run_labels, names, significant_best(auc, p, alpha=alpha)),
+    },
+  }
+  if dice is None:
+    return out
+  if len(dice) != r:
+    raise ValueError(f"{len(dice)} DICE arrays for {r} runs")
+  cls = np.asarray(dice_classes)
+  box_names = [c for c in names if (cls == c).any()]
+  unknown = sorted(set(cls.tolist()) - set(names))
+  if unknown:
+    raise ValueError(f"dice_classes {unknown} are not among classes")
+  got, pd = pairwise_bootstrap_dice(dice, dice_patients, cls, n_boot=n_boot, seed=seed)
+  order = [got.index(c) for c in box_names]
+  pd = pd[..., order]
+  mean = np.array([[np.mean(np.asarray(d)[cls == c]) for c in box_names] for d in dice])
+  ddiff = mean[:, None, :] - mean[None, :, :]
+  out["dice"] = {
+    "test": "paired patient bootstrap",
+    "n_boot": int(n_boot),
+    "seed": int(seed),
+    "mean": {
+      lb: dict(zip(box_names, mean[i].tolist(), strict=True)) for i, lb in enumerate(run_labels)
+    },
+    "pairs": _pairs_json(run_labels, box_names, pd, {"diff": ddiff}),
+    "bold": _bold_json(run_labels, box_names, significant_best(mean, pd, alpha=alpha)),
+  }
   return out

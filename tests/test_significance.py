@@ -3,12 +3,13 @@ bootstrap against DeLong, Holm against a hand case, and the bold rule."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from lsemil import metrics
+from lsemil import fileio, metrics
 from lsemil import significance as sg
 
 # The hand case: 3 positives and 3 negatives, with ties (positive-negative at 0.6 for run A;
@@ -205,3 +206,40 @@ def test_pairwise_delong_symmetric():
     [np.ones(6), np.zeros(6)], np.arange(6), ["Mass"] * 6, n_boot=50
   )
   assert names == ["Mass"] and pd.shape == (2, 2, 1) and pd[0, 1, 0] == pytest.approx(1 / 51)
+
+
+def test_compare_runs_for_table3():
+  rng = np.random.default_rng(4)
+  n = 400
+  y = rng.random((n, 2)) < 0.3
+  noise = rng.normal(size=(3, n, 2))
+  # Run "good" separates class 0 far better than the other two; class 1 is the same for all.
+  scores = [y * np.array([3.0, 1.0]) + noise[0], y * 1.0 + noise[1], y * 1.0 + noise[2]]
+  c = 120
+  pid = rng.integers(0, 60, size=c)
+  cls = np.where(np.arange(c) < 60, "Atelectasis", "Mass")
+  base = rng.uniform(0.1, 0.4, size=c)
+  dice = [base + 0.1 * (cls == "Mass") + 0.01 * rng.normal(size=c), base, base + 0.001]
+  out = sg.compare_runs(
+    ["good", "b", "c"],
+    y,
+    scores,
+    ["Atelectasis", "Mass"],
+    dice=dice,
+    dice_patients=pid,
+    dice_classes=cls,
+    n_boot=300,
+  )
+  assert out["rule"] == sg.BOLD_RULE
+  auc = out["auc"]
+  assert [(q["a"], q["b"]) for q in auc["pairs"]] == [("good", "b"), ("good", "c"), ("b", "c")]
+  t = sg.delong_paired(y, scores[0], scores[1])
+  assert auc["pairs"][0]["p"]["Atelectasis"] == pytest.approx(t.p[0])
+  assert auc["pairs"][0]["z"]["Mass"] == pytest.approx(t.z[1])
+  assert auc["pairs"][0]["p_holm"]["Atelectasis"] == pytest.approx(min(1, 2 * t.p.min()))
+  assert auc["bold"] == {"good": ["Atelectasis"], "b": [], "c": []}
+  d = out["dice"]
+  assert d["bold"] == {"good": ["Mass"], "b": [], "c": []}  # +0.1 on Mass only
+  assert d["mean"]["good"]["Mass"] == pytest.approx(np.mean(dice[0][cls == "Mass"]))
+  assert d["pairs"][0]["diff"]["Mass"] == pytest.approx(0.1, abs=0.01)
+  json.loads(fileio.to_json(out))

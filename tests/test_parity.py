@@ -1,0 +1,252 @@
+"""One inference path: predict, evaluate, reproduce and validation agree on their OUTPUTS.
+
+One smoke model is trained through the real CLI (`lsemil train`, self-synthesized data);
+then, for the same images, the probabilities of
+
+  (a) `lsemil predict` on the image files,
+  (b) `lsemil evaluate`'s per-image CSV,
+  (c) validation inside training (W/validation_predictions.csv),
+  (d) `lsemil reproduce` (its evaluation's per-image CSV)
+
+agree to 1e-6, also on a dataset prepared at 256 px (whose images predict must not resize to
+512 first: the demo's case), and a DICOM file's model input equals its PNG's.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lsemil import inference
+from lsemil import predict as predict_lib
+from lsemil.data import imageio, nih
+
+TOL = 1e-6
+pytestmark = pytest.mark.slow
+
+
+def lsemil(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+    [sys.executable, "-m", "lsemil.cli", *args], capture_output=True, text=True, cwd=cwd
+  )
+  assert proc.returncode == 0, f"lsemil {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+  return proc
+
+
+def split_ids(data_dir: Path, split: str) -> list[str]:
+  index = nih.open_index(data_dir, val_fraction=nih.VALID_FRACTION, split_seed=0)
+  return [index.image_ids[r] for r in index.rows(split)]
+
+
+def max_diff(a: dict, b: dict) -> float:
+  assert set(b) <= set(a), f"ids missing: {sorted(set(b) - set(a))[:3]}"
+  return max(float(np.max(np.abs(a[i] - b[i]))) for i in b)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+  w = tmp_path_factory.mktemp("parity") / "run"
+  lsemil(
+    "train",
+    "--config",
+    "configs/smoke.py",
+    "--workdir",
+    str(w),
+    cwd=Path(__file__).resolve().parents[1],
+  )
+  return w
+
+
+def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
+  data = workdir / "data"
+  # (b) evaluate, on the test split and on the valid split, of the last checkpoint.
+  lsemil(
+    "evaluate",
+    "--workdir",
+    str(workdir),
+    "--which",
+    "latest",
+    "--n-boot",
+    "0",
+    "--out",
+    str(tmp_path / "test.json"),
+    "--no-progress",
+  )
+  lsemil(
+    "evaluate",
+    "--workdir",
+    str(workdir),
+    "--which",
+    "latest",
+    "--n-boot",
+    "0",
+    "--split",
+    "valid",
+    "--out",
+    str(tmp_path / "valid.json"),
+    "--no-progress",
+  )
+  ev_test = inference.read_predictions_csv(tmp_path / "test_predictions.csv")
+  ev_valid = inference.read_predictions_csv(tmp_path / "valid_predictions.csv")
+  assert sorted(ev_test) == sorted(split_ids(data, "test"))
+  assert sorted(ev_valid) == sorted(split_ids(data, "valid"))
+
+  # (a) predict on the test images' own files.
+  files = [str(data / "images" / i) for i in sorted(ev_test)]
+  lsemil(
+    "predict",
+    "--checkpoint",
+    str(workdir),
+    "--which",
+    "latest",
+    "--out",
+    str(tmp_path / "pred"),
+    "--batch-size",
+    "5",
+    "--no-progress",
+    *files,
+  )
+  pred = inference.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  assert len(pred) == len(files)
+  assert max_diff(ev_test, pred) < TOL
+
+  # (c) validation inside training: its last evaluation is of the last checkpoint.
+  val = inference.read_predictions_csv(workdir / "validation_predictions.csv")
+  assert sorted(val) == sorted(ev_valid)
+  assert max_diff(ev_valid, val) < TOL
+
+  # (d) reproduce: its evaluation of the run writes the same per-image CSV.
+  lsemil(
+    "reproduce",
+    "--run",
+    f"r0=5:{workdir}",
+    "--which",
+    "latest",
+    "--n-boot",
+    "0",
+    "--figure-images",
+    "1",
+    "--out",
+    str(tmp_path / "results"),
+    "--no-progress",
+  )
+  rep = inference.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
+  assert max_diff(ev_test, rep) < TOL
+  # The probabilities are not all alike (a constant model would pass the checks above).
+  probs = np.stack(list(ev_test.values()))
+  assert float(probs.std(axis=0).max()) > 1e-4
+
+
+def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path):
+  """The demo prepares at 256 px: predict must feed those files exactly as evaluate does."""
+  prepared = tmp_path / "p256"
+  lsemil(
+    "prepare",
+    "--nih-dir",
+    str(workdir / "data"),
+    "--out",
+    str(prepared),
+    "--size",
+    "256",
+    "--workers",
+    "1",
+  )
+  lsemil(
+    "evaluate",
+    "--workdir",
+    str(workdir),
+    "--which",
+    "latest",
+    "--n-boot",
+    "0",
+    "--data-dir",
+    str(prepared),
+    "--out",
+    str(tmp_path / "e.json"),
+    "--no-progress",
+  )
+  ev = inference.read_predictions_csv(tmp_path / "e_predictions.csv")
+  files = [str(prepared / "images" / i) for i in sorted(ev)]
+  assert imageio.read_gray(files[0]).shape == (256, 256)
+  lsemil(
+    "predict",
+    "--checkpoint",
+    str(workdir),
+    "--which",
+    "latest",
+    "--out",
+    str(tmp_path / "pred"),
+    "--no-progress",
+    *files,
+  )
+  pred = inference.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  assert max_diff(ev, pred) < TOL
+
+
+def test_dicom_input_equals_png_input(workdir, tmp_path):
+  pydicom = pytest.importorskip("pydicom")
+  from pydicom.dataset import FileDataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+  png = sorted((workdir / "data" / "images").glob("*.png"))[0]
+  gray = imageio.read_gray(png)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+  ds.Rows, ds.Columns = gray.shape
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+  ds.WindowCenter, ds.WindowWidth = 128.0, 256.0  # x -> x / 255: identity (PS3.3 C.11.2.1.2)
+  ds.PixelData = gray.tobytes()
+  ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+  del pydicom
+
+  loaded = inference.load(workdir, "latest")
+  size = loaded.model.input_size
+  (dcm_in, png_in), _, ok, failures = predict_lib.read_inputs([tmp_path / "x.dcm", png], size)
+  assert failures == [] and ok == [0, 1]
+  np.testing.assert_array_equal(dcm_in, png_in)
+  assert dcm_in.dtype == np.uint8
+
+
+def test_model_input_is_the_eval_pipeline(workdir):
+  """model_input on a decoded file equals the eval pipeline's batch image for that row."""
+  from lsemil import config_lib
+  from lsemil.data import pipeline
+
+  config = config_lib.load_config("smoke")
+  config.data.data_dir = str(workdir / "data")
+  batch = next(iter(pipeline.make_eval_iter(config, config.data.data_dir, "test")))
+  ids = split_ids(workdir / "data", "test")
+  gray = imageio.read_gray(workdir / "data" / "images" / ids[0])
+  np.testing.assert_array_equal(
+    inference.model_input(gray, config.model.input_size), np.asarray(batch["image"][0])
+  )
+  with pytest.raises(ValueError, match="uint8"):
+    inference.model_input(gray.astype(np.float32), config.model.input_size)
+
+
+def test_per_image_csv_columns(workdir, tmp_path):
+  lsemil(
+    "evaluate",
+    "--workdir",
+    str(workdir),
+    "--which",
+    "latest",
+    "--n-boot",
+    "0",
+    "--out",
+    str(tmp_path / "t.json"),
+    "--no-progress",
+  )
+  with open(tmp_path / "t_predictions.csv") as f:
+    header = next(csv.reader(f))
+  assert header == ["image_id", "patient_id", *nih.CLASSES]

@@ -35,7 +35,6 @@ Banner sections: state & steps, config, validation, early stopping, stop request
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -64,6 +63,7 @@ from lsemil import (
   metrics,
   sharding,
   tb_writer,
+  workdir_lock,
 )
 from lsemil import model as model_lib
 from lsemil.data import nih, pipeline
@@ -441,15 +441,11 @@ class Run:
     return max(1, int(self.config.train.log_every_steps))
 
 
-def setup(config, workdir: str, data_dir: str | None, note) -> Run:
-  """Validates the config, resolves the workdir and data, builds mesh, model and optimizer."""
-  validate_config(config)
+def setup(config, workdir: epath.Path, data_dir: str | None, note) -> Run:
+  """Checks a resume's config, resolves the data, builds mesh, model and optimizer."""
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may resolve
-  workdir = epath.Path(fileio.resolve(workdir))
   check_resume_config(workdir, config)
   is_main = jax.process_index() == 0
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
   config.data.data_dir = resolve_data_dir(config, workdir, data_dir, note)
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(config.data.data_dir, config)
@@ -704,8 +700,12 @@ def train_and_evaluate(
     if jax.process_index() == 0:
       (bar.write if bar is not None else print)(msg)
 
-  run = setup(config, workdir, data_dir, note)
-  with contextlib.nullcontext():  # XXXLOCK workdir_lock.hold(run.workdir, enabled=run.is_main):
+  validate_config(config)
+  workdir = epath.Path(fileio.resolve(workdir))
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    run = setup(config, workdir, data_dir, note)
     t = run.config.train
     manager = checkpointing.create_manager(
       run.workdir,

@@ -46,8 +46,10 @@ from lsemil.errors import OutputError
 
 
 def _not_read_only_notice(record) -> bool:
-  # Orbax warns on every read-only manager, which is how inference opens checkpoints.
-  return "is read only" not in record.getMessage()
+  # Orbax warns on every read-only manager, which is how inference opens checkpoints, and
+  # on every save without metrics (only evaluation steps have them, by design).
+  message = record.getMessage()
+  return "is read only" not in message and "did not provide metrics" not in message
 
 
 def _not_reported_save_failure(record) -> bool:

@@ -13,10 +13,23 @@ prefilter with sigma = (factor - 1) / 2, then bilinear sampling at pixel centres
 Gaussian, then INTER_LINEAR, whose sample grid is skimage's) about 20x faster;
 measured max |difference| after rounding to uint8 is 0.5/255 (rounding only).
 Plain INTER_AREA is faster still but differs by up to ~8/255 on NIH images.
+
+Files that are refused (`ImageError`, naming the file; `lsemil prepare --on-bad skip` skips
+and lists them, `--on-bad error` stops at the first):
+
+- an empty (0-byte), unreadable (e.g. a symlink loop), truncated or corrupt file;
+- more than `MAX_PIXELS` (40 megapixels, e.g. 6324 x 6324; NIH images are 1 Mpx and the
+  largest radiographs about 18 Mpx), read from the PNG header (or, for other formats, PIL's
+  header parse) BEFORE anything is decoded: a 405 KB PNG of 20000 x 20000 would cost 2 GB;
+- a side under `MIN_SIDE` (32 px): no radiograph, and nothing to resize up to 512 from;
+- a `.png` name whose content is not a PNG (e.g. a JPEG): refused rather than decoded,
+  since a lossy file under a lossless name is a mix-up in the dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -24,13 +37,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsemil.errors import DataError
+
 # cv2's own thread pool fights grain's read threads on small machines.
 cv2.setNumThreads(1)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 40_000_000  # refused above this many pixels, before decoding
+MIN_SIDE = 32  # refused when the width or height is smaller
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+          b"MM\x00*": "TIFF", b"RIFF": "RIFF/WebP", b"DICM": "DICOM"}
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
   """An image file that is missing, truncated, corrupt or of an unsupported kind."""
 
 
@@ -55,12 +74,39 @@ def _check_png_complete(data: bytes, name: str) -> None:
   raise ImageError(f"{name}: truncated PNG (no IEND chunk)")
 
 
-def png_header(data: bytes) -> tuple[int, int, int, int]:
+def is_complete_png(data: bytes) -> bool:
+  """A PNG whose chunks run to IEND (not truncated), checked without decoding."""
+  try:
+    _check_png_complete(data, "")
+  except ImageError:
+    return False
+  return True
+
+
+def png_header(data: bytes, name: str = "<bytes>") -> tuple[int, int, int, int]:
   """(width, height, bit_depth, color_type) from a PNG's IHDR chunk."""
-  if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-    raise ImageError("not a PNG file")
+  if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 26:
+    raise ImageError(f"{name}: not a PNG file")
   width, height, depth, color = struct.unpack(">IIBB", data[16:26])
   return width, height, depth, color
+
+
+def check_size(width: int, height: int, name: str) -> None:
+  """Raises ImageError for more than MAX_PIXELS pixels or a side under MIN_SIDE."""
+  if width * height > MAX_PIXELS:
+    raise ImageError(
+      f"{name}: {width}x{height} pixels, above the limit of {MAX_PIXELS:,} "
+      "(lsemil.data.imageio.MAX_PIXELS); not decoded"
+    )
+  if min(width, height) < MIN_SIDE:
+    raise ImageError(f"{name}: {width}x{height} pixels, smaller than {MIN_SIDE} px a side")
+
+
+def _kind(data: bytes) -> str:
+  for magic, kind in _MAGIC.items():
+    if data.startswith(magic) or (kind == "DICOM" and data[128:132] == magic):
+      return kind
+  return "unknown"
 
 
 def to_gray8(img: np.ndarray, name: str = "<array>") -> np.ndarray:
@@ -89,8 +135,11 @@ def to_gray8(img: np.ndarray, name: str = "<array>") -> np.ndarray:
 
 
 def decode_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
-  """PNG bytes -> uint8 (H, W) grayscale; raises ImageError naming `name` if bad."""
+  """PNG bytes -> uint8 (H, W) grayscale; raises ImageError naming `name` if bad (too large
+  or too small is refused from the header, before decoding)."""
   _check_png_complete(data, name)
+  width, height, _, _ = png_header(data, name)
+  check_size(width, height, name)
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if img is None:
     raise ImageError(f"{name}: corrupt PNG (decoder failed)")
@@ -101,21 +150,46 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
   """Reads an image file as uint8 (H, W) grayscale; errors name the file.
 
   PNGs are checked for truncation; other formats cv2 reads (JPEG, TIFF, ...) are
-  accepted as a convenience for `predict`.
+  accepted as a convenience for `predict`, unless the file is named .png. Every refusal of
+  the module docstring applies, size limits before decoding.
   """
   path = Path(path)
   try:
     data = path.read_bytes()
   except FileNotFoundError:
     raise ImageError(f"{path}: file not found") from None
-  except OSError as e:
+  except OSError as e:  # a folder, a symlink loop, a name too long, no permission
     raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+  if not data:
+    raise ImageError(f"{path}: empty file (0 bytes)")
   if data.startswith(PNG_SIGNATURE):
     return decode_png(data, str(path))
+  if path.suffix.lower() == ".png":
+    raise ImageError(f"{path}: named .png but not a PNG file (content: {_kind(data)})")
+  _check_header_size(data, str(path))
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if img is None:
     raise ImageError(f"{path}: not a readable image")
   return to_gray8(img, str(path))
+
+
+def _check_header_size(data: bytes, name: str) -> None:
+  """check_size from a non-PNG file's header (PIL parses headers lazily, decoding nothing)."""
+  import io
+  import warnings
+
+  from PIL import Image
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+  except Image.DecompressionBombError:
+    raise ImageError(f"{name}: above PIL's decompression-bomb limit; not decoded") from None
+  except Exception:  # a format PIL does not know: cv2 may still read it
+    return
+  check_size(width, height, name)
 
 
 def resize_gray(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -159,10 +233,22 @@ def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
   return buf.tobytes()
 
 
+def temp_name(path: Path) -> Path:
+  """`.<hash of the name>.<pid>.tmp` beside `path`: short whatever the name's length, and
+  matched by the `.*.tmp` clean-up of an interrupted run."""
+  digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+  return path.with_name(f".{digest}.{os.getpid()}.tmp")
+
+
 def write_png_atomic(path: Path, data: bytes) -> None:
   """Writes via a temp name + rename, so a crash never leaves a trusted partial file."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  tmp = temp_name(path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 

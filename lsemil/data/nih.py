@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsemil import errors
+
 # The 14 findings in the order NIH lists them (and the paper's Tables 1 and 3 follow).
 CLASSES: tuple[str, ...] = (
   "Atelectasis",
@@ -66,6 +68,7 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 VALID_FRACTION = 0.25  # of the train_val patients (Section 4.1: "a further 75%-25% split")
 FALLBACK_TEST_FRACTION = 0.2  # of all patients, when the official lists are absent
 ORIGINAL_SIZE = 1024  # NIH images are 1024x1024; boxes are in these pixels
+PREPARED_SIZE = 512  # the paper downsamples to 512x512 (Sec 4.2)
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_NAME = "BBox_List_2017.csv"
@@ -76,8 +79,7 @@ MARKER_NAME = "lsemil_dataset.json"
 _ID_RE = re.compile(r"^(\d+)_\d+\.png$")
 
 
-class DataError(ValueError):
-  """Bad dataset input; the message names the file and line (or field)."""
+DataError = errors.DataError  # bad dataset input; the message names the file and line
 
 
 class DataWarning(UserWarning):
@@ -210,7 +212,12 @@ def read_marker(nih_dir: str | os.PathLike) -> dict:
 
 
 def _scan_images(root: Path) -> dict[str, Path]:
-  """File name -> path of the PNGs under images/ and images_NNN/images/."""
+  """File name -> path of the PNGs under images/ and images_NNN/images/.
+
+  Entries that cannot even be stat'ed (a symlink loop, a dangling link, no permission) are
+  listed too: reading them fails with an `ImageError` naming the file, which the reader
+  (prepare's --on-bad, the input pipeline) reports, instead of this scan crashing.
+  """
   folders = [root / "images"]
   folders += sorted(p / "images" for p in root.glob("images_[0-9]*") if p.is_dir())
   found: dict[str, Path] = {}
@@ -219,13 +226,33 @@ def _scan_images(root: Path) -> dict[str, Path]:
       continue
     with os.scandir(folder) as it:
       for entry in it:
-        if entry.name.endswith(".png") and entry.is_file():
-          if entry.name in found:
-            raise DataError(
-              f"duplicate image {entry.name}: {found[entry.name]} and {entry.path}"
-            )
-          found[entry.name] = Path(entry.path)
+        if not entry.name.endswith(".png"):
+          continue
+        try:
+          is_file = entry.is_file()
+        except OSError:
+          is_file = True  # e.g. ELOOP: reported when read
+        if not is_file:
+          continue
+        if entry.name in found:
+          raise DataError(f"duplicate image {entry.name}: {found[entry.name]} and {entry.path}")
+        found[entry.name] = Path(entry.path)
   return found
+
+
+NAME_MAX = 255  # bytes of one file name (Linux, macOS): a longer image id names no file
+
+
+def long_image_ids(image_ids) -> list[str]:
+  """The ids no file can be named after (longer than NAME_MAX bytes)."""
+  return [i for i in image_ids if len(i.encode("utf-8", "surrogateescape")) > NAME_MAX]
+
+
+def short_id(image_id: str, keep: int = 40) -> str:
+  """An id fit for a message: long ones cut, with their length."""
+  if len(image_id) <= keep + 10:
+    return image_id
+  return f"{image_id[:keep]}... ({len(image_id)} characters)"
 
 
 def _parse_labels(text: str, path: Path, lineno: int) -> np.ndarray:
@@ -460,6 +487,12 @@ def load_index(
 
   on_disk = _scan_images(root)
   paths = tuple(on_disk.get(image_id) for image_id in ids)
+  too_long = long_image_ids(ids)
+  if too_long:
+    notes.append(
+      f"{csv_path}: {len(too_long)} image ids are longer than {NAME_MAX} bytes, so no file "
+      f"can have their name (first: {short_id(too_long[0])}); they count as missing images"
+    )
   if on_disk:
     absent = sum(p is None for p in paths)
     if absent:
@@ -487,3 +520,24 @@ def load_index(
     seed=seed,
     warnings=tuple(notes),
   )
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def require_local(data_dir: str | os.PathLike) -> None:
+  """Raises `DataError` for a URL-like data folder (gs://, s3://, any scheme://): the
+  data layer reads local files only (pathlib, cv2), while workdirs may be remote."""
+  if _URL.match(os.fspath(data_dir)):
+    raise DataError(
+      f"data folders must be on local disk: {os.fspath(data_dir)} is remote; copy it to each "
+      "host first, e.g. tpu_scripts/stage_data.sh with STAGE_TO=workers"
+    )
+
+
+def open_index(
+  nih_dir: str | os.PathLike, *, val_fraction: float, split_seed: int
+) -> NihIndex:
+  """`load_index` of a local folder with the config's validation fraction and split seed."""
+  require_local(nih_dir)
+  return load_index(nih_dir, seed=split_seed, val_fraction=val_fraction)

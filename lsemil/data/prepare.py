@@ -20,7 +20,6 @@ interrupted run are deleted, never trusted. The marker is written last.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import gzip
@@ -28,49 +27,28 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 from tqdm import tqdm
 
 from lsemil.data import imageio, nih
+from lsemil.errors import OutputError
 
 MARKER_NAME = nih.MARKER_NAME
 BAD_FILES_NAME = "bad_files.txt"
 STAGING_NAME = ".staging"  # tfds: resumable PNG stage, removed once the dataset is built
 STATE_NAME = ".lsemil_prepare.json"  # settings of an unfinished run, to refuse mixing sizes
-DEFAULT_SIZE = 512
-RAW_BOX_SPACE = 1024
+DEFAULT_SIZE = nih.PREPARED_SIZE
 _LIST_NAMES = ("train_val_list.txt", "test_list.txt")
 
 
 class PrepareError(nih.DataError):
   """A bad input image (the message names the file) or an inconsistent output folder."""
-
-
-# --------------------------------------------------------------------------- index access
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def require_local(data_dir: str | os.PathLike) -> None:
-  """Raises `nih.DataError` for a URL-like data folder (gs://, s3://, any scheme://): the
-  data layer reads local files only (pathlib, cv2), while workdirs may be remote."""
-  if _URL.match(os.fspath(data_dir)):
-    raise nih.DataError(
-      f"data folders must be on local disk: {os.fspath(data_dir)} is remote; copy it to each "
-      "host first, e.g. tpu_scripts/stage_data.sh with STAGE_TO=workers"
-    )
-
-
-def open_index(nih_dir: str | os.PathLike, *, val_fraction: float = 0.25, split_seed: int = 0):
-  """`nih.load_index` with the validation fraction and split seed of the config."""
-  require_local(nih_dir)
-  return nih.load_index(nih_dir, seed=split_seed, val_fraction=val_fraction)
 
 
 def expected_image_path(nih_dir: Path, image_id: str) -> Path:
@@ -188,7 +166,7 @@ def write_metadata(
       _copy_filtered_list(src, out, drop)
   bbox = _find(nih_dir, "BBox_List_2017.csv")
   if bbox is not None:
-    from_space = float(nih.read_marker(nih_dir).get("box_space", RAW_BOX_SPACE))
+    from_space = float(nih.read_marker(nih_dir).get("box_space", nih.ORIGINAL_SIZE))
     _write_bbox(bbox, out / "BBox_List_2017.csv", from_space, size, drop)
   bad_path = out / BAD_FILES_NAME
   if bad:
@@ -204,14 +182,20 @@ def write_metadata(
 
 
 def process_image(src: str | None, dst: str, size: int) -> str | None:
-  """Decode + resize + write one image; returns None or the reason it is bad."""
+  """Decode + resize + write one image; returns None or the reason it is bad (the input's
+  fault). Failing to write the output raises OutputError naming it."""
   try:
     if src is None:
       raise imageio.ImageError(f"{dst}: source image not found")
     img = imageio.resize_gray(imageio.read_gray(src), size)
-    imageio.write_png_atomic(Path(dst), imageio.encode_png(img))
   except imageio.ImageError as e:
     return str(e)
+  except cv2.error as e:  # a decoder failure imageio's checks did not foresee
+    return f"{src}: cannot decode ({str(e).strip().splitlines()[-1]})"
+  try:
+    imageio.write_png_atomic(Path(dst), imageio.encode_png(img))
+  except OSError as e:
+    raise OutputError(f"{dst}: cannot write ({e.strerror or e})") from None
   return None
 
 
@@ -265,12 +249,22 @@ def write_images(
   progress: bool = True,
 ) -> Summary:
   """Resizes every image of the index into images_dir (parallel, resumable)."""
-  index = open_index(nih_dir)
+  index = nih.open_index(nih_dir, val_fraction=nih.VALID_FRACTION, split_seed=0)
   images_dir.mkdir(parents=True, exist_ok=True)
   summary = Summary(total=len(index), stale_temp_removed=_clean_temp(images_dir))
   start = time.perf_counter()
   todo = []
+  too_long = set(nih.long_image_ids(index.image_ids))
   for row, image_id in enumerate(index.image_ids):
+    if image_id in too_long:  # no such file can exist, in the input or the output
+      reason = (
+        f"{expected_image_path(nih_dir, nih.short_id(image_id))}: image id longer than "
+        f"{nih.NAME_MAX} bytes, which no file name can be"
+      )
+      if on_bad == "error":
+        raise PrepareError(f"{reason} (rerun with --on-bad skip to skip and list bad files)")
+      summary.bad[image_id] = reason
+      continue
     dst = images_dir / image_id
     if dst.is_file():
       summary.already_done += 1
@@ -333,7 +327,7 @@ def prepare(
   size: int = DEFAULT_SIZE,
   on_bad: str = "error",
   workers: int | None = None,
-  val_fraction: float = 0.25,
+  val_fraction: float = nih.VALID_FRACTION,
   split_seed: int = 0,
   progress: bool = True,
 ) -> Summary:
@@ -378,52 +372,3 @@ def prepare(
     shutil.rmtree(staging)
   (out / STATE_NAME).unlink(missing_ok=True)
   return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="lsemil prepare",
-    description=(
-      "Resize an NIH ChestX-ray14 folder to size x size 8-bit grayscale (as the paper's "
-      "skimage.transform.resize, Sec 4.2) into a PNG folder or a TFDS array_record dataset. "
-      "The output is itself an NIH-layout folder (metadata copied, boxes rescaled). "
-      "Resumable: rerun the same command after an interruption."
-    ),
-  )
-  p.add_argument("--nih-dir", required=True, type=Path, help="NIH folder (images + CSVs)")
-  p.add_argument("--out", required=True, type=Path, help="output folder")
-  p.add_argument("--format", default="png", choices=("png", "tfds"), help="default: png")
-  p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="output side (default 512)")
-  p.add_argument(
-    "--on-bad",
-    default="error",
-    choices=("error", "skip"),
-    help="missing/corrupt image: stop with an error (default) or skip it, listing it in "
-    f"{BAD_FILES_NAME} and dropping its rows from the copied metadata",
-  )
-  p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-  p.add_argument("--val-fraction", type=float, default=0.25, help="tfds splits (default 0.25)")
-  p.add_argument("--split-seed", type=int, default=0, help="tfds splits (default 0)")
-  return p
-
-
-def main(argv: list[str]) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    summary = prepare(
-      args.nih_dir,
-      args.out,
-      fmt=args.format,
-      size=args.size,
-      on_bad=args.on_bad,
-      workers=args.workers,
-      val_fraction=args.val_fraction,
-      split_seed=args.split_seed,
-    )
-  except (nih.DataError, ValueError) as e:
-    print(f"lsemil prepare: error: {e}", file=sys.stderr)
-    return 1
-  for line in summary.lines(args.on_bad):
-    print(line, file=sys.stderr)
-  print(f"wrote {args.out}", file=sys.stderr)
-  return 0

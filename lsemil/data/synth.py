@@ -28,7 +28,6 @@ with any subset of its findings.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import csv
 import dataclasses
@@ -44,7 +43,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsemil.data import imageio
 from lsemil.data.nih import BOX_CLASSES, CLASSES, MARKER_NAME, NUM_CLASSES
+from lsemil.errors import DataError
 
 # The first lines of NIH's files, byte for byte (BBox_List's 'Bbox [x,y,w,h]' spans 4 columns).
 DATA_ENTRY_HEADER = (
@@ -625,13 +626,23 @@ def _atomic_write(path: Path, data: bytes):
   os.replace(tmp, path)
 
 
+def _is_done(path: Path, size: int) -> bool:
+  """An image already written: a complete PNG of the right size. Renames make every image
+  this module writes complete; a file truncated, emptied or replaced since is redone."""
+  try:
+    data = path.read_bytes()
+  except OSError:  # absent, a folder, a symlink loop
+    return False
+  return imageio.is_complete_png(data) and imageio.png_header(data)[:2] == (size, size)
+
+
 def _render_chunk(args) -> list[tuple[str, dict]]:
   specs, out_dir, size, seed = args
   images = Path(out_dir) / "images"
   results = []
   for spec in specs:
     path = images / spec.image_id
-    done = path.is_file()
+    done = _is_done(path, size)
     img, boxes = render_image(spec, size=size, seed=seed, pixels=not done)
     if not done:
       # Huffman-only level 1: the fastest PNG encoding, and the smallest for noisy images.
@@ -689,7 +700,7 @@ def synthesize(
   from tqdm import tqdm
 
   if size not in SIZES:
-    raise ValueError(f"size must be one of {SIZES}, got {size}")
+    raise DataError(f"size must be one of {SIZES}, got {size}")
   out = Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
   params = {"generator": GENERATOR_VERSION, "patients": patients, "size": size, "seed": seed}
@@ -697,7 +708,7 @@ def synthesize(
   if params_path.is_file():
     old = json.loads(params_path.read_text())
     if old != params:
-      raise ValueError(
+      raise DataError(
         f"{out} holds a synthetic dataset made with {old}, not {params}; use another --out"
       )
   else:
@@ -735,32 +746,3 @@ def synthesize(
   marker = {"kind": "synthetic", "image_size": size, "box_space": size, **params}
   _atomic_write(out / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
   return out
-
-
-def main(argv: list[str]) -> int:
-  """`lsemil synth`: write a synthetic dataset in the NIH ChestX-ray14 layout."""
-  parser = argparse.ArgumentParser(
-    prog="lsemil synth",
-    description="Write deterministic phantom chest radiographs with planted findings of the 14 "
-    "NIH classes, in the exact NIH ChestX-ray14 layout (images/, Data_Entry_2017_v2020.csv, "
-    "BBox_List_2017.csv, train_val_list.txt, test_list.txt). Re-running completes an "
-    "interrupted run.",
-  )
-  parser.add_argument("--out", required=True, help="dataset folder to write")
-  parser.add_argument("--patients", type=int, default=600,
-                      help="number of patients, 1-4 images each (600, about 1500 images)")
-  parser.add_argument("--size", type=int, choices=SIZES, default=512, help="image side (512)")
-  parser.add_argument("--seed", type=int, default=0, help="dataset seed (0)")
-  parser.add_argument("--workers", type=int, default=None,
-                      help="rendering processes (default: up to 2)")
-  args = parser.parse_args(argv)
-  if args.patients < 1:
-    parser.error("--patients must be >= 1")
-  try:
-    out = synthesize(args.out, patients=args.patients, size=args.size, seed=args.seed,
-                     workers=args.workers)
-  except ValueError as e:
-    print(f"lsemil synth: {e}", file=sys.stderr)
-    return 1
-  print(out)
-  return 0

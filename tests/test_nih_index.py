@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
+from lsemil import cli
 from lsemil.data import stats
 from lsemil.data.nih import (
   CLASSES,
@@ -105,11 +106,15 @@ def test_real_table1_and_formats(nih):
   assert js["classes"] == t["classes"] and js["paper"]["Hernia"]["train"] == 105
 
 
-def test_stats_cli(nih_metadata_dir, capsys):
-  assert stats.main(["--nih-dir", str(nih_metadata_dir), "--format", "csv"]) == 0
+def test_stats_cli(nih_metadata_dir, tmp_path, capsys):
+  assert cli.main(["stats", "--nih-dir", str(nih_metadata_dir), "--format", "csv"]) == 0
   out = capsys.readouterr().out
   assert out.splitlines()[0].startswith("abnormality,train,valid,test,bbox")
   assert len(out.splitlines()) == 1 + len(CLASSES)
+  # A folder without the metadata: one line naming it, exit status 1.
+  assert cli.main(["stats", "--nih-dir", str(tmp_path / "absent")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("lsemil stats: ") and "absent" in err[0]
 
 
 def test_paper_table1_constant():

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lsemil import cli
+from lsemil.commands import prepare as prepare_cmd
 from lsemil.data import imageio, nih
 from lsemil.data import prepare as prep
-
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih_samples"
-BOX = ("100", "200", "300", "400")
 
 
 def phantom(seed: int, size: int = 1024) -> np.ndarray:
@@ -27,32 +26,8 @@ def phantom(seed: int, size: int = 1024) -> np.ndarray:
   return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def write_nih_folder(
-  root: Path, *, patients: int = 8, per_patient: int = 2, size: int = 1024, same: bool = False
-) -> list[str]:
-  """A raw NIH-layout folder: images/, Data_Entry, the two lists, one box; returns image ids."""
-  (root / "images").mkdir(parents=True)
-  ids, lines = [], ["Image Index,Finding Labels,Follow-up #,Patient ID"]
-  for p in range(1, patients + 1):
-    for k in range(per_patient):
-      image_id = f"{p:08d}_{k:03d}.png"
-      ids.append(image_id)
-      img = phantom(0 if same else len(ids), size)
-      cv2.imwrite(str(root / "images" / image_id), img)
-      label = ["No Finding", "Cardiomegaly", "Effusion|Mass"][p % 3 if p < patients else 2]
-      lines.append(f"{image_id},{label},{k},{p}")
-  (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
-  n_test = 2 * per_patient
-  (root / "train_val_list.txt").write_text("\n".join(ids[:-n_test]) + "\n")
-  (root / "test_list.txt").write_text("\n".join(ids[-n_test:]) + "\n")
-  (root / "BBox_List_2017.csv").write_text(
-    "Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + f"{ids[-1]},Effusion,{','.join(BOX)}\n"
-  )
-  return ids
-
-
 @pytest.fixture(scope="module")
-def raw_dir(tmp_path_factory) -> Path:
+def raw_dir(tmp_path_factory, write_nih_folder) -> Path:
   root = tmp_path_factory.mktemp("raw") / "nih"
   write_nih_folder(root)
   return root
@@ -91,11 +66,11 @@ def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
 
 
 @pytest.mark.parametrize("src_side", [1024, 1000, 700])
-def test_resize_matches_skimage_within_one_grey_level(src_side):
+def test_resize_matches_skimage_within_one_grey_level(src_side, nih_samples_dir):
   from skimage.transform import resize
 
-  real = cv2.imread(str(SAMPLES / "00000001_000.png"), cv2.IMREAD_GRAYSCALE)
-  assert real is not None, f"missing sample image under {SAMPLES}"
+  real = cv2.imread(str(nih_samples_dir / "00000001_000.png"), cv2.IMREAD_GRAYSCALE)
+  assert real is not None, f"missing sample image under {nih_samples_dir}"
   for img in (cv2.resize(real, (src_side, src_side), interpolation=cv2.INTER_CUBIC), phantom(3)):
     img = cv2.resize(img, (src_side, src_side), interpolation=cv2.INTER_CUBIC)
     ours = imageio.resize_gray(img, 512).astype(np.float64)
@@ -104,10 +79,11 @@ def test_resize_matches_skimage_within_one_grey_level(src_side):
     assert diff <= 1.0, diff  # measured: 0.5 (uint8 rounding only)
 
 
-def test_resize_downscale_by_four_matches_skimage():
+def test_resize_downscale_by_four_matches_skimage(nih_samples_dir):
   from skimage.transform import resize
 
-  img = cv2.imread(str(SAMPLES / "00027426_000.png"), cv2.IMREAD_GRAYSCALE)
+  img = cv2.imread(str(nih_samples_dir / "00027426_000.png"), cv2.IMREAD_GRAYSCALE)
+  assert img is not None, f"missing sample image under {nih_samples_dir}"
   ref = resize(img, (128, 128), anti_aliasing=True) * 255
   assert np.abs(imageio.resize_gray(img, 128) - ref).max() <= 1.0
 
@@ -135,7 +111,7 @@ def _mode_images() -> dict[str, tuple[Image.Image, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def modes_prepared(tmp_path_factory):
+def modes_prepared(tmp_path_factory, write_nih_folder):
   root = tmp_path_factory.mktemp("modes") / "nih"
   ids = write_nih_folder(root, patients=3, per_patient=2)
   images = _mode_images()
@@ -177,7 +153,7 @@ def _break(root: Path, ids: list[str]) -> tuple[Path, Path]:
   return truncated, missing
 
 
-def test_truncated_png_names_the_file(tmp_path):
+def test_truncated_png_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   truncated, missing = _break(tmp_path / "nih", ids)
   with pytest.raises(prep.PrepareError, match=str(truncated).replace(".", r"\.")):
@@ -185,7 +161,7 @@ def test_truncated_png_names_the_file(tmp_path):
   assert not (tmp_path / "out" / "lsemil_dataset.json").exists()
 
 
-def test_missing_file_names_the_file(tmp_path):
+def test_missing_file_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   (tmp_path / "nih" / "images" / ids[4]).unlink()
   with pytest.raises(prep.PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
@@ -198,13 +174,12 @@ def test_decode_png_rejects_truncated_bytes():
     imageio.decode_png(data[:-20], "x.png")
 
 
-def test_on_bad_skip_lists_and_drops_rows(tmp_path, capsys):
+def test_on_bad_skip_lists_and_drops_rows(tmp_path, capsys, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=4)
   truncated, missing = _break(tmp_path / "nih", ids)
   out = tmp_path / "out"
-  rc = prep.main(
-    ["--nih-dir", str(tmp_path / "nih"), "--out", str(out), "--on-bad", "skip", "--workers", "1"]
-  )
+  argv = ["--nih-dir", str(tmp_path / "nih"), "--out", str(out), "--on-bad", "skip"]
+  rc = cli.main(["prepare", *argv, "--workers", "1"])
   assert rc == 0
   err = capsys.readouterr().err
   assert "2 bad images skipped" in err and str(truncated) in err and ids[5] in err
@@ -213,23 +188,30 @@ def test_on_bad_skip_lists_and_drops_rows(tmp_path, capsys):
   index = nih.load_index(out)
   assert len(index) == len(ids) - 2
   assert ids[3] not in index.image_ids and ids[5] not in index.image_ids
-  listed = [i for n in prep._LIST_NAMES for i in (out / n).read_text().split()]
+  lists = ("train_val_list.txt", "test_list.txt")
+  listed = [i for n in lists for i in (out / n).read_text().split()]
   assert sorted(listed) == sorted(set(ids) - {ids[3], ids[5]})
   assert all(p is not None for p in index.image_paths)
 
 
-def test_cli_error_exit_code_names_file(tmp_path, capsys):
+def test_cli_error_exit_code_names_file(tmp_path, capsys, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   (tmp_path / "nih" / "images" / ids[0]).unlink()
   argv = ["--nih-dir", str(tmp_path / "nih"), "--out", str(tmp_path / "o"), "--workers", "0"]
-  rc = prep.main(argv)
-  assert rc == 1 and ids[0] in capsys.readouterr().err
+  rc = cli.main(["prepare", *argv])
+  err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the one line
+  errors = [line for line in err if line.startswith("lsemil ")]
+  assert rc == 1 and errors == err[-1:] and errors[0].startswith("lsemil prepare: ")
+  assert ids[0] in errors[0] and "not found" in errors[0]
+  # The command module itself raises the error (the CLI prints it).
+  with pytest.raises(prep.PrepareError, match=ids[0].replace(".", r"\.")):
+    prepare_cmd.main(argv)
 
 
 # --------------------------------------------------------------------------- resumable
 
 
-def test_resume_skips_done_and_distrusts_temp_files(tmp_path):
+def test_resume_skips_done_and_distrusts_temp_files(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   out = tmp_path / "out"
   first = prep.prepare(tmp_path / "nih", out, workers=0, progress=False)

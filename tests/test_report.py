@@ -15,8 +15,6 @@ from PIL import Image
 from lsemil import report as R
 from lsemil.data.nih import BOX_CLASSES, CLASSES
 
-PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper.md"
-
 
 def _md_rows(md: str) -> list[list[str]]:
   """Markdown table -> rows of stripped cells (header first, separator dropped)."""
@@ -60,9 +58,8 @@ def _runs(nan_class: str | None = "Hernia"):
 # ------------------------------------------------------------------------------ paper constants
 
 
-@pytest.mark.skipif(not PAPER_MD.exists(), reason="paper.md not available")
-def test_paper_constants_match_paper_md():
-  text = re.sub(r"</?b>", "", PAPER_MD.read_text())
+def test_paper_constants_match_paper_md(paper_md):
+  text = re.sub(r"</?b>", "", paper_md.read_text())
   lines = {ln.split("\t")[0]: ln.split("\t")[1:] for ln in text.splitlines() if "\t" in ln}
   for name, cells in (ln.split("\t", 1) for ln in R._PAPER_TABLE3_TEXT.splitlines()):
     assert lines[name][:7] == cells.split("\t"), name

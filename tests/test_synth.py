@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lsemil import cli
 from lsemil.data import synth
 from lsemil.data.nih import BOX_CLASSES, CLASSES, DataError, load_index
 
@@ -179,12 +180,21 @@ def test_render_rejects_unplanted_findings():
 
 
 def test_cli(tmp_path, capsys):
-  assert synth.main(["--out", str(tmp_path / "cli"), "--patients", "1", "--workers", "1"]) == 0
+  argv = ["synth", "--out", str(tmp_path / "cli"), "--patients", "1", "--workers", "1"]
+  assert cli.main(argv) == 0
   assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
   assert len(load_index(tmp_path / "cli")) >= 1
+  # Other settings into the same folder: one line naming the folder and the settings, exit 1.
+  assert cli.main([*argv, "--seed", "1"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("lsemil synth: " + str(tmp_path / "cli"))
+  assert "'seed': 0" in err[0] and "'seed': 1" in err[0]
   with pytest.raises(SystemExit) as e:
-    synth.main(["--help"])
+    cli.main(["synth", "--help"])
   assert e.value.code == 0
+  with pytest.raises(SystemExit) as e:
+    cli.main(["synth", "--out", str(tmp_path / "x"), "--patients", "0"])
+  assert e.value.code == 2 and "--patients must be >= 1" in capsys.readouterr().err
 
 
 def test_loader_checks_apply_to_synthetic_boxes(tmp_path):

@@ -22,8 +22,6 @@ not exist (DICE of a class without boxes).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,9 +31,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lsemil import metrics
+from lsemil import metrics, tables
 from lsemil.data.nih import BOX_CLASSES, CLASSES, ORIGINAL_SIZE
-from lsemil.data.stats import PAPER_TABLE1
+from lsemil.data.stats import table1_tables
 
 
 class RunResult(TypedDict, total=False):
@@ -225,23 +223,6 @@ def _bold_best(cells: list[str], values: list, digits: int) -> list[str]:
   return [f"**{c}**" if s == best else c for c, s in zip(cells, shown, strict=True)]
 
 
-def _markdown(header: list[str], rows: list[list[str]], align_first_left: bool = True) -> str:
-  lines = ["| " + " | ".join(header) + " |"]
-  lines.append(
-    "|" + "|".join([":---" if align_first_left else "---:"] + ["---:"] * (len(header) - 1)) + "|"
-  )
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
-  return "\n".join(lines) + "\n"
-
-
-def _csv(header: list[str], rows: list[list[str]]) -> str:
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(header)
-  w.writerows(rows)
-  return buf.getvalue()
-
-
 def _label(run: Mapping) -> str:
   if "label" in run:
     return str(run["label"])
@@ -259,27 +240,10 @@ def table1(stats: Mapping) -> tuple[str, str]:
 
   stats: `lsemil.data.stats.table1(index)` (uses its "classes" entry) or directly
   {class: {"train", "valid", "test", "bbox"}}. A bbox count of 0 or None shows as '-'.
-  (`lsemil.data.stats.format_table1` formats from an index; this formats from the stored dict.)
+  The one formatter is `lsemil.data.stats.table1_tables`.
   """
-  classes = stats.get("classes", stats)
-  cols = ("train", "valid", "test", "bbox")
-  header = ["abnormality", *cols, *(f"paper {c}" for c in cols)]
-  md_rows, csv_rows = [], []
-  for name, row in classes.items():
-    cls = canonical_class(name)
-    ours = [row.get(c) for c in cols]
-    paper = list(PAPER_TABLE1[cls])
-    md_rows.append(
-      [display_class(cls)]
-      + [
-        "-" if (v is None or (c == "bbox" and not v)) else f"{int(v):,}"
-        for c, v in zip(cols, ours, strict=True)
-      ]
-      + ["-" if v is None else f"{v:,}" for v in paper]
-    )
-    csv_rows.append([cls] + ["" if v is None else str(int(v)) for v in ours + paper])
-  csv_header = ["abnormality", *cols, *(f"paper_{c}" for c in cols)]
-  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+  classes = {canonical_class(k): v for k, v in stats.get("classes", stats).items()}
+  return table1_tables(classes, with_paper=True, display=display_class)
 
 
 def table2(
@@ -318,7 +282,7 @@ def table2(
     md_rows.append([label] + [_md_num(v, 4) for v in cells])
     csv_rows.append(["paper", name] + [_csv_num(v) for v in cells])
   csv_header = ["source", "run"] + [f"{c}@tau={tau:g}" for c, tau in cols]
-  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
 
 def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
@@ -430,7 +394,7 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
     + [_csv_num(v) for v in our_mdice]
     + [_csv_num(mean_dice(uniform))]
   )
-  return _markdown(header, md_rows), _csv(csv_header, csv_rows)
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
 
 # ----------------------------------------------------------------------------------------------

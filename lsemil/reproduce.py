@@ -27,8 +27,6 @@ is `lsemil.commands.reproduce`.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import tempfile
 from collections.abc import Sequence
@@ -38,10 +36,9 @@ from typing import Any
 import numpy as np
 
 from lsemil import evaluate as ev
-from lsemil import fileio, inference, report
+from lsemil import fileio, inference, report, tables
 from lsemil.data import nih
 from lsemil.errors import UserError
-
 
 # --------------------------------------------------------------------------- runs
 
@@ -186,13 +183,8 @@ def sweep_table(runs: Sequence[dict], taus: Sequence[float]) -> tuple[str, str]:
       csv_rows.append(
         [run["label"], cls] + ["" if v is None or math.isnan(v) else repr(v) for v in vals]
       )
-  md = ["| " + " | ".join(header) + " |", "|:---|:---|" + "---:|" * len(taus)]
-  md += ["| " + " | ".join(r) + " |" for r in md_rows]
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["run", "class", *(f"tau={t:g}" for t in taus)])
-  w.writerows(csv_rows)
-  return "\n".join(md) + "\n", buf.getvalue()
+  csv_header = ["run", "class", *(f"tau={t:g}" for t in taus)]
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
 
 def reproduce_results(

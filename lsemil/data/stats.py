@@ -8,15 +8,14 @@ and our validation split is drawn anew (the paper's own draw was not published).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import types
 from collections.abc import Mapping
 
 import numpy as np
 
-from lsemil.data.nih import CLASSES, SPLITS, NihIndex
+from lsemil import tables
+from lsemil.data.nih import CLASSES, SPLITS, VALID_FRACTION, NihIndex
 
 # Paper Table 1: (train, valid, test, bbox) per class in NIH order; bbox None where it has '-'.
 PAPER_TABLE1: Mapping[str, tuple[int, int, int, int | None]] = types.MappingProxyType(
@@ -73,6 +72,28 @@ def _paper_cell(v: int | None) -> str:
   return "-" if v is None else f"{v:,}"
 
 
+def table1_tables(classes: Mapping, *, with_paper: bool, display=str) -> tuple[str, str]:
+  """Table 1 rows {class: {train, valid, test, bbox}} as (Markdown, CSV), the paper's counts
+  beside ours when `with_paper`; `display` names the classes in the Markdown."""
+  cols = ("train", "valid", "test", "bbox")
+  head = ["abnormality", *cols] + ([f"paper {c}" for c in cols] if with_paper else [])
+  csv_head = ["abnormality", *cols] + ([f"paper_{c}" for c in cols] if with_paper else [])
+  md_rows, csv_rows = [], []
+  for c, row in classes.items():
+    ours = [row.get(k) for k in cols]
+    paper = list(PAPER_TABLE1[c]) if with_paper else []
+    md_rows.append(
+      [display(c)]
+      + [
+        "-" if (v is None or (k == "bbox" and not v)) else f"{int(v):,}"
+        for k, v in zip(cols, ours, strict=True)
+      ]
+      + [_paper_cell(v) for v in paper]
+    )
+    csv_rows.append([c] + ["" if v is None else int(v) for v in ours + paper])
+  return tables.markdown(head, md_rows), tables.csv_text(csv_head, csv_rows)
+
+
 def format_table1(index: NihIndex, fmt: str = "md") -> str:
   """Table 1 of `index` as markdown (with the paper's numbers beside ours), CSV or JSON."""
   if fmt not in FORMATS:
@@ -86,35 +107,21 @@ def format_table1(index: NihIndex, fmt: str = "md") -> str:
         for c, v in PAPER_TABLE1.items()
       }
     return json.dumps(t, indent=2)
-  cols = ("train", "valid", "test", "bbox")
+  md, csv_text = table1_tables(t["classes"], with_paper=with_paper)
   if fmt == "csv":
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["abnormality", *cols] + ([f"paper_{c}" for c in cols] if with_paper else []))
-    for c, row in t["classes"].items():
-      paper = ["" if v is None else v for v in PAPER_TABLE1[c]] if with_paper else []
-      w.writerow([c, *(row[k] for k in cols), *paper])
-    return buf.getvalue()
+    return csv_text
   split = "official lists" if t["official_split"] else "patient-wise fallback"
   lines = [
-    f"Table 1 ({index.root}, {t['kind']}; test from {split}, valid = 25% of train_val "
-    f"patients, seed {t['seed']})",
+    f"Table 1 ({index.root}, {t['kind']}; test from {split}, valid = "
+    f"{VALID_FRACTION:.0%} of train_val patients, seed {t['seed']})",
     "",
+    md.rstrip("\n"),
   ]
-  head = ["abnormality", *cols] + ([f"paper {c}" for c in cols] if with_paper else [])
-  lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1))
-            + "|"]
-  for c, row in t["classes"].items():
-    cells = [c] + [f"{row[k]:,}" if (k != "bbox" or row[k]) else "-" for k in cols]
-    if with_paper:
-      cells += [_paper_cell(v) for v in PAPER_TABLE1[c]]
-    lines.append("| " + " | ".join(cells) + " |")
   im, pa = t["images"], t["patients"]
   lines += [
     "",
     f"images: {im['all']:,} (train {im['train']:,}, valid {im['valid']:,}, test {im['test']:,})",
-    f"patients: {pa['all']:,} (train {pa['train']:,}, valid {pa['valid']:,}, "
-    f"test {pa['test']:,})",
+    f"patients: {pa['all']:,} (train {pa['train']:,}, valid {pa['valid']:,}, test {pa['test']:,})",
     f"boxes: {t['boxes']:,} on {t['box_images']:,} images",
   ]
   if with_paper:

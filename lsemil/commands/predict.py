@@ -15,6 +15,7 @@ from pathlib import Path
 from lsemil import fileio, inference
 from lsemil import predict as predict_lib
 from lsemil.commands import args as args_lib
+from lsemil.errors import OutputError
 
 
 def _probability(text: str) -> float:
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
+  if fileio.is_remote(args.out):
+    raise OutputError(f"--out {args.out}: predict writes overlays to a local folder")
   loaded = inference.load(args.checkpoint, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
   out = fileio.resolve(args.out)

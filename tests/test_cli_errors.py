@@ -1,0 +1,83 @@
+"""User errors print one line naming the field or file, with the same exit status everywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsemil import cli
+from lsemil.errors import EXIT_USER_ERROR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "lsemil.cli", *args], capture_output=True, text=True, cwd=cwd
+  )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+  assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  return proc.stderr
+
+
+def test_unknown_config_field_names_the_section_and_field(tmp_path):
+  err = one_error_line(
+    run_cli(
+      "train",
+      "--config",
+      "configs/smoke.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.train.nope=1",
+    )
+  )
+  assert "--config.train.nope" in err and "train has no field 'nope'" in err
+
+
+def test_val_fraction_zero_fails_early_naming_the_field(tmp_path):
+  err = one_error_line(
+    run_cli(
+      "train",
+      "--config",
+      "configs/smoke.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.data.val_fraction=0",
+    )
+  )
+  assert "data.val_fraction" in err
+  assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    ("stats", "--nih-dir", "/nonexistent/nih"),
+    ("evaluate", "--workdir", "/nonexistent/run"),
+    ("predict", "--checkpoint", "/nonexistent/run", "x.png"),
+    ("prepare", "--nih-dir", "/nonexistent/nih", "--out", "/tmp/lsemil_never"),
+  ],
+)
+def test_missing_inputs_exit_1_with_the_path(args, capsys):
+  assert cli.main(list(args)) == EXIT_USER_ERROR
+  err = capsys.readouterr().err
+  assert "/nonexistent/" in err and err.startswith(f"lsemil {args[0]}: ")
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_a_bug_is_not_swallowed(monkeypatch):
+  """Only UserErrors become one line: any other exception keeps its traceback."""
+  import lsemil.commands.stats as stats_cmd
+
+  def boom(argv):
+    raise ValueError("a bug")
+
+  monkeypatch.setattr(stats_cmd, "main", boom)
+  with pytest.raises(ValueError, match="a bug"):
+    cli.main(["stats", "--nih-dir", "x"])

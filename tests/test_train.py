@@ -12,11 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
-from lsemil import main as main_lib
+from lsemil import cli, inference, sharding, train, workdir_lock
 from lsemil import model as model_lib
-from lsemil import sharding, train
+from lsemil.commands import train as train_cmd
 from lsemil.config_lib import load_config
+from lsemil.data import imageio, nih, pipeline
+from lsemil.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
-def test_train_step_eval_step_and_predict(fast_compiles):
+def test_train_step_then_validation_through_the_inference_path(fast_compiles, synth_dir):
   config = load_config("smoke")
   model = model_lib.from_config(config.model)
   tx = train.create_optimizer(config)
@@ -38,8 +41,8 @@ def test_train_step_eval_step_and_predict(fast_compiles):
   stats0 = jax.device_get(state.batch_stats)
   rng = np.random.default_rng(0)
   s = config.model.input_size
-  batch = {
-    "image": rng.uniform(size=(8, s, s, 1)).astype(np.float32),
+  batch = {  # uint8 images, as the input pipeline yields them (the model scales to [0, 1])
+    "image": rng.integers(0, 256, size=(8, s, s, 1), dtype=np.uint8),
     "labels": (rng.uniform(size=(8, 14)) < 0.3).astype(np.float32),
   }
   step_fn = train.make_train_step(model, tx, mesh, state_sh)
@@ -64,25 +67,39 @@ def test_train_step_eval_step_and_predict(fast_compiles):
     jnp.dtype("int32"),
   }
 
-  eval_fn = train.make_eval_step(model, mesh, state_sh)
-  mask = np.array([True] * 6 + [False] * 2)
-  with jax.set_mesh(mesh):
-    out = eval_fn(
-      state, sharding.global_batch({**batch, "mask": mask}, sharding.batch_sharding(mesh))
-    )
-  probs = np.asarray(out["probs"])
-  assert probs.shape == (8, 14) and np.all((probs >= 0) & (probs <= 1))
-  np.testing.assert_array_equal(np.asarray(out["mask"]), mask)
+  # Validation (Sec 4.2) through the one inference path, on the training state's arrays: an
+  # eval batch size that does not divide the split, so the last batch is padded and masked.
+  predictor = inference.Predictor(model, train.state_variables(state), mesh)
+  rows = pipeline.split_rows(config, synth_dir, "valid")
+  config.train.eval_batch_size = 16 if len(rows) % 16 else 12
+  assert len(rows) % config.train.eval_batch_size
+  val, preds = train.validate(predictor, config, str(synth_dir))
+  np.testing.assert_array_equal(preds.rows, np.sort(rows))  # every image once, index order
+  assert val["val_examples"] == len(rows) == len(preds.probs)
+  probs = preds.probs.astype(np.float64)
+  assert probs.shape == (len(rows), 14) and np.all((probs >= 0) & (probs <= 1))
+  index = nih.open_index(synth_dir, val_fraction=0.25, split_seed=0)
+  np.testing.assert_array_equal(preds.labels, index.labels[preds.rows])
+  p = np.clip(probs, 1e-7, 1 - 1e-7)
+  y = preds.labels.astype(np.float64)
+  bce = -np.mean(np.sum(y * np.log(p) + (1 - y) * np.log1p(-p), axis=1))
+  assert val["val_loss"] == pytest.approx(bce, rel=1e-4)
+  aucs = [a for a in val["val_per_class_auc"] if a is not None]
+  assert len(val["val_per_class_auc"]) == 14 and len(aucs) == 14 - len(val["val_missing_classes"])
+  assert val["val_mean_auc"] == pytest.approx(np.mean(aucs))
 
-  variables = {
-    "params": jax.device_get(state.params),
-    "batch_stats": jax.device_get(state.batch_stats),
-  }
-  pred = train.make_predict_fn(model)(variables, batch["image"][:2])
+  # The same image read from its file through `model_input` (the contract every command uses)
+  # gives the validation's probabilities; saliency maps (and the per-level maps) on request.
+  first = int(preds.rows[0])
+  x = inference.model_input(imageio.read_gray(index.image_paths[first]), s)
+  host = inference.Predictor(model, jax.device_get(train.state_variables(state)), mesh)
+  out = host.predict_images(x[None], 2, saliency=True, levels=True)
+  np.testing.assert_allclose(out["probs"][0], preds.probs[0], rtol=1e-5, atol=1e-6)
   n = config.model.saliency_size
-  assert pred["saliency"].shape == (2, n, n, 14)
-  np.testing.assert_allclose(np.asarray(pred["probs"]), probs[:2], rtol=1e-5, atol=1e-6)
-  assert pred["saliency_levels"][-1].shape == (2, n, n, 14)
+  assert out["saliency"].shape == (1, n, n, 14)
+  assert out["saliency_levels"][-1].shape == (1, n, n, 14)
+  with pytest.raises(TypeError, match="uint8"):
+    host(x[None].astype(np.float32))
 
 
 @pytest.mark.parametrize(
@@ -92,25 +109,59 @@ def test_train_step_eval_step_and_predict(fast_compiles):
     ("train.learning_rate", float("nan"), "learning_rate"),
     ("train.batch_size", 0, "batch_size"),
     ("train.num_steps", -1, "num_steps"),
+    ("data.val_fraction", 0.0, "val_fraction"),
+    ("data.val_fraction", 1.0, "val_fraction"),
   ],
 )
 def test_config_errors_raise_before_anything_runs(tmp_path, field, value, match):
   config = load_config("smoke")
   section, name = field.split(".")
   config[section][name] = value
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ConfigError, match=match):
     train.train_and_evaluate(config, tmp_path / "w", data_dir=tmp_path)
   assert not (tmp_path / "w").exists()  # nothing written, nothing compiled
 
 
-def test_missing_dataset_is_a_clear_error_except_for_smoke(tmp_path):
+def test_missing_dataset_is_a_clear_error_unless_synthesized(tmp_path):
   config = load_config("demo")
-  with pytest.raises(ValueError, match="--data-dir"):
+  assert config.data.synth_patients == 0 and load_config("smoke").data.synth_patients == 40
+  with pytest.raises(DataError, match="--data-dir"):
     train.train_and_evaluate(config, tmp_path / "w")
+  with pytest.raises(DataError, match="local disk"):
+    train.resolve_data_dir(config, tmp_path / "w", "gs://bucket/data", print)
+
+
+def test_resume_with_another_config_is_refused_naming_the_fields(tmp_path):
+  saved = load_config("smoke")
+  w = tmp_path / "w"
+  (w / "checkpoints" / "3").mkdir(parents=True)
+  (w / "config.json").write_text(saved.to_json_best_effort())
+  config = load_config("smoke:r0=10")
+  config.seed = 1
+  config.train.num_steps = 100  # free to change on resume
+  diff = train.config_differences(json.loads(saved.to_json_best_effort()), config)
+  assert diff == ["model.r0: 5.0 -> 10.0", "seed: 0 -> 1"]
+  with pytest.raises(ConfigError, match=r"model\.r0: 5\.0 -> 10\.0; seed: 0 -> 1"):
+    train.train_and_evaluate(config, w, data_dir=tmp_path)
+  assert sorted(p.name for p in w.iterdir() if not p.name.startswith(".")) == [
+    "checkpoints",
+    "config.json",
+  ]
+  assert json.loads((w / "config.json").read_text()) == json.loads(saved.to_json_best_effort())
+  saved.train.num_steps = 100  # steps, cadences and the like may change
+  train.check_resume_config(epath.Path(w), saved)
+
+
+def test_second_train_on_a_held_workdir_is_refused(tmp_path):
+  w = tmp_path / "w"
+  with workdir_lock.hold(str(w)):
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=str(w)):
+      train.train_and_evaluate(load_config("smoke"), w, data_dir=tmp_path)
+  assert not (w / "config.json").exists() and not (w / "checkpoints").exists()
 
 
 def test_flags_overrides_and_sibling_config_imports():
-  fv = main_lib.parse_flags(
+  fv = train_cmd.parse_flags(
     [
       "--config",
       "configs/smoke.py:r0=10",
@@ -126,18 +177,28 @@ def test_flags_overrides_and_sibling_config_imports():
   assert fv.config.train.batch_size == 16 and fv.config.model.dtype == "bfloat16"
   assert fv.config.model.input_size == 64  # smoke's own value
   assert fv.workdir == "/tmp/w" and fv.data_dir == "/tmp/d"
-  paper = main_lib.parse_flags(["--config=configs/paper.py:r0=0", "--workdir=/tmp/w"])
+  paper = train_cmd.parse_flags(["--config=configs/paper.py:r0=0", "--workdir=/tmp/w"])
   assert paper.config.model.r0 == 0.0 and paper.config.train.init_from == ""
 
 
 def test_cli_help_and_usage_errors(capsys):
-  assert main_lib.main(["--help"]) == 0
+  assert cli.main(["train", "--help"]) == 0
   out = capsys.readouterr().out
   assert "lsemil train --config" in out and "--workdir" in out and "--config.train" in out
-  assert main_lib.main(["--config", "configs/smoke.py"]) == 2
-  assert "--workdir" in capsys.readouterr().err
-  assert main_lib.main(["--config", "configs/smoke.py", "--workdir", "w", "--config.x.y=1"]) == 2
-  assert main_lib.main(["--config", "configs/nothere.py", "--workdir", "w"]) == 2
+
+  def error(argv, *words):
+    """Bad flags are a ConfigError: exit 1, 'lsemil train: <message>' naming what is wrong."""
+    assert cli.main(["train", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lsemil train: "), err
+    for w in words:
+      assert w in err, err
+    with pytest.raises(ConfigError):  # the command module raises, the CLI prints
+      train_cmd.main(argv)
+
+  error(["--config", "configs/smoke.py"], "--workdir")
+  error(["--config", "configs/smoke.py", "--workdir", "w", "--config.x.y=1"], "'x'", "model")
+  error(["--config", "configs/nothere.py", "--workdir", "w"], "nothere.py")
 
 
 def test_early_stopping_counts_evaluations_without_improvement():

@@ -1,7 +1,8 @@
 """Tests of `lsemil predict` (per-image probabilities and saliency overlays, Sec 3.6 and 4.4).
 
-A smoke-sized model with deterministic random weights stands in for a checkpoint (the loader is
-replaced in the CLI tests); images come from the `synth_dir` fixture.
+A smoke-sized model with deterministic random weights stands in for a trained one; the CLI
+tests read it from a real checkpoint (`checkpointing.save`, no training). Images come from
+the `synth_dir` fixture.
 """
 
 from __future__ import annotations
@@ -10,24 +11,45 @@ import csv
 import io
 
 import cv2
+import grain
+import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_evaluate import fast_variables  # random weights without compiling init
 
-from lsemil import config_lib, predict
-from lsemil import evaluate as ev
+from lsemil import checkpointing, cli, config_lib, inference, predict, train
 from lsemil import model as model_lib
-from lsemil.data import imageio, pipeline
+from lsemil.data import dicom, imageio, nih, pipeline
 from lsemil.data.nih import CLASSES
 
 
 @pytest.fixture(scope="module")
-def smoke(synth_dir):
+def smoke(synth_dir, random_variables):
+  """An `inference.LoadedModel` of the smoke config with random weights (seed 1)."""
   config = config_lib.load_config("smoke")
   config.data.data_dir = str(synth_dir)
   model = model_lib.from_config(config.model)
-  return config, model, fast_variables(model, seed=1)
+  variables = random_variables(model, seed=1)
+  return inference.LoadedModel(config, model, variables, 4, "W/checkpoints/4", {})
+
+
+@pytest.fixture(scope="module")
+def workdir(smoke, tmp_path_factory):
+  """A training workdir holding `smoke`'s weights as its one checkpoint (step 4)."""
+  config, model, variables = smoke.config, smoke.model, smoke.variables
+  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  state = state.replace(
+    step=np.int32(4), params=variables["params"], batch_stats=variables["batch_stats"]
+  )
+  w = tmp_path_factory.mktemp("run") / "w"
+  manager = checkpointing.create_manager(w, keep=1, async_save=False)
+  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  metrics = {checkpointing.BEST_METRIC: 0.5}
+  checkpointing.save(manager, 4, state, it, config=config, meta={}, metrics=metrics)
+  manager.wait_until_finished()
+  manager.close()
+  return w
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +68,30 @@ def files(synth_dir, tmp_path_factory):
 
 
 def test_model_input_matches_the_eval_pipeline(smoke, synth_dir):
-  config = smoke[0]
+  config = smoke.config
   batch = next(iter(pipeline.make_eval_iter(config, synth_dir, "test")))
-  index = ev.open_index(config, synth_dir)
+  index = nih.open_index(synth_dir, val_fraction=0.25, split_seed=0)
   row = int(batch["row"][0])
-  _, x = predict.model_input(predict.read_image(index.image_paths[row]), 64)
+  x = inference.model_input(predict.read_image(index.image_paths[row]), 64)
+  assert x.dtype == np.uint8 and x.shape == (64, 64, 1)
   np.testing.assert_array_equal(x, batch["image"][0])
+  # A raw 1024 px image is brought to 512 first, exactly as `lsemil prepare` stores it.
+  big = cv2.resize(predict.read_image(index.image_paths[row]), (1024, 1024))
+  np.testing.assert_array_equal(
+    inference.model_input(big, 64), inference.model_input(imageio.resize_gray(big, 512), 64)
+  )
+  with pytest.raises(ValueError, match="uint8"):
+    inference.model_input(big.astype(np.float32), 64)
 
 
 def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys):
-  config, model, variables = smoke
-  probe, _ = predict.predict_files(
-    config, model, variables, [str(files["png"])], None, progress=False
-  )
+  probe, _ = predict.predict_files(smoke, [str(files["png"])], None, progress=False)
   p = np.array([probe[0]["probs"][c] for c in CLASSES])
   threshold = float(np.sort(p)[-2])  # at least the top two classes get overlays
   paths = [str(files["png"]), str(files["bad"]), str(files["jpg"])]
   out = tmp_path / "P"
   rows, failures = predict.predict_files(
-    config, model, variables, paths, out, threshold=threshold, batch_size=2, progress=False
+    smoke, paths, out, threshold=threshold, batch_size=2, progress=False
   )
   assert [f[0] for f in failures] == [str(files["bad"])]
   assert "broken.png" in failures[0][1] and "truncated" in failures[0][1]
@@ -79,12 +106,25 @@ def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys)
   for name in expected:
     with Image.open(out / name) as im:
       assert im.format == "PNG" and im.size[0] >= 200
-  table = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+  # predictions.csv: the per-image columns of every command, then the path and the classes
+  # at or above the threshold.
+  text = (out / "predictions.csv").read_text()
+  header = next(csv.reader(io.StringIO(text)))
+  assert header == [*inference.CSV_COLUMNS, "path", f"classes_p>={threshold:g}"]
+  table = list(csv.DictReader(io.StringIO(text)))
   assert [t["path"] for t in table] == [r["path"] for r in rows]
+  assert [t["image_id"] for t in table] == ["chest.png", "chest_copy.jpg"]
+  assert all(t["patient_id"] == "" for t in table)
   for t, r in zip(table, rows, strict=True):
     for c in CLASSES:
       assert float(t[c]) == pytest.approx(r["probs"][c], abs=1e-6)
       assert 0.0 <= float(t[c]) <= 1.0
+    above = [c for c in CLASSES if r["probs"][c] >= threshold]
+    assert t[f"classes_p>={threshold:g}"].split("|") == above
+  back = inference.read_predictions_csv(out / "predictions.csv")
+  np.testing.assert_allclose(
+    back["chest.png"], [rows[0]["probs"][c] for c in CLASSES], rtol=1e-7
+  )
   # JPEG (quality 95) of the same pixels: nearly the same probabilities.
   for c in CLASSES:
     assert rows[0]["probs"][c] == pytest.approx(rows[1]["probs"][c], abs=0.02)
@@ -92,35 +132,32 @@ def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys)
   assert rows[0]["probs"] == pytest.approx(probe[0]["probs"], abs=1e-5)
 
 
-def test_cli_exit_status_and_table(smoke, files, tmp_path, monkeypatch, capsys):
-  config, model, variables = smoke
-  monkeypatch.setattr(
-    ev, "load_checkpoint", lambda path, which="best": (config, model, variables, 4, {})
-  )
+def test_cli_exit_status_and_table(smoke, workdir, files, tmp_path, capsys):
   out = tmp_path / "P"
-  ok = predict.main(
-    [
-      "--checkpoint",
-      "W",
-      str(files["png"]),
-      "--out",
-      str(out),
-      "--no-progress",
-      "--threshold",
-      "1.0",
-    ]
-  )
-  assert ok == 0
+  argv = ["predict", "--checkpoint", str(workdir), str(files["png"]), "--out", str(out)]
+  assert cli.main([*argv, "--no-progress", "--threshold", "1.0"]) == 0
   captured = capsys.readouterr()
   assert "chest.png" in captured.out and "Atel" in captured.out
+  assert f"{workdir / 'checkpoints' / '4'} (step 4)" in captured.err
   assert (out / "predictions.csv").is_file() and not list(out.glob("*.png"))
-  rc = predict.main(
-    ["--checkpoint", "W", str(files["bad"]), str(files["jpg"]), "--out", str(out), "--no-progress"]
+  # The checkpoint's probabilities are those of the weights it was written from.
+  direct, _ = predict.predict_files(smoke, [str(files["png"])], None, progress=False)
+  got = inference.read_predictions_csv(out / "predictions.csv")["chest.png"]
+  np.testing.assert_allclose(got, [direct[0]["probs"][c] for c in CLASSES], atol=1e-6)
+  rc = cli.main(
+    ["predict", "--checkpoint", str(workdir), str(files["bad"]), str(files["jpg"])]
+    + ["--out", str(out), "--no-progress"]
   )
   assert rc == 1
   captured = capsys.readouterr()
   assert "broken.png" in captured.err and "chest_copy.jpg" in captured.out
-  assert predict.main(["--checkpoint", "W", str(files["png"]), "--threshold", "2"]) == 2
+  with pytest.raises(SystemExit) as e:  # argparse: exit 2
+    cli.main(["predict", "--checkpoint", str(workdir), str(files["png"]), "--threshold", "2"])
+  assert e.value.code == 2
+  # No checkpoint there: one line naming the folder, exit 1.
+  assert cli.main(["predict", "--checkpoint", str(tmp_path / "none"), str(files["png"])]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("lsemil predict: ") and str(tmp_path / "none") in err[-1]
 
 
 def _write_dicom(path, raw, *, photometric="MONOCHROME1", window=(1000.0, 2000.0)):
@@ -155,7 +192,7 @@ def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
   raw[0, 0], raw[0, 1] = 0, 4095
   path = tmp_path / "xray.dcm"
   _write_dicom(path, raw)
-  img = predict.read_dicom(path)
+  img = dicom.read_dicom(path)
   x = raw.astype(np.float64) * 2 - 100  # modality rescale
   y = np.clip((x - 999.5) / 1999.0 + 0.5, 0, 1)  # DICOM linear window c=1000, w=2000
   expected = np.rint((1 - y) * 255).astype(np.uint8)  # MONOCHROME1: inverted
@@ -165,13 +202,10 @@ def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
   # Without a window: min-max; MONOCHROME2 is not inverted. Detection by the DICM magic.
   plain = tmp_path / "plain.bin"
   _write_dicom(plain, raw, photometric="MONOCHROME2", window=None)
-  assert predict.is_dicom(plain)
+  assert dicom.is_dicom(plain)
   img2 = predict.read_image(plain)
   np.testing.assert_array_equal(img2, np.rint(raw / 4095.0 * 255).astype(np.uint8))
-  config, model, variables = smoke
-  rows, failures = predict.predict_files(
-    config, model, variables, [str(path)], None, progress=False
-  )
+  rows, failures = predict.predict_files(smoke, [str(path)], None, progress=False)
   assert not failures and len(rows) == 1
   garbage = tmp_path / "garbage.dcm"
   garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 40)

@@ -63,6 +63,20 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"
   # Rematerialise residual / dense blocks to save accelerator memory.
   m.remat = False
+  # Speed options (lsemil/layers.py): same parameters, same sums up to float rounding;
+  # measured in README's benchmark section.
+  # BatchNorm: fused (custom VJP saving only its input and float32 mean / inverse std)
+  # | flax (nn.BatchNorm; its autodiff keeps float32 intermediates: 222 vs 123 MB/image
+  # saved for the backward pass in bf16 at 512 px).
+  m.batch_norm_impl = "fused"
+  # 1x1 convolutions: dot (a dot_general, strided ones subsample first) | conv.
+  m.conv1x1_impl = "dot"
+  # Weight gradients of k x k convs: xla (jax's conv transpose) | gemm (im2col + one dot)
+  # | auto (gemm on CPU backends, xla elsewhere).
+  m.conv_weight_grad = "xla"
+  # The 7x7 strided stem on 1 channel: conv | space_to_depth (a 4x4 stride-1 conv on
+  # 2x2 blocks, 4 channels) | pad8 (input channels zero-padded to 8, for tensor cores).
+  m.stem_impl = "conv"
   return m
 
 

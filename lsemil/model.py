@@ -38,10 +38,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lsemil import layers
 from lsemil import pooling as pooling_lib
+from lsemil.errors import ConfigError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NORMS = ("batch", "group")
+# Implementation choices (speed only; same parameters, same sums up to float rounding).
+BATCH_NORM_IMPLS = ("fused", "flax")
+CONV1X1_IMPLS = ("dot", "conv")
+CONV_WEIGHT_GRADS = ("xla", "gemm", "auto")
+STEM_IMPLS = ("conv", "space_to_depth", "pad8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +59,54 @@ class ModelSpec:
   fused_levels: tuple[int, ...]  # level indices in the up path, fine (side N) to coarse
 
 
-def validate(cfg: Any) -> ModelSpec:
-  """Checks a model config and derives the level sides; raises ValueError naming the field.
+def _channels_normalised(cfg: Any, sides: tuple[int, ...]) -> dict[str, int]:
+  """Every channel count a norm layer sees, keyed by where it comes from (for GroupNorm)."""
+  ratio = int(cfg.bottleneck_ratio)
+  out = {"stem_features": int(cfg.stem_features)}
+  for level, (width, blocks) in enumerate(zip(cfg.widths, cfg.blocks_per_level, strict=True)):
+    if level > 0 or int(blocks) > 0:  # level 0 without blocks is the stem output itself
+      out[f"widths[{level}]"] = int(width)
+      out[f"widths[{level}] // bottleneck_ratio"] = max(int(width) // ratio, 1)
+  if int(cfg.dense_layers) > 0:
+    out["dense_growth"] = int(cfg.dense_growth)
+  out["up_features"] = int(cfg.up_features)
+  return out
 
-  Runs on the host before anything is traced or compiled.
+
+def validate(cfg: Any) -> ModelSpec:
+  """Checks a model config and derives the level sides; raises ConfigError naming the field.
+
+  Runs on the host before anything is traced or compiled: every config it accepts builds.
   """
 
   def fail(field: str, msg: str):
-    raise ValueError(f"model config: {field}: {msg}")
+    raise ConfigError(f"model config: {field}: {msg}")
 
-  size, stride, n = int(cfg.input_size), int(cfg.stem_stride), int(cfg.saliency_size)
+  def integer(field: str, minimum: int) -> int:
+    value = cfg[field] if isinstance(cfg, dict) else getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+      fail(field, f"must be an integer, got {value!r}")
+    if int(value) < minimum:
+      fail(field, f"must be >= {minimum}, got {value}")
+    return int(value)
+
+  for field, minimum in (
+    ("num_classes", 1),
+    ("stem_features", 1),
+    ("bottleneck_ratio", 1),
+    ("dense_layers", 0),
+    ("dense_growth", 1),
+    ("up_features", 1),
+    ("up_convs", 0),
+    ("group_norm_groups", 1),
+  ):
+    integer(field, minimum)
+  size, stride, n = integer("input_size", 1), integer("stem_stride", 1), integer("saliency_size", 1)
   widths, blocks = tuple(cfg.widths), tuple(cfg.blocks_per_level)
+  for field, values, minimum in (("widths", widths, 1), ("blocks_per_level", blocks, 0)):
+    for v in values:
+      if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v) or v < minimum:
+        fail(field, f"entries must be integers >= {minimum}, got {values}")
   if size < 8 or size & (size - 1):
     fail("input_size", f"must be a power of two >= 8, got {size}")
   if stride not in (1, 2, 4):
@@ -84,6 +128,10 @@ def validate(cfg: Any) -> ModelSpec:
       f"N={n} is not reached by any level (level sides {sides}); change stem_stride, "
       "widths (the number of levels) or saliency_size",
     )
+  fused = tuple(level for level, side in enumerate(sides) if side <= n)
+  if len(fused) > 1 and int(cfg.up_convs) < 1:
+    # The one shared head W reads every fused level: each needs up_features channels.
+    fail("up_convs", f"must be >= 1 when {len(fused)} levels are fused, got {cfg.up_convs}")
   if cfg.pooling not in pooling_lib.POOLINGS:
     fail("pooling", f"unknown {cfg.pooling!r}; choose one of {pooling_lib.POOLINGS}")
   if cfg.pooling == "lse_lba" and float(cfg.r0) < 0:
@@ -94,12 +142,21 @@ def validate(cfg: Any) -> ModelSpec:
     fail("norm", f"unknown {cfg.norm!r}; choose one of {_NORMS}")
   if cfg.dtype not in _DTYPES:
     fail("dtype", f"unknown {cfg.dtype!r}; choose one of {tuple(_DTYPES)}")
+  for field, choices in (
+    ("batch_norm_impl", BATCH_NORM_IMPLS),
+    ("conv1x1_impl", CONV1X1_IMPLS),
+    ("conv_weight_grad", CONV_WEIGHT_GRADS),
+    ("stem_impl", STEM_IMPLS),
+  ):
+    value = cfg[field] if isinstance(cfg, dict) else getattr(cfg, field, choices[0])
+    if value not in choices:
+      fail(field, f"unknown {value!r}; choose one of {choices}")
   if cfg.norm == "group":
-    channels = [*widths, cfg.stem_features, cfg.up_features, cfg.dense_growth]
-    bad = [c for c in channels if c % int(cfg.group_norm_groups)]
+    groups = int(cfg.group_norm_groups)
+    bad = {k: c for k, c in _channels_normalised(cfg, sides).items() if c % groups}
     if bad:
-      fail("group_norm_groups", f"{cfg.group_norm_groups} does not divide channels {bad}")
-  fused = tuple(level for level, side in enumerate(sides) if side <= n)
+      where = ", ".join(f"{k} = {c}" for k, c in bad.items())
+      fail("group_norm_groups", f"{groups} groups do not divide the channels of {where}")
   return ModelSpec(level_sides=sides, fused_levels=fused)
 
 
@@ -197,6 +254,10 @@ class MultiResolutionMIL(nn.Module):
   group_norm_groups: int = 16
   dtype: str = "float32"
   remat: bool = False
+  batch_norm_impl: str = "fused"
+  conv1x1_impl: str = "dot"
+  conv_weight_grad: str = "xla"
+  stem_impl: str = "conv"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
@@ -208,10 +269,18 @@ class MultiResolutionMIL(nn.Module):
     dtype = _DTYPES[self.dtype]
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) * (1.0 / 255.0)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      layers.Conv,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      dot_1x1=self.conv1x1_impl == "dot",
+      weight_grad=resolve_weight_grad(self.conv_weight_grad),
+    )
     if self.norm == "batch":
+      bn = layers.BatchNorm if self.batch_norm_impl == "fused" else nn.BatchNorm
       norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+        bn, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
       )
     else:
       norm = functools.partial(nn.GroupNorm, num_groups=self.group_norm_groups, dtype=dtype)
@@ -219,7 +288,14 @@ class MultiResolutionMIL(nn.Module):
     dense = nn.remat(DenseBlock) if self.remat else DenseBlock
 
     # Stem and down path (Sec 3.1).
-    h = conv(self.stem_features, (7, 7), strides=self.stem_stride, name="stem")(x.astype(dtype))
+    stem_transform = "none" if self.stem_impl == "conv" else self.stem_impl
+    h = conv(
+      self.stem_features,
+      (7, 7),
+      strides=self.stem_stride,
+      input_transform=stem_transform,
+      name="stem",
+    )(x.astype(dtype))
     h = nn.relu(norm(name="stem_norm")(h))
     levels = []
     for level, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_level, strict=True)):
@@ -263,12 +339,19 @@ class MultiResolutionMIL(nn.Module):
     return {"probs": pool(saliency), "saliency": saliency, "saliency_levels": saliency_levels}
 
 
+def resolve_weight_grad(choice: str) -> str:
+  """'auto' -> 'gemm' on CPU backends (where it measured faster), else 'xla'."""
+  if choice != "auto":
+    return choice
+  return "gemm" if jax.default_backend() == "cpu" else "xla"
+
+
 def from_config(cfg: Any) -> MultiResolutionMIL:
   """Builds the model from `config.model` (a ConfigDict or a mapping of the fields)."""
   fields = {f.name for f in dataclasses.fields(MultiResolutionMIL)} - {"parent", "name"}
   unknown = set(cfg.keys()) - fields
   if unknown:
-    raise ValueError(f"model config: unknown fields {sorted(unknown)}")
+    raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
   values = {k: cfg[k] for k in cfg.keys()}
   for key in ("widths", "blocks_per_level"):
     if key in values:

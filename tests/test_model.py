@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from lsemil import config_lib, losses
+from lsemil import config_lib, errors, losses
 from lsemil import model as M
 from lsemil import pooling as P
 
@@ -326,6 +326,15 @@ INVALID = [
   (dict(stem_stride=3), "stem_stride"),
   (dict(r0=-1.0), "r0"),
   (dict(norm="group", group_norm_groups=3), "group_norm_groups"),
+  (dict(num_classes=0), "num_classes"),
+  (dict(widths=(8, 0)), "widths"),
+  (dict(bottleneck_ratio=0), "bottleneck_ratio"),
+  (dict(up_convs=0), "up_convs"),  # two fused levels share the head: both need up_features
+  (dict(dense_growth=0), "dense_growth"),
+  (dict(batch_norm_impl="cudnn"), "batch_norm_impl"),
+  (dict(conv1x1_impl="fft"), "conv1x1_impl"),
+  (dict(conv_weight_grad="winograd"), "conv_weight_grad"),
+  (dict(stem_impl="patchify"), "stem_impl"),
 ]
 
 
@@ -363,6 +372,50 @@ def test_invalid_config_raises_naming_the_field_before_any_compile(overrides, fi
     with pytest.raises(ValueError, match=f"model config: {field}:"):
       M.from_config(cfg)  # validates eagerly: no init, no trace
   assert probe.events == []
+
+
+def test_invalid_config_raises_config_error():
+  with pytest.raises(errors.ConfigError, match="model config: up_convs:"):
+    M.validate(_cfg(up_convs=0))
+
+
+def test_paper_config_with_group_norm_is_rejected_naming_the_bottleneck_width():
+  # 16 groups cannot split the 8-channel bottleneck of level 0 (32 // 4): flax would fail late.
+  cfg = config_lib.load_config("paper").model
+  cfg.norm = "group"
+  with pytest.raises(
+    errors.ConfigError, match=r"group_norm_groups:.*widths\[0\] // bottleneck_ratio = 8"
+  ):
+    M.validate(cfg)
+  with pytest.raises(ValueError, match="group_norm_groups"):
+    M.from_config(cfg)  # ConfigError is a ValueError
+
+
+def test_paper_config_with_group_norm_that_divides_every_width_builds():
+  cfg = config_lib.load_config("paper").model
+  cfg.norm, cfg.group_norm_groups = "group", 8
+  model = M.from_config(cfg)
+  variables = jax.eval_shape(lambda: M.init_variables(model, KEY))
+  assert "batch_stats" not in variables
+  assert M.param_count(variables["params"]) > 5_000_000
+
+
+def test_speed_options_keep_the_parameter_tree_and_the_outputs():
+  _, variables, x, out = _base()
+  for overrides in (
+    dict(batch_norm_impl="flax", conv1x1_impl="conv"),
+    dict(conv_weight_grad="gemm", stem_impl="space_to_depth"),
+    dict(stem_impl="pad8"),
+  ):
+    model = M.from_config(_cfg(**overrides))
+    shapes = jax.eval_shape(lambda m=model: M.init_variables(m, KEY))
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+    assert [a.shape for a in jax.tree.leaves(shapes)] == [
+      a.shape for a in jax.tree.leaves(variables)
+    ]
+    got = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+    np.testing.assert_allclose(got["probs"], out["probs"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["saliency"], out["saliency"], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_field_in_from_config_raises_naming_it():

@@ -1,8 +1,8 @@
 """Tests of `lsemil evaluate` and `lsemil reproduce` (paper Sec 4.2-4.4, Tables 1-3, Figs 1/3).
 
-A smoke-sized model initialised here runs over the `synth_dir` fixture; the checkpoint loader
-is replaced by one returning that model, so these tests need no training. One slow test trains
-the smoke config and runs the real CLIs on its workdir.
+A smoke-sized model with deterministic random weights runs over the `synth_dir` fixture; the
+reproduce tests read it from real checkpoints (`checkpointing.save`, no training). One slow
+test trains the smoke config and runs the real CLIs on its workdir.
 """
 
 from __future__ import annotations
@@ -12,47 +12,29 @@ import io
 import json
 import math
 
+import grain
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import config_lib, metrics
+from lsemil import checkpointing, cli, config_lib, inference, metrics, train
 from lsemil import evaluate as ev
 from lsemil import model as model_lib
 from lsemil import reproduce as rp
+from lsemil.commands import reproduce as reproduce_cmd
 from lsemil.data import nih
 
 N_BOOT = 50
 
 
-def fast_variables(model, seed: int = 0) -> dict:
-  """Deterministic random weights without compiling `model.init` (slow on 2 CPU cores).
-
-  Kernels ~ N(0, 1/fan_in), norm scales and running variances 1, everything else 0.
-  """
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
-
-  def fill(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    if name in ("scale", "var"):
-      return np.ones(leaf.shape, leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
-def smoke(synth_dir):
+def smoke(synth_dir, random_variables):
   """(config, model, variables) of the smoke config, data_dir = synth_dir."""
   config = config_lib.load_config("smoke")
   config.data.data_dir = str(synth_dir)
   model = model_lib.from_config(config.model)
-  variables = fast_variables(model)
+  variables = random_variables(model)
   return config, model, variables
 
 
@@ -63,21 +45,31 @@ def index(smoke, synth_dir):
 
 @pytest.fixture(scope="module")
 def evaluation(smoke, synth_dir, tmp_path_factory):
+  """(EvalRun, F.json path, written paths) of the test split."""
   config, model, variables = smoke
   out = tmp_path_factory.mktemp("eval") / "evaluation_test.json"
-  result = ev.evaluate_checkpoint(
-    config,
-    model,
-    variables,
-    synth_dir,
-    "test",
-    n_boot=N_BOOT,
-    saliency_path=ev.saliency_path_for(out),
-    progress=False,
-    step=3,
+  options = ev.EvalOptions(n_boot=N_BOOT, progress=False)
+  run = ev.evaluate_split(
+    inference.Predictor(model, variables), config, str(synth_dir), "test", options, step=3
   )
-  ev.write_evaluation(result, out)
-  return result, out
+  paths = ev.write_outputs(run, config, str(synth_dir), out)
+  return run, out, paths
+
+
+def write_checkpoint(workdir, config, variables, step: int) -> None:
+  """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
+  model = model_lib.from_config(config.model)
+  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  state = state.replace(
+    step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
+  )
+  manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
+  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  metrics_ = {checkpointing.BEST_METRIC: 0.5}
+  checkpointing.save(manager, step, state, it, config=config, meta={}, metrics=metrics_)
+  manager.wait_until_finished()
+  manager.close()
 
 
 def _reject_nan(text):
@@ -85,9 +77,17 @@ def _reject_nan(text):
 
 
 def test_evaluation_json_and_csv_parse(evaluation, index):
-  result, out = evaluation
+  run, out, paths = evaluation
+  assert {k: p.name for k, p in paths.items()} == {
+    "json": "evaluation_test.json",
+    "csv": "evaluation_test.csv",
+    "predictions": "evaluation_test_predictions.csv",
+    "saliency": "evaluation_test_saliency_boxes.npz",
+  }
   data = json.loads(out.read_text(), parse_constant=_reject_nan)  # strict JSON: no NaN
   assert data["split"] == "test" and data["step"] == 3
+  assert data["predictions_file"] == paths["predictions"].name
+  assert data["saliency_file"] == paths["saliency"].name
   assert data["num_images"] == len(index.rows("test"))
   assert data["num_patients"] == len(index.patients("test"))
   loaded = ev.load_evaluation(out)
@@ -118,8 +118,28 @@ def test_evaluation_json_and_csv_parse(evaluation, index):
   assert any(r["metric"] == "iobb_accuracy" and r["T"] == "0.5" for r in rows)
 
 
+def test_per_image_predictions_csv_gives_the_json_aucs(evaluation, index):
+  run, out, paths = evaluation
+  text = paths["predictions"].read_text()
+  assert next(csv.reader(io.StringIO(text))) == list(inference.CSV_COLUMNS)
+  table = list(csv.DictReader(io.StringIO(text)))
+  test_rows = index.rows("test")
+  assert [t["image_id"] for t in table] == [index.image_ids[r] for r in np.sort(test_rows)]
+  assert [int(t["patient_id"]) for t in table] == index.patient_ids[np.sort(test_rows)].tolist()
+  probs = inference.read_predictions_csv(paths["predictions"])
+  assert list(probs) == [t["image_id"] for t in table]
+  np.testing.assert_allclose(np.stack(list(probs.values())), run.predictions.probs, rtol=1e-7)
+  # The AUCs recomputed from the file alone are the JSON's.
+  labels = index.labels[np.sort(test_rows)]
+  aucs = metrics.per_class_auc(labels, np.stack(list(probs.values())))
+  loaded = ev.load_evaluation(out)
+  for k, cls in enumerate(nih.CLASSES):
+    assert aucs[k] == pytest.approx(loaded["auc"][cls], nan_ok=True)
+
+
 def test_saliency_kept_only_for_images_with_boxes(evaluation, index, smoke):
-  result, out = evaluation
+  run, out, _ = evaluation
+  result = run.result.to_dict()
   sal = ev.load_saliency(ev.saliency_path_for(out))
   test_rows = set(index.rows("test").tolist())
   with_boxes = set(index.box_rows.tolist()) & test_rows
@@ -184,19 +204,17 @@ def test_figure_cases_cover_different_classes(index):
 
 
 @pytest.fixture
-def fake_runs(smoke, monkeypatch):
-  """Replace the checkpoint loader: workdir 'w<r0>' -> the smoke model with that r0, step 7."""
+def runs_at(smoke):
+  """fn(workdir, r0): a real checkpoint (step 7) of the smoke model with that r0."""
   config, _, variables = smoke
-  calls = []
 
-  def load(path, which="best"):
+  def make(workdir, r0):
     cfg = config.copy_and_resolve_references()
-    cfg.model.r0 = float(str(path).rsplit("w", 1)[-1])
-    calls.append(str(path))
-    return cfg, model_lib.from_config(cfg.model), variables, 7, {"checkpoint": f"{path}/7"}
+    cfg.model.r0 = float(r0)
+    write_checkpoint(workdir, cfg, variables, 7)
+    return workdir
 
-  monkeypatch.setattr(ev, "load_checkpoint", load)
-  return calls
+  return make
 
 
 def _md_header(path):
@@ -204,8 +222,8 @@ def _md_header(path):
   return [c.strip() for c in line.rstrip().rstrip("|").split("|")]
 
 
-def test_reproduce_two_runs_then_one_reuses(tmp_path, fake_runs, monkeypatch, synth_dir):
-  runs = [("r0=0", 0.0, tmp_path / "w0"), ("r0=5", 5.0, tmp_path / "w5")]
+def test_reproduce_two_runs_then_one_reuses(tmp_path, runs_at, monkeypatch, synth_dir):
+  runs = [("r0=0", 0.0, runs_at(tmp_path / "w0", 0)), ("r0=5", 5.0, runs_at(tmp_path / "w5", 5))]
   out = tmp_path / "R"
   summary = rp.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False)
   for name in ("table1", "table2", "table2_sweep", "table3"):
@@ -239,7 +257,10 @@ def test_reproduce_two_runs_then_one_reuses(tmp_path, fake_runs, monkeypatch, sy
   with Image.open(out / "figure3.png") as im:  # 4 panels per row: image, truth, 2 runs
     assert im.size[0] / im.size[1] == pytest.approx(4 / len(summary["figure3_cases"]), 0.05)
   # The evaluations were stored in the workdirs; a second reproduce reuses them.
-  assert (tmp_path / "w5" / "evaluation_test.json").is_file()
+  for name in ("evaluation_test.json", "evaluation_test_predictions.csv"):
+    assert (tmp_path / "w5" / name).is_file()
+  stored = ev.load_evaluation(tmp_path / "w5" / "evaluation_test.json")
+  assert stored["step"] == 7 and stored["r0"] == 5.0 and stored["which"] == "best"
 
   def no_eval(*a, **k):
     raise AssertionError("evaluated again although a matching evaluation exists")
@@ -252,12 +273,13 @@ def test_reproduce_two_runs_then_one_reuses(tmp_path, fake_runs, monkeypatch, sy
   assert one["runs"][0]["auc"] == pytest.approx(summary["runs"][1]["auc"], nan_ok=True)
 
 
-def test_reproduce_cli_custom_taus_and_errors(tmp_path, fake_runs, capsys):
+def test_reproduce_cli_custom_taus_and_errors(tmp_path, runs_at, capsys):
   out = tmp_path / "R"
-  rc = rp.main(
+  rc = cli.main(
     [
+      "reproduce",
       "--run",
-      f"r0=10:{tmp_path / 'w10'}",
+      f"r0=10:{runs_at(tmp_path / 'w10', 10)}",
       "--out",
       str(out),
       "--tau",
@@ -276,32 +298,57 @@ def test_reproduce_cli_custom_taus_and_errors(tmp_path, fake_runs, capsys):
     r for r in csv.DictReader(io.StringIO((out / "table2.csv").read_text())) if r["run"] == "r0=10"
   )
   assert row["Nodule@tau=0.35"] != ""
-  assert rp.main(["--run", f"x:{tmp_path / 'w1'}", "--out", str(out), "--tau", "Edema=0.5"]) == 1
-  assert "Edema has no boxes" in capsys.readouterr().err
-  assert rp.parse_run("r0=5:gs://b/w") == ("r0=5", 5.0, "gs://b/w")
-  assert rp.parse_run("gs://b/w") == ("gs://b/w", None, "gs://b/w")
+  capsys.readouterr()
+  # Bad arguments: argparse's exit 2, naming the problem.
+  for argv, words in [
+    (["--tau", "Edema=0.5"], "Edema has no boxes"),
+    (["--tau", "Nodule=1.5"], "(0, 1)"),
+    (["--run", "r0=1e999:W"], "finite"),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      cli.main(["reproduce", "--run", f"x:{tmp_path / 'w1'}", "--out", str(out), *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+  # A run folder without checkpoints: one line naming it, exit 1.
+  assert cli.main(["reproduce", "--run", f"x:{tmp_path / 'w1'}", "--out", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("lsemil reproduce: ") and str(tmp_path / "w1") in err[-1]
+  assert reproduce_cmd.parse_run("r0=5:gs://b/w") == ("r0=5", 5.0, "gs://b/w")
+  assert reproduce_cmd.parse_run("gs://b/w") == ("gs://b/w", None, "gs://b/w")
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+  assert cli.main(["evaluate", "--workdir", str(tmp_path / "nothing")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("lsemil evaluate: ")
+  assert str(tmp_path / "nothing") in err[0]
+  with pytest.raises(SystemExit) as e:
+    cli.main(["evaluate", "--workdir", str(tmp_path), "--taus", "0.5,2"])
+  assert e.value.code == 2 and "--taus" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   """Train the smoke config briefly, then the real `evaluate`, `reproduce` and `predict`."""
-  from lsemil import predict, train
-
   config = config_lib.load_config("smoke")
   config.train.num_steps = 2
   config.train.eval_every_steps = 2
   w = tmp_path / "w"
   train.train_and_evaluate(config, str(w), data_dir=str(synth_dir))
-  assert ev.main(["--workdir", str(w), "--n-boot", "20", "--no-progress"]) == 0
+  valid = inference.read_predictions_csv(w / train.VALIDATION_PREDICTIONS)
+  index = ev.open_index(config, synth_dir)
+  assert sorted(valid) == sorted(index.image_ids[r] for r in index.rows("valid"))
+  assert cli.main(["evaluate", "--workdir", str(w), "--n-boot", "20", "--no-progress"]) == 0
   result = ev.load_evaluation(w / "evaluation_test.json")
   assert result["data_dir"] == str(synth_dir.resolve()) and result["step"] == 2
+  assert (w / "evaluation_test_predictions.csv").is_file()
   out = tmp_path / "R"
-  assert rp.main(["--run", f"r0=5:{w}", "--out", str(out), "--no-progress"]) == 0
+  assert cli.main(["reproduce", "--run", f"r0=5:{w}", "--out", str(out), "--no-progress"]) == 0
   assert "reusing" in capsys.readouterr().err
   assert (out / "table3.md").is_file() and (out / "figure1.png").is_file()
-  img = next((synth_dir / "images").iterdir())
-  assert (
-    predict.main(["--checkpoint", str(w), str(img), "--out", str(tmp_path / "P"), "--no-progress"])
-    == 0
-  )
-  assert (tmp_path / "P" / "predictions.csv").is_file()
+  img = index.image_paths[index.rows("test")[0]]
+  argv = ["predict", "--checkpoint", str(w), str(img), "--out", str(tmp_path / "P")]
+  assert cli.main([*argv, "--no-progress"]) == 0
+  # The same image through predict and through evaluate: the same probabilities.
+  by_file = inference.read_predictions_csv(tmp_path / "P" / "predictions.csv")[img.name]
+  by_split = inference.read_predictions_csv(w / "evaluation_test_predictions.csv")[img.name]
+  np.testing.assert_allclose(by_file, by_split, atol=1e-5)

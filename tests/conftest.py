@@ -1,8 +1,18 @@
-"""Shared pytest fixtures: the NIH metadata folder and a small synthetic NIH-layout dataset.
+"""Shared pytest fixtures.
 
-`nih_metadata_dir` is the folder named by env `LSEMIL_NIH_METADATA` (default
-`<repo root>/../shared/data/nih_metadata`); tests that use it skip when it is absent.
-`synth_dir` runs the synthesizer (lsemil.data.synth, issue 3 section 4) once per session.
+Data from outside the repository comes through ONE mechanism, `external_path`: each item has
+an environment variable (and a default beside the repository root, `../shared/...`); a test
+that needs an absent item skips with a reason naming the variable. A fresh clone without
+`../shared` runs every other test.
+
+| fixture | variable | default |
+|---|---|---|
+| `nih_metadata_dir` | `LSEMIL_NIH_METADATA` | `../shared/data/nih_metadata` |
+| `nih_samples_dir` | `LSEMIL_NIH_SAMPLES` | `../shared/data/nih_samples` |
+| `paper_md` | `LSEMIL_PAPER_MD` | `../shared/reference/paper.md` |
+
+Helpers shared by several test modules are fixtures too (`write_nih_folder`,
+`random_variables`), never imports of another test module.
 """
 
 from __future__ import annotations
@@ -10,19 +20,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def external_path(variable: str, default: Path, *, must_hold: str | None = None) -> Path:
+  """The path named by `variable` (else `default`), or skip naming the variable."""
+  path = Path(os.environ.get(variable) or default)
+  ok = path.is_dir() and any(path.glob(must_hold)) if must_hold else path.exists()
+  if not ok:
+    what = f" (no {must_hold} there)" if must_hold and path.exists() else ""
+    pytest.skip(f"external test data not found at {path}{what}: set {variable}")
+  return path
 
 
 @pytest.fixture(scope="session")
 def nih_metadata_dir() -> Path:
-  """The real NIH ChestX-ray14 metadata folder (CSV and list files, no images), or skip."""
-  default = REPO_ROOT.parent / "shared" / "data" / "nih_metadata"
-  path = Path(os.environ.get("LSEMIL_NIH_METADATA", default))
-  if not path.is_dir() or not any(path.glob("Data_Entry_2017*.csv*")):
-    pytest.skip(f"NIH metadata not found at {path} (set LSEMIL_NIH_METADATA to the folder)")
-  return path
+  """The real NIH ChestX-ray14 metadata folder (CSV and list files, no images)."""
+  return external_path(
+    "LSEMIL_NIH_METADATA", SHARED / "data" / "nih_metadata", must_hold="Data_Entry_2017*.csv*"
+  )
+
+
+@pytest.fixture(scope="session")
+def nih_samples_dir() -> Path:
+  """A folder with real NIH PNGs (00000001_000.png, 00027426_000.png)."""
+  return external_path("LSEMIL_NIH_SAMPLES", SHARED / "data" / "nih_samples", must_hold="*.png")
+
+
+@pytest.fixture(scope="session")
+def paper_md() -> Path:
+  """The paper as Markdown (its Tables 1-3 are parsed by lsemil.report)."""
+  return external_path("LSEMIL_PAPER_MD", SHARED / "reference" / "paper.md")
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +65,111 @@ def synth_dir(tmp_path_factory) -> Path:
 
   out = tmp_path_factory.mktemp("synth") / "nih"
   return synthesize(out, patients=40, size=512, seed=0, workers=1)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+NIH_TEST_BOX = ("100", "200", "300", "400")
+
+
+def phantom(seed: int, size: int = 1024) -> np.ndarray:
+  """A chest-like smooth gradient with fine noise texture, uint8."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  base = 60 + 120 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.08)
+  noise = cv2.GaussianBlur(rng.normal(0, 25, (size, size)), (0, 0), 1.5)
+  return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _write_nih_folder(
+  root: Path, *, patients: int = 8, per_patient: int = 2, size: int = 1024, same: bool = False
+) -> list[str]:
+  """A raw NIH-layout folder: images/, Data_Entry, the two lists, one box; returns image ids."""
+  (root / "images").mkdir(parents=True)
+  ids, lines = [], ["Image Index,Finding Labels,Follow-up #,Patient ID"]
+  for p in range(1, patients + 1):
+    for k in range(per_patient):
+      image_id = f"{p:08d}_{k:03d}.png"
+      ids.append(image_id)
+      img = phantom(0 if same else len(ids), size)
+      cv2.imwrite(str(root / "images" / image_id), img)
+      label = ["No Finding", "Cardiomegaly", "Effusion|Mass"][p % 3 if p < patients else 2]
+      lines.append(f"{image_id},{label},{k},{p}")
+  (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+  n_test = 2 * per_patient
+  (root / "train_val_list.txt").write_text("\n".join(ids[:-n_test]) + "\n")
+  (root / "test_list.txt").write_text("\n".join(ids[-n_test:]) + "\n")
+  (root / "BBox_List_2017.csv").write_text(
+    "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+    + f"{ids[-1]},Effusion,{','.join(NIH_TEST_BOX)}\n"
+  )
+  return ids
+
+
+@pytest.fixture(scope="session")
+def write_nih_folder():
+  """fn(root, *, patients=8, per_patient=2, size=1024, same=False) -> image ids: writes a raw
+  NIH-layout folder with phantom images (the last image has one Effusion box)."""
+  return _write_nih_folder
+
+
+def _random_variables(model, seed: int = 0) -> dict:
+  """Deterministic random weights without compiling `model.init` (slow on 2 CPU cores).
+
+  Kernels ~ N(0, 1/fan_in), norm scales and running variances 1, everything else 0.
+  """
+  import jax
+
+  from lsemil import model as model_lib
+
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+    if name in ("scale", "var"):
+      return np.ones(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="session")
+def random_variables():
+  """fn(model, seed=0) -> {'params', 'batch_stats'?}: random weights, no init compile."""
+  return _random_variables
+
+
+# --------------------------------------------------------------------------- GCS server
+
+GCS_BUCKET = "lsemil-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """ "gs://lsemil-test" on a real GCS JSON API server (fake-gcs-server) on 127.0.0.1,
+  started once per test run. The clients' variables (gcsfs, orbax's tensorstore) are set
+  in os.environ for the session, so CLI subprocesses inherit them. Skips only where the
+  server binary cannot run."""
+  from gcs_server import GcsServer, ServerUnavailable
+
+  try:
+    server = GcsServer.start()
+  except ServerUnavailable as e:
+    pytest.skip(f"no local GCS server: {e}")
+  server.create_bucket(GCS_BUCKET)
+  env = server.client_env()
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield f"gs://{GCS_BUCKET}"
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.stop()

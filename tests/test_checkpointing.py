@@ -128,10 +128,11 @@ _RUN = textwrap.dedent(
   config.train.num_steps = int(num_steps)
   config.train.eval_every_steps = 2
   if int(nan_at):
-    # Poison the `nan_at`-th train batch of this process (same compiled step).
+    # Poison the `nan_at`-th train batch of this process (same compiled step); a train
+    # batch is a dict with labels, the inference path passes bare image arrays.
     real, calls = sharding.global_batch, [0]
     def poisoned(local, sh):
-      if "mask" not in local:
+      if isinstance(local, dict) and "labels" in local:
         calls[0] += 1
         if calls[0] == int(nan_at):
           local = dict(local, labels=np.full_like(local["labels"], np.nan))

@@ -231,15 +231,31 @@ def box_overlaps(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
   return {"iobb": iobb, "iou": iou_}
 
 
-def wang_counts(s, gt_ranges, taus, ts) -> tuple[np.ndarray, np.ndarray]:
+def grid_boxes(s_native, tau: float, size: int, method: str = "nearest", s_grid=None) -> np.ndarray:
+  """`metrics.predicted_boxes` of a map on the size x size grid: int (M, 4) [c0, r0, c1, r1).
+
+  For a square n x n map with n dividing size and nearest resizing, the resized map is the
+  map with every pixel replicated into an f x f block (f = size / n): its 8-connected
+  components are the map's, scaled by f, so they are computed on the small map. Otherwise
+  on the resized map (`s_grid` when the caller has it).
+  """
+  s_native = np.asarray(s_native)
+  n = s_native.shape[0]
+  if method == "nearest" and s_native.shape == (n, n) and size % n == 0:
+    return metrics.predicted_boxes(s_native, tau, n, method) * (size // n)
+  if s_grid is None:
+    s_grid = metrics.resize_saliency(s_native, size, method)
+  return metrics.predicted_boxes(s_grid, tau, size)
+
+
+def wang_counts(s_native, gt_ranges, taus, ts, size: int, method: str = "nearest", s_grid=None):
   """Found ground-truth boxes and false-positive predicted boxes of one case at each
-  (kind, tau, T): two int arrays (2, len(taus), len(ts)), kind 0 = IoBB, 1 = IoU. `s` is
-  already on the evaluation grid."""
+  (kind, tau, T): two int arrays (2, len(taus), len(ts)), kind 0 = IoBB, 1 = IoU."""
   found = np.zeros((2, len(taus), len(ts)), np.int64)
   fp = np.zeros_like(found)
   t = np.asarray(ts, np.float64)
   for i, tau in enumerate(taus):
-    pred = metrics.predicted_boxes(s, tau, s.shape[0])
+    pred = grid_boxes(s_native, tau, size, method, s_grid)
     if len(pred) == 0:
       continue
     ov = box_overlaps(pred, gt_ranges)
@@ -318,7 +334,9 @@ def score_case(s_native, case: Case, box_space: float, cfg: dict) -> dict[str, A
   s = np.clip(s, 0.0, 1.0)
   g = metrics.boxes_to_mask(case.boxes, size, box_space)
   gb = g > 0
-  found, fp = wang_counts(s, _gt_ranges(case.boxes, size, box_space), cfg["taus"], cfg["ts"])
+  gt = _gt_ranges(case.boxes, size, box_space)
+  native = np.clip(np.asarray(s_native, np.float64), 0.0, 1.0)
+  found, fp = wang_counts(native, gt, cfg["taus"], cfg["ts"], size, cfg["method"], s)
   scaled = minmax(s)
   pred_otsu = scaled > otsu_threshold(scaled)
   pred_thr = [scaled > t for t in cfg["thresholds"]]

@@ -142,7 +142,7 @@ def test_wang_counts_match_metrics_localization_hits():
   for seed in range(5):
     s = scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 1.5)
     s = loc.minmax(s)
-    found, fp = loc.wang_counts(s, ranges, loc.DEFAULT_TAUS, loc.DEFAULT_TS)
+    found, fp = loc.wang_counts(s, ranges, loc.DEFAULT_TAUS, loc.DEFAULT_TS, SIZE)
     for i, tau in enumerate(loc.DEFAULT_TAUS):
       hits = metrics.localization_hits(s, boxes, tau, SIZE, SPACE)
       n_pred = len(metrics.predicted_boxes(s, tau, SIZE))
@@ -150,6 +150,15 @@ def test_wang_counts_match_metrics_localization_hits():
         for ti, t in enumerate(loc.DEFAULT_TS):
           assert found[j, i, ti] == (hits[kind] >= t).sum(), (seed, tau, kind, t)
           assert 0 <= fp[j, i, ti] <= n_pred
+
+
+def test_grid_boxes_on_the_small_map_equal_predicted_boxes_on_the_grid():
+  rng = np.random.default_rng(8)
+  for n, size in ((8, 64), (16, 64), (32, 512), (12, 64)):  # 12 does not divide 64
+    s = loc.minmax(scipy.ndimage.gaussian_filter(rng.random((n, n)), 1.0))
+    for tau in (0.3, 0.5, 0.7):
+      want = metrics.predicted_boxes(metrics.resize_saliency(s, size), tau, size)
+      np.testing.assert_array_equal(loc.grid_boxes(s, tau, size), want)
 
 
 def test_otsu_equals_skimage():

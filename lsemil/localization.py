@@ -201,7 +201,7 @@ def average_precision(y_true, y_score, sample_weight=None) -> float:
   return float(_ap_from_groups(tp[:, None], fp[:, None])[0])
 
 
-def _gt_ranges(boxes, size: int, box_space: float) -> np.ndarray:
+def gt_ranges(boxes, size: int, box_space: float) -> np.ndarray:
   """Each box's pixel region [c0, r0, c1, r1) on the grid, from `metrics.boxes_to_mask`."""
   out = np.zeros((len(boxes), 4), np.int64)
   for i, b in enumerate(boxes):
@@ -215,7 +215,7 @@ def _gt_ranges(boxes, size: int, box_space: float) -> np.ndarray:
 def box_overlaps(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
   """IoBB = |G and P| / |P| and IoU of every (ground-truth, predicted) box pair: (Mg, Mp) each.
 
-  Boxes are int [c0, r0, c1, r1) pixel ranges (`metrics.predicted_boxes`, `_gt_ranges`); the
+  Boxes are int [c0, r0, c1, r1) pixel ranges (`metrics.predicted_boxes`, `gt_ranges`); the
   per-ground-truth maximum is `metrics.localization_hits`.
   """
   g, p = gt[:, None, :], pred[None, :, :]
@@ -334,7 +334,7 @@ def score_case(s_native, case: Case, box_space: float, cfg: dict) -> dict[str, A
   s = np.clip(s, 0.0, 1.0)
   g = metrics.boxes_to_mask(case.boxes, size, box_space)
   gb = g > 0
-  gt = _gt_ranges(case.boxes, size, box_space)
+  gt = gt_ranges(case.boxes, size, box_space)
   native = np.clip(np.asarray(s_native, np.float64), 0.0, 1.0)
   found, fp = wang_counts(native, gt, cfg["taus"], cfg["ts"], size, cfg["method"], s)
   scaled = minmax(s)

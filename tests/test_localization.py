@@ -138,7 +138,7 @@ def test_coarse_map_is_upsampled_nearest():
 def test_wang_counts_match_metrics_localization_hits():
   rng = np.random.default_rng(0)
   boxes = [(4.0, 6.0, 10.0, 8.0), (18.0, 2.0, 6.0, 20.0), (1.0, 25.0, 12.0, 5.0)]
-  ranges = loc._gt_ranges(boxes, SIZE, SPACE)
+  ranges = loc.gt_ranges(boxes, SIZE, SPACE)
   for seed in range(5):
     s = scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 1.5)
     s = loc.minmax(s)

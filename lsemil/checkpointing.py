@@ -100,9 +100,21 @@ def _errno_of(exc: BaseException) -> int | None:
   return None
 
 
+def _fresh_listing(directory: epath.Path) -> None:
+  """gcsfs caches listings per process, and orbax writes through tensorstore, which that
+  cache never sees: forget `directory`'s listing before reading it again."""
+  if not fileio.is_remote(directory):
+    return
+  with contextlib.suppress(ImportError, AttributeError):
+    from etils.epath import backend
+
+    backend.fsspec_backend.fs(os.fspath(directory)).invalidate_cache(os.fspath(directory))
+
+
 def partial_step_dirs(directory: str | epath.Path, step: int | None = None) -> list[epath.Path]:
   """Unfinished step folders under a checkpoints folder (of `step`, or of any step)."""
   directory = epath.Path(directory)
+  _fresh_listing(directory)
   if not directory.is_dir():
     return []
   out = []
@@ -145,6 +157,7 @@ class _Manager(ocp.CheckpointManager):
       m = _STEP_IN_PATH.search(str(e))
       failed = int(m.group(1)) if m else step
       _remove_partial(self.directory, failed)
+      _fresh_listing(self.directory)
       intact = ocp.step.checkpoint_steps(self.directory)  # re-read from storage
       what = "a checkpoint" if failed is None else f"checkpoint step {failed}"
       kept = f"latest intact checkpoint: step {max(intact)}" if intact else "no checkpoint yet"
@@ -280,6 +293,8 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
 
 def _locate(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
   """(checkpoints root, step or None to choose by `which`) for a workdir, root or step dir."""
+  _fresh_listing(path / CHECKPOINT_DIR)  # this process may have listed it before a save
+  _fresh_listing(path)
   if (path / CHECKPOINT_DIR).is_dir():
     return path / CHECKPOINT_DIR, None
   if re.fullmatch(r"\d+", path.name) and (path / "model").is_dir():

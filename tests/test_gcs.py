@@ -78,6 +78,43 @@ def test_metric_writer_on_gcs_rewrites_whole_object_and_drops_later_steps(gcs_bu
   assert len(events) == 1 and "tfevents" in events[0] and _fs().size(events[0]) > 0
 
 
+def test_checkpoint_folders_written_by_another_process_are_seen(gcs_bucket):
+  """gcsfs caches listings per process, and other processes' writes (another host, a run
+  before, a killed save) never reach that cache: after this process listed checkpoints/,
+  a complete step another client adds must be found by `load_inference`, and a partial one
+  (no commit_success.txt, as a killed save leaves on GCS) must be removed by a manager for
+  writing, never restored from."""
+  import grain
+  import jax
+  import jax.numpy as jnp
+  from etils import epath
+
+  from lsemil import checkpointing, train
+  from lsemil import model as model_lib
+  from lsemil.config_lib import load_config
+
+  config = load_config("smoke")
+  model = model_lib.from_config(config.model)
+  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  w = f"{gcs_bucket}/other_writer"
+  mngr = checkpointing.create_manager(w, keep=5)
+  for step in (1, 2):
+    state = jax.tree.map(lambda a, s=step: jnp.full(a.shape, s, a.dtype), abstract)
+    it = iter(grain.MapDataset.range(10).batch(2).to_iter_dataset())
+    checkpointing.save(mngr, step, state, it, config=config, meta={"epoch": step})
+  mngr.close()
+  listed = sorted(p.name for p in epath.Path(f"{w}/checkpoints").iterdir())  # now cached
+  assert listed == ["1", "2"]
+  fs, ckpts = _fs(), f"{_bare(w)}/checkpoints"
+  fs.copy(f"{ckpts}/2", f"{ckpts}/4", recursive=True)  # another writer: a complete step 4
+  fs.pipe(f"{ckpts}/5/model/_METADATA", b"{}")  # and a save killed mid-write
+  _, _, variables, step, _ = checkpointing.load_inference(w, which="latest")
+  assert step == 4
+  assert all(np.all(np.asarray(x) == 2) for x in jax.tree.leaves(variables["params"]))
+  checkpointing.create_manager(w).close()  # for writing: removes the partial folder
+  assert sorted(p.rsplit("/", 1)[-1] for p in _fs().ls(ckpts)) == ["1", "2", "4"]
+
+
 # --------------------------------------------------------------------------- the lock
 
 _HOLD = textwrap.dedent(

@@ -9,7 +9,8 @@
 # shallow `git clone` of REPO_REF on each worker. Then, on every worker: a virtualenv is
 # created once (uv fetches Python PYTHON_VERSION, since the TPU images ship Python 3.10 and
 # lsemil needs >= 3.11), and `pip install -U "jax[tpu]"` and `pip install -e` the code run
-# in it. Run it again after changing the code: it re-ships and reinstalls.
+# in it; the latter brings gcsfs, which gs:// workdirs need, and google-cloud-storage (the
+# workdir lock). Run it again after changing the code: it re-ships and reinstalls.
 #
 # Settings (environment variables; shared ones are documented in common.sh):
 #   PROJECT, ZONE, TPU_NAME, REMOTE_REPO, REMOTE_VENV (see common.sh)
@@ -77,6 +78,7 @@ install+=" && ${venv}/bin/pip install -e ${repo}"
 if ((${#pip_extra[@]})); then
   install+=" && ${venv}/bin/pip install $(quote_all "${pip_extra[@]}")"
 fi
-install+=" && ${venv}/bin/lsemil --version && ${venv}/bin/python -c $(quote 'import jax; print("jax", jax.__version__)')"
+# gcsfs comes with lsemil (pyproject): every gs:// path needs it on a VM without TensorFlow.
+install+=" && ${venv}/bin/lsemil --version && ${venv}/bin/python -c $(quote 'import jax, gcsfs; print("jax", jax.__version__, "gcsfs", gcsfs.__version__)')"
 tpu_ssh all "${install}"
 log "installed on every worker of ${TPU_NAME}; next: stage_data.sh, then train.sh"

@@ -42,7 +42,7 @@ _DRIVER = textwrap.dedent(
     assert sharding.maybe_initialize_distributed(coordinator, int(nproc), int(pid))
   import jax
   from etils import epath
-  from lsemil import tb_writer, train
+  from lsemil import fileio, tb_writer, train
   from lsemil.config_lib import load_config
 
   assert jax.process_count() == int(nproc) and jax.device_count() == 8
@@ -51,7 +51,9 @@ _DRIVER = textwrap.dedent(
   pending = []
 
   def global_batch(local, sh):
-    if "mask" not in local:  # a train batch: a (checksum, labels code) row per local example
+    # A train batch (a dict with labels; the inference path passes bare image arrays): a
+    # (checksum, labels code) row per local example.
+    if isinstance(local, dict) and "labels" in local:
       sums = local["image"].astype(np.float64).sum(axis=(1, 2, 3))
       pending[:] = [np.stack([sums, local["labels"] @ 2.0 ** np.arange(14)], 1)]
     return real_global_batch(local, sh)
@@ -72,16 +74,22 @@ _DRIVER = textwrap.dedent(
 
     return wrapped
 
-  # Who writes what: the workdir's files (write_text) and the metric writer.
+  # Who writes what: the workdir's files (fileio's atomic writes, or epath directly) and the
+  # metric writer.
   gpath = type(epath.Path(workdir))
   real_write_text, real_writer_init = gpath.write_text, tb_writer.MetricWriter.__init__
+  real_write_bytes = fileio.write_bytes
   def write_text(self, *a, **k):
     record["writes"].append(str(self))
     return real_write_text(self, *a, **k)
+  def write_bytes(path, data):
+    record["writes"].append(str(path))
+    return real_write_bytes(path, data)
   def writer_init(self, *a, **k):
     real_writer_init(self, *a, **k)
     record["writer_enabled"].append(self.enabled)
   gpath.write_text, tb_writer.MetricWriter.__init__ = write_text, writer_init
+  fileio.write_bytes = write_bytes
   sharding.global_batch, train.make_train_step = global_batch, make_train_step
 
   config = load_config("smoke")
@@ -208,7 +216,8 @@ def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir):
     # Only process 0 writes the workdir's files and metrics (orbax writes its own).
     ckpt = str(w / "checkpoints")
     writes = [sorted({Path(p).name for p in r["writes"] if ckpt not in p}) for r in results]
-    assert writes[1] == [] and {"config.json", "result.json"} <= set(writes[0]), writes
+    assert writes[1] == [], writes
+    assert {"config.json", "result.json", "validation_predictions.csv"} <= set(writes[0]), writes
     assert results[0]["writer_enabled"] == [True] and results[1]["writer_enabled"] == [False]
     started = f"resuming from {w / 'checkpoints' / str(N)}" if launch else "training from scratch"
     assert started in results[0]["stdout"]

@@ -31,6 +31,7 @@ markdown row:
   float32 share of it;
 - XLA temp MB: the compiled step's temporary buffers; peak MB: the device's peak memory in
   use, where the backend reports it;
+- load1: the mean 1-minute load average after each window (the machine's other work);
 - torch images/s, lsemil/torch: with `--torch-python` (default: this interpreter when it
   can import torch), the PyTorch twin ../shared/peers/torch_twin/bench.py on the same
   device, config, batch and precision (bf16 autocast for bfloat16), run after each lsemil
@@ -40,6 +41,8 @@ markdown row:
 
 `--variant k=v,k=v` (repeatable; '' = the config as is) sets model config fields, e.g. the
 speed options batch_norm_impl, conv1x1_impl, conv_weight_grad, stem_impl (configs/paper.py).
+`--interleave` compiles every setting first and then runs their windows round-robin, so
+a shared machine's changing load falls on all of them alike (for before/after tables).
 `--json FILE` appends one JSON line per row. No data or checkpoint is needed.
 """
 
@@ -105,6 +108,9 @@ def parse_args(argv):
   p.add_argument("--steps", type=int, default=5, help="timed steps per window")
   p.add_argument("--windows", type=int, default=3, help="timed windows (median, min, max)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+  p.add_argument(
+    "--interleave", action="store_true", help="compile all settings, then alternate windows"
+  )
   p.add_argument("--fsdp", action="store_true", help="FSDP-shard large params over 'data'")
   p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU and roofline")
   p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory GB/s for roofline")
@@ -416,9 +422,8 @@ def _fmt(x, spec, blank=""):
   return blank if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def bench_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_py) -> dict:
-  import jax
-
+def setup_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_py) -> dict:
+  """Compiles one setting; its windows run later (`run_round`), maybe interleaved."""
   from lsemil.config_lib import load_config
 
   config = load_config(args.config)
@@ -436,14 +441,38 @@ def bench_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_
     for item in filter(None, variant.split(","))
   )
   base_res = int(load_config(args.config).model.input_size)
-  use_twin = twin_py and twin_name and res == base_res and speed_only
-  rates, twin_rates = [], []
-  for _ in range(args.windows):
-    rates.append(batch * args.steps / prep["window"](args.steps))
-    if use_twin:
-      r = run_twin(twin_py, config=twin_name, batch=batch, steps=args.steps, dtype=dtype, args=args)
-      if r:
-        twin_rates.append(r["images_per_s"])
+  use_twin = bool(twin_py and twin_name and res == base_res and speed_only)
+  return {
+    "prep": prep,
+    "variant": variant,
+    "batch": batch,
+    "res": res,
+    "dtype": dtype,
+    "twin": (twin_py, twin_name) if use_twin else None,
+    "rates": [],
+    "twin_rates": [],
+    "loads": [],
+  }
+
+
+def run_round(args, setting: dict) -> None:
+  """One timed window of lsemil, then (alternating) one run of the twin."""
+  batch = setting["batch"]
+  setting["rates"].append(batch * args.steps / setting["prep"]["window"](args.steps))
+  setting["loads"].append(os.getloadavg()[0])
+  if setting["twin"]:
+    py, name = setting["twin"]
+    r = run_twin(py, config=name, batch=batch, steps=args.steps, dtype=setting["dtype"], args=args)
+    if r:
+      setting["twin_rates"].append(r["images_per_s"])
+
+
+def summarize(args, setting: dict) -> dict:
+  import jax
+
+  prep, batch, dtype = setting["prep"], setting["batch"], setting["dtype"]
+  rates, twin_rates = setting["rates"], setting["twin_rates"]
+  variant, res = setting["variant"], setting["res"]
   dev = jax.devices()[0]
   med = statistics.median(rates)
   gflop_img = prep["flops_step"] / batch / 1e9
@@ -483,7 +512,7 @@ def bench_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_
     "torch_images_s": twin_med,
     "torch_images_s_runs": twin_rates,
     "ratio": med / twin_med if twin_med else None,
-    "load1": os.getloadavg()[0],
+    "load1": statistics.fmean(setting["loads"]),
   }
 
 
@@ -515,12 +544,23 @@ def main(argv=None) -> int:
     print("torch twin: not run (torch is not importable here; give --torch-python)", flush=True)
   if not args.no_header:
     print(HEADER, flush=True)
-  for variant, batch, res, dtype in itertools.product(variants, batches, resolutions, dtypes):
-    r = bench_setting(args, variant=variant, batch=batch, res=res, dtype=dtype, twin_py=twin_py)
-    print(row(r), flush=True)
-    if args.json:
-      with open(args.json, "a") as f:
-        f.write(json.dumps(r) + "\n")
+  grid = list(itertools.product(variants, batches, resolutions, dtypes))
+  groups = [grid] if args.interleave else [[g] for g in grid]
+  for group in groups:
+    settings = [
+      setup_setting(args, variant=v, batch=b, res=r, dtype=d, twin_py=twin_py)
+      for v, b, r, d in group
+    ]
+    for _ in range(args.windows):
+      for setting in settings:
+        run_round(args, setting)
+    for setting in settings:
+      r = summarize(args, setting)
+      print(row(r), flush=True)
+      if args.json:
+        with open(args.json, "a") as f:
+          f.write(json.dumps(r) + "\n")
+      del setting["prep"]  # free the compiled step and its state
   return 0
 
 

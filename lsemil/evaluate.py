@@ -14,14 +14,29 @@ memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics`
   on the same boxes; and the IoBB (and IoU) accuracy of Wang et al. 2017: the map binarized at
   tau, connected components boxed, a box found when some predicted box reaches T(IoBB) >= t.
   Every box class over the tau sweep `DEFAULT_TAUS` (0.1 .. 0.9; the paper's Table 2 taus are
-  among them) at t = 0.5 (`iobb`, Table 2's layout) and at `DEFAULT_TS` (`localization`).
+  among them) at t = 0.5 (`iobb`, Table 2's layout) and at `DEFAULT_TS` (`localization`);
+- the field's weak-localization protocols (issue 12, `protocols`: `lsemil.localization.score_all`
+  over the same box cases with the run's probabilities: DICE beside the constant map, Wang et
+  al. accuracy and AFP, cheXlocalize mIoU, pointing games, pixel AUPRC, with patient-bootstrap
+  intervals; Table 4 is built from it);
+- calibration (issue 14, `calibration`: `lsemil.calibration.calibration_metrics`, ECE over 15
+  equal-mass bins and Brier, per class and overall). With `EvalOptions.calibrate`
+  ('temperature' | 'platt') the run's VALID split goes through the same predictor, the map is
+  fitted there (`calibration.fit`) and the split is scored again with the fitted probabilities
+  (`calibration_fitted`); the parameters are written as F_calibration.json
+  (`lsemil predict --calibration` applies them).
+
+The saliency source (`lsemil.architectures`) is the predictor's: 'model' for the MIL model,
+'gradcam' or 'cam' for the GAP baseline (min-max scaled per image and class, `lsemil.cam`);
+a GAP run's result has no r0 (it is labelled by its config name).
 
 Outputs (`write_outputs`, process 0 only): F.json (an `Evaluation`, strict JSON: an undefined
 value, e.g. the AUC of a class without positives, is null; `load_evaluation` turns it back into
 NaN), F.csv (long format: one metric, class, tau, T per row), F_predictions.csv (per image:
-image_id, patient_id, the 14 probabilities, `lsemil.inference.predictions_csv`) and
+image_id, patient_id, the 14 probabilities, `lsemil.inference.predictions_csv`),
 F_saliency_boxes.npz with the kept saliency maps (float16), the multi-resolution maps and images
-of the Figure 3 candidates (`figure_cases`). The command is `lsemil.commands.evaluate`.
+of the Figure 3 candidates (`figure_cases`), and with a recalibration F_calibration.json. The
+command is `lsemil.commands.evaluate`.
 """
 
 from __future__ import annotations
@@ -40,9 +55,9 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from lsemil import fileio, inference, metrics
+from lsemil import architectures, calibration, fileio, inference, localization, metrics
 from lsemil.data import nih, pipeline
-from lsemil.errors import DataError, OutputError
+from lsemil.errors import ConfigError, DataError, OutputError
 
 DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)  # T(IoBB) / T(IoU) thresholds
@@ -52,6 +67,7 @@ DEFAULT_N_BOOT = 1000
 FIGURE_CASES = 6
 SALIENCY_SUFFIX = "_saliency_boxes.npz"
 PREDICTIONS_SUFFIX = "_predictions.csv"
+CALIBRATION_SUFFIX = "_calibration.json"
 # Keys whose leaves are numbers: JSON null there means NaN.
 _NUMERIC_KEYS = (
   "auc",
@@ -62,6 +78,9 @@ _NUMERIC_KEYS = (
   "dice_uniform",
   "iobb",
   "localization",
+  "protocols",
+  "calibration",
+  "calibration_fitted",
 )
 
 
@@ -203,6 +222,14 @@ class EvalOptions:
   n_figure: int = FIGURE_CASES  # Figure 1/3 candidates whose per-level maps are kept
   keep_saliency_for: tuple[int, ...] | None = None  # rows; None = the split's box images
   progress: bool = True
+  # Saliency source ('model' | 'gradcam' | 'cam') and Grad-CAM level; None = the run's config
+  # (`architectures.saliency_settings`). Used by `evaluate_checkpoint`.
+  saliency: str | None = None
+  gradcam_level: int | None = None
+  protocols: bool = True  # the issue-12 protocols (`localization.score_all`)
+  protocol_ts: tuple[float, ...] = localization.DEFAULT_TS  # their T(IoBB) / T(IoU)
+  prob_cutoffs: tuple[float, ...] | None = localization.PROB_CUTOFFS  # None: no cutoff variant
+  calibrate: str | None = None  # 'temperature' | 'platt': fitted on the valid split
 
 
 @dataclasses.dataclass
@@ -214,7 +241,7 @@ class Evaluation:
   checkpoint: str | None
   data_dir: str
   config_name: str
-  r0: float
+  r0: float | None  # None (left out of the JSON) for a GAP run
   num_images: int
   num_patients: int
   num_positives: dict
@@ -242,6 +269,13 @@ class Evaluation:
   which: str | None = None
   saliency_file: str | None = None
   predictions_file: str | None = None
+  arch: str = architectures.MIL
+  saliency_source: str = "model"
+  gradcam_level: int | None = None
+  protocols: dict | None = None
+  calibration: dict | None = None
+  calibration_fitted: dict | None = None
+  calibration_file: str | None = None
 
   def to_dict(self) -> dict:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "step"}
@@ -255,6 +289,7 @@ class EvalRun:
   predictions: inference.SplitPredictions
   index: nih.NihIndex
   figure: list[tuple[int, int]]  # (row, box class) of the Figure 1/3 candidates
+  calibration_params: dict | None = None  # `calibration.fit` of the valid split
 
 
 def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
@@ -351,21 +386,25 @@ def evaluate_split(
     predictor, config, data_dir, split, keep, [r for r, _ in fig], options.progress
   )
   log(f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)")
+  cases = box_cases(index, preds.saliency)
   loc = localization_metrics(
     preds.saliency,
-    box_cases(index, preds.saliency),
+    cases,
     index.box_space,
     taus=options.taus,
     ts=options.ts,
     progress=options.progress,
   )
+  protocols = protocol_metrics(index, preds, cases, options) if options.protocols else None
+  cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
+  arch = architectures.arch_of(predictor.model)
   result = Evaluation(
     split=split,
     step=None if step is None else int(step),
     checkpoint=checkpoint,
     data_dir=fileio.resolve(data_dir),
     config_name=str(config.name),
-    r0=float(config.model.r0),
+    r0=float(config.model.r0) if arch == architectures.MIL else None,
     num_images=int(len(preds.rows)),
     **classification_metrics(index, preds, options.n_boot, options.seed),
     **loc,
@@ -379,8 +418,64 @@ def evaluate_split(
     images_per_second=float(ips),
     seconds=float(seconds),
     table1=stats_lib.table1(index),
+    arch=arch,
+    saliency_source=predictor.saliency_source,
+    gradcam_level=predictor.gradcam_level,
+    protocols=protocols,
+    calibration=cal,
+    calibration_fitted=fitted,
   )
-  return EvalRun(result=result, predictions=preds, index=index, figure=fig)
+  return EvalRun(
+    result=result, predictions=preds, index=index, figure=fig, calibration_params=params
+  )
+
+
+def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) -> dict:
+  """`localization.score_all` over the box cases with the run's probabilities (issue 12)."""
+  t0 = time.perf_counter()
+  probs = {int(r): p for r, p in zip(preds.rows, preds.probs, strict=True)}
+  result = localization.score_all(
+    localization.make_cases(cases, index.patient_ids, probs),
+    preds.saliency,
+    index.box_space,
+    taus=options.taus,
+    ts=options.protocol_ts,
+    prob_cutoffs=options.prob_cutoffs,
+    n_boot=options.n_boot,
+    seed=options.seed,
+  )
+  log(
+    f"localization protocols over {sum(len(c) for c in cases.values())} cases in "
+    f"{time.perf_counter() - t0:.1f} s"
+  )
+  return result
+
+
+def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
+  """(raw calibration, fitted calibration or None, fitted parameters or None) of a split.
+
+  The fit runs on the valid split's probabilities through the same predictor (issue 14:
+  fitted on validation, applied at evaluate and predict time)."""
+  raw = calibration.calibration_metrics(preds.probs, preds.labels, nih.CLASSES)
+  if not options.calibrate:
+    return raw, None, None
+  if options.calibrate not in calibration.METHODS:
+    raise ConfigError(f"--calibrate {options.calibrate}: choose one of {calibration.METHODS}")
+  rows = pipeline.split_rows(config, data_dir, "valid")
+  valid = inference.collect(
+    inference.predict_split(predictor, config, data_dir, "valid"), rows, f"{data_dir} valid"
+  )
+  params = calibration.fit(options.calibrate, valid.probs, valid.labels, nih.CLASSES)
+  params["fit_split"] = "valid"
+  fitted = calibration.calibration_metrics(
+    calibration.apply(params, preds.probs), preds.labels, nih.CLASSES
+  )
+  fitted.update(method=options.calibrate, fit_split="valid", fit_images=int(len(valid.rows)))
+  log(
+    f"{options.calibrate} calibration fitted on {len(valid.rows)} valid images: ECE "
+    f"{raw['ece_overall']:.4f} -> {fitted['ece_overall']:.4f}"
+  )
+  return raw, fitted, params
 
 
 def evaluate_checkpoint(
@@ -389,8 +484,14 @@ def evaluate_checkpoint(
   split: str = "test",
   options: EvalOptions = EvalOptions(),
 ) -> EvalRun:
-  """`evaluate_split` of a loaded checkpoint (`inference.load`)."""
-  predictor = inference.Predictor(loaded.model, loaded.variables)
+  """`evaluate_split` of a loaded checkpoint (`inference.load`), with the saliency source of
+  `options` (else the run's config, `architectures.saliency_settings`)."""
+  source, level = architectures.saliency_settings(
+    loaded.config, options.saliency, options.gradcam_level
+  )
+  predictor = inference.Predictor(
+    loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
+  )
   run = evaluate_split(
     predictor,
     loaded.config,
@@ -422,8 +523,19 @@ def write_outputs(run: EvalRun, config, data_dir: str, out) -> dict[str, epath.P
     run.result.split,
   )
   inference.write_split_predictions(pred_path, run.index, run.predictions)
+  paths = {}
+  if run.calibration_params is not None:
+    paths["calibration"] = calibration_path_for(out)
+    run.result.calibration_file = paths["calibration"].name
+    fileio.write_json(paths["calibration"], run.calibration_params)
   json_path, csv_path = write_evaluation(run.result.to_dict(), out)
-  return {"json": json_path, "csv": csv_path, "predictions": pred_path, "saliency": sal_path}
+  return {
+    "json": json_path,
+    "csv": csv_path,
+    "predictions": pred_path,
+    "saliency": sal_path,
+    **paths,
+  }
 
 
 def stored_images(config, data_dir, split: str, rows: Sequence[int]) -> np.ndarray:
@@ -532,7 +644,30 @@ def to_csv(result: Mapping) -> str:
       for c, by_tau in by_cls.items():
         for tau, v in by_tau.items():
           w.writerow([f"{kind}_accuracy", c, tau, t, num(v), "", ""])
+  for name, by_cls in (result.get("protocols") or {}).items():
+    if name == "settings":
+      continue
+    metric, _, t = name.partition("@")
+    for c, e in by_cls.items():
+      tau = e.get("tau")
+      tau = "" if tau is None or (isinstance(tau, float) and math.isnan(tau)) else f"{tau:g}"
+      w.writerow(
+        [f"loc_{metric}", c, tau, t, num(e.get("value")), num(e.get("lo")), num(e.get("hi"))]
+      )
+  for key, suffix in (("calibration", ""), ("calibration_fitted", "_fitted")):
+    cal = result.get(key) or {}
+    for m in ("ece", "brier"):
+      for c, v in cal.get(m, {}).items():
+        w.writerow([m + suffix, c, "", "", num(v), "", ""])
+      if m + "_overall" in cal:
+        w.writerow([m + suffix, "overall", "", "", num(cal[m + "_overall"]), "", ""])
   return buf.getvalue()
+
+
+def calibration_path_for(out) -> epath.Path:
+  """F_calibration.json beside F.json: the fitted recalibration (`calibration.fit`)."""
+  out = fileio.as_path(out)
+  return out.with_name(out.stem + CALIBRATION_SUFFIX)
 
 
 def saliency_path_for(out) -> epath.Path:
@@ -567,9 +702,12 @@ def workdir_of(path) -> epath.Path:
   return p
 
 
-def default_output(workdir, split: str = "test") -> epath.Path:
-  """W/evaluation_<split>.json: where `evaluate --workdir W` writes and `reproduce` looks."""
-  return fileio.as_path(workdir) / f"evaluation_{split}.json"
+def default_output(workdir, split: str = "test", source: str | None = None) -> epath.Path:
+  """W/evaluation_<split>.json: where `evaluate --workdir W` writes with the run's own
+  saliency source and `reproduce` looks; W/evaluation_<split>_<source>.json for another
+  source (e.g. 'cam' of a Grad-CAM run)."""
+  name = f"evaluation_{split}" + (f"_{source}" if source else "")
+  return fileio.as_path(workdir) / f"{name}.json"
 
 
 def resolve_data_dir(config, data_dir) -> str:

@@ -11,7 +11,10 @@ Validation inside training (`lsemil.train`), `lsemil evaluate`, `lsemil reproduc
 3. run a `Predictor`: the model's forward (Sec 3.6: class probabilities from LSE-LBA pooling,
    and the saliency maps S only where asked), compiled once per output set, on the device
    mesh of all local devices (multi-host as training is: each process feeds its part of a
-   global batch, every process reads the whole replicated output);
+   global batch, every process reads the whole replicated output). The map comes from a
+   saliency source (`lsemil.architectures`): 'model' (the MIL model's own S) or, for the GAP
+   baseline, 'gradcam' (at `gradcam_level`) or 'cam' (`lsemil.cam.forward`, the same
+   contract, min-max scaled maps);
 4. stream a split with `predict_split`: `SplitBatch`es of rows, labels and probabilities
    (and the saliency of the rows asked for), every image exactly once, in index order.
 
@@ -32,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lsemil import checkpointing, fileio, sharding
+from lsemil import architectures, cam, checkpointing, fileio, sharding
 from lsemil import model as model_lib
 from lsemil.data import nih, pipeline
 from lsemil.errors import CheckpointError
@@ -44,7 +47,7 @@ class LoadedModel(NamedTuple):
   """Weights of one checkpoint, ready for `Predictor` (host numpy arrays)."""
 
   config: ml_collections.ConfigDict
-  model: model_lib.MultiResolutionMIL
+  model: model_lib.MultiResolutionMIL | Any  # or baseline_model.GlobalAveragePoolingClassifier
   variables: dict  # {'params', 'batch_stats'?}
   step: int
   checkpoint: str  # the step folder
@@ -80,9 +83,13 @@ def model_input(gray: np.ndarray, input_size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the forward
 
 
-def _forward(variables, images, *, model, saliency: bool, levels: bool) -> dict:
+def _check_input(images) -> None:
   if images.dtype != np.uint8:
     raise TypeError(f"the model input is uint8 (see inference.model_input), got {images.dtype}")
+
+
+def _forward(variables, images, *, model, saliency: bool, levels: bool) -> dict:
+  _check_input(images)
   out = model.apply(variables, images, train=False)
   keep = {"probs": out["probs"]}
   if saliency:
@@ -92,15 +99,45 @@ def _forward(variables, images, *, model, saliency: bool, levels: bool) -> dict:
   return keep
 
 
+def _posthoc_forward(variables, images, *, model, source, level, saliency, levels) -> dict:
+  """The GAP model's forward with Grad-CAM / CAM maps (`cam.forward`, the same contract)."""
+  _check_input(images)
+  out = cam.forward(
+    variables, images, model=model, source=source, level=level, saliency=saliency, levels=levels
+  )
+  return {k: out[k] for k in ("probs", "saliency", "saliency_levels") if k in out}
+
+
 class Predictor:
   """The model's forward on the mesh of all devices, compiled once per output set.
 
   `variables`: {'params', 'batch_stats'?}, host arrays (replicated onto the mesh here) or
   jax arrays already placed (the training state's, FSDP-sharded or not).
+  `saliency_source`: where the maps come from (`lsemil.architectures`): 'model' for the MIL
+  model (the default), 'gradcam' (the GAP model's default; at `gradcam_level`, default -1 =
+  the coarsest level) or 'cam' for the GAP baseline; ConfigError naming the option for a
+  source the model does not have. The probabilities do not depend on it.
   """
 
-  def __init__(self, model, variables: Mapping, mesh: jax.sharding.Mesh | None = None):
+  def __init__(
+    self,
+    model,
+    variables: Mapping,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    saliency_source: str | None = None,
+    gradcam_level: int | None = None,
+  ):
     self.model = model
+    self.arch = architectures.arch_of(model)
+    if saliency_source is None:
+      saliency_source = architectures.SOURCES[self.arch][0]
+    if saliency_source == "gradcam" and gradcam_level is None:
+      gradcam_level = architectures.DEFAULT_GRADCAM_LEVEL
+    n_levels = len(model.widths) if self.arch == architectures.GAP else 0
+    architectures.check_source(self.arch, saliency_source, gradcam_level, n_levels)
+    self.saliency_source = saliency_source
+    self.gradcam_level = int(gradcam_level) if saliency_source == "gradcam" else None
     self.mesh = mesh if mesh is not None else sharding.create_mesh()
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables)):
@@ -115,19 +152,36 @@ class Predictor:
   def _fn(self, saliency: bool, levels: bool) -> Callable:
     key = (bool(saliency), bool(levels))
     if key not in self._fns:
-      self._fns[key] = jax.jit(
-        functools.partial(_forward, model=self.model, saliency=key[0], levels=key[1]),
-        out_shardings=sharding.replicated(self.mesh),
-      )
+      if self.saliency_source == "model":
+        fwd = functools.partial(_forward, model=self.model, saliency=key[0], levels=key[1])
+      else:
+        fwd = functools.partial(
+          _posthoc_forward,
+          model=self.model,
+          source=self.saliency_source,
+          level=self.gradcam_level,
+          saliency=key[0],
+          levels=key[1],
+        )
+      self._fns[key] = jax.jit(fwd, out_shardings=sharding.replicated(self.mesh))
     return self._fns[key]
 
   def __call__(self, local_images: np.ndarray, *, saliency=False, levels=False) -> dict:
     """This process's uint8 (b, S, S, 1) images of a global batch -> the whole global
-    batch's outputs as numpy: probs (B, K), saliency (B, N, N, K), saliency_levels [...]."""
+    batch's outputs as numpy: probs (B, K), saliency (B, N, N, K), saliency_levels [...]
+    (a post-hoc source has one level: its map)."""
     images = sharding.global_batch(np.asarray(local_images), self.batch_sharding)
+    posthoc = self.saliency_source != "model"
+    # A post-hoc map has one level: one program serves both outputs.
+    key = (saliency or levels, False) if posthoc else (saliency, levels)
     with jax.set_mesh(self.mesh):
-      out = self._fn(saliency, levels)(self.variables, images)
-    return sharding.to_host(out)
+      out = self._fn(*key)(self.variables, images)
+    out = sharding.to_host(out)
+    if posthoc and levels:
+      out["saliency_levels"] = [out["saliency"]]
+      if not saliency:
+        del out["saliency"]
+    return out
 
   def predict_images(self, images: np.ndarray, batch_size: int, **outputs) -> dict:
     """Single-process convenience: any number of uint8 (n, S, S, 1) images, run in fixed

@@ -10,23 +10,35 @@ Outputs (`predict_files` with an output folder): predictions.csv in the per-imag
 every command (`inference.predictions_csv`: image_id = the file name, patient_id empty, the 14
 probabilities, then the path and the classes at or above the threshold), and for every image
 and class with probability >= threshold the class's saliency map S over the image as
-<image>_<class>.png (`lsemil.report.overlay_png`). The command is `lsemil.commands.predict`.
+<image>_<class>.png (`lsemil.report.overlay_png`). With `boxes`, also boxes.json:
+{image file name: {class: [{x, y, w, h, peak, mean}]}} for the same (image, class) pairs, the
+IoBB protocol's boxes (`lsemil.localization.boxes_from_map`: the map binarized at `box_tau`,
+8-connected components boxed) in the input image's own pixels (x the column, from the top-left
+corner of the decoded file, before any resizing). The map is the run's saliency source
+('model', or 'gradcam' / 'cam' for a GAP baseline run, `lsemil.architectures`). With
+`calibration` (the parameters `lsemil evaluate --calibrate` writes), the probabilities are
+recalibrated (`lsemil.calibration.apply`) before the threshold and the CSV. The command is
+`lsemil.commands.predict`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lsemil import fileio, inference
+from lsemil import architectures, fileio, inference, localization
+from lsemil import calibration as calibration_lib
 from lsemil.data import dicom, imageio, pipeline
 from lsemil.data.nih import CLASSES
-from lsemil.errors import UserError
+from lsemil.errors import ConfigError, UserError
+
+BOXES_FILE = "boxes.json"
 
 SHORT_NAMES = {
   "Atelectasis": "Atel",
@@ -60,16 +72,33 @@ def _output_stems(paths: Sequence[str]) -> list[str]:
   return [f"{i:03d}_{s}" if s in dup else s for i, s in enumerate(stems)]
 
 
+class Inputs(NamedTuple):
+  """The readable files of a list, decoded (`read_files`)."""
+
+  images: np.ndarray  # uint8 (n, S, S, 1) model inputs
+  prepared: list[np.ndarray]  # their prepared (<= 512 px) images, for the overlays
+  ok: list[int]  # indices into the paths of the files read
+  failures: list[tuple[str, str]]  # (path, message)
+  shapes: list[tuple[int, int]]  # (H, W) of each decoded file, before any resizing
+
+
 def read_inputs(paths: Sequence[str], input_size: int, progress: bool = False):
   """(model inputs uint8 (n, S, S, 1), their prepared 512 px images, indices of `paths`
   read, failures [(path, message)]): every file on its own, a bad one never stops the rest."""
-  inputs, prepared, ok, failures = [], [], [], []
+  return tuple(read_files(paths, input_size, progress))[:4]
+
+
+def read_files(paths: Sequence[str], input_size: int, progress: bool = False) -> Inputs:
+  """`read_inputs` plus each decoded file's own (H, W), as an `Inputs`."""
+  inputs, prepared, ok, failures, shapes = [], [], [], [], []
   bar = tqdm(total=len(paths), desc="read", unit="img", disable=not progress, file=sys.stderr)
   for i, path in enumerate(paths):
     try:
       gray = read_image(path)
-      prepared.append(pipeline.prepared_image(gray))
-      inputs.append(inference.model_input(gray, input_size))
+      got = (pipeline.prepared_image(gray), inference.model_input(gray, input_size))
+      prepared.append(got[0])
+      inputs.append(got[1])
+      shapes.append((int(gray.shape[0]), int(gray.shape[1])))
       ok.append(i)
     except (UserError, OSError, ValueError, cv2.error) as e:
       msg = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -79,7 +108,7 @@ def read_inputs(paths: Sequence[str], input_size: int, progress: bool = False):
   bar.close()
   s = int(input_size)
   images = np.stack(inputs) if inputs else np.zeros((0, s, s, 1), np.uint8)
-  return images, prepared, ok, failures
+  return Inputs(images, prepared, ok, failures, shapes)
 
 
 def predict_files(
@@ -90,38 +119,96 @@ def predict_files(
   threshold: float = 0.5,
   batch_size: int = 16,
   progress: bool = True,
+  boxes: bool = False,
+  box_tau: float = 0.5,
+  calibration: Mapping | None = None,
+  saliency_source: str | None = None,
+  gradcam_level: int | None = None,
+  overlays: bool = True,
 ) -> tuple[list[dict], list[tuple[str, str]]]:
   """Predicts every readable file; returns (rows, failures).
 
-  rows: [{'path', 'probs': {class: p}, 'overlays': [file names]}] in input order (readable
-  files only); failures: [(path, message)]. With `out_dir`, overlays (one per image and class
-  with p >= threshold) and predictions.csv are written there.
+  rows: [{'path', 'probs': {class: p}, 'overlays': [file names], 'boxes': {class: [box]}}]
+  in input order (readable files only; 'boxes' only with `boxes`, for every class with
+  p >= threshold, `localization.boxes_from_map` at `box_tau` in the file's own pixels);
+  failures: [(path, message)]. With `out_dir`, overlays (one per image and class with
+  p >= threshold; `overlays=False` skips them), predictions.csv and, with `boxes`,
+  boxes.json are written there. `calibration`: parameters of `calibration.fit` applied to
+  the probabilities first. `saliency_source` / `gradcam_level`: None = the run's config.
   """
   from lsemil import report
 
+  if calibration is not None:
+    _check_calibration(calibration)
+  source, level = architectures.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
-  images, prepared, ok, failures = read_inputs(paths, loaded.model.input_size, progress)
-  predictor = inference.Predictor(loaded.model, loaded.variables)
-  out = predictor.predict_images(images, batch_size, saliency=out_dir is not None)
+  inputs = read_files(paths, loaded.model.input_size, progress)
+  predictor = inference.Predictor(
+    loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
+  )
+  want_maps = boxes or (out_dir is not None and overlays)
+  out = predictor.predict_images(inputs.images, batch_size, saliency=want_maps)
+  all_probs = np.asarray(out.get("probs", np.zeros((0, len(CLASSES)))), np.float64)
+  if calibration is not None:
+    all_probs = calibration_lib.apply(calibration, all_probs)
   out_path = Path(fileio.resolve(out_dir)) if out_dir is not None else None
   if out_path is not None:
     out_path.mkdir(parents=True, exist_ok=True)
   stems = _output_stems(paths)
-  rows = []
-  for j, i in enumerate(ok):
-    probs = np.asarray(out["probs"][j], np.float64)
+  rows, boxes_json = [], {}
+  for j, i in enumerate(inputs.ok):
+    probs = all_probs[j]
     row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
     row["overlays"] = []
+    if boxes:
+      row["boxes"] = {}
     for k, cls in enumerate(CLASSES):
-      if probs[k] >= threshold and out_path is not None:
+      if probs[k] < threshold:
+        continue
+      if boxes:
+        row["boxes"][cls] = localization.boxes_from_map(
+          out["saliency"][j, ..., k], box_tau, inputs.shapes[j]
+        )
+      if out_path is not None and overlays:
         name = f"{stems[i]}_{cls}.png"
         title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
-        report.overlay_png(out_path / name, prepared[j], out["saliency"][j, ..., k], title=title)
+        report.overlay_png(
+          out_path / name, inputs.prepared[j], out["saliency"][j, ..., k], title=title
+        )
         row["overlays"].append(name)
+    if boxes:
+      boxes_json[_box_key(paths, i, stems)] = row["boxes"]
     rows.append(row)
   if out_path is not None:
     fileio.write_text(out_path / "predictions.csv", to_csv(rows, threshold))
-  return rows, failures
+    if boxes:
+      fileio.write_json(out_path / BOXES_FILE, boxes_json)
+  return rows, list(inputs.failures)
+
+
+def _box_key(paths: Sequence[str], i: int, stems: Sequence[str]) -> str:
+  """The file name (the CSV's image_id); the unique output stem where two inputs share it."""
+  names = [Path(p).name for p in paths]
+  return names[i] if names.count(names[i]) == 1 else f"{stems[i]}{Path(paths[i]).suffix}"
+
+
+def _check_calibration(params: Mapping) -> None:
+  classes = params.get("classes") if isinstance(params, Mapping) else None
+  if classes is not None and list(classes) != list(CLASSES):
+    raise ConfigError(
+      f"calibration parameters: classes {list(classes)[:3]}... are not the 14 NIH classes"
+    )
+  calibration_lib.apply(params, np.full((1, len(CLASSES)), 0.5))  # raises naming the field
+
+
+def load_calibration(path: str | Path) -> dict:
+  """The parameters `lsemil evaluate --calibrate` wrote (F_calibration.json), checked."""
+  params = fileio.read_json(path)
+  try:
+    _check_calibration(params)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return params
 
 
 def to_csv(rows: Sequence[dict], threshold: float) -> str:

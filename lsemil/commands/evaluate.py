@@ -2,17 +2,20 @@
 
   lsemil evaluate --workdir W [--data-dir D] [--split test] [--out F.json]
   lsemil evaluate --checkpoint W/checkpoints/<step> --data-dir D --out F.json
+  lsemil evaluate --workdir G --saliency cam          (a GAP baseline run, configs/baseline_gap.py)
+  lsemil evaluate --workdir W --calibrate temperature (fitted on the valid split)
 
-Writes F.json, F.csv, F_predictions.csv (per image) and F_saliency_boxes.npz
-(`lsemil.evaluate`).
+Writes F.json, F.csv, F_predictions.csv (per image), F_saliency_boxes.npz and, with
+--calibrate, F_calibration.json (`lsemil.evaluate`). The default F is W/evaluation_<split>.json,
+or W/evaluation_<split>_<source>.json for a --saliency other than the run's own.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from lsemil import architectures, calibration, fileio, inference, sharding
 from lsemil import evaluate as ev
-from lsemil import fileio, inference, sharding
 from lsemil.commands import args as args_lib
 from lsemil.data import nih
 
@@ -59,6 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="eval batch size (default: the config's train.eval_batch_size)",
   )
+  p.add_argument(
+    "--saliency",
+    choices=architectures.ALL_SOURCES,
+    default=None,
+    help="saliency map source: model (the MIL model's own maps), gradcam or cam (a GAP "
+    "baseline run; maps min-max scaled per image and class). Default: model for MIL runs, "
+    "the run's config.saliency.source for GAP runs",
+  )
+  p.add_argument(
+    "--gradcam-level",
+    type=int,
+    default=None,
+    help="down-path level Grad-CAM differentiates at (0 = finest, -1 = coarsest; default: "
+    "the run's config.saliency.gradcam_level, else -1)",
+  )
+  p.add_argument(
+    "--calibrate",
+    choices=calibration.METHODS,
+    default=None,
+    help="also fit a temperature or Platt recalibration on the run's valid split, report "
+    "ECE / Brier with it, and write its parameters to F" + ev.CALIBRATION_SUFFIX + " (for "
+    "lsemil predict --calibration)",
+  )
+  p.add_argument(
+    "--no-protocols",
+    action="store_true",
+    help="skip the weak-localization protocols (Wang et al. accuracy / AFP, cheXlocalize "
+    "mIoU, pointing games, pixel AUPRC)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -73,10 +105,26 @@ def main(argv: list[str]) -> int:
   data_dir = ev.resolve_data_dir(loaded.config, args.data_dir and fileio.resolve(args.data_dir))
   if args.batch_size:
     loaded.config.train.eval_batch_size = int(args.batch_size)
-  out = fileio.as_path(args.out) if args.out else ev.default_output(ev.workdir_of(path), args.split)
-  ev.log(f"checkpoint {loaded.checkpoint} (step {loaded.step}); data {data_dir}")
+  source, level = architectures.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
+  own, _ = architectures.saliency_settings(loaded.config)
+  if args.out:
+    out = fileio.as_path(args.out)
+  else:
+    out = ev.default_output(ev.workdir_of(path), args.split, None if source == own else source)
+  level_note = f" at level {level}" if level is not None else ""
+  ev.log(
+    f"checkpoint {loaded.checkpoint} (step {loaded.step}); data {data_dir}; saliency "
+    f"{source}{level_note}"
+  )
   options = ev.EvalOptions(
-    n_boot=args.n_boot, seed=args.seed, taus=tuple(args.taus), progress=not args.no_progress
+    n_boot=args.n_boot,
+    seed=args.seed,
+    taus=tuple(args.taus),
+    progress=not args.no_progress,
+    saliency=source,
+    gradcam_level=level,
+    protocols=not args.no_protocols,
+    calibrate=args.calibrate,
   )
   run = ev.evaluate_checkpoint(loaded, data_dir, args.split, options)
   if jax.process_index() == 0:
@@ -86,5 +134,13 @@ def main(argv: list[str]) -> int:
     print(f"mean AUC {r.mean_auc:.4f}{undefined} over {r.num_images} images")
     for c, v in r.dice.items():
       print(f"  DICE {c:<14} {v:.3f}  (uniform {r.dice_uniform[c]:.3f})")
+    cal = r.calibration or {}
+    if cal:
+      print(f"ECE {cal['ece_overall']:.4f}, Brier {cal['brier_overall']:.4f} (all classes pooled)")
+    if r.calibration_fitted:
+      f = r.calibration_fitted
+      print(
+        f"  {f['method']} (valid fit): ECE {f['ece_overall']:.4f}, Brier {f['brier_overall']:.4f}"
+      )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
   return 0

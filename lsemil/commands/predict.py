@@ -1,6 +1,8 @@
 """`lsemil predict`: class probabilities and saliency overlays for image files (Sec 3.6, 4.4).
 
   lsemil predict --checkpoint C IMG [IMG ...] [--out DIR] [--threshold 0.5]
+                 [--boxes [--box-tau 0.5]] [--calibration F_calibration.json]
+                 [--saliency model|gradcam|cam] [--gradcam-level L]
 
 C is a training workdir (its best checkpoint), its checkpoints/ folder or one step folder,
 local or gs://. See `lsemil.predict` for what is computed and written.
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lsemil import fileio, inference
+from lsemil import architectures, fileio, inference
 from lsemil import predict as predict_lib
 from lsemil.commands import args as args_lib
 from lsemil.errors import OutputError
@@ -62,6 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--batch-size", type=args_lib.positive_int, default=16, help="images per forward (16)"
   )
+  p.add_argument(
+    "--boxes",
+    action="store_true",
+    help="also write DIR/" + predict_lib.BOXES_FILE + ": for each image and class at or above "
+    "--threshold, the boxes of the saliency map thresholded at --box-tau (connected "
+    "components, as the IoBB protocol), in the input image's own pixels, with their peak and "
+    "mean saliency",
+  )
+  p.add_argument(
+    "--box-tau",
+    type=_probability,
+    default=0.5,
+    help="saliency threshold tau of --boxes (default 0.5; maps lie in [0, 1])",
+  )
+  p.add_argument(
+    "--calibration",
+    metavar="FILE",
+    help="recalibrate the probabilities with the parameters `lsemil evaluate --calibrate` "
+    "wrote (F_calibration.json) before the threshold and the CSV",
+  )
+  p.add_argument(
+    "--saliency",
+    choices=architectures.ALL_SOURCES,
+    default=None,
+    help="saliency map source (default: model for MIL runs, the run's config.saliency.source "
+    "for GAP baseline runs)",
+  )
+  p.add_argument(
+    "--gradcam-level",
+    type=int,
+    default=None,
+    help="down-path level of Grad-CAM (default: the run's config, else -1 = the coarsest)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -70,8 +105,13 @@ def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   if fileio.is_remote(args.out):
     raise OutputError(f"--out {args.out}: predict writes overlays to a local folder")
+  calibration = predict_lib.load_calibration(args.calibration) if args.calibration else None
   loaded = inference.load(args.checkpoint, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
+  if calibration is not None:
+    print(
+      f"probabilities recalibrated ({calibration['method']}, {args.calibration})", file=sys.stderr
+    )
   out = fileio.resolve(args.out)
   rows, failures = predict_lib.predict_files(
     loaded,
@@ -80,10 +120,19 @@ def main(argv: list[str]) -> int:
     threshold=args.threshold,
     batch_size=args.batch_size,
     progress=not args.no_progress,
+    boxes=args.boxes,
+    box_tau=args.box_tau,
+    calibration=calibration,
+    saliency_source=args.saliency,
+    gradcam_level=args.gradcam_level,
   )
   print(predict_lib.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)
-  print(f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays", file=sys.stderr)
+  wrote = f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays"
+  if args.boxes:
+    n_boxes = sum(len(b) for r in rows for b in r["boxes"].values())
+    wrote += f"; {n_boxes} boxes in {Path(out) / predict_lib.BOXES_FILE}"
+  print(wrote, file=sys.stderr)
   if failures:
     print(
       f"lsemil predict: {len(failures)} of {len(args.images)} files failed: "

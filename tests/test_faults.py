@@ -292,6 +292,7 @@ def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path)
     else:
       proc.wait()
   assert kills and max(kills) < n  # really killed mid-run
+  print(f"prepare SIGKILLed with {kills} of {n} images written")
   assert not (out / nih.MARKER_NAME).exists()
   rerun = _cli("prepare", *args, "--out", out, "--workers", 2)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -317,6 +318,7 @@ def test_synth_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path):
     else:
       proc.wait()
   assert kills and max(kills) < n
+  print(f"synth SIGKILLed with {kills} of {n} images written")
   rerun = _cli("synth", *args, "--out", out, "--workers", 2)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   _same_images(tmp_path / "clean" / "images", out / "images")
@@ -524,20 +526,33 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / "killed"
   ckpts = w / "checkpoints"
+
+  def writing(min_step):
+    return [p.name for p in checkpointing.partial_step_dirs(ckpts)
+            if int(p.name.partition(".")[0]) >= min_step]
+
   killed_during = []
-  for _ in range(3):
+  # (the first step whose save is caught, how far into that save): each run resumes from
+  # the previous one's last complete checkpoint.
+  for min_step, delay in ((1, 0.0), (2, 0.05), (4, 0.2)):
     proc = _popen(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
                   cache=jax_cache)
-    saw = _wait_for(lambda: bool(checkpointing.partial_step_dirs(ckpts)), proc)
-    if not saw:
+    if not _wait_for(lambda m=min_step: bool(writing(m)), proc):
       proc.wait()
-      break
-    killed_during.append([p.name for p in checkpointing.partial_step_dirs(ckpts)])
+      continue
+    time.sleep(delay)
+    caught = writing(min_step)
     _kill_group(proc)
-  assert killed_during, "no save was ever caught in progress"
+    complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    killed_during.append((caught, complete))
+  assert any(caught for caught, _ in killed_during), "no save was ever caught in progress"
+  print(f"train SIGKILLed while writing / with complete: {killed_during}")
+  last_complete = killed_during[-1][1][-1] if killed_during[-1][1] else None
   rerun = _cli(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
                cache=jax_cache)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  if last_complete is not None:
+    assert f"resuming from {ckpts / str(last_complete)} (step {last_complete})" in rerun.stdout
   (sa, va), (sb, vb) = _params(straight), _params(w)
   assert sa == sb == 6
   for x, y in zip(va, vb, strict=True):

@@ -28,7 +28,39 @@ def test_help_lists_every_command_and_each_module_has_main(capsys):
   out = capsys.readouterr().out
   for name, (module, _) in cli.COMMANDS.items():
     assert name in out
+    assert module == f"lsemil.commands.{name}"
     assert callable(getattr(importlib.import_module(module), "main", None)), module
+  # The library modules behind the commands hold no command line of their own.
+  for module in (
+    "lsemil.evaluate",
+    "lsemil.predict",
+    "lsemil.reproduce",
+    "lsemil.demo",
+    "lsemil.data.prepare",
+    "lsemil.data.stats",
+    "lsemil.data.synth",
+  ):
+    lib = importlib.import_module(module)
+    assert not hasattr(lib, "main") and not hasattr(lib, "build_parser"), module
+
+
+def test_library_modules_never_import_command_modules():
+  import ast
+
+  for path in sorted((ROOT / "lsemil").rglob("*.py")):
+    rel = path.relative_to(ROOT).as_posix()
+    if rel.startswith("lsemil/commands/") or rel == "lsemil/cli.py":
+      continue
+    for node in ast.walk(ast.parse(path.read_text(), rel)):
+      if isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      bad = [n for n in names if n in ("lsemil.cli", "lsemil.commands")]
+      bad += [n for n in names if n.startswith("lsemil.commands.")]
+      assert not bad, f"{rel}:{node.lineno} imports {bad}"
 
 
 def test_unknown_command_exits_2(capsys):

@@ -102,11 +102,11 @@ def main(argv: list[str]) -> int:
 
   path = fileio.resolve(args.workdir or args.checkpoint)
   loaded = inference.load(path, args.which)
+  source, level = architectures.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
+  own, _ = architectures.saliency_settings(loaded.config)
   data_dir = ev.resolve_data_dir(loaded.config, args.data_dir and fileio.resolve(args.data_dir))
   if args.batch_size:
     loaded.config.train.eval_batch_size = int(args.batch_size)
-  source, level = architectures.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
-  own, _ = architectures.saliency_settings(loaded.config)
   if args.out:
     out = fileio.as_path(args.out)
   else:

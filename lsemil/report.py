@@ -8,8 +8,11 @@ No JAX and no checkpoints: `lsemil evaluate` / `lsemil reproduce` compute `RunRe
     thresholds tau, our runs as rows above the paper's rows (r0 = 0/5/10 and Wang et al. [3]).
   * `table3(runs)` - Table 3: per-class AUC (with bootstrap CI) and DICE of the 8 box classes,
     our runs beside the paper's columns, plus the uniform-map DICE baseline.
-  * `figure1`, `figure3`, `overlay_png` - Fig. 1 (saliency across resolutions), Fig. 3 (image,
-    ground-truth box, saliency per run with its DICE) and a single overlay for `lsemil predict`.
+  * `figure1`, `figure3`, `overlay_png` - Fig. 1 (one image's saliency from models of target
+    resolutions N, or one model's levels), Fig. 3 (image, ground-truth box, saliency per run
+    with its DICE) and a single overlay for `lsemil predict`.
+  * `spread_table(groups)`, `calibration_table(runs)` - beyond the paper: mean ± sd and the
+    per-seed values over several seeds per label; ECE and Brier score per run.
 
 Each table function returns (markdown, csv). Bold in markdown marks the best of OUR runs only
 (per row in Table 3, per column in Table 2; ties displayed equal are all bold); the paper's
@@ -54,6 +57,12 @@ class RunResult(TypedDict, total=False):
   dice_uniform: Mapping[str, float]  # the same for the uniform-map baseline (metrics.uniform_dice)
   iobb: Mapping[str, Mapping[float, float]]  # {class: {tau: accuracy at T(IoBB) = 0.5}}
   table1: Mapping  # lsemil.data.stats.table1(index) of the data the run was evaluated on
+  # Several seeds of one label (`lsemil reproduce --run r0=5:Wa --run r0=5:Wb`): auc, dice,
+  # mean_auc are means over the seeds and these their standard deviations (ddof 1).
+  n_seeds: int
+  auc_sd: Mapping[str, float]
+  dice_sd: Mapping[str, float]
+  mean_auc_sd: float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +294,38 @@ def table2(
   return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
 
-def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
+def _significance_cells(significance: Mapping | None, labels: Sequence[str]):
+  """(bold sets {test: {label: set(classes)}}, CSV columns [(name, {class: p})]) of a
+  `significance.compare_runs` result; (None, []) without one."""
+  if significance is None:
+    return None, []
+  bold, cols = {}, []
+  for test in ("auc", "dice"):
+    part = significance.get(test)
+    if not part:
+      bold[test] = {lb: set() for lb in labels}
+      continue
+    bold[test] = {lb: {canonical_class(c) for c in part["bold"].get(lb, ())} for lb in labels}
+    for pair in part["pairs"]:
+      for key in ("p", "p_holm"):
+        by_cls = {canonical_class(c): v for c, v in pair[key].items()}
+        cols.append((f"{key}_{test}_{pair['a']}_vs_{pair['b']}", by_cls))
+  return bold, cols
+
+
+def _bold_significant(cells, values, digits, allowed: Sequence[bool] | None) -> list[str]:
+  """`_bold_best`, restricted (when `allowed` is given) to the cells a test allows."""
+  bolded = _bold_best(cells, values, digits)
+  if allowed is None:
+    return bolded
+  return [b if ok else c for b, c, ok in zip(bolded, cells, allowed, strict=True)]
+
+
+def _with_sd(cell: str, v, sd) -> str:
+  return f"{cell} ± {sd:.3f}" if _defined(v) and _defined(sd) else cell
+
+
+def table3(runs: Sequence[RunResult], significance: Mapping | None = None) -> tuple[str, str]:
   """Table 3 (Sec 4.3): AUC of the 14 classes and DICE of the 8 box classes.
 
   Columns: AUC of [3] and of the paper's r0 = 0/5/10 ("paper"), our AUC per run ("ours", with
@@ -296,6 +336,13 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
   mean DICE over the box classes with a value. Bold: per row, the best of our runs, separately
   for AUC and for DICE.
 
+  `significance` (a `lsemil.significance.compare_runs` result over the same labels) makes
+  bold mean significantly best: a cell is bold only where it is the displayed best AND the
+  test bolds it (`significance.BOLD_RULE`; the mean row is not tested and never bold), and the
+  CSV gains 'p_<test>_<a>_vs_<b>' and 'p_holm_<test>_<a>_vs_<b>' columns (test auc / dice).
+  A run with 'auc_sd' / 'dice_sd' (several seeds) shows 'mean ± sd' instead of the CI, and
+  the CSV gains 'auc_<label>_sd' / 'dice_<label>_sd'.
+
   CSV columns: 'abnormality', 'auc_paper_<col>', 'auc_<label>' (+ '_lo', '_hi'),
   'dice_paper_<col>', 'dice_<label>', 'dice_uniform'.
   """
@@ -304,8 +351,12 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
   los = [_by_class(r.get("auc_lo")) for r in runs]
   his = [_by_class(r.get("auc_hi")) for r in runs]
   dices = [_by_class(r.get("dice")) for r in runs]
+  auc_sds = [_by_class(r.get("auc_sd")) for r in runs]
+  dice_sds = [_by_class(r.get("dice_sd")) for r in runs]
+  with_sd = any(r.get("auc_sd") or r.get("dice_sd") for r in runs)
   uniform = next((_by_class(r["dice_uniform"]) for r in runs if r.get("dice_uniform")), {})
   auc_paper_cols = (WANG, *PAPER_RUNS)
+  bold_sets, p_cols = _significance_cells(significance, labels)
 
   header = (
     ["abnormality"]
@@ -322,23 +373,35 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
     + [f"dice_paper_{c}" for c in PAPER_RUNS]
     + [f"dice_{lb}" for lb in labels]
     + ["dice_uniform"]
+    + ([f"{x}_{lb}_sd" for x in ("auc", "dice") for lb in labels] if with_sd else [])
+    + [name for name, _ in p_cols]
   )
 
   def auc_cell(i: int, cls: str) -> str:
     v = aucs[i].get(cls)
     cell = _md_num(v, 3)
     lo, hi = los[i].get(cls), his[i].get(cls)
+    if _defined(auc_sds[i].get(cls)):
+      return _with_sd(cell, v, auc_sds[i][cls])
     if _defined(v) and _defined(lo) and _defined(hi):
       cell += f" [{lo:.3f}, {hi:.3f}]"
     return cell
+
+  def allowed(test: str, cls: str) -> list[bool] | None:
+    if bold_sets is None:
+      return None
+    return [cls in bold_sets[test][lb] for lb in labels]
 
   md_rows, csv_rows = [], []
   for cls in CLASSES:
     box = cls in BOX_CLASSES
     our_auc = [a.get(cls) for a in aucs]
     our_dice = [d.get(cls) if box else None for d in dices]
-    auc_cells = _bold_best([auc_cell(i, cls) for i in range(len(runs))], our_auc, 3)
-    dice_cells = _bold_best([_md_num(v, 3) for v in our_dice], our_dice, 3)
+    auc_cells = _bold_significant(
+      [auc_cell(i, cls) for i in range(len(runs))], our_auc, 3, allowed("auc", cls)
+    )
+    dice_md = [_with_sd(_md_num(v, 3), v, dice_sds[i].get(cls)) for i, v in enumerate(our_dice)]
+    dice_cells = _bold_significant(dice_md, our_dice, 3, allowed("dice", cls))
     md_rows.append(
       [display_class(cls)]
       + [_P3_AUC[c][cls] for c in auc_paper_cols]
@@ -358,6 +421,13 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
       + [_P3_DICE[c].get(cls, "") for c in PAPER_RUNS]
       + [_csv_num(v) for v in our_dice]
       + [_csv_num(uniform.get(cls) if box else None)]
+      + (
+        [_csv_num(a.get(cls)) for a in auc_sds]
+        + [_csv_num(d.get(cls) if box else None) for d in dice_sds]
+        if with_sd
+        else []
+      )
+      + [_csv_num(by_cls.get(cls)) for _, by_cls in p_cols]
     )
 
   # Mean row.
@@ -375,15 +445,20 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
     return float(np.mean(vals)) if vals else None
 
   our_mdice = [mean_dice(d) for d in dices]
-  mean_auc_cells = _bold_best(
-    [_md_num(m, 3) + n for m, n in zip(means, notes, strict=True)], means, 3
+  untested = None if bold_sets is None else [False] * len(runs)  # the mean row has no test
+  mean_sds = [run.get("mean_auc_sd") for run in runs]
+  mean_auc_cells = _bold_significant(
+    [_with_sd(_md_num(m, 3), m, sd) + n for m, sd, n in zip(means, mean_sds, notes, strict=True)],
+    means,
+    3,
+    untested,
   )
   md_rows.append(
     [MEAN_ROW]
     + [_P3_MEAN[c] for c in auc_paper_cols]
     + mean_auc_cells
     + ["-"] * len(PAPER_RUNS)
-    + _bold_best([_md_num(v, 3) for v in our_mdice], our_mdice, 3)
+    + _bold_significant([_md_num(v, 3) for v in our_mdice], our_mdice, 3, untested)
     + [_md_num(mean_dice(uniform), 3)]
   )
   csv_rows.append(
@@ -393,6 +468,8 @@ def table3(runs: Sequence[RunResult]) -> tuple[str, str]:
     + [""] * len(PAPER_RUNS)
     + [_csv_num(v) for v in our_mdice]
     + [_csv_num(mean_dice(uniform))]
+    + ([_csv_num(sd) for sd in mean_sds] + [""] * len(runs) if with_sd else [])
+    + [""] * len(p_cols)
   )
   return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
@@ -496,18 +573,32 @@ def figure3(path, cases: Sequence[Figure3Case], runs: Sequence[str] | None = Non
   return _save(fig, path)
 
 
-def figure1(path, image, levels: Sequence[tuple[str, np.ndarray]]) -> Figure:
-  """Figure 1: the image, then the saliency of each level (coarse to fine) overlaid on it.
+def figure1(
+  path,
+  image,
+  levels: Sequence[tuple[str, np.ndarray]],
+  *,
+  title: str = "image",
+  boxes=None,
+  source_size: float = ORIGINAL_SIZE,
+) -> Figure:
+  """Saliency maps of one image side by side: the image, then each map overlaid on it.
 
+  Figure 1 of the paper: one model per target resolution N, each map at its own N
+  (`lsemil reproduce --figure1`); also the per-level view of one model (figure_levels.png).
   levels: [(name, (n, n) map)] in the order to show; each panel's title is the name and the
-  map's resolution. Writes a PNG; returns the figure (one axis per panel).
+  map's resolution. `boxes` (x, y, w, h) in `source_size` pixels are drawn on the image
+  panel. Writes a PNG; returns the figure (one axis per panel).
   """
   fig = Figure(figsize=(PANEL_INCHES * (1 + len(levels)), PANEL_INCHES), layout="constrained")
   axes = fig.subplots(1, 1 + len(levels), squeeze=False)[0]
-  _show(axes[0], image, title="image")
+  img = _grey(image)
+  _show(axes[0], img, title=title)
+  if boxes is not None:
+    _draw_boxes(axes[0], boxes, img.shape[0], source_size)
   for ax, (name, sal) in zip(axes[1:], levels, strict=True):
     sal = np.asarray(sal)
-    _show(ax, image, sal, title=f"{name} ({sal.shape[0]}x{sal.shape[1]})")
+    _show(ax, img, sal, title=f"{name} ({sal.shape[0]}x{sal.shape[1]})")
   return _save(fig, path)
 
 
@@ -521,3 +612,83 @@ def overlay_png(
   if boxes is not None:
     _draw_boxes(ax, boxes, _grey(image).shape[0], source_size)
   return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the paper: spread over seeds, calibration
+
+
+def mean_sd(values) -> tuple[float, float]:
+  """(mean, sample sd with ddof 1) of the defined values; sd NaN for fewer than two."""
+  v = np.array([x for x in values if _defined(x)], dtype=np.float64)
+  if v.size == 0:
+    return math.nan, math.nan
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def spread_table(groups: Sequence[Mapping]) -> tuple[str, str]:
+  """Run-to-run spread: per label, mean ± sd over its seeds and each seed's value.
+
+  groups: [{'label', 'seeds': [{'seed', 'mean_auc', 'mean_dice'}, ...]}]; 'mean_dice' is
+  the mean over the box classes of the run's per-class DICE (Table 3's A.V.G. DICE).
+  CSV: one row per (label, seed) plus a 'mean' and an 'sd' row per label.
+  """
+  header = ["run", "seeds", "mean AUC (mean ± sd)", "mean AUC per seed"]
+  header += ["mean DICE (mean ± sd)", "mean DICE per seed"]
+  md_rows, csv_rows = [], []
+  for g in groups:
+    seeds = list(g["seeds"])
+    row = [str(g["label"]), ", ".join(str(s["seed"]) for s in seeds)]
+    for key in ("mean_auc", "mean_dice"):
+      vals = [s.get(key) for s in seeds]
+      m, sd = mean_sd(vals)
+      row.append(_with_sd(_md_num(m, 3), m, sd))
+      row.append(", ".join(_md_num(v if v is not None else math.nan, 3) for v in vals))
+    md_rows.append(row)
+    for s in seeds:
+      csv_rows.append([g["label"], str(s["seed"]), _csv_num(s.get("mean_auc"))])
+      csv_rows[-1].append(_csv_num(s.get("mean_dice")))
+    for stat, idx in (("mean", 0), ("sd", 1)):
+      auc = mean_sd([s.get("mean_auc") for s in seeds])[idx]
+      dice = mean_sd([s.get("mean_dice") for s in seeds])[idx]
+      csv_rows.append([g["label"], stat, _csv_num(auc), _csv_num(dice)])
+  csv_header = ["run", "seed", "mean_auc", "mean_dice"]
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
+
+
+def calibration_table(runs: Sequence[Mapping]) -> tuple[str, str]:
+  """ECE (15 equal-mass bins) and Brier score per run, raw and (where given) recalibrated.
+
+  runs: [{'label', 'calibration': `calibration.calibration_metrics` dict, 'calibration_fitted':
+  the same after a fit (optional), 'method': name of the fit (optional)}]. Markdown: the
+  overall (pooled) values; CSV: overall and per class ('class' empty for overall).
+  """
+  header = ["run", "ECE (raw)", "Brier (raw)", "ECE (fitted)", "Brier (fitted)", "fit"]
+  md_rows, csv_rows = [], []
+  for r in runs:
+    raw, fitted = r["calibration"], r.get("calibration_fitted") or {}
+    md_rows.append(
+      [str(r["label"])]
+      + [_md_num(_nan(raw.get(k)), 4) for k in ("ece_overall", "brier_overall")]
+      + [_md_num(_nan(fitted.get(k)), 4) if fitted else "-" for k in ("ece_overall",)]
+      + [_md_num(_nan(fitted.get(k)), 4) if fitted else "-" for k in ("brier_overall",)]
+      + [str(r.get("method") or "-")]
+    )
+    classes = [""] + [c for c in CLASSES if c in raw.get("ece", {})]
+    for cls in classes:
+
+      def get(d, key, cls=cls):
+        return _nan(d.get(f"{key}_overall") if not cls else d.get(key, {}).get(cls))
+
+      csv_rows.append(
+        [r["label"], cls]
+        + [_csv_num(get(raw, k)) for k in ("ece", "brier")]
+        + [_csv_num(get(fitted, k)) if fitted else "" for k in ("ece", "brier")]
+        + [r.get("method") or ""]
+      )
+  csv_header = ["run", "class", "ece", "brier", "ece_fitted", "brier_fitted", "fit"]
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
+
+
+def _nan(v) -> float:
+  return math.nan if v is None else float(v)

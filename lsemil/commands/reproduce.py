@@ -1,6 +1,9 @@
-"""`lsemil reproduce`: the paper's Tables 1-3 and Figures 1 and 3 from trained runs (Sec 4.1-4.4).
+"""`lsemil reproduce`: the paper's Tables 1-3 and Figures 1 and 3 from trained runs (Sec 4.1-4.4),
+with significance, spread over seeds, calibration, Table 4 and an HTML report.
 
   lsemil reproduce --run r0=0:W0 --run r0=5:W5 --run r0=10:W10 --data-dir D --out R
+  lsemil reproduce --run r0=5:W5a --run r0=5:W5b --baseline gradcam:WG \
+      --figure1 N=8:W8 --figure1 N=16:W16 --figure1 N=32:W5a --figure1 N=64:W64 --out R
 
 See `lsemil.reproduce` for what is written.
 """
@@ -32,6 +35,25 @@ def parse_run(spec: str) -> tuple[str, float | None, str]:
   return label, r0, path
 
 
+def parse_baseline(spec: str) -> tuple[str, str]:
+  """'gradcam:W' -> ('gradcam', 'W'); the source is gradcam or cam."""
+  source, sep, path = spec.partition(":")
+  if not sep or not path or source not in rp.BASELINE_SOURCES:
+    raise argparse.ArgumentTypeError(
+      f"--baseline {spec!r}: expected SOURCE:WORKDIR with SOURCE one of {rp.BASELINE_SOURCES}"
+    )
+  return source, path
+
+
+def parse_figure1(spec: str) -> tuple[int, str]:
+  """'N=8:W' -> (8, 'W'): the run trained at target saliency resolution N."""
+  head, sep, path = spec.partition(":")
+  key, eq, value = head.partition("=")
+  if not (sep and eq and path and key.strip() == "N" and value.strip().isdigit()):
+    raise argparse.ArgumentTypeError(f"--figure1 {spec!r}: expected N=<side>:WORKDIR")
+  return int(value), path
+
+
 def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
   """'Nodule=0.4,0.8' -> ('Nodule', (0.4, 0.8))."""
   name, sep, values = spec.partition("=")
@@ -50,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil reproduce",
     description="Tables 1-3 and Figures 1 and 3 of Yao et al. 2018 from trained runs, in the "
-    "paper's layout beside the paper's numbers (Markdown + CSV, PNG, summary.json).",
+    "paper's layout beside the paper's numbers, with significance tests, spread over seeds, "
+    "calibration, Table 4 (weak-localization protocols against baselines) and a "
+    "self-contained index.html (Markdown + CSV, PNG, summary.json).",
   )
   p.add_argument(
     "--run",
@@ -58,7 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     required=True,
     metavar="LABEL:WORKDIR",
     help="a run, e.g. r0=5:W5 (repeatable; labels r0=0 / r0=5 / r0=10 line up with the "
-    "paper's columns; a bare WORKDIR is labelled by its path)",
+    "paper's columns; runs sharing a label are seeds, reported as mean ± sd; a bare WORKDIR "
+    "is labelled by its path; a GAP run (configs/baseline_gap.py) is a baseline)",
+  )
+  p.add_argument(
+    "--baseline",
+    action="append",
+    default=[],
+    metavar="SOURCE:WORKDIR",
+    help="a GAP run's post-hoc maps for Table 4, SOURCE gradcam or cam (repeatable)",
+  )
+  p.add_argument(
+    "--figure1",
+    action="append",
+    default=[],
+    metavar="N=<side>:WORKDIR",
+    help="a run trained at target saliency resolution N (configs/demo.py:N=8); two or more "
+    "draw the paper's Figure 1 (repeatable)",
   )
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the first run)")
   p.add_argument("--out", required=True, help="output folder R")
@@ -86,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     "--n-boot",
     type=args_lib.nonnegative_int,
     default=ev.DEFAULT_N_BOOT,
-    help="bootstrap resamples for AUC CIs when a run must be evaluated",
+    help="bootstrap resamples for AUC CIs when a run must be evaluated (and Table 4's "
+    "intervals of the constant map and centre prior when no run gives its settings)",
   )
+  p.add_argument("--no-html", action="store_true", help="no index.html")
   p.add_argument(
     "--force", action="store_true", help="re-evaluate even when a matching evaluation JSON exists"
   )
@@ -101,10 +143,14 @@ def main(argv: list[str]) -> int:
   sharding.maybe_initialize_distributed()
   try:
     runs = [parse_run(s) for s in args.run]
+    baselines = [parse_baseline(s) for s in args.baseline]
+    figure1 = [parse_figure1(s) for s in args.figure1]
     classes_taus = [parse_tau(s) for s in args.tau] if args.tau else report.DEFAULT_CLASSES_TAUS
   except argparse.ArgumentTypeError as e:
     parser.error(str(e))
   runs = [(label, r0, fileio.resolve(path)) for label, r0, path in runs]
+  baselines = [(source, fileio.resolve(path)) for source, path in baselines]
+  figure1 = [(n, fileio.resolve(path)) for n, path in figure1]
   out = fileio.resolve(args.out)
   summary = rp.reproduce_runs(
     runs,
@@ -117,9 +163,14 @@ def main(argv: list[str]) -> int:
     n_boot=args.n_boot,
     force=args.force,
     progress=not args.no_progress,
+    baselines=baselines,
+    figure1=figure1,
+    html=not args.no_html,
   )
   if "tables" in summary:  # process 0
     print(summary["tables"]["table3"])
     figures = ", ".join(summary["figures"]) or "no figures"
     print(f"wrote tables, {figures} and summary.json to {out}")
+    if summary.get("index_html"):
+      print(f"report: {summary['index_html']}")
   return 0

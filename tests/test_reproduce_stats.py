@@ -1,0 +1,298 @@
+"""`lsemil reproduce` with the statistics of issue 14 and Table 4 of issue 12.
+
+Runs are real checkpoints of the smoke model with deterministic random weights (different
+seeds give different models), over the `synth_dir` fixture: seeds grouped by label (mean ± sd,
+per-seed values), Table 3's significance (paired DeLong / paired patient bootstrap recomputed
+here from the per-image CSV and the saliency .npz), calibration, Table 4 with the model-free
+sources, the Figure 1 / figure_levels split and the HTML report's structure.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from lsemil import calibration, checkpointing, cli, config_lib, metrics, significance, train
+from lsemil import evaluate as ev
+from lsemil import model as model_lib
+from lsemil import reproduce as rp
+from lsemil.data import nih
+
+N_BOOT = 20
+
+
+def write_checkpoint(workdir, config, variables, step: int) -> None:
+  """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
+  model = model_lib.from_config(config.model)
+  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  state = state.replace(
+    step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
+  )
+  manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
+  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  checkpointing.save(
+    manager, step, state, it, config=config, meta={}, metrics={checkpointing.BEST_METRIC: 0.5}
+  )
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.fixture(scope="module")
+def make_run(synth_dir, random_variables):
+  """fn(workdir, r0, seed=0, N=None) -> workdir with a random-weight smoke checkpoint."""
+
+  def make(workdir, r0, seed=0, n=None):
+    arg = f"r0={r0},seed={seed}"
+    config = config_lib.load_config("smoke", arg)
+    if n is not None:
+      config.model.saliency_size = int(n)
+    config.data.data_dir = str(synth_dir)
+    model = model_lib.from_config(config.model)
+    write_checkpoint(workdir, config, random_variables(model, seed), 7)
+    return workdir
+
+  return make
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, make_run):
+  """Two seeds of r0=5, one r0=0, reproduced once."""
+  tmp = tmp_path_factory.mktemp("rep")
+  runs = [
+    ("r0=5", 5.0, make_run(tmp / "w5a", 5, seed=0)),
+    ("r0=5", 5.0, make_run(tmp / "w5b", 5, seed=1)),
+    ("r0=0", 0.0, make_run(tmp / "w0", 0, seed=2)),
+  ]
+  out = tmp / "R"
+  summary = rp.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False, n_figure=2)
+  return tmp, out, summary
+
+
+def _csv(path) -> list[dict]:
+  return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def _test_arrays(workdir, index):
+  """(labels, probs) of the test split from a run's per-image CSV, in index-row order."""
+  rows = index.rows("test")
+  from lsemil import inference
+
+  by_id = inference.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
+  probs = np.stack([by_id[index.image_ids[r]] for r in rows])
+  return np.asarray(index.labels, np.float64)[rows], probs
+
+
+def test_config_arguments_n_and_seed():
+  c = config_lib.load_config("demo", "r0=10,N=8,seed=3")
+  assert (c.model.r0, c.model.saliency_size, c.seed) == (10.0, 8, 3)
+  assert config_lib.load_config("demo").model.saliency_size == 32
+  assert config_lib.load_config("paper", "N=16").model.saliency_size == 16
+  for n in (8, 16, 32, 64):  # every Figure 1 variant of the demo builds
+    spec = model_lib.validate(config_lib.load_config("demo", f"N={n}").model)
+    assert n in spec.level_sides
+  from lsemil.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="N='x'"):
+    config_lib.load_config("demo", "N=x")
+  with pytest.raises(ConfigError, match="known: r0, N, seed"):
+    config_lib.load_config("paper", "bogus=1")
+
+
+def test_seeds_grouped_mean_sd_and_per_seed(reproduced):
+  tmp, out, summary = reproduced
+  assert summary["labels"] == ["r0=5", "r0=0"]
+  assert [r["name"] for r in summary["runs"]] == ["r0=5 (seed 0)", "r0=5 (seed 1)", "r0=0"]
+  a = ev.load_evaluation(tmp / "w5a" / "evaluation_test.json")
+  b = ev.load_evaluation(tmp / "w5b" / "evaluation_test.json")
+  assert a["mean_auc"] != b["mean_auc"]  # two different models
+  spread = {r["run"] + "/" + r["seed"]: r for r in _csv(out / "spread.csv")}
+  m = np.mean([a["mean_auc"], b["mean_auc"]])
+  sd = np.std([a["mean_auc"], b["mean_auc"]], ddof=1)
+  assert float(spread["r0=5/mean"]["mean_auc"]) == pytest.approx(m)
+  assert float(spread["r0=5/sd"]["mean_auc"]) == pytest.approx(sd)
+  assert float(spread["r0=5/0"]["mean_auc"]) == pytest.approx(a["mean_auc"])
+  assert float(spread["r0=5/1"]["mean_auc"]) == pytest.approx(b["mean_auc"])
+  assert spread["r0=0/sd"]["mean_auc"] == ""  # one seed: no sd
+  dice_a = np.mean([v for v in a["dice"].values() if not math.isnan(v)])
+  assert float(spread["r0=5/0"]["mean_dice"]) == pytest.approx(dice_a)
+  md = (out / "spread.md").read_text()
+  assert f"{m:.3f} ± {sd:.3f}" in md
+  # Table 3: the label's mean AUC with its sd, per class too.
+  t3 = (out / "table3.md").read_text()
+  assert f"{m:.3f} ± {sd:.3f}" in t3
+  row = next(r for r in _csv(out / "table3.csv") if r["abnormality"] == "Mass")
+  assert float(row["auc_r0=5"]) == pytest.approx(np.mean([a["auc"]["Mass"], b["auc"]["Mass"]]))
+  assert float(row["auc_r0=5_sd"]) == pytest.approx(
+    np.std([a["auc"]["Mass"], b["auc"]["Mass"]], ddof=1)
+  )
+
+
+def test_table3_significance_from_the_per_image_files(reproduced, synth_dir):
+  tmp, out, summary = reproduced
+  config = config_lib.load_config("smoke")
+  index = ev.open_index(config, synth_dir)
+  y, pa = _test_arrays(tmp / "w5a", index)
+  _, pb = _test_arrays(tmp / "w5b", index)
+  _, p0 = _test_arrays(tmp / "w0", index)
+  expect = significance.delong_paired(y, (pa + pb) / 2, p0)  # the seed-averaged probabilities
+  sig = json.loads((out / "significance.json").read_text())
+  (pair,) = sig["auc"]["pairs"]
+  assert (pair["a"], pair["b"]) == ("r0=5", "r0=0")
+  for k, cls in enumerate(nih.CLASSES):
+    want = expect.p[k]
+    got = pair["p"][cls]
+    assert (got is None and math.isnan(want)) or got == pytest.approx(want, rel=1e-9)
+  rows = {r["abnormality"]: r for r in _csv(out / "table3.csv")}
+  for cls in nih.CLASSES:
+    cell = rows[cls]["p_auc_r0=5_vs_r0=0"]
+    assert (cell == "") == (pair["p"][cls] is None)
+  # DICE: the paired bootstrap on per-case DICE recomputed from the saliency files.
+  cases = ev.box_cases(index, index.rows("test"))
+  per = {}
+  for w in ("w5a", "w5b", "w0"):
+    sal = ev.load_saliency(tmp / w / "evaluation_test_saliency_boxes.npz")
+    per[w] = rp.case_dice(sal, cases, index.box_space)
+  keys = sorted(per["w0"])
+  assert keys and all(sorted(per[w]) == keys for w in per)
+  by_cls = {}
+  for row, k in keys:
+    by_cls.setdefault(nih.CLASSES[k], []).append(per["w0"][(row, k)])
+  stored = ev.load_evaluation(tmp / "w0" / "evaluation_test.json")
+  for cls, vals in by_cls.items():  # the per-case values average to the evaluation's DICE
+    assert np.mean(vals) == pytest.approx(stored["dice"][cls], abs=1e-4)
+  da = np.array([(per["w5a"][c] + per["w5b"][c]) / 2 for c in keys])
+  d0 = np.array([per["w0"][c] for c in keys])
+  names, boot = significance.paired_bootstrap_dice(
+    da, d0, np.asarray(index.patient_ids)[[r for r, _ in keys]],
+    [nih.CLASSES[k] for _, k in keys], n_boot=rp.SIG_N_BOOT,
+  )  # fmt: skip
+  (dpair,) = sig["dice"]["pairs"]
+  for cls, p in zip(names, boot.p, strict=True):
+    assert dpair["p"][cls] == pytest.approx(p)
+  assert "Holm" in (out / "table3.md").read_text().split("\n|")[-1]  # the rule under it
+
+
+def test_table3_bold_needs_the_test_and_the_displayed_best():
+  from lsemil import report
+
+  runs = [
+    {"label": "a", "auc": {c: 0.9 for c in nih.CLASSES}, "dice": {"Mass": 0.5, "Nodule": 0.2}},
+    {"label": "b", "auc": {c: 0.8 for c in nih.CLASSES}, "dice": {"Mass": 0.4, "Nodule": 0.3}},
+  ]
+  nan = float("nan")
+  sig = {
+    "auc": {
+      "pairs": [{"a": "a", "b": "b", "p": {c: 0.001 for c in nih.CLASSES},
+                 "p_holm": {c: 0.01 if c == "Mass" else 0.2 for c in nih.CLASSES}}],
+      "bold": {"a": ["Mass", "Edema"], "b": ["Nodule"]},  # b is not the displayed best there
+    },
+    "dice": {
+      "pairs": [{"a": "a", "b": "b", "p": {"Mass": 0.04, "Nodule": nan},
+                 "p_holm": {"Mass": 0.08, "Nodule": nan}}],
+      "bold": {"a": [], "b": ["Nodule"]},
+    },
+  }  # fmt: skip
+  md, text = report.table3(runs, sig)
+  rows = {
+    r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())
+  }
+  header = rows["abnormality"]
+  a, b = header.index("AUC a (ours)"), header.index("AUC b (ours)")
+  da, db = header.index("DICE a (ours)"), header.index("DICE b (ours)")
+  assert rows["Mass"][a] == "**0.900**" and rows["Edema"][a] == "**0.900**"
+  assert rows["Nodule"][a] == "0.900" and rows["Nodule"][b] == "0.800"  # b bold-listed, lower
+  assert rows["Atelectasis"][a] == "0.900"  # best but not significant: plain
+  assert rows["Mass"][da] == "0.500" and rows["Nodule"][db] == "**0.300**"
+  assert "**" not in "".join(rows["A.V.G."])
+  csv_rows = {r["abnormality"]: r for r in csv.DictReader(io.StringIO(text))}
+  assert float(csv_rows["Mass"]["p_holm_auc_a_vs_b"]) == 0.01
+  assert float(csv_rows["Mass"]["p_dice_a_vs_b"]) == 0.04
+  assert csv_rows["Nodule"]["p_dice_a_vs_b"] == "" and csv_rows["Edema"]["p_dice_a_vs_b"] == ""
+  # Without a significance dict: the paper's bold (best of ours), unchanged.
+  md, _ = report.table3(runs)
+  assert "**0.900**" in md.split("Atelectasis", 1)[1].split("\n", 1)[0]
+
+
+def test_bold_only_where_significant(reproduced):
+  _, out, _ = reproduced
+  sig = json.loads((out / "significance.json").read_text())
+  md_rows = [
+    [c.strip() for c in line.strip("|").split("|")]
+    for line in (out / "table3.md").read_text().splitlines()
+    if line.startswith("|")
+  ]
+  header = md_rows[0]
+  j = [header.index("AUC r0=5 (ours)"), header.index("AUC r0=0 (ours)")]
+  for row in md_rows[2:-1]:
+    from lsemil import report
+
+    cls = report.canonical_class(row[0])
+    for lb, col in zip(("r0=5", "r0=0"), j, strict=True):
+      assert row[col].startswith("**") == (cls in sig["auc"]["bold"][lb]), (cls, lb, row[col])
+  assert "**" not in "|".join(md_rows[-1])  # the mean row is not tested
+
+
+def test_calibration_table_and_reliability(reproduced, synth_dir):
+  tmp, out, _ = reproduced
+  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
+  y, p0 = _test_arrays(tmp / "w0", index)
+  rows = {(r["run"], r["class"]): r for r in _csv(out / "calibration.csv")}
+  assert float(rows[("r0=0", "")]["ece"]) == pytest.approx(calibration.ece(p0, y))
+  assert float(rows[("r0=0", "")]["brier"]) == pytest.approx(calibration.brier(p0, y))
+  k = nih.CLASSES.index("Mass")
+  assert float(rows[("r0=0", "Mass")]["ece"]) == pytest.approx(calibration.ece(p0[:, k], y[:, k]))
+  assert (out / "reliability.png").stat().st_size > 1000
+  assert (out / "roc_curves.png").stat().st_size > 1000
+
+
+def test_table4_model_free_sources(reproduced, synth_dir):
+  _, out, summary = reproduced
+  t4 = summary["table4"]
+  sources = {r["source"] for r in t4["rows"]}
+  assert {"constant", "centre"} <= sources
+  # The best constant map's DICE is the oracle of metrics.uniform_dice, case by case.
+  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
+  cases = ev.box_cases(index, index.rows("test"))
+  by_cls = {}
+  for by in cases.values():
+    for k, boxes in by:
+      mask = metrics.boxes_to_mask(boxes, 512, index.box_space)
+      by_cls.setdefault(nih.CLASSES[k], []).append(metrics.uniform_dice(mask))
+  const = t4["results"]["constant"]["dice"]
+  for cls, vals in by_cls.items():
+    assert const[cls]["value"] == pytest.approx(np.mean(vals), abs=1e-9)
+  text = (out / "table4.md").read_text()
+  assert "| constant |" in text and "| centre |" in text and "**" in text
+  if any("protocols" not in r for r in summary["runs"]):  # evaluate without protocols yet
+    assert "Not scored" in text
+
+
+def test_figures_html_and_figure1_split(reproduced):
+  _, out, summary = reproduced
+  assert "figure1.png" not in summary["figures"] and not (out / "figure1.png").exists()
+  assert "figure_levels.png" in summary["figures"] and "figure3.png" in summary["figures"]
+  page = (out / "index.html").read_text()
+  assert page.count('class="gallery-item"') == summary["gallery_items"] > 0
+  assert not re.search(r"(src|href)=\"(https?:)?//", page)
+  for name in ("Table 3", "Table 4", "Spread", "Calibration"):
+    assert name in page
+
+
+def test_cli_parsing_errors(tmp_path, capsys):
+  for argv, words in [
+    (["--baseline", "lime:W"], "gradcam"),
+    (["--figure1", "8:W"], "N=<side>"),
+    (["--figure1", "N=x:W"], "N=<side>"),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      cli.main(["reproduce", "--run", f"x:{tmp_path}", "--out", str(tmp_path / "R"), *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -24,8 +24,10 @@ def test_demo_quick_end_to_end(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = out / "results"
-  for name in ("table1.md", "table2.md", "table3.md", "figure1.png", "figure3.png",
-               "summary.json", "demo_summary.json", "report.md"):
+  # figure_levels.png: one model's saliency at each level of the up path (the paper's Figure 1
+  # proper, figure1.png, needs the N = 8..64 models of `--figure1`); index.html: everything.
+  for name in ("table1.md", "table2.md", "table3.md", "figure_levels.png", "figure3.png",
+               "summary.json", "demo_summary.json", "report.md", "index.html"):
     assert (results / name).is_file(), f"missing {name}"
     assert (results / name).stat().st_size > 100, f"{name} is nearly empty"
   demo = json.loads((results / "demo_summary.json").read_text())

@@ -135,17 +135,22 @@ def minmax(s) -> np.ndarray:
   return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
 
 
-def otsu_threshold(image, nbins: int = 256) -> float:
+def otsu_threshold(image, nbins: int = 256, weight: float | None = None) -> float:
   """Otsu's threshold of a float image, as skimage.filters.threshold_otsu(image, nbins).
 
   A `nbins` histogram over [min, max]; the threshold is the bin centre maximizing the
   between-class variance w1 w2 (m1 - m2)^2 (first maximum); a constant image returns its
-  value. Foreground is image > threshold.
+  value. Foreground is image > threshold. `weight`: every pixel stands for that many (a
+  block-replicated image given by its small map); a power of two scales every sum exactly,
+  so the threshold is the replicated image's to the bit.
   """
   x = np.asarray(image, dtype=np.float64).ravel()
   if np.all(x == x[0]):
     return float(x[0])
-  counts, edges = np.histogram(x, bins=nbins)
+  if weight is None:
+    counts, edges = np.histogram(x, bins=nbins)
+  else:
+    counts, edges = np.histogram(x, bins=nbins, weights=np.full(x.shape, float(weight)))
   centres = (edges[:-1] + edges[1:]) / 2.0
   counts = counts.astype(np.float32)  # skimage's dtype, for identical ties
   w1 = np.cumsum(counts)
@@ -322,10 +327,33 @@ def _case_map(maps: Mapping, case: Case) -> np.ndarray | None:
   return None
 
 
-def score_case(s_native, case: Case, box_space: float, cfg: dict) -> dict[str, Any]:
-  """Every protocol's per-case quantity for one case (s_native: the (n, n) class map)."""
+def _constant_dice(g_total: float, n_pixels: float) -> float:
+  """`metrics.uniform_dice` of a 0/1 mask from its pixel count (the same float operations:
+  G^2 = G)."""
+  c = np.sqrt(g_total / n_pixels)
+  den = c * c * n_pixels + g_total
+  return 1.0 if den == 0.0 else 2.0 * c * g_total / den
+
+
+def score_case(
+  s_native, case: Case, box_space: float, cfg: dict, *, blocks: bool | None = None
+) -> dict[str, Any]:
+  """Every protocol's per-case quantity for one case (s_native: the (n, n) class map).
+
+  A square n x n map with n dividing the grid side and nearest resizing is the map with each
+  pixel replicated into an f x f block: every per-pixel sum is then taken on the small map,
+  each pixel weighted by its block's area and ground-truth count (`blocks` None: whenever
+  that holds; False: always on the full grid). Both give the same values (tested).
+  """
   size = cfg["size"]
-  s = metrics.resize_saliency(s_native, size, cfg["method"])
+  native = np.asarray(s_native, dtype=np.float64)
+  n = native.shape[0]
+  replicated = cfg["method"] == "nearest" and native.shape == (n, n) and size % n == 0
+  if blocks is None:
+    blocks = replicated
+  if blocks and not replicated:
+    raise ValueError(f"a {native.shape} map does not tile a {size} grid by replication")
+  s = native if blocks else metrics.resize_saliency(native, size, cfg["method"])
   lo, hi = float(s.min()), float(s.max())
   if lo < -1e-6 or hi > 1 + 1e-6:
     raise ValueError(
@@ -333,29 +361,51 @@ def score_case(s_native, case: Case, box_space: float, cfg: dict) -> dict[str, A
     )
   s = np.clip(s, 0.0, 1.0)
   g = metrics.boxes_to_mask(case.boxes, size, box_space)
-  gb = g > 0
+  f = size // n if blocks else 1
+  gc = g.reshape(n, f, n, f).sum(axis=(1, 3)) if blocks else g  # ground truth per pixel
+  area = float(f * f)  # grid pixels per pixel of s
   gt = gt_ranges(case.boxes, size, box_space)
-  native = np.clip(np.asarray(s_native, np.float64), 0.0, 1.0)
-  found, fp = wang_counts(native, gt, cfg["taus"], cfg["ts"], size, cfg["method"], s)
+  found, fp = wang_counts(
+    np.clip(native, 0.0, 1.0),
+    gt,
+    cfg["taus"],
+    cfg["ts"],
+    size,
+    cfg["method"],
+    None if blocks else s,
+  )
   scaled = minmax(s)
-  pred_otsu = scaled > otsu_threshold(scaled)
+  pred_otsu = scaled > otsu_threshold(scaled, weight=area if blocks else None)
   pred_thr = [scaled > t for t in cfg["thresholds"]]
-  q = np.rint(s * (AP_LEVELS - 1)).astype(np.int64)
-  pos = np.bincount(q[gb], minlength=AP_LEVELS)
-  neg = np.bincount(q[~gb], minlength=AP_LEVELS)
+  g_total = float(gc.sum())
+
+  def iou_w(pred) -> float:  # iou(P, G) on the grid
+    inter = float((gc * pred).sum())
+    union = area * float(pred.sum()) + g_total - inter
+    return inter / union if union else 0.0
+
+  q = np.rint(s * (AP_LEVELS - 1)).astype(np.int64).ravel()
+  pos = np.rint(np.bincount(q, weights=gc.ravel(), minlength=AP_LEVELS)).astype(np.int64)
+  neg = np.rint(np.bincount(q, weights=area - gc.ravel(), minlength=AP_LEVELS)).astype(np.int64)
   levels = np.flatnonzero(pos + neg)
+  total = float(s.sum())
+  sg = float((s * gc).sum())
+  den = area * float((s * s).sum()) + g_total
+  top = float(s.max())
+  at_max = s == top if top > 0 else None
   return {
-    "dice": metrics.dice(s, g),
-    "dice_constant": metrics.uniform_dice(g),
+    "dice": 1.0 if den == 0.0 else 2.0 * sg / den,  # metrics.dice (G is 0/1: G^2 = G)
+    "dice_constant": _constant_dice(g_total, float(g.size)),
     "n_boxes": len(case.boxes),
     "found": found,
     "fp": fp,
-    "iou_otsu": iou(pred_otsu, gb),
+    "iou_otsu": iou_w(pred_otsu),
     "pred_otsu": bool(pred_otsu.any()),
-    "iou_thr": np.array([iou(p, gb) for p in pred_thr]),
+    "iou_thr": np.array([iou_w(p) for p in pred_thr]),
     "pred_thr": np.array([bool(p.any()) for p in pred_thr]),
-    "hit": hit(s, g),
-    "energy": energy(s, g),
+    # `hit`: the share of the argmax pixels inside G; `energy`: sum(S G) / sum(S).
+    "hit": float((gc * at_max).sum() / (area * at_max.sum())) if at_max is not None else 0.0,
+    "energy": sg / (area * total) if total > 0 else 0.0,
     "ap": (levels, pos[levels], neg[levels]),
   }
 
@@ -412,7 +462,8 @@ def _auprc_ci(aps, pid, n_pat, counts, alpha):
   base = float(pos.sum()) / n_pix if n_pix else float("nan")
   if counts is None:
     return value, float("nan"), float("nan"), base, n_pix
-  chunk = max(1, int(4e6 // max(len(used), 1)))
+  pos, neg = _merge_negative_runs(pos, neg)
+  chunk = max(1, int(4e6 // max(pos.shape[0], 1)))
   boot = np.concatenate(
     [
       _ap_from_groups(pos @ counts[i : i + chunk].T, neg @ counts[i : i + chunk].T)
@@ -421,6 +472,21 @@ def _auprc_ci(aps, pid, n_pat, counts, alpha):
   )
   lo, hi = _percentiles(boot[:, None], alpha)
   return value, float(lo[0]), float(hi[0]), base, n_pix
+
+
+def _merge_negative_runs(pos, neg):
+  """The score groups with no positive pixel (in any patient) merged into the next group that
+  has one, those after the last dropped: AP = sum_n tp_n P_n / sum tp only reads the
+  cumulative counts at groups with positives, so every resample's AP is unchanged (integer
+  counts: exactly), on fewer rows."""
+  keep = np.flatnonzero(np.asarray(pos.sum(axis=1)).ravel() > 0)
+  target = np.searchsorted(keep, np.arange(pos.shape[0]))  # the next kept row at or below
+  inside = target < len(keep)
+  merge = scipy.sparse.csr_matrix(
+    (np.ones(int(inside.sum())), (target[inside], np.flatnonzero(inside))),
+    shape=(len(keep), pos.shape[0]),
+  )
+  return (merge @ pos).tocsr(), (merge @ neg).tocsr()
 
 
 # ----------------------------------------------------------------------------------------------

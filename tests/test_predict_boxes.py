@@ -184,3 +184,41 @@ def test_cli_refuses_bad_calibration_and_a_gap_source_on_a_mil_run(smoke_workdir
   err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lsemil predict:")]
   assert len(err) == 1 and "--saliency gradcam" in err[0] and "MIL" in err[0]
   assert not (tmp_path / "P" / "predictions.csv").exists()  # refused before any output
+
+
+# --------------------------------------------------------------------------- the box protocols
+
+
+def test_small_map_scoring_equals_the_full_grid():
+  """`localization.score_case` on a replicated small map (the fast path every model map takes
+  at 512) gives the full 512 x 512 grid's values: ties, constant and all-zero maps included."""
+  import scipy.ndimage
+
+  rng = np.random.default_rng(0)
+  cfg = {
+    "size": 512,
+    "taus": localization.DEFAULT_TAUS,
+    "ts": localization.DEFAULT_TS,
+    "thresholds": localization.MIOU_THRESHOLDS,
+    "method": "nearest",
+  }
+  for i in range(25):
+    n = (8, 16, 32, 64, 128)[i % 5]
+    s = localization.minmax(scipy.ndimage.gaussian_filter(rng.random((n, n)), 1.0))
+    s = [s, np.round(s * 4) / 4, np.full((n, n), 0.3), np.zeros((n, n)), 0.2 * s][i // 5]
+    boxes = tuple(
+      tuple(float(v) for v in (*rng.uniform(0, 400, 2), *rng.uniform(4, 150, 2)))
+      for _ in range(1 + i % 2)
+    )
+    case = localization.Case(0, 0, boxes, 1)
+    fast = localization.score_case(s, case, 512.0, cfg)
+    full = localization.score_case(s, case, 512.0, cfg, blocks=False)
+    assert fast.keys() == full.keys()
+    for k, v in full.items():
+      if k == "ap":
+        for a, b in zip(fast[k], v, strict=True):
+          np.testing.assert_array_equal(a, b)
+      else:
+        np.testing.assert_allclose(fast[k], v, rtol=0, atol=1e-12, err_msg=f"{k} map {i}")
+  with pytest.raises(ValueError, match="replication"):
+    localization.score_case(np.zeros((12, 12)), case, 512.0, cfg, blocks=True)

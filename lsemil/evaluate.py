@@ -185,10 +185,14 @@ def localization_metrics(
     n_boxes[k] = n_boxes.get(k, 0) + len(boxes)
     for kind in best:
       best[kind].setdefault(k, [[] for _ in taus])
+    gt = localization.gt_ranges(boxes, EVAL_SIZE, box_space)
     for i, tau in enumerate(taus):
-      hits = metrics.localization_hits(s512, boxes, tau, EVAL_SIZE, box_space)
+      # = metrics.localization_hits(s512, ...), the components found on the small map
+      pred = localization.grid_boxes(s, tau, EVAL_SIZE, "nearest", s512)
+      ov = localization.box_overlaps(pred, gt) if len(pred) else None
       for kind in best:
-        best[kind][k][i].append(hits[kind])
+        hit = ov[kind].max(axis=1) if ov is not None else np.zeros(len(boxes))
+        best[kind][k][i].append(hit)
   out: dict[str, Any] = {"dice": {}, "dice_uniform": {}, "num_cases": {}, "num_boxes": {}}
   loc: dict[str, dict] = {kind: {tau_key(t): {} for t in ts} for kind in best}
   for k in sorted(dice_v):
@@ -722,8 +726,18 @@ def resolve_data_dir(config, data_dir) -> str:
   return chosen
 
 
-def matches(result: Mapping, *, step: int, split: str, data_dir) -> bool:
-  """Whether a stored evaluation is of this checkpoint step, split and dataset."""
+def matches(
+  result: Mapping,
+  *,
+  step: int,
+  split: str,
+  data_dir,
+  saliency: str | None = None,
+  needs: Sequence[str] = (),
+) -> bool:
+  """Whether a stored evaluation is of this checkpoint step, split and dataset (and, when
+  given, of this saliency source, and holding every key of `needs`, e.g. 'protocols', which
+  evaluations written before them lack)."""
   try:
     same_dir = fileio.resolve(result.get("data_dir", "")) == fileio.resolve(data_dir)
   except OSError:
@@ -733,4 +747,6 @@ def matches(result: Mapping, *, step: int, split: str, data_dir) -> bool:
     and int(result["step"]) == int(step)
     and result.get("split") == split
     and same_dir
+    and (saliency is None or result.get("saliency_source", "model") == saliency)
+    and all(result.get(k) is not None for k in needs)
   )

@@ -183,6 +183,7 @@ def run_demo(
     n_boot=plan["n_boot"],
     baselines=baselines,
     figure1=fig1,
+    calibrate="temperature",
   )
   timings["reproduce_s"] = time.perf_counter() - t0
   timings["total_s"] = time.perf_counter() - start

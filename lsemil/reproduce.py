@@ -71,11 +71,6 @@ BASELINE_SOURCES = ("gradcam", "cam")
 MODEL_FREE = ("constant", "centre")  # Table 4's map sources that need no model
 
 
-class SourceUnavailable(UserError):
-  """A post-hoc saliency source that this `lsemil evaluate` cannot give, with no stored
-  evaluation of it (reproduce leaves that baseline out and says so)."""
-
-
 @dataclasses.dataclass
 class Run:
   """One evaluated checkpoint and what reproduce reads of it."""
@@ -102,21 +97,9 @@ def _arch(config) -> str:
   return str(config.model.get("arch", "mil"))
 
 
-def _stored_source(result: dict) -> str | None:
-  for key in ("saliency_source", "saliency"):
-    if isinstance(result.get(key), str):
-      return result[key]
-  return None
-
-
-def _options(n_boot: int, progress: bool, source: str) -> ev.EvalOptions | None:
-  """EvalOptions for a map source; None when this evaluate cannot give that source."""
-  fields = {f.name for f in dataclasses.fields(ev.EvalOptions)}
-  if source == "model":
-    return ev.EvalOptions(n_boot=n_boot, progress=progress)
-  if "saliency" not in fields:
-    return None
-  return ev.EvalOptions(n_boot=n_boot, progress=progress, saliency=source)
+def _options(n_boot: int, progress: bool, source: str, calibrate) -> ev.EvalOptions:
+  """EvalOptions for a map source (and a recalibration fitted on the valid split)."""
+  return ev.EvalOptions(n_boot=n_boot, progress=progress, saliency=source, calibrate=calibrate)
 
 
 def output_for(workdir, split: str, source: str, config) -> Any:
@@ -137,15 +120,17 @@ def load_or_evaluate(
   force: bool = False,
   progress: bool = True,
   source: str | None = None,
+  calibrate: str | None = None,
 ) -> tuple[dict, dict | None, Any]:
   """(evaluation result, saliency dict or None, config) of a run's checkpoint.
 
   source: the saliency map ('model', 'gradcam', 'cam'; None = the run's own: 'model' for the
-  MIL model, `config.saliency.source` for a GAP run). Reuses the stored evaluation
+  MIL model, `config.saliency.source` for a GAP run); calibrate: 'temperature' | 'platt' fits
+  a recalibration on the valid split (None: raw only). Reuses the stored evaluation
   (`output_for`) when it matches the checkpoint's step, the split, the dataset and the
-  source; otherwise evaluates (`lsemil.evaluate.evaluate_checkpoint`, the one inference path)
-  and writes all of `lsemil evaluate`'s outputs there (a workdir that cannot be written is
-  only warned about). Raises UserError for a post-hoc source this evaluate cannot give.
+  source and holds the protocols (and the fitted calibration when asked); otherwise
+  evaluates (`lsemil.evaluate.evaluate_checkpoint`, the one inference path) and writes all of
+  `lsemil evaluate`'s outputs there (a workdir that cannot be written is only warned about).
   """
   import jax
 
@@ -159,16 +144,12 @@ def load_or_evaluate(
   sal_path = ev.saliency_path_for(out)
   if not force and out.is_file() and sal_path.is_file():
     result = ev.load_evaluation(out)
-    same_source = _stored_source(result) in (None, source) if source != "model" else True
-    if same_source and ev.matches(result, step=loaded.step, split=split, data_dir=data_dir):
+    needs = ("protocols",) + (("calibration_fitted",) if calibrate else ())
+    kw = {"step": loaded.step, "split": split, "data_dir": data_dir, "needs": needs}
+    if ev.matches(result, saliency=source, **kw):
       ev.log(f"{workdir}: reusing {out} (step {loaded.step})")
       return dict(result, saliency_source=source), ev.load_saliency(sal_path), loaded.config
-  options = _options(n_boot, progress, source)
-  if options is None:
-    raise SourceUnavailable(
-      f"{workdir}: no stored {source} evaluation ({out}) and this `lsemil evaluate` has no "
-      f"saliency source option; run `lsemil evaluate --saliency {source}` first"
-    )
+  options = _options(n_boot, progress, source, calibrate)
   ev.log(f"{workdir}: evaluating step {loaded.step} on {split!r} of {data_dir} ({source})")
   run = ev.evaluate_checkpoint(loaded, data_dir, split, options)
   run.result.which = which
@@ -325,13 +306,15 @@ def calibration_entry(run: Run, labels: np.ndarray) -> dict | None:
   if raw is None:
     raw = calibration.calibration_metrics(run.probs, labels, nih.CLASSES)
   entry = {"label": run.name, "calibration": raw}
-  fitted = run.result.get("calibration_fitted")
+  fitted, name = run.result.get("calibration_fitted"), run.result.get("calibration_file")
   if isinstance(fitted, dict):
     entry["calibration_fitted"] = fitted
-    params = fitted.get("params", fitted)
-    entry["method"] = params.get("method")
-    if run.probs is not None and params.get("method") in calibration.METHODS:
-      entry["fitted_probs"] = calibration.apply(params, run.probs)
+    path = fileio.as_path(ev.workdir_of(run.workdir)) / name if name else None
+    if path is not None and path.is_file():
+      params = fileio.read_json(path)
+      entry["method"] = params.get("method")
+      if run.probs is not None:
+        entry["fitted_probs"] = calibration.apply(params, run.probs)
   return entry
 
 
@@ -796,41 +779,30 @@ def reproduce_runs(
   baselines: Sequence[tuple[str, Any]] = (),
   figure1: Sequence[tuple[int, Any]] = (),
   html: bool = True,
+  calibrate: str | None = None,
 ) -> dict:
   """The Python API of `lsemil reproduce`.
 
   runs: [(label, r0 or None, workdir)]; runs sharing a label are seeds of one group. A run
   whose config is the GAP classifier (`configs/baseline_gap.py`) goes to the baselines with
   its config's saliency source. baselines: [(source 'gradcam' | 'cam', workdir)].
-  figure1: [(N, workdir)], one model per target resolution N. data_dir None uses the first
+  figure1: [(N, workdir)], one model per target resolution N. calibrate: 'temperature' |
+  'platt' has each evaluation fit a recalibration on the valid split (raw and fitted are
+  reported). data_dir None uses the first
   run's `config.data.data_dir`. Returns the summary dict.
   """
   import jax
 
   kw = {"split": split, "which": which, "n_boot": n_boot, "force": force, "progress": progress}
+  kw["calibrate"] = calibrate
   loaded: list[Run] = []
-  skipped: list[str] = []
-
-  def load(label, r0, workdir, source=None):
-    try:
-      run = _load_run(label, r0, workdir, data_dir, source=source, **kw)
-    except SourceUnavailable as e:
-      ev.log(f"warning: leaving out {label} ({e})")
-      skipped.append(str(e))
-      return None
-    return run
-
   for label, r0, workdir in runs:
-    run = load(label, r0, workdir)
-    if run is not None:
-      data_dir = data_dir or ev.resolve_data_dir(run.config, None)
-      loaded.append(run)
+    loaded.append(_load_run(label, r0, workdir, data_dir, **kw))
+    data_dir = data_dir or ev.resolve_data_dir(loaded[-1].config, None)
   for source, workdir in baselines:
     if source not in BASELINE_SOURCES:
       raise UserError(f"--baseline {source}:{workdir}: source must be one of {BASELINE_SOURCES}")
-    run = load(source, None, workdir, source)
-    if run is not None:
-      loaded.append(run)
+    loaded.append(_load_run(source, None, workdir, data_dir, source=source, **kw))
   mil = [r for r in loaded if r.source == "model"]
   base = [r for r in loaded if r.source != "model"]
   for r in base:
@@ -851,10 +823,6 @@ def reproduce_runs(
   if jax.process_index() != 0:  # only process 0 writes
     return {"labels": list(groups_of(mil)), "runs": [r.result for r in mil]}
   inp = Inputs(mil, index, split, base, fig1, mil[0].config, data_dir)
-  summary = reproduce_results(
+  return reproduce_results(
     inp, out_dir, classes_taus=classes_taus, n_figure=n_figure, n_boot=n_boot, html=html
   )
-  if skipped:
-    summary["left_out"] = skipped
-    fileio.write_json(fileio.as_path(out_dir) / "summary.json", fileio.json_safe(summary))
-  return summary

@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="bootstrap resamples for AUC CIs when a run must be evaluated (and Table 4's "
     "intervals of the constant map and centre prior when no run gives its settings)",
   )
+  p.add_argument(
+    "--calibrate",
+    choices=("temperature", "platt"),
+    help="fit a recalibration on the valid split in each evaluation; calibration.md and the "
+    "reliability diagrams then show raw and fitted",
+  )
   p.add_argument("--no-html", action="store_true", help="no index.html")
   p.add_argument(
     "--force", action="store_true", help="re-evaluate even when a matching evaluation JSON exists"
@@ -166,6 +172,7 @@ def main(argv: list[str]) -> int:
     baselines=baselines,
     figure1=figure1,
     html=not args.no_html,
+    calibrate=args.calibrate,
   )
   if "tables" in summary:  # process 0
     print(summary["tables"]["table3"])

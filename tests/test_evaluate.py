@@ -248,10 +248,12 @@ def test_reproduce_two_runs_then_one_reuses(tmp_path, runs_at, monkeypatch, synt
   t1 = (out / "table1.csv").read_text().splitlines()
   assert len(t1) == 1 + nih.NUM_CLASSES
   data = json.loads((out / "summary.json").read_text(), parse_constant=_reject_nan)
-  assert data["labels"] == ["r0=0", "r0=5"] and data["figures"] == ["figure3.png", "figure1.png"]
+  # Figure 3 and the per-level view of one model (the paper's Figure 1 proper needs --figure1).
+  assert data["labels"] == ["r0=0", "r0=5"]
+  assert data["figures"][:2] == ["figure3.png", "figure_levels.png"]
   assert [r["r0"] for r in data["runs"]] == [0.0, 5.0]
   assert summary["table1"]["images"]["test"] == data["runs"][0]["num_images"]
-  for fig in ("figure3.png", "figure1.png"):
+  for fig in data["figures"]:
     with Image.open(out / fig) as im:
       assert im.format == "PNG" and im.size[0] > 200
   with Image.open(out / "figure3.png") as im:  # 4 panels per row: image, truth, 2 runs
@@ -344,7 +346,7 @@ def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   out = tmp_path / "R"
   assert cli.main(["reproduce", "--run", f"r0=5:{w}", "--out", str(out), "--no-progress"]) == 0
   assert "reusing" in capsys.readouterr().err
-  assert (out / "table3.md").is_file() and (out / "figure1.png").is_file()
+  assert (out / "table3.md").is_file() and (out / "figure_levels.png").is_file()
   img = index.image_paths[index.rows("test")[0]]
   argv = ["predict", "--checkpoint", str(w), str(img), "--out", str(tmp_path / "P")]
   assert cli.main([*argv, "--no-progress"]) == 0

@@ -85,11 +85,24 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
   return fv
 
 
-def _unknown_override(argv: list[str]) -> str | None:
-  """The first --config.FIELD override that names no field of the config file, as a message."""
+def _config_spec(argv: list[str]) -> str | None:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv[:-1]:
     spec = argv[argv.index("--config") + 1]
+  return spec
+
+
+def _missing_config(argv: list[str]) -> str | None:
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path = config_lib.config_path(spec.partition(":")[0])
+  return None if path.is_file() else f"--config {spec}: no config file {path}"
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first --config.FIELD override that names no field of the config file, as a message."""
+  spec = _config_spec(argv)
   if spec is None:
     return None
   try:
@@ -120,8 +133,8 @@ def main(argv: list[str]) -> int:
   except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
     # config_flags reports an unknown --config.FIELD as AttributeError / KeyError naming only
     # the last key, a bad file as OSError: say which field of which file.
-    msg = _unknown_override(argv) or str(e)
-    raise ConfigError(f"{msg}\nusage: {_USAGE}") from None
+    msg = " ".join((_missing_config(argv) or _unknown_override(argv) or str(e)).split())
+    raise ConfigError(f"{msg} (usage: {_USAGE})") from None
 
   # grain's worker processes read absl flags; mark the global set parsed for them.
   if not flags.FLAGS.is_parsed():

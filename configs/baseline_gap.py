@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
   for field in MIL_ONLY:
     if field in m:
       del m[field]
-  # Which model lsemil.model.from_config builds: 'gap' = lsemil.baseline_model.
+  # Which model lsemil.architectures.from_config builds: 'gap' = lsemil.baseline_model.
   m.arch = "gap"
   # The saliency map source `lsemil evaluate` uses for this run: 'gradcam' or 'cam', and the
   # level (index into the down path's levels, -1 = the coarsest) Grad-CAM differentiates at.

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_collections
+
 from lsemil import baseline_model
 from lsemil import model as model_lib
 from lsemil.errors import ConfigError
@@ -49,8 +51,9 @@ def arch_of_config(model_cfg: Any, *, saved: bool = False) -> str:
   return arch
 
 
-def _mil_fields(model_cfg: Any) -> dict:
-  return {k: model_cfg[k] for k in model_cfg.keys() if k != "arch"}
+def _mil_fields(model_cfg: Any) -> ml_collections.ConfigDict:
+  """The MIL model's own fields (`lsemil.model` reads them as attributes)."""
+  return ml_collections.ConfigDict({k: model_cfg[k] for k in model_cfg.keys() if k != "arch"})
 
 
 def from_config(model_cfg: Any, *, saved: bool = False):

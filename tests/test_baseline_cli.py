@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from lsemil import (
+  architectures,
   calibration,
   checkpointing,
   cli,
@@ -29,10 +30,9 @@ from lsemil import (
   train,
 )
 from lsemil import evaluate as ev
-from lsemil import model as model_lib
 from lsemil.data import nih
+from lsemil.errors import ConfigError
 
-pytestmark = pytest.mark.slow
 SMOKE_GAP = [
   "--config.model.input_size=64",
   "--config.model.stem_features=8",
@@ -78,6 +78,7 @@ def evaluations(gap_workdir):
   return out
 
 
+@pytest.mark.slow
 def test_trained_run_is_the_gap_model(gap_workdir):
   saved = json.loads((gap_workdir / "config.json").read_text())
   assert saved["model"]["arch"] == "gap" and saved["model"]["widths"] == [8, 16, 32]
@@ -86,6 +87,7 @@ def test_trained_run_is_the_gap_model(gap_workdir):
   assert set(loaded.variables["params"]) >= {"head", "stem"}
 
 
+@pytest.mark.slow
 def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, synth_dir):
   config = config_lib.load_config("configs/baseline_gap.py:size=demo")
   index = ev.open_index(config, synth_dir)
@@ -136,6 +138,7 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
   assert differ  # Grad-CAM is relu(CAM) rescaled: different wherever the CAM goes negative
 
 
+@pytest.mark.slow
 def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth_dir, tmp_path):
   r = evaluations["gradcam"]
   params_file = gap_workdir / r["calibration_file"]
@@ -172,7 +175,7 @@ def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth
 
 def _mil_workdir(root, random_variables):
   config = config_lib.load_config("smoke")
-  model = model_lib.from_config(config.model)
+  model = architectures.from_config(config.model, saved=True)  # with or without model.arch
   variables = random_variables(model, seed=2)
   abstract = train.abstract_state(model, train.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
@@ -195,6 +198,7 @@ def _one_error(capsys) -> str:
   return err[0]
 
 
+@pytest.mark.slow
 def test_sources_refused_by_the_other_architecture(
   gap_workdir, synth_dir, tmp_path, random_variables, capsys
 ):
@@ -209,3 +213,52 @@ def test_sources_refused_by_the_other_architecture(
   assert cli.main(argv) == 1  # 3 levels: 0, 1, 2 (or -1)
   assert "--gradcam-level 3" in _one_error(capsys)
   assert not list(mil.glob("evaluation_*"))  # refused before anything was written
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def test_architecture_dispatch_and_saliency_settings():
+  gap_cfg = config_lib.load_config("configs/baseline_gap.py:size=demo")
+  mil_cfg = config_lib.load_config("demo")
+  gap = architectures.from_config(gap_cfg.model)
+  assert type(gap).__name__ == "GlobalAveragePoolingClassifier"
+  assert architectures.arch_of(gap) == "gap"
+  spec = architectures.validate(gap_cfg.model)
+  assert spec.level_sides == (64, 32, 16, 8) and spec.fused_levels == ()
+  mil_fields = {k: mil_cfg.model[k] for k in mil_cfg.model.keys() if k != "arch"}
+  # A config without model.arch: refused, except a checkpoint's (runs before the field: MIL).
+  with pytest.raises(ConfigError, match="arch"):
+    architectures.from_config(mil_fields)
+  old = architectures.from_config(mil_fields, saved=True)
+  assert type(old).__name__ == "MultiResolutionMIL" and architectures.arch_of(old) == "mil"
+  new = architectures.from_config({**mil_fields, "arch": "mil"})  # the field is not the model's
+  assert new == old
+  assert architectures.validate({**mil_fields, "arch": "mil"}).level_sides == (64, 32, 16, 8)
+  with pytest.raises(ConfigError, match="arch"):
+    architectures.from_config({**mil_fields, "arch": "vit"})
+  # The run's saliency source: MIL -> model; GAP -> config.saliency (gradcam at -1).
+  assert architectures.saliency_settings(gap_cfg) == ("gradcam", -1)
+  assert architectures.saliency_settings(gap_cfg, "cam") == ("cam", None)
+  assert architectures.saliency_settings(gap_cfg, None, 0) == ("gradcam", 0)
+  gap_cfg.saliency.source = "cam"
+  assert architectures.saliency_settings(gap_cfg) == ("cam", None)
+  assert architectures.saliency_settings(mil_cfg) == ("model", None)
+  for cfg, bad in ((mil_cfg, "gradcam"), (mil_cfg, "cam"), (gap_cfg, "model")):
+    with pytest.raises(ConfigError, match=f"--saliency {bad}"):
+      architectures.saliency_settings(cfg, bad)
+  with pytest.raises(ConfigError, match="--gradcam-level -5"):
+    architectures.saliency_settings(gap_cfg, "gradcam", -5)
+
+
+def test_predictor_refuses_a_source_the_model_lacks(random_variables):
+  cfg = config_lib.load_config("configs/baseline_gap.py:size=demo").model
+  gap = architectures.from_config(cfg)
+  v = random_variables(gap)
+  with pytest.raises(ConfigError, match="--saliency model"):
+    inference.Predictor(gap, v, saliency_source="model")
+  with pytest.raises(ConfigError, match="--gradcam-level 4"):
+    inference.Predictor(gap, v, gradcam_level=4)
+  p = inference.Predictor(gap, v)
+  assert (p.saliency_source, p.gradcam_level) == ("gradcam", -1)
+  assert inference.Predictor(gap, v, saliency_source="cam").gradcam_level is None

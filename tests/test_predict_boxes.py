@@ -21,6 +21,7 @@ import pytest
 from flax import linen as nn
 
 from lsemil import (
+  architectures,
   calibration,
   checkpointing,
   cli,
@@ -30,7 +31,6 @@ from lsemil import (
   predict,
   train,
 )
-from lsemil import model as model_lib
 from lsemil.data.nih import CLASSES
 
 LESION = 200  # grey level of the planted lesion; background 20 (saliency 0.78 vs 0.08)
@@ -121,7 +121,7 @@ def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):
 def smoke_workdir(random_variables, tmp_path_factory):
   """A training workdir with random smoke weights as its one checkpoint (step 2)."""
   config = config_lib.load_config("smoke")
-  model = model_lib.from_config(config.model)
+  model = architectures.from_config(config.model, saved=True)  # with or without model.arch
   variables = random_variables(model, seed=3)
   abstract = train.abstract_state(model, train.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)

@@ -84,8 +84,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   # measured in README's benchmark section.
   # BatchNorm: fused (custom VJP saving only its input and float32 mean / inverse std)
   # | flax (nn.BatchNorm; its autodiff keeps float32 intermediates: 222 vs 123 MB/image
-  # saved for the backward pass in bf16 at 512 px).
-  m.batch_norm_impl = "fused"
+  # saved for the backward pass in bf16 at 512 px) | auto (fused on accelerators, flax on
+  # CPU backends, where fused measured slower in float32).
+  m.batch_norm_impl = "auto"
   # 1x1 convolutions: dot (a dot_general, strided ones subsample first) | conv.
   m.conv1x1_impl = "dot"
   # Weight gradients of k x k convs: xla (jax's conv transpose) | gemm (im2col + one dot)

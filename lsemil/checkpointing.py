@@ -138,7 +138,9 @@ def _remove_partial(directory: epath.Path, step: int | None) -> None:
 class _Manager(ocp.CheckpointManager):
   """orbax's CheckpointManager whose write failures surface as one OutputError."""
 
-  _reported: set[int]
+  _reported: set[int]  # ids of the exceptions already raised as OutputError
+  _failed: set[int | None]  # steps whose save failed
+  _saving: int  # the step of the latest save started
 
   @contextlib.contextmanager
   def _as_output_error(self, step: int | None, *, again_ok: bool):
@@ -156,7 +158,10 @@ class _Manager(ocp.CheckpointManager):
       reported.add(id(e))
       m = _STEP_IN_PATH.search(str(e))
       failed = int(m.group(1)) if m else step
-      _remove_partial(self.directory, failed)
+      if failed is None:  # an asynchronous failure: the save in flight was the latest one
+        failed = self.__dict__.get("_saving")
+      self.__dict__.setdefault("_failed", set()).add(failed)
+      _remove_partial(self.directory, failed)  # frees the space now; again in close()
       _fresh_listing(self.directory)
       intact = ocp.step.checkpoint_steps(self.directory)  # re-read from storage
       what = "a checkpoint" if failed is None else f"checkpoint step {failed}"
@@ -166,6 +171,9 @@ class _Manager(ocp.CheckpointManager):
       ) from e
 
   def save(self, step, *args, **kwargs):
+    with self._as_output_error(None, again_ok=False):
+      super().wait_until_finished()  # a failure of the previous save is reported as its own
+    self._saving = int(step)  # the step an asynchronous failure reported later belongs to
     with self._as_output_error(int(step), again_ok=False):
       return super().save(step, *args, **kwargs)
 
@@ -174,8 +182,19 @@ class _Manager(ocp.CheckpointManager):
       return super().wait_until_finished()
 
   def close(self):
-    with self._as_output_error(None, again_ok=True):
-      return super().close()
+    try:
+      with self._as_output_error(None, again_ok=True):
+        super().close()
+    finally:
+      self._remove_failed()
+
+  def _remove_failed(self) -> None:
+    # Writes of a failed save's other items may still have been in flight when it was
+    # reported. Orbax can even leave one writing past close() (its metadata thread), and
+    # the folder may then reappear: harmless, as orbax never lists it as a step and the
+    # next `create_manager` for writing removes it.
+    for step in self.__dict__.get("_failed", ()):
+      _remove_partial(self.directory, step)
 
 
 def create_manager(

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from absl import logging
 
 from lsemil import fileio
-from lsemil.errors import UserError
+from lsemil.errors import OutputError, UserError
 
 LOCK_FILE = ".lsemil_train.lock"
 HEARTBEAT_S = 30.0
@@ -124,6 +124,7 @@ def _split_gs(url: str) -> tuple[str, str]:
 
 class _GcsLock:
   def __init__(self, workdir: str, *, heartbeat_s: float, stale_after_s: float):
+    import google.auth.exceptions
     from google.api_core import exceptions as gexc
     from google.cloud import storage
 
@@ -131,10 +132,16 @@ class _GcsLock:
     self.workdir, self.path = workdir, f"{workdir}/{LOCK_FILE}"
     bucket, name = _split_gs(workdir)
     self._blob_name = name
-    self._bucket = storage.Client().bucket(bucket)
+    try:
+      self._bucket = storage.Client().bucket(bucket)
+    except google.auth.exceptions.GoogleAuthError as e:
+      raise OutputError(f"{self.path}: no Google Cloud credentials for the lock ({e})") from e
     self.holder, self.lost = Holder.me(), False
     self._heartbeat_s, self._stale_after_s = heartbeat_s, stale_after_s
-    self.generation = self._acquire()
+    try:
+      self.generation = self._acquire()
+    except (gexc.GoogleAPIError, OSError) as e:  # unreachable, no permission, no bucket
+      raise OutputError(f"{self.path}: cannot take the workdir lock ({e})") from e
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._beat, name="lsemil-lock-heartbeat", daemon=True)
     self._thread.start()
@@ -155,9 +162,13 @@ class _GcsLock:
       except self._gexc.PreconditionFailed:
         pass
       blob = self._bucket.get_blob(self._blob_name)
-      if blob is None:
-        continue  # released meanwhile
-      theirs = Holder.parse(blob.download_as_text())
+      try:
+        text = None if blob is None else blob.download_as_text(if_generation_match=blob.generation)
+      except (self._gexc.NotFound, self._gexc.PreconditionFailed):
+        text = None
+      if text is None:
+        continue  # released or rewritten meanwhile
+      theirs = Holder.parse(text)
       beat = theirs.heartbeat if theirs else blob.updated.timestamp()
       age = time.time() - beat
       if age <= self._stale_after_s:

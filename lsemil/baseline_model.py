@@ -48,7 +48,8 @@ def layer_fns(m: Any, train: bool) -> tuple[Callable, Callable, Any]:
     weight_grad=model_lib.resolve_weight_grad(m.conv_weight_grad),
   )
   if m.norm == "batch":
-    bn = layers.BatchNorm if m.batch_norm_impl == "fused" else nn.BatchNorm
+    fused = model_lib.resolve_batch_norm(m.batch_norm_impl) == "fused"
+    bn = layers.BatchNorm if fused else nn.BatchNorm
     norm = functools.partial(
       bn, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
     )
@@ -165,7 +166,7 @@ class GlobalAveragePoolingClassifier(nn.Module):
   group_norm_groups: int = 16
   dtype: str = "float32"
   remat: bool = False
-  batch_norm_impl: str = "fused"
+  batch_norm_impl: str = "auto"
   conv1x1_impl: str = "dot"
   conv_weight_grad: str = "xla"
   stem_impl: str = "conv"

@@ -44,6 +44,9 @@ def _number(args: dict[str, str], key: str, kind):
 def get_model_config() -> ml_collections.ConfigDict:
   """The paper-scale model (Sec 3, Fig. 2); `lsemil info` prints its size."""
   m = ml_collections.ConfigDict()
+  # Which model: mil (lsemil.model, this paper) | gap (lsemil.baseline_model, the post-hoc
+  # CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.architectures builds either.
+  m.arch = "mil"
   # 14 NIH findings (lsemil.data.nih.CLASSES).
   m.num_classes = 14
   # Input side in pixels; images are (B, input_size, input_size, 1) in [0, 1].

@@ -356,10 +356,12 @@ def resolve_weight_grad(choice: str) -> str:
 def from_config(cfg: Any) -> MultiResolutionMIL:
   """Builds the model from `config.model` (a ConfigDict or a mapping of the fields)."""
   fields = {f.name for f in dataclasses.fields(MultiResolutionMIL)} - {"parent", "name"}
-  unknown = set(cfg.keys()) - fields
+  values = {k: cfg[k] for k in cfg.keys()}
+  if values.pop("arch", "mil") != "mil":
+    raise ConfigError("model config: arch is not 'mil'; build it with lsemil.architectures")
+  unknown = set(values) - fields
   if unknown:
     raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
-  values = {k: cfg[k] for k in cfg.keys()}
   for key in ("widths", "blocks_per_level"):
     if key in values:
       values[key] = tuple(int(v) for v in values[key])

@@ -56,6 +56,7 @@ from etils import epath
 from flax import struct
 
 from lsemil import (
+  architectures,
   checkpointing,
   fileio,
   inference,
@@ -211,7 +212,7 @@ RESUME_FIELDS = ("seed", "model", "data.val_fraction", "data.split_seed", "train
 
 def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelSpec:
   """Raises ConfigError naming the field, before any data is read or anything compiles."""
-  spec = model_lib.validate(config.model)
+  spec = architectures.validate(config.model)
   t, d = config.train, config.data
   try:
     for field in ("batch_size", "eval_batch_size"):
@@ -257,6 +258,8 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
   """The `RESUME_FIELDS` (flattened: 'model.r0', ...) in which `config` differs from the
   `saved` config.json of a workdir, as 'field: saved -> new' lines."""
   old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  if "model.arch" in new and "model.arch" not in old:  # written before the field existed
+    old["model.arch"] = "mil"
   keys = sorted(set(old) | set(new))
   wanted = [k for k in keys if any(k == f or k.startswith(f + ".") for f in RESUME_FIELDS)]
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in wanted if old.get(k) != new.get(k)]
@@ -450,7 +453,7 @@ def setup(config, workdir: epath.Path, data_dir: str | None, note) -> Run:
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(config.data.data_dir, config)
   mesh = sharding.create_mesh()
-  model = model_lib.from_config(config.model)
+  model = architectures.from_config(config.model)
   tx = create_optimizer(config)
   abstract, state_sh = state_sharding_for(config, model, tx, mesh)
   return Run(

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from lsemil import fileio
+from lsemil import architectures, fileio
 from lsemil import model as model_lib
 from lsemil.errors import OutputError
 
@@ -358,7 +358,7 @@ def load_inference(
       step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     )
     config = ml_collections.ConfigDict(dict(head["config"]))
-    model = model_lib.from_config(config.model)
+    model = architectures.from_config(config.model, saved=True)
     abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
     abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)

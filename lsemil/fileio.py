@@ -7,6 +7,7 @@ whole object at once), strict JSON (NaN / inf -> null) and reading it back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,17 +29,25 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 def resolve(path: str | os.PathLike) -> str:
   """The absolute form of a user-given path: `~` expanded and relative paths made absolute
-  (orbax and the workers need absolute paths); a URL is returned as written, less a
-  trailing slash."""
+  (orbax and the workers need absolute paths), symlinks kept as named; a URL is returned
+  as written, less a trailing slash."""
   path = os.fspath(path)
   if is_remote(path):
     return path.rstrip("/")
-  return str(Path(path).expanduser().resolve())
+  return os.path.abspath(os.path.expanduser(path))  # no symlink resolution: names stay
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
   """An etils.epath.Path of the resolved path (local or remote)."""
   return epath.Path(resolve(path))
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+  """`.<hash of the name>.<pid>.tmp` beside a local `path`: short whatever the name's length
+  (a 255-byte file name stays writable), and matched by a `.*.tmp` clean-up."""
+  path = Path(path)
+  digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+  return path.with_name(f".{digest}.{os.getpid()}.tmp")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> epath.Path:
@@ -48,7 +57,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> epath.Path:
   if is_remote(path):
     path.write_bytes(data)  # an object store publishes a whole object at once
     return path
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp = temp_name(path)
   try:
     tmp.write_bytes(data)
     os.replace(tmp, path)

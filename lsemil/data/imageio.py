@@ -28,8 +28,6 @@ and lists them, `--on-bad error` stops at the first):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import struct
 from pathlib import Path
@@ -37,6 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsemil import fileio
 from lsemil.errors import DataError
 
 # cv2's own thread pool fights grain's read threads on small machines.
@@ -233,22 +232,7 @@ def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
   return buf.tobytes()
 
 
-def temp_name(path: Path) -> Path:
-  """`.<hash of the name>.<pid>.tmp` beside `path`: short whatever the name's length, and
-  matched by the `.*.tmp` clean-up of an interrupted run."""
-  digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-  return path.with_name(f".{digest}.{os.getpid()}.tmp")
-
-
 def write_png_atomic(path: Path, data: bytes) -> None:
-  """Writes via a temp name + rename, so a crash never leaves a trusted partial file."""
-  tmp = temp_name(path)
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-
+  """Writes via a temp name + rename (`fileio.write_bytes`), so a crash never leaves a
+  trusted partial file."""
+  fileio.write_bytes(path, data)

@@ -36,6 +36,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+from lsemil import fileio
 from lsemil.data import imageio, nih
 from lsemil.errors import OutputError
 
@@ -96,13 +97,9 @@ def _read_text(path: Path) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  if path.suffix == ".gz":
-    with gzip.open(tmp, "wt", encoding="utf-8", newline="") as f:
-      f.write(text)
-  else:
-    tmp.write_text(text, encoding="utf-8", newline="")
-  os.replace(tmp, path)
+  """`fileio.write_bytes` of the text, gzip-compressed for a .gz name (as NIH ships them)."""
+  data = text.encode("utf-8")
+  fileio.write_bytes(path, gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
 
 
 def _copy_filtered_csv(src: Path, dst_dir: Path, drop: set[str]) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsemil import fileio
 from lsemil.data import imageio
 from lsemil.data.nih import BOX_CLASSES, CLASSES, MARKER_NAME, NUM_CLASSES
 from lsemil.errors import DataError
@@ -620,12 +621,6 @@ def render_image(
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes):
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
-
-
 def _is_done(path: Path, size: int) -> bool:
   """An image already written: a complete PNG of the right size. Renames make every image
   this module writes complete; a file truncated, emptied or replaced since is redone."""
@@ -651,7 +646,7 @@ def _render_chunk(args) -> list[tuple[str, dict]]:
       ok, png = cv2.imencode(".png", img, flags)
       if not ok:
         raise RuntimeError(f"cannot encode {spec.image_id} as PNG")
-      _atomic_write(path, png.tobytes())
+      fileio.write_bytes(path, png.tobytes())
     results.append((spec.image_id, boxes))
   return results
 
@@ -712,7 +707,7 @@ def synthesize(
         f"{out} holds a synthetic dataset made with {old}, not {params}; use another --out"
       )
   else:
-    _atomic_write(params_path, json.dumps(params).encode())
+    fileio.write_bytes(params_path, json.dumps(params).encode())
 
   for stale in (out / "images").glob(".*.tmp*"):  # left by an interrupted run
     stale.unlink()
@@ -739,10 +734,10 @@ def synthesize(
 
   train_val = sorted(s.image_id for s in specs if s.split == "train_val")
   test = sorted(s.image_id for s in specs if s.split == "test")
-  _atomic_write(out / DATA_ENTRY_NAME, _data_entry_csv(specs, size))
-  _atomic_write(out / BBOX_NAME, _bbox_csv(specs, boxes))
-  _atomic_write(out / "train_val_list.txt", "\n".join(train_val).encode())
-  _atomic_write(out / "test_list.txt", "\n".join(test).encode())
+  fileio.write_bytes(out / DATA_ENTRY_NAME, _data_entry_csv(specs, size))
+  fileio.write_bytes(out / BBOX_NAME, _bbox_csv(specs, boxes))
+  fileio.write_bytes(out / "train_val_list.txt", "\n".join(train_val).encode())
+  fileio.write_bytes(out / "test_list.txt", "\n".join(test).encode())
   marker = {"kind": "synthetic", "image_size": size, "box_space": size, **params}
-  _atomic_write(out / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
+  fileio.write_bytes(out / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
   return out

@@ -52,10 +52,8 @@ input image's own pixels.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -64,7 +62,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
-from lsemil import fileio, metrics
+from lsemil import fileio, metrics, tables
 from lsemil.data import nih
 
 EVAL_SIZE = 512  # the paper's evaluation grid (Sec 4.2)
@@ -863,27 +861,22 @@ def _cell(e: Mapping, digits: int) -> str:
 
 
 def _markdown(rows, protocols, digits) -> str:
-  lines = [
-    "| Class | Source | " + " | ".join(protocols) + " |",
-    "|---|---|" + "---|" * len(protocols),
-  ]
-  for r in rows:
-    cells = [_cell(r[p], digits) for p in protocols]
-    lines.append(f"| {r['class']} | {r['source']} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  body = [[r["class"], r["source"], *(_cell(r[p], digits) for p in protocols)] for r in rows]
+  return tables.markdown(["Class", "Source", *protocols], body)
 
 
 def _csv(rows, protocols) -> str:
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(
-    ["class", "source", *[f"{p}_{k}" for p in protocols for k in ("value", "lo", "hi", "best")]]
-  )
+  header = [
+    "class",
+    "source",
+    *[f"{p}_{k}" for p in protocols for k in ("value", "lo", "hi", "best")],
+  ]
+  body = []
   for r in rows:
     cells = []
     for p in protocols:
       e = r[p]
       cells += ["" if math.isnan(e[k]) else f"{e[k]:.6g}" for k in ("value", "lo", "hi")]
       cells.append(int(e["best"]))
-    w.writerow([r["class"], r["source"], *cells])
-  return buf.getvalue()
+    body.append([r["class"], r["source"], *cells])
+  return tables.csv_text(header, body)

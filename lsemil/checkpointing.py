@@ -27,6 +27,7 @@ skips both kinds when listing steps, and a manager created for training removes 
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import math
 import os
 import re
@@ -54,13 +55,17 @@ def _not_read_only_notice(record) -> bool:
 
 def _not_reported_save_failure(record) -> bool:
   # Orbax logs a failed background save with its traceback, once per thread that sees it;
-  # the failure is raised as one OutputError (`_Manager`), so those logs are dropped.
+  # the failure is raised as one OutputError (`_Manager`), so those logs are dropped (only
+  # those of an OS error: anything else keeps its traceback).
   exc = record.exc_info[1] if record.exc_info else None
   return exc is None or _errno_of(exc) is None
 
 
 logging.get_absl_logger().addFilter(_not_read_only_notice)
 logging.get_absl_logger().addFilter(_not_reported_save_failure)
+# The tasks of a failed save's other writes end with the same error, which nobody awaits:
+# asyncio logs each as "Task exception was never retrieved" with its traceback.
+std_logging.getLogger("asyncio").addFilter(_not_reported_save_failure)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_mean_auc"

@@ -32,7 +32,7 @@ import pytest
 
 from lsemil import checkpointing, tb_writer, workdir_lock
 from lsemil.data import imageio, nih
-from lsemil.errors import OutputError
+from lsemil.errors import EXIT_PREEMPTED, OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -650,10 +650,13 @@ def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
 @pytest.mark.slow
 def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_cache):
   w = tmp_path / "w"
-  first = _popen(*_train_args(w, synth_dir), cache=jax_cache)
+  # The first run is long (it is stopped below), so the second one meets it still running
+  # however slowly the machine starts Python.
+  long_run = ("--config.train.num_steps=100000", "--config.train.eval_every_steps=3")
+  first = _popen(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
   _wait_for(lambda: (h := workdir_lock.read_holder(w)) is not None and h.pid == first.pid, first)
   start = time.monotonic()
-  second = _cli(*_train_args(w, synth_dir), cache=jax_cache)
+  second = _cli(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
   took = time.monotonic() - start
   assert second.returncode == 1, second.stderr[-3000:]
   _no_traceback(second)
@@ -661,7 +664,10 @@ def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_ca
   assert line.startswith(f"lsemil train: {w} is in use by another `lsemil train`"), line
   assert f"pid {first.pid}" in line
   assert took < 60  # before any compile or write (its setup and imports only)
+  _wait_for(lambda: (w / "checkpoints" / "3").is_dir(), first)
+  first.send_signal(signal.SIGTERM)  # the first run goes on untouched by the second, then stops
   out, _ = first.communicate(timeout=300)
-  assert first.returncode == 0, out[-3000:]
-  result = json.loads((w / "result.json").read_text())
-  assert result["last_step"] == 6 and (w / "checkpoints" / str(result["best_step"])).is_dir()
+  assert first.returncode == EXIT_PREEMPTED, out[-3000:]
+  steps = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] >= 3
+  assert json.loads((w / "config.json").read_text())["train"]["num_steps"] == 100000

@@ -655,6 +655,7 @@ def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_ca
   long_run = ("--config.train.num_steps=100000", "--config.train.eval_every_steps=3")
   first = _popen(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
   _wait_for(lambda: (h := workdir_lock.read_holder(w)) is not None and h.pid == first.pid, first)
+  assert _wait_for(lambda: (w / "checkpoints" / "3").is_dir(), first), "first run ended"
   start = time.monotonic()
   second = _cli(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
   took = time.monotonic() - start
@@ -664,7 +665,6 @@ def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_ca
   assert line.startswith(f"lsemil train: {w} is in use by another `lsemil train`"), line
   assert f"pid {first.pid}" in line
   assert took < 60  # before any compile or write (its setup and imports only)
-  _wait_for(lambda: (w / "checkpoints" / "3").is_dir(), first)
   first.send_signal(signal.SIGTERM)  # the first run goes on untouched by the second, then stops
   out, _ = first.communicate(timeout=300)
   assert first.returncode == EXIT_PREEMPTED, out[-3000:]

@@ -23,21 +23,19 @@ def taus(text: str) -> tuple[float, ...]:
   return tuple(unit_floats(text, "--taus"))
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  if value < minimum:
+    raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
   return value
+
+
+def positive_int(text: str) -> int:
+  return _whole_number(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-  return value
+  return _whole_number(text, 0)

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from lsemil import fileio
+from lsemil import fileio, train_lanes
 from lsemil.data import nih
 from lsemil.report import mean_sd as report_mean_sd
 
@@ -90,16 +90,40 @@ def _workdir(out: Path, r0: float, seed: int = 0, n: int | None = None) -> Path:
   return out / "runs" / name
 
 
-def _train(config_spec: str, workdir: Path, data: Path, epochs, timings: dict, key: str) -> dict:
+def _on_cpu() -> bool:
+  import jax
+
+  return jax.default_backend() == "cpu"
+
+
+def _lanes_note() -> str:
+  if not _on_cpu():
+    return "one after another on the accelerator"
+  cores = train_lanes.available_cores()
+  return (
+    f"one CPU core each, {len(cores)} at a time (lsemil.train_lanes; logs in WORKDIR/train.log)"
+  )
+
+
+def _train_all(jobs) -> dict[str, dict]:
+  """Trains every job: side by side, one core each, on a CPU (`lsemil.train_lanes`); one
+  after another in this process on an accelerator. Returns each job's result by key."""
+  if _on_cpu():
+    return train_lanes.run(jobs, say=_say)
   from lsemil import config_lib, train
 
-  config = config_lib.load_config(config_spec)
-  if epochs:
-    config.train.num_epochs = int(epochs)
-  t0 = time.perf_counter()
-  result = train.train_and_evaluate(config, str(workdir), data_dir=str(data))
-  timings[key] = time.perf_counter() - t0
-  return result
+  results = {}
+  for job in jobs:
+    _say(f"  train {job.config} -> {job.workdir}")
+    config = config_lib.load_config(job.config)
+    if job.epochs:
+      config.train.num_epochs = int(job.epochs)
+    t0 = time.perf_counter()
+    results[job.key] = train.train_and_evaluate(
+      config, str(job.workdir), data_dir=str(job.data_dir)
+    )
+    results[job.key]["seconds"] = time.perf_counter() - t0
+  return results
 
 
 def run_demo(
@@ -144,33 +168,35 @@ def run_demo(
 
   plan_runs = [(r0, seed) for seed in range(seeds) for r0 in r0s]
   fig1_n = [n for n in FIGURE1_N if figure1 and not (n == 32 and FIGURE1_R0 in r0s)]
-  total = len(plan_runs) + int(plan["gap"]) + len(fig1_n)
-  runs, done = [], 0
+  epochs = int(epochs) if epochs else None
+  jobs, runs = [], []
   for r0, seed in plan_runs:
-    done += 1
-    label, workdir = _r0_label(r0), _workdir(out, r0, seed)
+    workdir = _workdir(out, r0, seed)
     spec = f"demo:r0={r0:g}" + (f",seed={seed}" if seed else "")
-    _say(f"[3/4] train configs/{spec.replace(':', '.py:')} ({done}/{total}) -> {workdir}")
-    key = f"train_{label}" + (f"_seed{seed}" if seed else "") + "_s"
-    result = _train(spec, workdir, data, epochs, timings, key)
-    runs.append((label, r0, seed, workdir, result))
+    key = f"train_{_r0_label(r0)}" + (f"_seed{seed}" if seed else "") + "_s"
+    jobs.append(train_lanes.Job(key, spec, workdir, data, epochs))
+    runs.append((_r0_label(r0), r0, seed, workdir, key))
   baselines = []
   if plan["gap"]:
-    done += 1
     workdir = out / "runs" / "gap"
-    _say(f"[3/4] train configs/baseline_gap.py:size=demo ({done}/{total}) -> {workdir}")
-    _train("baseline_gap:size=demo", workdir, data, epochs, timings, "train_gap_s")
+    jobs.append(train_lanes.Job("train_gap_s", "baseline_gap:size=demo", workdir, data, epochs))
     baselines = [("gradcam", workdir), ("cam", workdir)]
   fig1 = []
   for n in FIGURE1_N if figure1 else ():
     if n not in fig1_n:  # N = 32 is the demo default: the r0 = 5 run
       fig1.append((n, _workdir(out, FIGURE1_R0)))
       continue
-    done += 1
     workdir = _workdir(out, FIGURE1_R0, n=n)
-    _say(f"[3/4] train configs/demo.py:r0={FIGURE1_R0:g},N={n} ({done}/{total}) -> {workdir}")
-    _train(f"demo:r0={FIGURE1_R0:g},N={n}", workdir, data, epochs, timings, f"train_N{n}_s")
+    jobs.append(
+      train_lanes.Job(f"train_N{n}_s", f"demo:r0={FIGURE1_R0:g},N={n}", workdir, data, epochs)
+    )
     fig1.append((n, workdir))
+  _say(f"[3/4] train {len(jobs)} runs, {_lanes_note()}")
+  t0 = time.perf_counter()
+  results = _train_all(jobs)
+  timings["train_s"] = time.perf_counter() - t0
+  timings.update({key: result["seconds"] for key, result in results.items()})
+  runs = [(label, r0, seed, workdir, results[key]) for label, r0, seed, workdir, key in runs]
 
   _say(
     f"[4/4] evaluate on the test split and reproduce the tables and figures -> {out / 'results'}"

@@ -18,6 +18,8 @@ Helpers shared by several test modules are fixtures too (`write_nih_folder`,
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -26,6 +28,32 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+
+# One persistent XLA compilation cache for the whole run: every test process and every
+# `lsemil` subprocess it starts (they inherit the environment) compiles a given program
+# once. Most of the suite's time is the same smoke-config steps compiled again in each
+# real-process test; a cache hit returns the identical executable, so results do not change.
+# The size limit turns on jax's file lock, so concurrent writers and readers are safe.
+_CACHE_ENV = {
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+  "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}
+
+
+def pytest_configure(config) -> None:
+  if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # an xdist worker inherits the controller's; a cache given by the user is kept
+  cache = tempfile.mkdtemp(prefix="lsemil-test-jax-cache-")
+  config._lsemil_jax_cache = cache
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  for key, value in _CACHE_ENV.items():
+    os.environ.setdefault(key, value)
+
+
+def pytest_unconfigure(config) -> None:
+  cache = getattr(config, "_lsemil_jax_cache", None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def external_path(variable: str, default: Path, *, must_hold: str | None = None) -> Path:

@@ -4,7 +4,7 @@ XLA:CPU spreads one small model's train step poorly over cores. On the 2-core de
 host the demo config's step ran at 35 images/s pinned to one core and 42-48 on both, while
 two runs pinned to one core each ran at 36 + 38 = 74 together (benchmarks/train_step.py
 under `taskset`, README). So `lsemil demo` trains its runs as `lsemil train` subprocesses,
-each pinned to one core (`os.sched_setaffinity` before exec), as many at a time as this
+each pinned to one core (`os.sched_setaffinity`, then exec), as many at a time as this
 process may use cores, longest first.
 
 A pinned run computes with one thread, so its numbers do not depend on how many cores the
@@ -72,16 +72,22 @@ def command(job: Job) -> list[str]:
   ]
 
 
+# Pins itself to one core, then execs the command: the affinity is set before any thread
+# exists, without a preexec_fn (a fork callback in a process that already runs jax's threads).
+_PIN = (
+  "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 def _start(job: Job, core: int) -> subprocess.Popen:
   job.workdir.mkdir(parents=True, exist_ok=True)
   with open(job.log, "w") as log:  # the child keeps its own descriptor
     return subprocess.Popen(
-      command(job),
+      [sys.executable, "-c", _PIN, str(core), *command(job)],
       stdout=log,
       stderr=subprocess.STDOUT,
       stdin=subprocess.DEVNULL,
       env=dict(os.environ, PYTHONUNBUFFERED="1"),
-      preexec_fn=lambda: os.sched_setaffinity(0, {core}),
       start_new_session=True,  # Ctrl-C reaches the parent only; it stops each run once
     )
 

@@ -43,11 +43,12 @@ from lsemil.report import mean_sd as report_mean_sd
 FOCAL_CLASSES = ("Nodule", "Mass")
 DIFFUSE_CLASSES = ("Cardiomegaly", "Effusion", "Infiltration", "Pneumonia")
 
-# The bar (README): full mode mean test AUC >= 0.90; --quick, a smaller and shorter run,
-# is held to 0.75. Both: mean DICE above that of a uniform map on the same boxes.
+# The bar (README): full mode mean test AUC >= 0.85 (10 epochs, the 15-minute budget on a
+# 2-core CPU; the earlier 20-epoch demo was held to 0.90); --quick, a smaller run, is held to
+# 0.75. Both: mean DICE above that of a uniform map on the same boxes.
 # n_boot: resamples of the AUC CIs and of Table 4's patient-bootstrap intervals (500, not
 # evaluate's 1000, to keep the full demo within 15 minutes on 2 cores).
-FULL = {"patients": 600, "r0": (0.0, 5.0, 10.0), "n_boot": 500, "auc_bar": 0.90, "gap": True}
+FULL = {"patients": 600, "r0": (0.0, 5.0, 10.0), "n_boot": 500, "auc_bar": 0.85, "gap": True}
 QUICK = {"patients": 240, "r0": (5.0,), "n_boot": 200, "auc_bar": 0.75, "gap": False}
 PREPARE_SIZE = 256
 FIGURE1_N = (8, 16, 32, 64)  # target resolutions of Figure 1 (sides of the demo's levels)

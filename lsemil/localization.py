@@ -833,7 +833,8 @@ def table4_rows(
     for p in protocols:
       vals = np.array([r[p]["value"] for r in block])
       ok = ~np.isnan(vals)
-      best = (vals.min() if _is_lower_better(p) else vals.max()) if ok.any() else math.nan
+      # A source without the protocol (the constant map has no mIoU) is NaN: not a candidate.
+      best = (vals[ok].min() if _is_lower_better(p) else vals[ok].max()) if ok.any() else math.nan
       for r, v in zip(block, vals, strict=True):
         r[p]["best"] = bool(ok.any() and v == best)
     rows.extend(block)

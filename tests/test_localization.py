@@ -306,6 +306,19 @@ def test_table4_bold_best_and_afp_lower_is_better():
   assert t["csv"].splitlines()[0].startswith("class,source,dice_value,dice_lo")
 
 
+def test_table4_bolds_the_best_when_a_source_lacks_the_protocol():
+  good = score(grid_mask((2, 5), (5, 9)), [BOX])
+  shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
+  lacking = {"dice": shifted["dice"]}  # like the constant map, which has no mIoU
+  t = loc.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
+                      protocols=("dice", "miou_otsu"))  # fmt: skip
+  rows = {(r["class"], r["source"]): r for r in t["rows"]}
+  for cls in ("A", "mean"):
+    assert rows[(cls, "model")]["miou_otsu"]["best"], cls
+    assert not rows[(cls, "shifted")]["miou_otsu"]["best"]
+    assert not rows[(cls, "constant")]["miou_otsu"]["best"]
+
+
 def test_boxes_from_map_returns_a_planted_lesion_in_image_pixels():
   # A non-square image (H 300, W 500) with a lesion at x 310..370, y 60..110; the map covers
   # the image stretched to a square, as the model input does.

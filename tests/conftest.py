@@ -12,7 +12,7 @@ that needs an absent item skips with a reason naming the variable. A fresh clone
 | `paper_md` | `LSEMIL_PAPER_MD` | `../shared/reference/paper.md` |
 
 Helpers shared by several test modules are fixtures too (`write_nih_folder`,
-`random_variables`), never imports of another test module.
+`phantom_image`, `random_variables`), never imports of another test module.
 """
 
 from __future__ import annotations
@@ -132,6 +132,12 @@ def _write_nih_folder(
     + f"{ids[-1]},Effusion,{','.join(NIH_TEST_BOX)}\n"
   )
   return ids
+
+
+@pytest.fixture(scope="session")
+def phantom_image():
+  """fn(seed, size=1024) -> uint8 (size, size): a chest-like gradient with noise texture."""
+  return phantom
 
 
 @pytest.fixture(scope="session")

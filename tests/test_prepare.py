@@ -17,15 +17,6 @@ from lsemil.data import imageio, nih
 from lsemil.data import prepare as prep
 
 
-def phantom(seed: int, size: int = 1024) -> np.ndarray:
-  """A chest-like smooth gradient with fine noise texture, uint8."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[0:size, 0:size] / size
-  base = 60 + 120 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.08)
-  noise = cv2.GaussianBlur(rng.normal(0, 25, (size, size)), (0, 0), 1.5)
-  return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory, write_nih_folder) -> Path:
   root = tmp_path_factory.mktemp("raw") / "nih"
@@ -66,12 +57,13 @@ def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
 
 
 @pytest.mark.parametrize("src_side", [1024, 1000, 700])
-def test_resize_matches_skimage_within_one_grey_level(src_side, nih_samples_dir):
+def test_resize_matches_skimage_within_one_grey_level(src_side, nih_samples_dir, phantom_image):
   from skimage.transform import resize
 
   real = cv2.imread(str(nih_samples_dir / "00000001_000.png"), cv2.IMREAD_GRAYSCALE)
   assert real is not None, f"missing sample image under {nih_samples_dir}"
-  for img in (cv2.resize(real, (src_side, src_side), interpolation=cv2.INTER_CUBIC), phantom(3)):
+  real = cv2.resize(real, (src_side, src_side), interpolation=cv2.INTER_CUBIC)
+  for img in (real, phantom_image(3)):
     img = cv2.resize(img, (src_side, src_side), interpolation=cv2.INTER_CUBIC)
     ours = imageio.resize_gray(img, 512).astype(np.float64)
     ref = resize(img, (512, 512), anti_aliasing=True) * 255
@@ -79,7 +71,7 @@ def test_resize_matches_skimage_within_one_grey_level(src_side, nih_samples_dir)
     assert diff <= 1.0, diff  # measured: 0.5 (uint8 rounding only)
 
 
-def test_resize_downscale_by_four_matches_skimage(nih_samples_dir):
+def test_resize_downscale_by_four_matches_skimage(nih_samples_dir, phantom_image):
   from skimage.transform import resize
 
   img = cv2.imread(str(nih_samples_dir / "00027426_000.png"), cv2.IMREAD_GRAYSCALE)
@@ -91,9 +83,8 @@ def test_resize_downscale_by_four_matches_skimage(nih_samples_dir):
 # --------------------------------------------------------------------------- PNG modes
 
 
-def _mode_images() -> dict[str, tuple[Image.Image, np.ndarray]]:
-  """PIL image of each mode + its expected 8-bit gray, 1024x1024."""
-  g = phantom(7)
+def _mode_images(g: np.ndarray) -> dict[str, tuple[Image.Image, np.ndarray]]:
+  """PIL image of each mode + its expected 8-bit gray, from the gray phantom `g`."""
   rgb = np.dstack([g, g, g])
   coloured = np.dstack([g, 255 - g, g // 2])
   w16 = g.astype(np.uint16) * 257 + np.uint16(100)
@@ -111,10 +102,10 @@ def _mode_images() -> dict[str, tuple[Image.Image, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def modes_prepared(tmp_path_factory, write_nih_folder):
+def modes_prepared(tmp_path_factory, write_nih_folder, phantom_image):
   root = tmp_path_factory.mktemp("modes") / "nih"
   ids = write_nih_folder(root, patients=3, per_patient=2)
-  images = _mode_images()
+  images = _mode_images(phantom_image(7))
   mapping = dict(zip(images, ids, strict=False))
   for mode, image_id in mapping.items():
     images[mode][0].save(root / "images" / image_id)
@@ -168,8 +159,8 @@ def test_missing_file_names_the_file(tmp_path, write_nih_folder):
     prep.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
 
 
-def test_decode_png_rejects_truncated_bytes():
-  data = imageio.encode_png(phantom(1, 64))
+def test_decode_png_rejects_truncated_bytes(phantom_image):
+  data = imageio.encode_png(phantom_image(1, 64))
   with pytest.raises(imageio.ImageError, match="x.png: truncated"):
     imageio.decode_png(data[:-20], "x.png")
 

@@ -15,15 +15,18 @@ def main(argv: list[str]) -> int:
     description="Synthesize a NIH-layout dataset, prepare it, train r0 = 0, 5, 10 with "
     "configs/demo.py and the Grad-CAM baseline (configs/baseline_gap.py:size=demo), "
     "evaluate and reproduce the paper's tables and figures, Table 4 and an HTML report, "
-    "on a CPU.",
+    "on a CPU (about 14 minutes on 2 cores; on a CPU the runs train side by side, one core "
+    "each, logging to WORKDIR/train.log).",
   )
   parser.add_argument("--out", default="lsemil_demo", help="output folder (default ./lsemil_demo)")
   parser.add_argument(
-    "--quick", action="store_true", help="one r0 (5) on a smaller dataset: about 3 minutes"
+    "--quick", action="store_true", help="one r0 (5) on a smaller dataset: about 4 minutes"
   )
   parser.add_argument("--r0", default=None, help="comma-separated r0 values (default 0,5,10)")
   parser.add_argument("--patients", type=int, default=None, help="synthetic patients")
-  parser.add_argument("--epochs", type=int, default=None, help="override train.num_epochs")
+  parser.add_argument(
+    "--epochs", type=args_lib.positive_int, default=None, help="override train.num_epochs (10)"
+  )
   parser.add_argument("--workers", type=int, default=None, help="processes for synth/prepare")
   parser.add_argument(
     "--seeds",

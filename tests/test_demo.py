@@ -32,6 +32,10 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (results / name).stat().st_size > 100, f"{name} is nearly empty"
   demo = json.loads((results / "demo_summary.json").read_text())
   (run,) = demo["runs"].values()
+  # On a CPU the run trained as a pinned `lsemil train` subprocess with its own log.
+  log = pathlib.Path(run["workdir"]) / "train.log"
+  assert "best checkpoint:" in log.read_text(), log
+  assert " on core " in proc.stderr
   assert run["mean_auc"] >= 0.75, run
   assert not math.isnan(run["mean_dice"])
   assert run["mean_dice"] > run["mean_dice_uniform"], run

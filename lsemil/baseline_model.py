@@ -18,71 +18,17 @@ Build from `config.model` with `from_config` (configs/baseline_gap.py: `arch = '
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lsemil import layers
 from lsemil import model as model_lib
 from lsemil.errors import ConfigError
 
 ARCH = "gap"
-# The same tables as lsemil.model's private _DTYPES / _NORMS.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NORMS = ("batch", "group")
-
-
-def layer_fns(m: Any, train: bool) -> tuple[Callable, Callable, Any]:
-  """(conv, norm, residual block) of `MultiResolutionMIL.__call__`, for module fields `m`."""
-  dtype = DTYPES[m.dtype]
-  conv = functools.partial(
-    layers.Conv,
-    use_bias=False,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    dot_1x1=m.conv1x1_impl == "dot",
-    weight_grad=model_lib.resolve_weight_grad(m.conv_weight_grad),
-  )
-  if m.norm == "batch":
-    fused = model_lib.resolve_batch_norm(m.batch_norm_impl) == "fused"
-    bn = layers.BatchNorm if fused else nn.BatchNorm
-    norm = functools.partial(
-      bn, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
-    )
-  else:
-    norm = functools.partial(nn.GroupNorm, num_groups=m.group_norm_groups, dtype=dtype)
-  residual = nn.remat(model_lib.ResidualBlock) if m.remat else model_lib.ResidualBlock
-  return conv, norm, residual
-
-
-def down_path(
-  m: Any, x: jax.Array, conv, norm, residual, perturb: Callable | None = None
-) -> list[jax.Array]:
-  """Stem and down path of Sec 3.1, as in `MultiResolutionMIL`; call inside a compact method.
-
-  Submodules get the MIL model's names (stem, stem_norm, down<l>, res<l>_<b>). `perturb`
-  (a module's `self.perturb`) wraps each level's output as 'level<l>'. Returns the levels,
-  fine to coarse.
-  """
-  transform = "none" if m.stem_impl == "conv" else m.stem_impl
-  h = conv(m.stem_features, (7, 7), strides=m.stem_stride, input_transform=transform, name="stem")(
-    x
-  )
-  h = nn.relu(norm(name="stem_norm")(h))
-  levels = []
-  for level, (width, blocks) in enumerate(zip(m.widths, m.blocks_per_level, strict=True)):
-    if level > 0:
-      h = residual(width, 2, m.bottleneck_ratio, conv, norm, name=f"down{level}")(h)
-    for b in range(blocks):
-      h = residual(width, 1, m.bottleneck_ratio, conv, norm, name=f"res{level}_{b}")(h)
-    if perturb is not None:
-      h = perturb(f"level{level}", h)
-    levels.append(h)
-  return levels
 
 
 def level_sides(m: Any) -> tuple[int, ...]:
@@ -128,8 +74,8 @@ def validate(cfg: Any) -> tuple[int, ...]:
   if sides[-1] < 1:
     fail("widths", f"{len(widths)} levels reduce a {size}px input below one pixel")
   for field, choices in (
-    ("norm", NORMS),
-    ("dtype", tuple(DTYPES)),
+    ("norm", model_lib.NORMS),
+    ("dtype", tuple(model_lib.DTYPES)),
     ("batch_norm_impl", model_lib.BATCH_NORM_IMPLS),
     ("conv1x1_impl", model_lib.CONV1X1_IMPLS),
     ("conv_weight_grad", model_lib.CONV_WEIGHT_GRADS),
@@ -183,9 +129,9 @@ class GlobalAveragePoolingClassifier(nn.Module):
       )
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) * (1.0 / 255.0)
-    conv, norm, residual = layer_fns(self, train)
-    levels = down_path(
-      self, x.astype(DTYPES[self.dtype]), conv, norm, residual, perturb=self.perturb
+    conv, norm, residual = model_lib.layer_fns(self, train)
+    levels = model_lib.down_path(
+      self, x.astype(model_lib.DTYPES[self.dtype]), conv, norm, residual, perturb=self.perturb
     )
     pooled = jnp.mean(levels[-1].astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)

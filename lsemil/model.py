@@ -42,8 +42,8 @@ from lsemil import layers
 from lsemil import pooling as pooling_lib
 from lsemil.errors import ConfigError
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_NORMS = ("batch", "group")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NORMS = ("batch", "group")
 # Implementation choices (speed only; same parameters, same sums up to float rounding).
 BATCH_NORM_IMPLS = ("auto", "fused", "flax")
 CONV1X1_IMPLS = ("dot", "conv")
@@ -138,10 +138,10 @@ def validate(cfg: Any) -> ModelSpec:
     fail("r0", f"the sharpness prior must be >= 0, got {cfg.r0}")
   if cfg.pooling in ("lse", "generalized_mean") and float(cfg.r0) <= 0:
     fail("r0", f"{cfg.pooling} needs r = r0 > 0, got {cfg.r0}")
-  if cfg.norm not in _NORMS:
-    fail("norm", f"unknown {cfg.norm!r}; choose one of {_NORMS}")
-  if cfg.dtype not in _DTYPES:
-    fail("dtype", f"unknown {cfg.dtype!r}; choose one of {tuple(_DTYPES)}")
+  if cfg.norm not in NORMS:
+    fail("norm", f"unknown {cfg.norm!r}; choose one of {NORMS}")
+  if cfg.dtype not in DTYPES:
+    fail("dtype", f"unknown {cfg.dtype!r}; choose one of {tuple(DTYPES)}")
   for field, choices in (
     ("batch_norm_impl", BATCH_NORM_IMPLS),
     ("conv1x1_impl", CONV1X1_IMPLS),
@@ -227,6 +227,51 @@ class FuseUp(nn.Module):
     return x
 
 
+def layer_fns(m: Any, train: bool) -> tuple[Any, Any, Any]:
+  """(conv, norm, residual block) factories for a module with the model fields `m`
+  (dtype, norm, speed options; configs/paper.py), shared by `MultiResolutionMIL` and the
+  GAP baseline (`lsemil.baseline_model`)."""
+  dtype = DTYPES[m.dtype]
+  conv = functools.partial(
+    layers.Conv,
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    dot_1x1=m.conv1x1_impl == "dot",
+    weight_grad=resolve_weight_grad(m.conv_weight_grad),
+  )
+  if m.norm == "batch":
+    bn = layers.BatchNorm if resolve_batch_norm(m.batch_norm_impl) == "fused" else nn.BatchNorm
+    norm = functools.partial(
+      bn, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+    )
+  else:
+    norm = functools.partial(nn.GroupNorm, num_groups=m.group_norm_groups, dtype=dtype)
+  residual = nn.remat(ResidualBlock) if m.remat else ResidualBlock
+  return conv, norm, residual
+
+
+def down_path(m: Any, x: jax.Array, conv, norm, residual, perturb=None) -> list[jax.Array]:
+  """The stem and down path (Sec 3.1); call inside a compact method. Submodules are named
+  stem, stem_norm, down<l>, res<l>_<b>; `perturb` (a module's `self.perturb`) wraps each
+  level's output as 'level<l>' (Grad-CAM, `lsemil.cam`). Returns the levels, fine to coarse."""
+  transform = "none" if m.stem_impl == "conv" else m.stem_impl
+  stem = conv(
+    m.stem_features, (7, 7), strides=m.stem_stride, input_transform=transform, name="stem"
+  )
+  h = nn.relu(norm(name="stem_norm")(stem(x)))
+  levels = []
+  for level, (width, blocks) in enumerate(zip(m.widths, m.blocks_per_level, strict=True)):
+    if level > 0:
+      h = residual(width, 2, m.bottleneck_ratio, conv, norm, name=f"down{level}")(h)
+    for b in range(blocks):
+      h = residual(width, 1, m.bottleneck_ratio, conv, norm, name=f"res{level}_{b}")(h)
+    if perturb is not None:
+      h = perturb(f"level{level}", h)
+    levels.append(h)
+  return levels
+
+
 class MultiResolutionMIL(nn.Module):
   """Multi-resolution MIL network with LSE-LBA pooling (Sec 3, Fig. 2).
 
@@ -266,44 +311,11 @@ class MultiResolutionMIL(nn.Module):
       raise ValueError(
         f"expected images shaped (B, {self.input_size}, {self.input_size}, 1), got {x.shape}"
       )
-    dtype = _DTYPES[self.dtype]
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) * (1.0 / 255.0)
-    conv = functools.partial(
-      layers.Conv,
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      dot_1x1=self.conv1x1_impl == "dot",
-      weight_grad=resolve_weight_grad(self.conv_weight_grad),
-    )
-    if self.norm == "batch":
-      bn = layers.BatchNorm if resolve_batch_norm(self.batch_norm_impl) == "fused" else nn.BatchNorm
-      norm = functools.partial(
-        bn, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
-      )
-    else:
-      norm = functools.partial(nn.GroupNorm, num_groups=self.group_norm_groups, dtype=dtype)
-    residual = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    conv, norm, residual = layer_fns(self, train)
     dense = nn.remat(DenseBlock) if self.remat else DenseBlock
-
-    # Stem and down path (Sec 3.1).
-    stem_transform = "none" if self.stem_impl == "conv" else self.stem_impl
-    h = conv(
-      self.stem_features,
-      (7, 7),
-      strides=self.stem_stride,
-      input_transform=stem_transform,
-      name="stem",
-    )(x.astype(dtype))
-    h = nn.relu(norm(name="stem_norm")(h))
-    levels = []
-    for level, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_level, strict=True)):
-      if level > 0:
-        h = residual(width, 2, self.bottleneck_ratio, conv, norm, name=f"down{level}")(h)
-      for b in range(blocks):
-        h = residual(width, 1, self.bottleneck_ratio, conv, norm, name=f"res{level}_{b}")(h)
-      levels.append(h)
+    levels = down_path(self, x.astype(DTYPES[self.dtype]), conv, norm, residual)
 
     # Horizontal flow (Sec 3.2) on the fused levels, then the up path (Sec 3.3).
     refined = {

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsemil import baseline_model, metrics
+from lsemil import model as model_lib
 from lsemil.localization import EVAL_SIZE, Case
 
 SOURCES = ("gradcam", "cam")
@@ -62,7 +63,7 @@ def cam_raw(features: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _zero_perturbations(model, batch: int) -> dict:
   sides = baseline_model.level_sides(model)
-  dtype = baseline_model.DTYPES[model.dtype]
+  dtype = model_lib.DTYPES[model.dtype]
   return {
     f"level{lv}": jnp.zeros((batch, s, s, int(w)), dtype)
     for lv, (s, w) in enumerate(zip(sides, model.widths, strict=True))

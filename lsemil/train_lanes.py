@@ -10,7 +10,7 @@ process may use cores, longest first.
 A pinned run computes with one thread, so its numbers do not depend on how many cores the
 machine has or how many runs share it: XLA partitions CPU work by the core count, which is
 what made two-core and one-core trainings of one config differ (README). Each run's output
-goes to `WORKDIR/train.log`; the parent prints a line when a run starts and ends and, every
+is appended to `WORKDIR/train.log`; the parent prints a line when a run starts and ends and, every
 `progress_s` seconds, each running run's epoch (from its `metrics.jsonl`).
 """
 
@@ -81,7 +81,8 @@ _PIN = (
 
 def _start(job: Job, core: int) -> subprocess.Popen:
   job.workdir.mkdir(parents=True, exist_ok=True)
-  with open(job.log, "w") as log:  # the child keeps its own descriptor
+  with open(job.log, "a") as log:  # appended: a resumed run keeps its history; the child
+    # keeps its own descriptor
     return subprocess.Popen(
       [sys.executable, "-c", _PIN, str(core), *command(job)],
       stdout=log,

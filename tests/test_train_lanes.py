@@ -78,3 +78,66 @@ def test_a_failing_run_is_one_error_naming_its_log(tmp_path, synth_dir):
   message = str(e.value)
   assert str(job.workdir / "train.log") in message and "exit status 1" in message
   assert "bogus" in message  # the run's own one-line error, from its log
+
+
+_PARENT = """
+import sys
+from pathlib import Path
+from lsemil import train_lanes
+from lsemil.errors import Interrupted
+job = train_lanes.Job("j", sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+try:
+  train_lanes.run([job], cores=train_lanes.available_cores()[:1], progress_s=1e9)
+except Interrupted as e:
+  print("INTERRUPTED", e, flush=True)
+  sys.exit(e.exit_code)
+"""
+
+_LONG_SMOKE = """
+from lsemil import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.load_config("smoke", arg)
+  config.train.num_steps = 300
+  config.train.eval_every_steps = 300
+  config.train.checkpoint_every_steps = 20
+  return config
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_runs_after_a_checkpoint_and_the_same_call_resumes(tmp_path, synth_dir):
+  import signal
+  import subprocess
+  import sys
+
+  from lsemil.errors import EXIT_PREEMPTED
+
+  config = tmp_path / "long_smoke.py"
+  config.write_text(_LONG_SMOKE)
+  w = tmp_path / "runs" / "w"
+  parent = subprocess.Popen(
+    [sys.executable, "-c", _PARENT, str(config), str(w), str(synth_dir)],
+    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  )  # fmt: skip
+  deadline = time.monotonic() + 300
+  ckpts = w / "checkpoints"
+  while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    assert parent.poll() is None, parent.communicate()[0][-3000:]
+    assert time.monotonic() < deadline, "no checkpoint"
+    time.sleep(0.2)
+  parent.send_signal(signal.SIGTERM)
+  out, _ = parent.communicate(timeout=300)
+  assert parent.returncode == EXIT_PREEMPTED, out[-3000:]
+  assert "INTERRUPTED" in out and "resume" in out
+  assert _cores_of_runs_in(tmp_path / "runs") == {}  # the training stopped too
+  log = (w / "train.log").read_text()
+  saved = int(log.split("after saving step ")[1].split()[0])
+  assert 20 <= saved < 300 and (ckpts / str(saved)).is_dir()
+
+  job = train_lanes.Job("j", str(config), w, synth_dir)
+  (result,) = train_lanes.run([job], cores=train_lanes.available_cores()[:1]).values()
+  assert result["last_step"] == 300
+  log = (w / "train.log").read_text()  # appended: both runs' output
+  assert "stopped by SIGTERM" in log and f"resuming from {ckpts / str(saved)}" in log

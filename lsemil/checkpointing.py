@@ -31,6 +31,8 @@ import logging as std_logging
 import math
 import os
 import re
+import sys
+import traceback
 from typing import Any
 
 import grain
@@ -66,6 +68,38 @@ logging.get_absl_logger().addFilter(_not_reported_save_failure)
 # The tasks of a failed save's other writes end with the same error, which nobody awaits:
 # asyncio logs each as "Task exception was never retrieved" with its traceback.
 std_logging.getLogger("asyncio").addFilter(_not_reported_save_failure)
+
+
+def _late_callback_into_a_closed_loop(exc: BaseException, tb) -> bool:
+  # After a failed save, orbax's save thread has closed its event loop while tensorstore's
+  # other writes of that save still finish; their completion callbacks then raise
+  # "Event loop is closed" in tensorstore's threads, which print it through sys.excepthook
+  # (or the unraisable hook).
+  # The failure itself is raised as one OutputError, so only these are dropped.
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(tb)
+  return bool(frames) and frames[0].name == "call_soon_threadsafe"
+
+
+def _install_excepthook() -> None:
+  previous = sys.excepthook
+
+  def hook(kind, exc, tb):
+    if not _late_callback_into_a_closed_loop(exc, tb):
+      previous(kind, exc, tb)
+
+  sys.excepthook = hook
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable(args):
+    if not _late_callback_into_a_closed_loop(args.exc_value, args.exc_traceback):
+      previous_unraisable(args)
+
+  sys.unraisablehook = unraisable
+
+
+_install_excepthook()
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_mean_auc"

@@ -69,10 +69,10 @@ echo "elapsed $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 
 if [[ "${FULL:-0}" == 1 ]]; then
   # The demo config end to end: synth -> prepare -> train (r0=5) -> evaluate on test.
-  "$py" -m lsemil.cli synth --out "$work/nih"
-  "$py" -m lsemil.cli prepare --nih-dir "$work/nih" --out "$work/prepared" --size 256
-  "$py" -m lsemil.cli train --config configs/demo.py:r0=5 --workdir "$work/r0_5" \
+  "$py" -m lsemil.commands.cli synth --out "$work/nih"
+  "$py" -m lsemil.commands.cli prepare --nih-dir "$work/nih" --out "$work/prepared" --size 256
+  "$py" -m lsemil.commands.cli train --config configs/demo.py:r0=5 --workdir "$work/r0_5" \
     --data-dir "$work/prepared" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tee "$out/train_demo.log"
-  "$py" -m lsemil.cli evaluate --workdir "$work/r0_5" --split test --out "$out/eval_demo.json" \
+  "$py" -m lsemil.commands.cli evaluate --workdir "$work/r0_5" --split test --out "$out/eval_demo.json" \
     2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -40 | tee "$out/eval_demo.log"
 fi

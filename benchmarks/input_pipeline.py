@@ -2,7 +2,7 @@
 
   python benchmarks/input_pipeline.py [--data-dir P] [--n 512] [--input-size 512]
 
-Without --data-dir it writes a synthetic 512x512 dataset (lsemil.data.synth) to a temporary
+Without --data-dir it writes a synthetic 512x512 dataset (lsemil.data.phantoms) to a temporary
 folder. For 0, 1 and 2 grain worker processes it prints images/s of `make_train_iter`
 (shuffle, decode, one-warp augmentation, batching) beside a plain decode loop over the same
 train files with the same resources (0 workers: a thread pool in-process, like grain's read
@@ -25,7 +25,7 @@ import cv2
 import ml_collections
 import numpy as np
 
-from lsemil.data import pipeline as pl
+from lsemil.data import pipeline
 
 
 def _decode(path: str) -> int:
@@ -76,7 +76,7 @@ def make_config(input_size: int, batch: int, workers: int) -> ml_collections.Con
 
 
 def pipeline_rate(data_dir: Path, n: int, workers: int, input_size: int, batch: int) -> float:
-  it = pl.make_train_iter(make_config(input_size, batch, workers), data_dir)
+  it = pipeline.make_train_iter(make_config(input_size, batch, workers), data_dir)
   try:
     for _ in range(2):  # warm up: worker start-up, first reads
       next(it)
@@ -106,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
   tmp = None
   data_dir = args.data_dir
   if data_dir is None:
-    from lsemil.data.synth import synthesize
+    from lsemil.data.phantoms import synthesize
 
     tmp = tempfile.TemporaryDirectory(prefix="lsemil_bench_")
     patients = max(40, args.n // 2)
     print(f"writing a synthetic 512x512 dataset ({patients} patients) ...", file=sys.stderr)
     data_dir = synthesize(Path(tmp.name) / "nih", patients=patients, size=512, seed=0)
   try:
-    source = pl.open_source(data_dir, "train")
+    source = pipeline.open_source(data_dir, "train")
     if source.format != "png":
       print("note: raw decode limit is measured on PNG folders only", file=sys.stderr)
       return 2

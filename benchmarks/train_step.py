@@ -6,7 +6,7 @@
   python benchmarks/train_step.py --config paper --variant '' --variant batch_norm_impl=flax
   python benchmarks/train_step.py --config demo --torch-python /path/to/torch_venv/bin/python
 
-For each (variant, batch, resolution, dtype) it compiles `lsemil.train.train_step` exactly as
+For each (variant, batch, resolution, dtype) it compiles `lsemil.training.trainer.train_step` exactly as
 training does (same mesh, shardings and donation), runs `--warmup` untimed steps and then
 `--windows` timed windows of `--steps` steps on one random global batch, and prints one
 markdown row:
@@ -214,10 +214,10 @@ def conv_census(model, batch: int) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
-  from lsemil import model as model_lib
+  from lsemil.models import mil
 
   plain = model.clone(conv1x1_impl="conv", stem_impl="conv", conv_weight_grad="xla")
-  variables = jax.eval_shape(lambda: model_lib.init_variables(plain, jax.random.key(0)))
+  variables = jax.eval_shape(lambda: mil.init_variables(plain, jax.random.key(0)))
   s = plain.input_size
   x = jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32)
   fn = functools.partial(plain.apply, train=True, mutable=["batch_stats"])
@@ -254,7 +254,7 @@ def saved_residuals_bytes(model, variables, batch: dict) -> tuple[int, int]:
   """(all, float32) bytes the loss's VJP saves, params excluded (print_saved_residuals)."""
   from jax import ad_checkpoint
 
-  from lsemil import losses
+  from lsemil.training import objective
 
   def loss(params):
     out, _ = model.apply(
@@ -263,7 +263,7 @@ def saved_residuals_bytes(model, variables, batch: dict) -> tuple[int, int]:
       train=True,
       mutable=["batch_stats"],
     )
-    return losses.binary_cross_entropy(out["probs"], batch["labels"])
+    return objective.binary_cross_entropy(out["probs"], batch["labels"])
 
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
@@ -290,16 +290,17 @@ def prepare(config, *, batch: int, warmup: int, args) -> dict:
   import jax
   import numpy as np
 
-  from lsemil import model as model_lib
-  from lsemil import sharding, train
+  from lsemil.models import mil
+  from lsemil.runtime import sharding
+  from lsemil.training import trainer
 
   config.train.batch_size = batch
-  train.validate_config(config)
-  model = model_lib.from_config(config.model)
-  tx = train.create_optimizer(config)
+  trainer.validate_config(config)
+  model = mil.from_config(config.model)
+  tx = trainer.create_optimizer(config)
   mesh = sharding.create_mesh()
-  _, state_sh = train.state_sharding_for(config, model, tx, mesh)
-  state = train.init_state(config, model, tx, mesh, state_sh)
+  _, state_sh = trainer.state_sharding_for(config, model, tx, mesh)
+  state = trainer.init_state(config, model, tx, mesh, state_sh)
   rng = np.random.default_rng(0)
   s, k = int(config.model.input_size), int(config.model.num_classes)
   local = batch // jax.process_count()  # this process's share of the global batch
@@ -311,7 +312,7 @@ def prepare(config, *, batch: int, warmup: int, args) -> dict:
   if not args.no_residuals:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     residual = saved_residuals_bytes(model, variables, host)
-  step = train.make_train_step(model, tx, mesh, state_sh)
+  step = trainer.make_train_step(model, tx, mesh, state_sh)
   with jax.set_mesh(mesh):
     gb = sharding.global_batch(host, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
@@ -322,7 +323,7 @@ def prepare(config, *, batch: int, warmup: int, args) -> dict:
     # become cuDNN custom calls that XLA counts as 0 FLOPs.
     flops_step = _flops(lowered)
     if not np.isfinite(flops_step):
-      plain = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+      plain = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx))
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, gb))
       flops_step = _flops(plain.trace(*abstract).lower(lowering_platforms=("cpu",)))
     for _ in range(warmup):
@@ -349,7 +350,7 @@ def prepare(config, *, batch: int, warmup: int, args) -> dict:
 
   return {
     "model": model,
-    "n_params": model_lib.param_count(state.params),
+    "n_params": mil.param_count(state.params),
     "compile_s": compile_s,
     "flops_step": flops_step,
     "residual_bytes": residual,
@@ -424,7 +425,7 @@ def _fmt(x, spec, blank=""):
 
 def setup_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_py) -> dict:
   """Compiles one setting; its windows run later (`run_round`), maybe interleaved."""
-  from lsemil.config_lib import load_config
+  from lsemil.core.configuration import load_config
 
   config = load_config(args.config)
   config.model.input_size, config.model.dtype, config.train.fsdp = res, dtype, args.fsdp
@@ -532,7 +533,7 @@ def row(r: dict) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from lsemil.config_lib import load_config
+  from lsemil.core.configuration import load_config
 
   base = load_config(args.config)
   batches = args.batch or [int(base.train.batch_size)]

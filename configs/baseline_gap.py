@@ -1,9 +1,9 @@
 """The Grad-CAM / CAM baseline (issue 12): the paper's single-resolution, post-hoc alternative.
 
 The MIL model's stem and down path, global average pooling of the coarsest level and a linear
-head (`lsemil.baseline_model`, `model.arch = 'gap'`), trained by the same trainer, input
+head (`lsemil.models.gap_classifier`, `model.arch = 'gap'`), trained by the same trainer, input
 pipeline, optimizer and schedule as the MIL run of the same size; its saliency maps come
-afterwards from Grad-CAM or CAM (`lsemil.cam`).
+afterwards from Grad-CAM or CAM (`lsemil.models.posthoc`).
 
   lsemil train --config configs/baseline_gap.py:size=demo --workdir W --data-dir P
   lsemil train --config configs/baseline_gap.py:size=paper --workdir W --data-dir P
@@ -12,8 +12,8 @@ afterwards from Grad-CAM or CAM (`lsemil.cam`).
 arguments go to that config.
 """
 
-from lsemil import config_lib
-from lsemil.errors import ConfigError
+from lsemil.core import configuration
+from lsemil.core.errors import ConfigError
 
 SIZES = ("demo", "paper")
 # Fields of the MIL model that the GAP classifier does not have (no dense blocks, no up path,
@@ -43,13 +43,13 @@ def get_config(arg: str | None = None):
       rest.append(item)
   if size not in SIZES:
     raise ConfigError(f"configs/baseline_gap.py: size must be one of {SIZES}, got {size!r}")
-  config = config_lib.load_config(size, ",".join(rest) or None)
+  config = configuration.load_config(size, ",".join(rest) or None)
   config.name = f"baseline_gap_{size}"
   m = config.model
   for field in MIL_ONLY:
     if field in m:
       del m[field]
-  # Which model lsemil.architectures.from_config builds: 'gap' = lsemil.baseline_model.
+  # Which model lsemil.models.registry.from_config builds: 'gap' = lsemil.models.gap_classifier.
   m.arch = "gap"
   # The saliency map source `lsemil evaluate` uses for this run: 'gradcam' or 'cam', and the
   # level (index into the down path's levels, -1 = the coarsest) Grad-CAM differentiates at.

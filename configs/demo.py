@@ -10,7 +10,7 @@ saliency map among the levels of the 128 px input, 8, 16, 32 (default) or 64: th
 models of Figure 1 (`lsemil demo --figure1`).
 """
 
-from lsemil import config_lib
+from lsemil.core import configuration
 
 DEFAULT_N = 32
 
@@ -25,7 +25,7 @@ def _given_n(arg: str | None) -> int | None:
 
 
 def get_config(arg: str | None = None):
-  config = config_lib.load_config("paper", arg)
+  config = configuration.load_config("paper", arg)
   config.name = "demo"
   m = config.model
   m.input_size = 128

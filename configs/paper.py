@@ -17,7 +17,7 @@ e.g. `configs/paper.py:r0=5,N=16,seed=1`.
 
 import ml_collections
 
-from lsemil.errors import ConfigError
+from lsemil.core.errors import ConfigError
 
 KNOWN_ARGS = ("r0", "N", "seed")
 
@@ -44,8 +44,8 @@ def _number(args: dict[str, str], key: str, kind):
 def get_model_config() -> ml_collections.ConfigDict:
   """The paper-scale model (Sec 3, Fig. 2); `lsemil info` prints its size."""
   m = ml_collections.ConfigDict()
-  # Which model: mil (lsemil.model, this paper) | gap (lsemil.baseline_model, the post-hoc
-  # CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.architectures builds either.
+  # Which model: mil (lsemil.models.mil, this paper) | gap (lsemil.models.gap_classifier, the post-hoc
+  # CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.models.registry builds either.
   m.arch = "mil"
   # 14 NIH findings (lsemil.data.nih.CLASSES).
   m.num_classes = 14

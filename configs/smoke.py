@@ -5,11 +5,11 @@
 Without --data-dir it synthesizes `data.synth_patients` patients into W/data first.
 """
 
-from lsemil import config_lib
+from lsemil.core import configuration
 
 
 def get_config(arg: str | None = None):
-  config = config_lib.load_config("demo", arg)
+  config = configuration.load_config("demo", arg)
   config.name = "smoke"
   m = config.model
   m.input_size = 64
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
   m.up_features = 16
   m.saliency_size = 16
   m.group_norm_groups = 4
-  # No --data-dir: synthesize this many patients into WORKDIR/data (lsemil.data.synth).
+  # No --data-dir: synthesize this many patients into WORKDIR/data (lsemil.data.phantoms).
   config.data.synth_patients = 40
   config.train.batch_size = 8
   config.train.eval_batch_size = 16

@@ -82,14 +82,14 @@ def nih_samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def paper_md() -> Path:
-  """The paper as Markdown (its Tables 1-3 are parsed by lsemil.report)."""
+  """The paper as Markdown (its Tables 1-3 are parsed by lsemil.reporting.paper_tables)."""
   return external_path("LSEMIL_PAPER_MD", SHARED / "reference" / "paper.md")
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
   """A small synthetic NIH-layout dataset (40 patients, 512 px, seed 0), built once."""
-  from lsemil.data.synth import synthesize
+  from lsemil.data.phantoms import synthesize
 
   out = tmp_path_factory.mktemp("synth") / "nih"
   return synthesize(out, patients=40, size=512, seed=0, workers=1)
@@ -154,10 +154,10 @@ def _random_variables(model, seed: int = 0) -> dict:
   """
   import jax
 
-  from lsemil import model as model_lib
+  from lsemil.models import mil
 
   rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: mil.init_variables(model, jax.random.key(0)))
 
   def fill(path, leaf):
     name = str(getattr(path[-1], "key", path[-1]))

@@ -18,20 +18,16 @@ import jax
 import numpy as np
 import pytest
 
-from lsemil import (
-  architectures,
-  calibration,
-  checkpointing,
-  cli,
-  config_lib,
-  inference,
-  localization,
-  predict,
-  train,
-)
-from lsemil import evaluate as ev
+from lsemil.commands import cli
+from lsemil.core import configuration
+from lsemil.core.errors import ConfigError
 from lsemil.data import nih
-from lsemil.errors import ConfigError
+from lsemil.inference import engine
+from lsemil.metrics import calibration, localization
+from lsemil.models import registry
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
+from lsemil.workflows import evaluation, prediction
 
 SMOKE_GAP = [
   "--config.model.input_size=64",
@@ -74,7 +70,7 @@ def evaluations(gap_workdir):
     assert cli.main([*argv, "--n-boot", str(N_BOOT), "--no-progress", *extra]) == 0
     # The run's own source keeps the default name; another source gets its own files.
     name = "evaluation_test.json" if source == "gradcam" else "evaluation_test_cam.json"
-    out[source] = ev.load_evaluation(gap_workdir / name)
+    out[source] = evaluation.load_evaluation(gap_workdir / name)
   return out
 
 
@@ -82,15 +78,15 @@ def evaluations(gap_workdir):
 def test_trained_run_is_the_gap_model(gap_workdir):
   saved = json.loads((gap_workdir / "config.json").read_text())
   assert saved["model"]["arch"] == "gap" and saved["model"]["widths"] == [8, 16, 32]
-  loaded = inference.load(gap_workdir)
+  loaded = engine.load(gap_workdir)
   assert type(loaded.model).__name__ == "GlobalAveragePoolingClassifier"
   assert set(loaded.variables["params"]) >= {"head", "stem"}
 
 
 @pytest.mark.slow
 def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, synth_dir):
-  config = config_lib.load_config("configs/baseline_gap.py:size=demo")
-  index = ev.open_index(config, synth_dir)
+  config = configuration.load_config("configs/baseline_gap.py:size=demo")
+  index = evaluation.open_index(config, synth_dir)
   test_rows = set(index.rows("test").tolist())
   box_rows = sorted(set(index.box_rows.tolist()) & test_rows)
   box_classes = {
@@ -111,7 +107,7 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
       assert protocols["dice"][cls]["value"] == pytest.approx(r["dice"][cls], abs=1e-9)
       assert protocols["dice"][cls]["constant"] == pytest.approx(r["dice_uniform"][cls], abs=1e-9)
     # Calibration of the raw probabilities, from the per-image CSV.
-    csv_probs = inference.read_predictions_csv(gap_workdir / r["predictions_file"])
+    csv_probs = engine.read_predictions_csv(gap_workdir / r["predictions_file"])
     rows = index.rows("test")
     probs = np.stack([csv_probs[index.image_ids[i]] for i in rows])
     labels = np.asarray(index.labels, np.float64)[rows]
@@ -120,12 +116,12 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
     assert r["calibration"]["brier_overall"] == pytest.approx(want["brier_overall"], abs=1e-6)
   # Same classifier, same probabilities; different maps, each min-max scaled to [0, 1].
   g, c = evaluations["gradcam"], evaluations["cam"]
-  pg, pc = (inference.read_predictions_csv(gap_workdir / e["predictions_file"]) for e in (g, c))
+  pg, pc = (engine.read_predictions_csv(gap_workdir / e["predictions_file"]) for e in (g, c))
   assert sorted(pg) == sorted(pc)
   for image_id in pg:
     np.testing.assert_array_equal(pg[image_id], pc[image_id])
   maps = {
-    s: ev.load_saliency(gap_workdir / e["saliency_file"])["maps"] for s, e in evaluations.items()
+    s: evaluation.load_saliency(gap_workdir / e["saliency_file"])["maps"] for s, e in evaluations.items()
   }
   assert sorted(maps["cam"]) == box_rows
   differ = False
@@ -146,11 +142,11 @@ def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth
   assert params["method"] == "temperature" and len(params["temperature"]) == len(nih.CLASSES)
   assert r["calibration_fitted"]["method"] == "temperature"
   assert r["calibration_fitted"]["fit_split"] == "valid"
-  config = config_lib.load_config("configs/baseline_gap.py:size=demo")
-  index = ev.open_index(config, synth_dir)
+  config = configuration.load_config("configs/baseline_gap.py:size=demo")
+  index = evaluation.open_index(config, synth_dir)
   assert r["calibration_fitted"]["fit_images"] == len(index.rows("valid"))
   # The fitted numbers are the raw test probabilities mapped by the stored parameters.
-  raw = inference.read_predictions_csv(gap_workdir / r["predictions_file"])
+  raw = engine.read_predictions_csv(gap_workdir / r["predictions_file"])
   rows = index.rows("test")
   probs = np.stack([raw[index.image_ids[i]] for i in rows])
   fitted = calibration.apply(params, probs)
@@ -163,9 +159,9 @@ def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth
   argv += ["--out", str(out), "--calibration", str(params_file), "--boxes", "--threshold", "0"]
   argv += ["--saliency", "cam"]  # a CAM map is never constant here; Grad-CAM's can be all 0
   assert cli.main([*argv, "--no-progress"]) == 0
-  got = inference.read_predictions_csv(out / "predictions.csv")[image_id]
+  got = engine.read_predictions_csv(out / "predictions.csv")[image_id]
   np.testing.assert_allclose(got, calibration.apply(params, raw[image_id]), atol=2e-6)
-  boxes = json.loads((out / predict.BOXES_FILE).read_text())[image_id]
+  boxes = json.loads((out / prediction.BOXES_FILE).read_text())[image_id]
   h, w = cv2.imread(str(index.image_paths[rows[0]]), cv2.IMREAD_GRAYSCALE).shape
   for cls in nih.CLASSES:  # min-max scaled CAMs reach 1: every class has its peak's box
     assert boxes[cls] and boxes[cls][0]["peak"] == pytest.approx(1.0), cls
@@ -174,10 +170,10 @@ def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth
 
 
 def _mil_workdir(root, random_variables):
-  config = config_lib.load_config("smoke")
-  model = architectures.from_config(config.model, saved=True)  # with or without model.arch
+  config = configuration.load_config("smoke")
+  model = registry.from_config(config.model, saved=True)  # with or without model.arch
   variables = random_variables(model, seed=2)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
     step=np.int32(1), params=variables["params"], batch_stats=variables["batch_stats"]
@@ -219,46 +215,46 @@ def test_sources_refused_by_the_other_architecture(
 
 
 def test_architecture_dispatch_and_saliency_settings():
-  gap_cfg = config_lib.load_config("configs/baseline_gap.py:size=demo")
-  mil_cfg = config_lib.load_config("demo")
-  gap = architectures.from_config(gap_cfg.model)
+  gap_cfg = configuration.load_config("configs/baseline_gap.py:size=demo")
+  mil_cfg = configuration.load_config("demo")
+  gap = registry.from_config(gap_cfg.model)
   assert type(gap).__name__ == "GlobalAveragePoolingClassifier"
-  assert architectures.arch_of(gap) == "gap"
-  spec = architectures.validate(gap_cfg.model)
+  assert registry.arch_of(gap) == "gap"
+  spec = registry.validate(gap_cfg.model)
   assert spec.level_sides == (64, 32, 16, 8) and spec.fused_levels == ()
   mil_fields = {k: mil_cfg.model[k] for k in mil_cfg.model.keys() if k != "arch"}
   # A config without model.arch: refused, except a checkpoint's (runs before the field: MIL).
   with pytest.raises(ConfigError, match="arch"):
-    architectures.from_config(mil_fields)
-  old = architectures.from_config(mil_fields, saved=True)
-  assert type(old).__name__ == "MultiResolutionMIL" and architectures.arch_of(old) == "mil"
-  new = architectures.from_config({**mil_fields, "arch": "mil"})  # the field is not the model's
+    registry.from_config(mil_fields)
+  old = registry.from_config(mil_fields, saved=True)
+  assert type(old).__name__ == "MultiResolutionMIL" and registry.arch_of(old) == "mil"
+  new = registry.from_config({**mil_fields, "arch": "mil"})  # the field is not the model's
   assert new == old
-  assert architectures.validate({**mil_fields, "arch": "mil"}).level_sides == (64, 32, 16, 8)
+  assert registry.validate({**mil_fields, "arch": "mil"}).level_sides == (64, 32, 16, 8)
   with pytest.raises(ConfigError, match="arch"):
-    architectures.from_config({**mil_fields, "arch": "vit"})
+    registry.from_config({**mil_fields, "arch": "vit"})
   # The run's saliency source: MIL -> model; GAP -> config.saliency (gradcam at -1).
-  assert architectures.saliency_settings(gap_cfg) == ("gradcam", -1)
-  assert architectures.saliency_settings(gap_cfg, "cam") == ("cam", None)
-  assert architectures.saliency_settings(gap_cfg, None, 0) == ("gradcam", 0)
+  assert registry.saliency_settings(gap_cfg) == ("gradcam", -1)
+  assert registry.saliency_settings(gap_cfg, "cam") == ("cam", None)
+  assert registry.saliency_settings(gap_cfg, None, 0) == ("gradcam", 0)
   gap_cfg.saliency.source = "cam"
-  assert architectures.saliency_settings(gap_cfg) == ("cam", None)
-  assert architectures.saliency_settings(mil_cfg) == ("model", None)
+  assert registry.saliency_settings(gap_cfg) == ("cam", None)
+  assert registry.saliency_settings(mil_cfg) == ("model", None)
   for cfg, bad in ((mil_cfg, "gradcam"), (mil_cfg, "cam"), (gap_cfg, "model")):
     with pytest.raises(ConfigError, match=f"--saliency {bad}"):
-      architectures.saliency_settings(cfg, bad)
+      registry.saliency_settings(cfg, bad)
   with pytest.raises(ConfigError, match="--gradcam-level -5"):
-    architectures.saliency_settings(gap_cfg, "gradcam", -5)
+    registry.saliency_settings(gap_cfg, "gradcam", -5)
 
 
 def test_predictor_refuses_a_source_the_model_lacks(random_variables):
-  cfg = config_lib.load_config("configs/baseline_gap.py:size=demo").model
-  gap = architectures.from_config(cfg)
+  cfg = configuration.load_config("configs/baseline_gap.py:size=demo").model
+  gap = registry.from_config(cfg)
   v = random_variables(gap)
   with pytest.raises(ConfigError, match="--saliency model"):
-    inference.Predictor(gap, v, saliency_source="model")
+    engine.Predictor(gap, v, saliency_source="model")
   with pytest.raises(ConfigError, match="--gradcam-level 4"):
-    inference.Predictor(gap, v, gradcam_level=4)
-  p = inference.Predictor(gap, v)
+    engine.Predictor(gap, v, gradcam_level=4)
+  p = engine.Predictor(gap, v)
   assert (p.saliency_source, p.gradcam_level) == ("gradcam", -1)
-  assert inference.Predictor(gap, v, saliency_source="cam").gradcam_level is None
+  assert engine.Predictor(gap, v, saliency_source="cam").gradcam_level is None

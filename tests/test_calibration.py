@@ -1,4 +1,4 @@
-"""lsemil.calibration: ECE / Brier / reliability on hand cases, temperature and Platt fits
+"""lsemil.metrics.calibration: ECE / Brier / reliability on hand cases, temperature and Platt fits
 recovering planted parameters, JSON round trip of the fitted parameters."""
 
 from __future__ import annotations
@@ -8,20 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from lsemil import calibration as cal
-from lsemil import fileio, metrics
-from lsemil.errors import ConfigError
+from lsemil.core import fileio
+from lsemil.core.errors import ConfigError
+from lsemil.metrics import calibration, classification
 
 
 def test_equal_mass_bins():
-  b = cal.bin_index(np.linspace(0, 1, 30), n_bins=15)
+  b = calibration.bin_index(np.linspace(0, 1, 30), n_bins=15)
   np.testing.assert_array_equal(np.bincount(b), [2] * 15)
   # Order does not matter, and ties share a bin (five 0.5's: mid-rank 3 of 10 -> bin 1 of 5).
   p = np.array([0.9, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.2, 0.8, 0.95])
-  b = cal.bin_index(p, n_bins=5)
+  b = calibration.bin_index(p, n_bins=5)
   assert len(set(b[p == 0.5].tolist())) == 1
   perm = np.random.default_rng(0).permutation(p.size)
-  np.testing.assert_array_equal(cal.bin_index(p[perm], 5), b[perm])
+  np.testing.assert_array_equal(calibration.bin_index(p[perm], 5), b[perm])
 
 
 def test_perfectly_calibrated_has_zero_ece():
@@ -29,8 +29,8 @@ def test_perfectly_calibrated_has_zero_ece():
   # 15 equal-mass bins of the 225 predictions are exactly the groups (mid-rank 15k + 8).
   p = np.repeat(np.arange(15) / 15.0, 15)
   y = np.concatenate([np.r_[np.ones(k), np.zeros(15 - k)] for k in range(15)])
-  assert cal.ece(p, y) == pytest.approx(0.0, abs=1e-12)
-  r = cal.reliability(p, y)
+  assert calibration.ece(p, y) == pytest.approx(0.0, abs=1e-12)
+  r = calibration.reliability(p, y)
   np.testing.assert_allclose(r["confidence"], r["frequency"])
   np.testing.assert_array_equal(r["count"], [15] * 15)
 
@@ -39,15 +39,15 @@ def test_known_miscalibration():
   # Always says 0.9, true frequency 0.6: one bin (all tied), ECE = |0.9 - 0.6| = 0.3.
   y = np.r_[np.ones(60), np.zeros(40)]
   p = np.full(100, 0.9)
-  assert cal.ece(p, y) == pytest.approx(0.3)
+  assert calibration.ece(p, y) == pytest.approx(0.3)
   # Brier = 0.6 (0.1)^2 + 0.4 (0.9)^2 = 0.006 + 0.324 = 0.33.
-  assert cal.brier(p, y) == pytest.approx(0.33)
+  assert calibration.brier(p, y) == pytest.approx(0.33)
   # Two bins by hand: p = .2 x 50 (30 positive) and p = .8 x 50 (25 positive):
   # ECE = .5 |.2 - .6| + .5 |.8 - .5| = .2 + .15 = .35.
   p2 = np.r_[np.full(50, 0.2), np.full(50, 0.8)]
   y2 = np.r_[np.ones(30), np.zeros(20), np.ones(25), np.zeros(25)]
-  assert cal.ece(p2, y2, n_bins=2) == pytest.approx(0.35)
-  assert cal.ece(p2, y2) == pytest.approx(0.35)  # 15 bins: ties keep the two groups whole
+  assert calibration.ece(p2, y2, n_bins=2) == pytest.approx(0.35)
+  assert calibration.ece(p2, y2) == pytest.approx(0.35)  # 15 bins: ties keep the two groups whole
 
 
 def test_calibration_metrics_per_class_and_pooled():
@@ -55,13 +55,13 @@ def test_calibration_metrics_per_class_and_pooled():
   p = rng.random((3000, 3))
   y = rng.random((3000, 3)) < p  # calibrated in expectation
   y[:, 2] = rng.random(3000) < 0.5 * p[:, 2]  # class 2 over-confident
-  m = cal.calibration_metrics(p, y, ["a", "b", "c"])
+  m = calibration.calibration_metrics(p, y, ["a", "b", "c"])
   assert set(m["ece"]) == {"a", "b", "c"}
   for k, c in enumerate("abc"):
-    assert m["ece"][c] == pytest.approx(cal.ece(p[:, k], y[:, k]))
+    assert m["ece"][c] == pytest.approx(calibration.ece(p[:, k], y[:, k]))
     assert m["brier"][c] == pytest.approx(np.mean((p[:, k] - y[:, k]) ** 2))
   assert m["ece"]["c"] > 3 * max(m["ece"]["a"], m["ece"]["b"])
-  assert m["ece_overall"] == pytest.approx(cal.ece(p.ravel(), y.ravel()))
+  assert m["ece_overall"] == pytest.approx(calibration.ece(p.ravel(), y.ravel()))
   assert m["brier_overall"] == pytest.approx(np.mean(list(m["brier"].values())))
   assert sum(m["reliability"]["count"]) == 9000 and m["n_bins"] == 15
   json.loads(fileio.to_json(m))  # JSON-able
@@ -77,24 +77,24 @@ def test_temperature_recovers_planted_temperature():
   rng = np.random.default_rng(0)
   t0 = np.array([2.0, 0.5, 1.0])
   p, y = _planted(rng, 20000, 3, lambda z: z / t0)
-  params = cal.fit("temperature", p, y, ["a", "b", "c"])
+  params = calibration.fit("temperature", p, y, ["a", "b", "c"])
   np.testing.assert_allclose(params["temperature"], t0, rtol=0.05)
-  q = cal.apply(params, p)
-  before = cal.calibration_metrics(p, y)["ece"]
-  after = cal.calibration_metrics(q, y)["ece"]
+  q = calibration.apply(params, p)
+  before = calibration.calibration_metrics(p, y)["ece"]
+  after = calibration.calibration_metrics(q, y)["ece"]
   assert after["class_0"] < before["class_0"] / 5 and after["class_1"] < before["class_1"] / 5
-  np.testing.assert_allclose(metrics.per_class_auc(y, q), metrics.per_class_auc(y, p))
+  np.testing.assert_allclose(classification.per_class_auc(y, q), classification.per_class_auc(y, p))
 
 
 def test_platt_recovers_planted_a_b():
   rng = np.random.default_rng(1)
   a0, b0 = np.array([0.7, 1.5]), np.array([-1.0, 0.5])
   p, y = _planted(rng, 20000, 2, lambda z: a0 * z + b0)
-  params = cal.fit("platt", p, y)
+  params = calibration.fit("platt", p, y)
   np.testing.assert_allclose(params["a"], a0, atol=0.08)
   np.testing.assert_allclose(params["b"], b0, atol=0.08)
   # apply = sigmoid(a logit(p) + b), checked at one point by hand.
-  one = cal.apply({"method": "platt", "a": [2.0], "b": [1.0]}, np.array([[0.5], [0.75]]))
+  one = calibration.apply({"method": "platt", "a": [2.0], "b": [1.0]}, np.array([[0.5], [0.75]]))
   np.testing.assert_allclose(
     one[:, 0], [1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(-(2 * np.log(3) + 1)))]
   )
@@ -104,24 +104,24 @@ def test_params_json_round_trip_and_identity_for_undefined_class():
   rng = np.random.default_rng(2)
   p = rng.random((200, 2))
   y = np.c_[rng.random(200) < p[:, 0], np.zeros(200)]  # class 1: no positives
-  for method in cal.METHODS:
-    params = cal.fit(method, p, y, ["x", "y"])
+  for method in calibration.METHODS:
+    params = calibration.fit(method, p, y, ["x", "y"])
     back = json.loads(fileio.to_json(params))
-    np.testing.assert_allclose(cal.apply(back, p), cal.apply(params, p))
-    np.testing.assert_allclose(cal.apply(back, p)[:, 1], p[:, 1], atol=1e-9)  # identity
+    np.testing.assert_allclose(calibration.apply(back, p), calibration.apply(params, p))
+    np.testing.assert_allclose(calibration.apply(back, p)[:, 1], p[:, 1], atol=1e-9)  # identity
     assert back["num_positives"][1] == 0 and back["classes"] == ["x", "y"]
   # 0 and 1 are clipped, not infinite.
-  q = cal.apply({"method": "temperature", "temperature": [2.0]}, np.array([[0.0], [1.0]]))
+  q = calibration.apply({"method": "temperature", "temperature": [2.0]}, np.array([[0.0], [1.0]]))
   assert np.isfinite(q).all() and 0 < q[0, 0] < 0.01 and 0.99 < q[1, 0] < 1
 
 
 def test_bad_params_are_config_errors():
   p = np.full((3, 2), 0.5)
   with pytest.raises(ConfigError, match="method"):
-    cal.apply({"method": "isotonic"}, p)
+    calibration.apply({"method": "isotonic"}, p)
   with pytest.raises(ConfigError, match="temperature"):
-    cal.apply({"method": "temperature", "temperature": [1.0]}, p)
+    calibration.apply({"method": "temperature", "temperature": [1.0]}, p)
   with pytest.raises(ConfigError, match="> 0"):
-    cal.apply({"method": "temperature", "temperature": [1.0, -1.0]}, p)
+    calibration.apply({"method": "temperature", "temperature": [1.0, -1.0]}, p)
   with pytest.raises(ConfigError, match="method"):
-    cal.fit("isotonic", p, p > 0.4)
+    calibration.fit("isotonic", p, p > 0.4)

@@ -1,4 +1,4 @@
-"""lsemil.cam and lsemil.baseline_model: CAM and Grad-CAM against direct computations on a tiny
+"""lsemil.models.posthoc and lsemil.models.gap_classifier: CAM and Grad-CAM against direct computations on a tiny
 GAP model, the forward contract, the trainer's call, the config, and the model-free sources."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsemil import baseline_model, cam, config_lib, metrics
-from lsemil import localization as loc
-from lsemil import model as model_lib
-from lsemil.errors import ConfigError
+from lsemil.core import configuration
+from lsemil.core.errors import ConfigError
+from lsemil.metrics import baselines, localization, overlap
+from lsemil.models import gap_classifier, mil, posthoc
 
 TINY = {
   "num_classes": 3,
@@ -41,12 +41,12 @@ def jit_apply(model):
 
 
 def jit_gradcam(model, level):
-  return jax.jit(lambda v, x: cam.gradcam_raw(model, v, x, level)[0])
+  return jax.jit(lambda v, x: posthoc.gradcam_raw(model, v, x, level)[0])
 
 
 @pytest.fixture(scope="module")
 def tiny(random_variables):
-  model = baseline_model.from_config(TINY)
+  model = gap_classifier.from_config(TINY)
   v = random_variables(model, seed=1)
   variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1)).astype(np.uint8)
@@ -77,7 +77,7 @@ def test_cam_is_the_heads_weighted_sum_of_features(tiny):
   out = jit_apply(model)(variables, images)
   w = np.asarray(variables["params"]["head"]["kernel"], np.float64)
   want = np_minmax(np.einsum("bhwc,ck->bhwk", np.asarray(out["features"], np.float64), w))
-  got = np.asarray(cam.saliency_fn(model, variables, images, source="cam"))
+  got = np.asarray(posthoc.saliency_fn(model, variables, images, source="cam"))
   assert got.shape == (2, 4, 4, 3)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert got.min() == 0.0 and got.max() == pytest.approx(1.0)
@@ -91,7 +91,7 @@ def test_gradcam_at_the_coarsest_level_is_relu_cam(tiny):
   raw = np.einsum("bhwc,ck->bhwk", np.asarray(out["features"], np.float64), w) / 16
   got_raw = jit_gradcam(model, -1)(variables, images)
   np.testing.assert_allclose(got_raw, np.maximum(raw, 0), rtol=1e-4, atol=1e-6)
-  got = np.asarray(cam.saliency_fn(model, variables, images, source="gradcam", level=2))
+  got = np.asarray(posthoc.saliency_fn(model, variables, images, source="gradcam", level=2))
   np.testing.assert_allclose(got, np_minmax(np.maximum(raw, 0)), atol=1e-4)
 
 
@@ -104,7 +104,7 @@ def test_gradcam_at_an_inner_level_equals_a_direct_computation(tiny):
   level, eps = 1, 1e-4
   feats = np.asarray(jit_apply(model)(variables, images[:1])["levels"][level])[0]
   h, w, c = feats.shape
-  sides = baseline_model.level_sides(model)
+  sides = gap_classifier.level_sides(model)
 
   def logits_of(delta):
     pert = {
@@ -126,7 +126,7 @@ def test_gradcam_at_an_inner_level_equals_a_direct_computation(tiny):
   direct = np.maximum(np.einsum("hwc,ck->hwk", feats.astype(np.float64), alpha), 0)[None]
   got_raw = jit_gradcam(model, level)(variables, images[:1])
   np.testing.assert_allclose(got_raw, direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
-  got = cam.saliency_fn(model, variables, images[:1], source="gradcam", level=level)
+  got = posthoc.saliency_fn(model, variables, images[:1], source="gradcam", level=level)
   assert got.shape == (1, 8, 8, 3)
   np.testing.assert_allclose(got, np_minmax(direct), atol=1e-4)
 
@@ -134,7 +134,7 @@ def test_gradcam_at_an_inner_level_equals_a_direct_computation(tiny):
 def test_forward_contract_and_predict_fn(tiny):
   model, variables, images = tiny
   shapes = lambda **kw: jax.eval_shape(
-    functools.partial(cam.forward, model=model, **kw), variables, images
+    functools.partial(posthoc.forward, model=model, **kw), variables, images
   )  # noqa: E731
   out = shapes(source="gradcam", levels=True)
   assert set(out) == {"probs", "saliency", "saliency_levels"}
@@ -142,7 +142,7 @@ def test_forward_contract_and_predict_fn(tiny):
   assert set(shapes(source="gradcam", level=0)) == {"probs", "saliency"}
   assert shapes(source="gradcam", level=0)["saliency"].shape == (2, 16, 16, 3)
   assert set(shapes(saliency=False)) == {"probs"}
-  pred = cam.make_predict_fn(model, "cam")(variables, images)
+  pred = posthoc.make_predict_fn(model, "cam")(variables, images)
   np.testing.assert_allclose(pred["probs"], jit_apply(model)(variables, images)["probs"])
   assert float(pred["saliency"].min()) >= 0 and float(pred["saliency"].max()) <= 1
   with pytest.raises(ValueError, match="source"):
@@ -150,7 +150,7 @@ def test_forward_contract_and_predict_fn(tiny):
 
 
 def test_the_trainers_apply_trains_it(tiny):
-  # lsemil.train calls model.apply(..., train=True, mutable=['batch_stats']) and reads 'probs'.
+  # lsemil.training.trainer calls model.apply(..., train=True, mutable=['batch_stats']) and reads 'probs'.
   model, variables, images = tiny
   labels = jnp.asarray(np.eye(3)[[0, 2]], jnp.float32)
 
@@ -172,13 +172,13 @@ def test_the_trainers_apply_trains_it(tiny):
 
 
 def test_same_down_path_parameters_as_the_mil_model():
-  mil_cfg = config_lib.load_config("demo").model
-  gap = baseline_model.from_config(
-    config_lib.load_config("configs/baseline_gap.py:size=demo").model
+  mil_cfg = configuration.load_config("demo").model
+  gap = gap_classifier.from_config(
+    configuration.load_config("configs/baseline_gap.py:size=demo").model
   )
-  mil = model_lib.from_config(mil_cfg)
-  shapes = lambda m: jax.eval_shape(lambda: model_lib.init_variables(m, jax.random.key(0)))  # noqa: E731
-  p_gap, p_mil = shapes(gap)["params"], shapes(mil)["params"]
+  mil_model = mil.from_config(mil_cfg)
+  shapes = lambda m: jax.eval_shape(lambda: mil.init_variables(m, jax.random.key(0)))  # noqa: E731
+  p_gap, p_mil = shapes(gap)["params"], shapes(mil_model)["params"]
   down = [k for k in p_gap if k != "head"]
   assert down == [k for k in p_mil if k.startswith(("stem", "down", "res"))]
   for k in down:
@@ -187,24 +187,24 @@ def test_same_down_path_parameters_as_the_mil_model():
 
 
 def test_config_variants_and_errors():
-  paper = config_lib.load_config("configs/baseline_gap.py:size=paper")
-  demo = config_lib.load_config("configs/baseline_gap.py", "size=demo")
+  paper = configuration.load_config("configs/baseline_gap.py:size=paper")
+  demo = configuration.load_config("configs/baseline_gap.py", "size=demo")
   assert paper.model.arch == demo.model.arch == "gap"
   assert paper.model.input_size == 512 and demo.model.input_size == 128
-  assert demo.train.to_dict() == config_lib.load_config("demo").train.to_dict()
+  assert demo.train.to_dict() == configuration.load_config("demo").train.to_dict()
   assert "saliency_size" not in demo.model and demo.saliency.source == "gradcam"
   with pytest.raises(ConfigError, match="size"):
-    config_lib.load_config("configs/baseline_gap.py:size=huge")
+    configuration.load_config("configs/baseline_gap.py:size=huge")
   with pytest.raises(ConfigError, match="unknown fields"):
-    baseline_model.from_config({**TINY, "saliency_size": 8})
+    gap_classifier.from_config({**TINY, "saliency_size": 8})
   with pytest.raises(ConfigError, match="arch"):
-    baseline_model.from_config({**TINY, "arch": "mil"})
+    gap_classifier.from_config({**TINY, "arch": "mil"})
   with pytest.raises(ConfigError, match="input_size"):
-    baseline_model.from_config({**TINY, "input_size": 48})
+    gap_classifier.from_config({**TINY, "input_size": 48})
 
 
 def test_centre_prior_orientation():
-  m = cam.centre_prior(50)
+  m = baselines.centre_prior(50)
   r, c = np.unravel_index(np.argmax(m), m.shape)
   assert (r, c) == (22, 24) or (r, c) == (22, 25)  # rows are y (0.46), columns x (0.5)
   assert 0 < m.min() and m.max() <= 1
@@ -213,13 +213,13 @@ def test_centre_prior_orientation():
 
 def test_constant_maps_are_the_uniform_dice_oracle():
   boxes = ((10.0, 4.0, 8.0, 6.0),)
-  cases = [loc.Case(0, 1, boxes, 1), loc.Case(1, 1, boxes, 2)]
-  maps = cam.constant_maps(cases, 32, size=16)
-  g = metrics.boxes_to_mask(boxes, 16, 32)
+  cases = [localization.Case(0, 1, boxes, 1), localization.Case(1, 1, boxes, 2)]
+  maps = baselines.constant_maps(cases, 32, size=16)
+  g = overlap.boxes_to_mask(boxes, 16, 32)
   assert maps[(0, 1)][0, 0] == pytest.approx(np.sqrt(12 / 256))
-  res = loc.score_all(cases, maps, 32, size=16, n_boot=0, class_names=["A", "B"])
-  assert res["dice"]["B"]["value"] == pytest.approx(metrics.uniform_dice(g))
+  res = localization.score_all(cases, maps, 32, size=16, n_boot=0, class_names=["A", "B"])
+  assert res["dice"]["B"]["value"] == pytest.approx(overlap.uniform_dice(g))
   assert res["dice"]["B"]["value"] == pytest.approx(res["dice"]["B"]["constant"])
   assert res["hit_rate"]["B"]["value"] == pytest.approx(12 / 256)  # ties everywhere
-  centre = cam.centre_prior_maps(cases, 8)
+  centre = baselines.centre_prior_maps(cases, 8)
   assert set(centre) == {(0, 1), (1, 1)} and centre[(0, 1)].shape == (8, 8)

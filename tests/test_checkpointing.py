@@ -1,4 +1,4 @@
-"""Checkpoints (lsemil.checkpointing) and exact resume of training (paper Sec 4.2).
+"""Checkpoints (lsemil.runtime.checkpointing) and exact resume of training (paper Sec 4.2).
 
 Fast tests build states from the smoke model's shapes without compiling it. The slow test
 trains 2N steps straight and N + (exit) + N resumed in separate processes and requires
@@ -21,18 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsemil import checkpointing, train
-from lsemil import model as model_lib
-from lsemil.config_lib import load_config
+from lsemil.core.configuration import load_config
+from lsemil.models import mil
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _state(config, fill: float) -> train.TrainState:
+def _state(config, fill: float) -> trainer.TrainState:
   """A TrainState with the smoke model's structure, every float leaf = fill (no compile)."""
-  model = model_lib.from_config(config.model)
-  tx = train.create_optimizer(config)
-  abstract = train.abstract_state(model, tx, 0)
+  model = mil.from_config(config.model)
+  tx = trainer.create_optimizer(config)
+  abstract = trainer.abstract_state(model, tx, 0)
   return jax.tree.map(lambda a: jnp.full(a.shape, fill, a.dtype), abstract)
 
 
@@ -86,7 +87,7 @@ def test_keeps_latest_and_best_and_load_inference(tmp_path):
   cfg, model, variables, step, info = checkpointing.load_inference(tmp_path)
   assert step == 2 and info["val_mean_auc"] == 0.9
   assert cfg.model.saliency_size == config.model.saliency_size
-  assert isinstance(model, model_lib.MultiResolutionMIL)
+  assert isinstance(model, mil.MultiResolutionMIL)
   assert set(variables) == {"params", "batch_stats"}
   leaves = jax.tree.leaves(variables)
   assert all(isinstance(x, np.ndarray) for x in leaves)
@@ -119,8 +120,9 @@ _RUN = textwrap.dedent(
   """
   import json, sys
   import numpy as np
-  from lsemil import sharding, train
-  from lsemil.config_lib import load_config
+  from lsemil.runtime import sharding
+  from lsemil.training import trainer
+  from lsemil.core.configuration import load_config
 
   workdir, data_dir, num_steps, nan_at, init_from = sys.argv[1:6]
   config = load_config("smoke")
@@ -139,8 +141,8 @@ _RUN = textwrap.dedent(
       return real(local, sh)
     sharding.global_batch = poisoned
   try:
-    out = train.train_and_evaluate(config, workdir, data_dir=data_dir)
-  except train.NonFiniteLossError as e:
+    out = trainer.train_and_evaluate(config, workdir, data_dir=data_dir)
+  except trainer.NonFiniteLossError as e:
     out = {"error": str(e)}
   print("RESULT " + json.dumps(out))
   """
@@ -178,7 +180,7 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
   """`lsemil train` on the smoke config with no data (it synthesizes W/data), 4 steps;
   then 2 steps + exit + 2 resumed steps elsewhere give bit-identical weights."""
   cache, a = tmp_path / "jax_cache", tmp_path / "a"
-  cmd = [sys.executable, "-m", "lsemil.cli", "train", "--config", "configs/smoke.py"]
+  cmd = [sys.executable, "-m", "lsemil.commands.cli", "train", "--config", "configs/smoke.py"]
   cmd += ["--workdir", str(a), "--config.train.num_steps=4"]
   cmd += ["--config.train.eval_every_steps=2", "--config.train.checkpoint_every_steps=1"]
   proc = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -218,7 +220,7 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
   # Running again on a finished workdir trains nothing and reports the same best.
   config = load_config("smoke")
   config.train.num_steps, config.train.eval_every_steps = 4, 2
-  again = train.train_and_evaluate(config, a, data_dir=a / "data")
+  again = trainer.train_and_evaluate(config, a, data_dir=a / "data")
   assert again["best_step"] == best["best_step"] and again["last_step"] == 4
   assert len((a / "metrics.jsonl").read_text().splitlines()) == len(records)
 

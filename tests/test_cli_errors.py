@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lsemil import cli
-from lsemil.errors import EXIT_USER_ERROR
+from lsemil.commands import cli
+from lsemil.core.errors import EXIT_USER_ERROR
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", *args], capture_output=True, text=True, cwd=cwd
+    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd
   )
 
 
@@ -73,11 +73,11 @@ def test_missing_inputs_exit_1_with_the_path(args, capsys):
 
 def test_a_bug_is_not_swallowed(monkeypatch):
   """Only UserErrors become one line: any other exception keeps its traceback."""
-  import lsemil.commands.stats as stats_cmd
+  from lsemil.commands import stats
 
   def boom(argv):
     raise ValueError("a bug")
 
-  monkeypatch.setattr(stats_cmd, "main", boom)
+  monkeypatch.setattr(stats, "main", boom)
   with pytest.raises(ValueError, match="a bug"):
     cli.main(["stats", "--nih-dir", "x"])

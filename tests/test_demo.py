@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_demo_quick_end_to_end(tmp_path):
   out = tmp_path / "demo"
   proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", "demo", "--quick", "--out", str(out)],
+    [sys.executable, "-m", "lsemil.commands.cli", "demo", "--quick", "--out", str(out)],
     capture_output=True, text=True, cwd=ROOT, timeout=1800,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import checkpointing, cli, config_lib, inference, metrics, train
-from lsemil import evaluate as ev
-from lsemil import model as model_lib
-from lsemil import reproduce as rp
-from lsemil.commands import reproduce as reproduce_cmd
+from lsemil.commands import cli, reproduce
+from lsemil.core import configuration
 from lsemil.data import nih
+from lsemil.inference import engine
+from lsemil.metrics import classification, overlap
+from lsemil.models import mil
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
+from lsemil.workflows import evaluation, reproduction
 
 N_BOOT = 50
 
@@ -31,35 +34,35 @@ N_BOOT = 50
 @pytest.fixture(scope="module")
 def smoke(synth_dir, random_variables):
   """(config, model, variables) of the smoke config, data_dir = synth_dir."""
-  config = config_lib.load_config("smoke")
+  config = configuration.load_config("smoke")
   config.data.data_dir = str(synth_dir)
-  model = model_lib.from_config(config.model)
+  model = mil.from_config(config.model)
   variables = random_variables(model)
   return config, model, variables
 
 
 @pytest.fixture(scope="module")
 def index(smoke, synth_dir):
-  return ev.open_index(smoke[0], synth_dir)
+  return evaluation.open_index(smoke[0], synth_dir)
 
 
 @pytest.fixture(scope="module")
-def evaluation(smoke, synth_dir, tmp_path_factory):
+def split_eval(smoke, synth_dir, tmp_path_factory):
   """(EvalRun, F.json path, written paths) of the test split."""
   config, model, variables = smoke
   out = tmp_path_factory.mktemp("eval") / "evaluation_test.json"
-  options = ev.EvalOptions(n_boot=N_BOOT, progress=False)
-  run = ev.evaluate_split(
-    inference.Predictor(model, variables), config, str(synth_dir), "test", options, step=3
+  options = evaluation.EvalOptions(n_boot=N_BOOT, progress=False)
+  run = evaluation.evaluate_split(
+    engine.Predictor(model, variables), config, str(synth_dir), "test", options, step=3
   )
-  paths = ev.write_outputs(run, config, str(synth_dir), out)
+  paths = evaluation.write_outputs(run, config, str(synth_dir), out)
   return run, out, paths
 
 
 def write_checkpoint(workdir, config, variables, step: int) -> None:
   """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
-  model = model_lib.from_config(config.model)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
     step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
@@ -76,8 +79,8 @@ def _reject_nan(text):
   raise ValueError(f"non-standard JSON constant {text}")
 
 
-def test_evaluation_json_and_csv_parse(evaluation, index):
-  run, out, paths = evaluation
+def test_evaluation_json_and_csv_parse(split_eval, index):
+  run, out, paths = split_eval
   assert {k: p.name for k, p in paths.items()} == {
     "json": "evaluation_test.json",
     "csv": "evaluation_test.csv",
@@ -90,7 +93,7 @@ def test_evaluation_json_and_csv_parse(evaluation, index):
   assert data["saliency_file"] == paths["saliency"].name
   assert data["num_images"] == len(index.rows("test"))
   assert data["num_patients"] == len(index.patients("test"))
-  loaded = ev.load_evaluation(out)
+  loaded = evaluation.load_evaluation(out)
   for cls in nih.CLASSES:
     auc = loaded["auc"][cls]
     assert math.isnan(auc) or 0.0 <= auc <= 1.0
@@ -113,34 +116,34 @@ def test_evaluation_json_and_csv_parse(evaluation, index):
   }
   assert set(loaded["iobb"]) == box_classes == set(loaded["dice"])
   for by_tau in loaded["iobb"].values():
-    assert set(by_tau) == {ev.tau_key(t) for t in ev.DEFAULT_TAUS}
+    assert set(by_tau) == {evaluation.tau_key(t) for t in evaluation.DEFAULT_TAUS}
     assert all(0.0 <= v <= 1.0 for v in by_tau.values())
   assert any(r["metric"] == "iobb_accuracy" and r["T"] == "0.5" for r in rows)
 
 
-def test_per_image_predictions_csv_gives_the_json_aucs(evaluation, index):
-  run, out, paths = evaluation
+def test_per_image_predictions_csv_gives_the_json_aucs(split_eval, index):
+  run, out, paths = split_eval
   text = paths["predictions"].read_text()
-  assert next(csv.reader(io.StringIO(text))) == list(inference.CSV_COLUMNS)
+  assert next(csv.reader(io.StringIO(text))) == list(engine.CSV_COLUMNS)
   table = list(csv.DictReader(io.StringIO(text)))
   test_rows = index.rows("test")
   assert [t["image_id"] for t in table] == [index.image_ids[r] for r in np.sort(test_rows)]
   assert [int(t["patient_id"]) for t in table] == index.patient_ids[np.sort(test_rows)].tolist()
-  probs = inference.read_predictions_csv(paths["predictions"])
+  probs = engine.read_predictions_csv(paths["predictions"])
   assert list(probs) == [t["image_id"] for t in table]
   np.testing.assert_allclose(np.stack(list(probs.values())), run.predictions.probs, rtol=1e-7)
   # The AUCs recomputed from the file alone are the JSON's.
   labels = index.labels[np.sort(test_rows)]
-  aucs = metrics.per_class_auc(labels, np.stack(list(probs.values())))
-  loaded = ev.load_evaluation(out)
+  aucs = classification.per_class_auc(labels, np.stack(list(probs.values())))
+  loaded = evaluation.load_evaluation(out)
   for k, cls in enumerate(nih.CLASSES):
     assert aucs[k] == pytest.approx(loaded["auc"][cls], nan_ok=True)
 
 
-def test_saliency_kept_only_for_images_with_boxes(evaluation, index, smoke):
-  run, out, _ = evaluation
+def test_saliency_kept_only_for_images_with_boxes(split_eval, index, smoke):
+  run, out, _ = split_eval
   result = run.result.to_dict()
-  sal = ev.load_saliency(ev.saliency_path_for(out))
+  sal = evaluation.load_saliency(evaluation.saliency_path_for(out))
   test_rows = set(index.rows("test").tolist())
   with_boxes = set(index.box_rows.tolist()) & test_rows
   assert with_boxes and set(sal["maps"]) == with_boxes
@@ -154,11 +157,11 @@ def test_saliency_kept_only_for_images_with_boxes(evaluation, index, smoke):
     assert [lv.shape[0] for lv in levels] == sorted(lv.shape[0] for lv in levels)
     assert np.allclose(levels[-1], sal["maps"][row], atol=1e-3)
   # DICE recomputed from the stored maps matches the JSON.
-  cases = ev.box_cases(index, sal["maps"])
+  cases = evaluation.box_cases(index, sal["maps"])
   cls = next(iter(result["dice"]))
   k = nih.CLASSES.index(cls)
   mine = [
-    metrics.box_dice(sal["maps"][r][..., k], boxes, 512, index.box_space)
+    overlap.box_dice(sal["maps"][r][..., k], boxes, 512, index.box_space)
     for r, cs in cases.items()
     for kk, boxes in cs
     if kk == k
@@ -169,25 +172,25 @@ def test_saliency_kept_only_for_images_with_boxes(evaluation, index, smoke):
 def test_localization_metrics_perfect_and_empty_maps():
   # A map equal to the box scores DICE 1 and finds the box at every tau; an empty map none.
   box = (64.0, 128.0, 128.0, 64.0)  # x, y, w, h in 512 px
-  mask = metrics.boxes_to_mask([box], 512, 512)
+  mask = overlap.boxes_to_mask([box], 512, 512)
   perfect = np.zeros((512, 512, 2))
   perfect[..., 1] = mask
   empty = np.zeros((512, 512, 2))
   cases = {0: [(1, [box])], 1: [(1, [box])]}
-  loc = ev.localization_metrics({0: perfect}, cases, 512, taus=(0.2, 0.7))
+  loc = evaluation.localization_metrics({0: perfect}, cases, 512, taus=(0.2, 0.7))
   cls = nih.CLASSES[1]
   assert loc["dice"][cls] == pytest.approx(1.0)
   assert loc["dice_uniform"][cls] == pytest.approx(math.sqrt(mask.mean()))
   assert loc["iobb"][cls] == {"0.2": 1.0, "0.7": 1.0}
   assert loc["localization"]["iou"]["0.75"][cls]["0.7"] == 1.0
-  loc = ev.localization_metrics({0: perfect, 1: empty}, cases, 512, taus=(0.5,))
+  loc = evaluation.localization_metrics({0: perfect, 1: empty}, cases, 512, taus=(0.5,))
   assert loc["num_cases"][cls] == 2 and loc["num_boxes"][cls] == 2
   assert loc["iobb"][cls]["0.5"] == 0.5
   assert loc["dice"][cls] == pytest.approx(0.5)
 
 
 def test_figure_cases_cover_different_classes(index):
-  picks = ev.figure_cases(index, "test", 6)
+  picks = evaluation.figure_cases(index, "test", 6)
   rows = [r for r, _ in picks]
   assert len(rows) == len(set(rows)) <= 6
   test_rows = set(index.rows("test").tolist())
@@ -197,7 +200,7 @@ def test_figure_cases_cover_different_classes(index):
   assert len({k for _, k in picks}) == min(len(picks), len(box_classes))
   for r, k in picks:
     assert k in [kk for kk, _ in index.boxes(r)]
-  assert picks == ev.figure_cases(index, "test", 6)  # deterministic
+  assert picks == evaluation.figure_cases(index, "test", 6)  # deterministic
 
 
 # ---------------------------------------------------------------------------------- reproduce
@@ -225,7 +228,7 @@ def _md_header(path):
 def test_reproduce_two_runs_then_one_reuses(tmp_path, runs_at, monkeypatch, synth_dir):
   runs = [("r0=0", 0.0, runs_at(tmp_path / "w0", 0)), ("r0=5", 5.0, runs_at(tmp_path / "w5", 5))]
   out = tmp_path / "R"
-  summary = rp.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False)
+  summary = reproduction.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False)
   for name in ("table1", "table2", "table2_sweep", "table3"):
     assert (out / f"{name}.md").is_file()
     list(csv.reader(io.StringIO((out / f"{name}.csv").read_text())))
@@ -261,15 +264,15 @@ def test_reproduce_two_runs_then_one_reuses(tmp_path, runs_at, monkeypatch, synt
   # The evaluations were stored in the workdirs; a second reproduce reuses them.
   for name in ("evaluation_test.json", "evaluation_test_predictions.csv"):
     assert (tmp_path / "w5" / name).is_file()
-  stored = ev.load_evaluation(tmp_path / "w5" / "evaluation_test.json")
+  stored = evaluation.load_evaluation(tmp_path / "w5" / "evaluation_test.json")
   assert stored["step"] == 7 and stored["r0"] == 5.0 and stored["which"] == "best"
 
   def no_eval(*a, **k):
     raise AssertionError("evaluated again although a matching evaluation exists")
 
-  monkeypatch.setattr(ev, "evaluate_checkpoint", no_eval)
+  monkeypatch.setattr(evaluation, "evaluate_checkpoint", no_eval)
   out1 = tmp_path / "R1"
-  one = rp.reproduce_runs([runs[1]], None, out1, progress=False)
+  one = reproduction.reproduce_runs([runs[1]], None, out1, progress=False)
   assert one["labels"] == ["r0=5"] and (out1 / "figure3.png").is_file()
   assert "AUC r0=5 (ours)" in _md_header(out1 / "table3.md")
   assert one["runs"][0]["auc"] == pytest.approx(summary["runs"][1]["auc"], nan_ok=True)
@@ -314,8 +317,8 @@ def test_reproduce_cli_custom_taus_and_errors(tmp_path, runs_at, capsys):
   assert cli.main(["reproduce", "--run", f"x:{tmp_path / 'w1'}", "--out", str(out)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("lsemil reproduce: ") and str(tmp_path / "w1") in err[-1]
-  assert reproduce_cmd.parse_run("r0=5:gs://b/w") == ("r0=5", 5.0, "gs://b/w")
-  assert reproduce_cmd.parse_run("gs://b/w") == ("gs://b/w", None, "gs://b/w")
+  assert reproduce.parse_run("r0=5:gs://b/w") == ("r0=5", 5.0, "gs://b/w")
+  assert reproduce.parse_run("gs://b/w") == ("gs://b/w", None, "gs://b/w")
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):
@@ -331,16 +334,16 @@ def test_evaluate_cli_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   """Train the smoke config briefly, then the real `evaluate`, `reproduce` and `predict`."""
-  config = config_lib.load_config("smoke")
+  config = configuration.load_config("smoke")
   config.train.num_steps = 2
   config.train.eval_every_steps = 2
   w = tmp_path / "w"
-  train.train_and_evaluate(config, str(w), data_dir=str(synth_dir))
-  valid = inference.read_predictions_csv(w / train.VALIDATION_PREDICTIONS)
-  index = ev.open_index(config, synth_dir)
+  trainer.train_and_evaluate(config, str(w), data_dir=str(synth_dir))
+  valid = engine.read_predictions_csv(w / trainer.VALIDATION_PREDICTIONS)
+  index = evaluation.open_index(config, synth_dir)
   assert sorted(valid) == sorted(index.image_ids[r] for r in index.rows("valid"))
   assert cli.main(["evaluate", "--workdir", str(w), "--n-boot", "20", "--no-progress"]) == 0
-  result = ev.load_evaluation(w / "evaluation_test.json")
+  result = evaluation.load_evaluation(w / "evaluation_test.json")
   assert result["data_dir"] == str(synth_dir.resolve()) and result["step"] == 2
   assert (w / "evaluation_test_predictions.csv").is_file()
   out = tmp_path / "R"
@@ -351,6 +354,6 @@ def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   argv = ["predict", "--checkpoint", str(w), str(img), "--out", str(tmp_path / "P")]
   assert cli.main([*argv, "--no-progress"]) == 0
   # The same image through predict and through evaluate: the same probabilities.
-  by_file = inference.read_predictions_csv(tmp_path / "P" / "predictions.csv")[img.name]
-  by_split = inference.read_predictions_csv(w / "evaluation_test_predictions.csv")[img.name]
+  by_file = engine.read_predictions_csv(tmp_path / "P" / "predictions.csv")[img.name]
+  by_split = engine.read_predictions_csv(w / "evaluation_test_predictions.csv")[img.name]
   np.testing.assert_allclose(by_file, by_split, atol=1e-5)

@@ -30,9 +30,10 @@ import cv2
 import numpy as np
 import pytest
 
-from lsemil import checkpointing, tb_writer, workdir_lock
+from lsemil.core.errors import EXIT_PREEMPTED, OutputError
 from lsemil.data import imageio, nih
-from lsemil.errors import EXIT_PREEMPTED, OutputError
+from lsemil.runtime import checkpointing
+from lsemil.training import metric_writer, workdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,14 +51,14 @@ def _env(cache: Path | None = None) -> dict:
 
 
 def _cli(*args, cache=None, timeout=300) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "lsemil.cli", *map(str, args)]
+  cmd = [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)]
   return subprocess.run(
     cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout
   )
 
 
 def _popen(*args, cache=None) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "lsemil.cli", *map(str, args)]
+  cmd = [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)]
   return subprocess.Popen(
     cmd, cwd=REPO, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     text=True, start_new_session=True,  # its own process group: workers die with it
@@ -149,7 +150,7 @@ def _plant(root: Path, fault: str, k: int) -> str:
 
 @pytest.fixture(scope="module")
 def small_nih(tmp_path_factory) -> Path:
-  from lsemil.data.synth import synthesize
+  from lsemil.data.phantoms import synthesize
 
   return synthesize(
     tmp_path_factory.mktemp("small") / "nih", patients=4, size=512, seed=0, workers=1,
@@ -275,7 +276,7 @@ def _same_images(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path):
-  from lsemil.data.synth import synthesize
+  from lsemil.data.phantoms import synthesize
 
   raw = synthesize(tmp_path / "raw", patients=24, size=1024, seed=1, workers=2, progress=False)
   n = len(nih.load_index(raw))
@@ -351,7 +352,7 @@ def test_metric_writer_resume_keeps_one_line_per_step_and_kind(tmp_path):
   lines.append({"step": 2, "kind": "train", "loss": 22.0})  # a duplicate of an older version
   text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "kind": "tr'  # torn
   (tmp_path / "metrics.jsonl").write_text(text)
-  w = tb_writer.MetricWriter(tmp_path, resume_step=3)  # the last checkpoint was step 3
+  w = metric_writer.MetricWriter(tmp_path, resume_step=3)  # the last checkpoint was step 3
   assert w.dropped == 5  # steps 4, 5, eval 4, the torn line, the older step-2 duplicate
   w.write(4, {"loss": 4.5}, kind="train")
   w.close()
@@ -392,7 +393,7 @@ def _fill(mnt: Path, leave: int) -> None:
 
 
 def test_metric_writer_full_disk_never_leaves_a_torn_line(small_tmpfs):
-  w = tb_writer.MetricWriter(small_tmpfs / "run", resume_step=0)
+  w = metric_writer.MetricWriter(small_tmpfs / "run", resume_step=0)
   w.write(1, {"loss": 1.0}, kind="train")
   w.flush()
   _fill(small_tmpfs, 6000)  # about one page and a half
@@ -418,13 +419,13 @@ def _state(fill: float):
   import jax
   import jax.numpy as jnp
 
-  from lsemil import model as model_lib
-  from lsemil import train
-  from lsemil.config_lib import load_config
+  from lsemil.core.configuration import load_config
+  from lsemil.models import mil
+  from lsemil.training import trainer
 
   config = load_config("smoke")
-  model = model_lib.from_config(config.model)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   return config, jax.tree.map(lambda a: jnp.full(a.shape, fill, a.dtype), abstract)
 
 
@@ -461,15 +462,16 @@ _FULL_SAVE = textwrap.dedent(
   """
   import json, os, sys
   import grain, jax, jax.numpy as jnp
-  from lsemil import checkpointing, train
-  from lsemil import model as model_lib
-  from lsemil.config_lib import load_config
-  from lsemil.errors import OutputError
+  from lsemil.runtime import checkpointing
+  from lsemil.training import trainer
+  from lsemil.models import mil
+  from lsemil.core.configuration import load_config
+  from lsemil.core.errors import OutputError
 
   workdir, filler = sys.argv[1], sys.argv[2]
   config = load_config("smoke")
-  model = model_lib.from_config(config.model)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: jnp.full(a.shape, 0.25, a.dtype), abstract)
   it = lambda: iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
   mngr = checkpointing.create_manager(workdir, keep=5)
@@ -609,7 +611,7 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
 _HOLD = textwrap.dedent(
   """
   import sys, time
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
   with workdir_lock.hold(sys.argv[1], heartbeat_s=float(sys.argv[2])) as lock:
     print("HELD", lock.holder.pid, flush=True)
     time.sleep(600)

@@ -8,19 +8,19 @@ import pytest
 from PIL import Image
 from test_reproduce_stats import write_checkpoint
 
-from lsemil import config_lib, train
-from lsemil import evaluate as ev
-from lsemil import model as model_lib
-from lsemil import report as R
-from lsemil import reproduce as rp
-from lsemil.commands import reproduce as reproduce_cmd
+from lsemil.commands import reproduce
+from lsemil.core import configuration
+from lsemil.models import mil
+from lsemil.reporting import drawing
+from lsemil.training import trainer
+from lsemil.workflows import evaluation, reproduction
 
 
 def test_report_figure1_panels_and_boxes(tmp_path):
   rng = np.random.default_rng(0)
   img = rng.random((64, 64))
   panels = [(f"N={n}", rng.random((n, n))) for n in (8, 16, 32, 64)]
-  fig = R.figure1(tmp_path / "f.png", img, panels, title="Nodule", boxes=[(0, 0, 512, 256)])
+  fig = drawing.figure1(tmp_path / "f.png", img, panels, title="Nodule", boxes=[(0, 0, 512, 256)])
   assert [ax.get_title() for ax in fig.axes] == [
     "Nodule", "N=8 (8x8)", "N=16 (16x16)", "N=32 (32x32)", "N=64 (64x64)",
   ]  # fmt: skip
@@ -32,8 +32,8 @@ def test_report_figure1_panels_and_boxes(tmp_path):
 
 
 def test_parse_figure1():
-  assert reproduce_cmd.parse_figure1("N=16:runs/w") == (16, "runs/w")
-  assert reproduce_cmd.parse_figure1("N=8:gs://b/w") == (8, "gs://b/w")
+  assert reproduce.parse_figure1("N=16:runs/w") == (16, "runs/w")
+  assert reproduce.parse_figure1("N=8:gs://b/w") == (8, "gs://b/w")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,10 @@ def runs_by_n(tmp_path_factory, synth_dir, random_variables):
   tmp = tmp_path_factory.mktemp("fig1")
   out = {}
   for n in (8, 16):
-    config = config_lib.load_config("smoke", f"r0=5,N={n}")
+    config = configuration.load_config("smoke", f"r0=5,N={n}")
     config.model.saliency_size = n  # the smoke config sets its own N after the paper's
     config.data.data_dir = str(synth_dir)
-    model = model_lib.from_config(config.model)
+    model = mil.from_config(config.model)
     write_checkpoint(tmp / f"w{n}", config, random_variables(model, n), 7)
     out[n] = tmp / f"w{n}"
   return tmp, out
@@ -54,18 +54,18 @@ def runs_by_n(tmp_path_factory, synth_dir, random_variables):
 def test_figure1_one_model_per_n(runs_by_n, synth_dir):
   tmp, by_n = runs_by_n
   out = tmp / "R"
-  summary = rp.reproduce_runs(
+  summary = reproduction.reproduce_runs(
     [("r0=5", 5.0, by_n[16])], None, out, n_boot=0, progress=False, n_figure=1,
     figure1=[(16, by_n[16]), (8, by_n[8])], html=False,
   )  # fmt: skip
   assert summary["figures"][0] == "figure1.png"
   fig1 = summary["figure1"]
   assert fig1["N"] == [8, 16]  # sorted by N
-  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
+  index = evaluation.open_index(configuration.load_config("smoke"), synth_dir)
   row = fig1["row"]
   assert index.image_ids[row] == fig1["image_id"] and row in index.rows("test").tolist()
   for n in (8, 16):  # each model's map at its own N
-    sal = ev.load_saliency(by_n[n] / "evaluation_test_saliency_boxes.npz")
+    sal = evaluation.load_saliency(by_n[n] / "evaluation_test_saliency_boxes.npz")
     assert sal["maps"][row].shape[:2] == (n, n)
   with Image.open(out / "figure1.png") as im:  # image + 2 panels
     assert im.size[0] / im.size[1] == pytest.approx(3, rel=0.05)
@@ -77,15 +77,15 @@ def test_figure1_one_model_per_n(runs_by_n, synth_dir):
 def test_figure1_needs_a_shared_box_image(runs_by_n):
   tmp, by_n = runs_by_n
   (r,) = [
-    rp.Run("N=8", None, str(by_n[8]), {}, {"maps": {}}, None, None, name="N=8"),
+    reproduction.Run("N=8", None, str(by_n[8]), {}, {"maps": {}}, None, None, name="N=8"),
   ]
-  with pytest.raises(rp.UserError, match="share no test image"):
-    rp.figure1(tmp / "x.png", [(8, r)], None, "test", None)
+  with pytest.raises(reproduction.UserError, match="share no test image"):
+    reproduction.figure1(tmp / "x.png", [(8, r)], None, "test", None)
 
 
 def test_train_step_of_every_demo_n_builds():
   for n in (8, 16, 32, 64):
-    config = config_lib.load_config("demo", f"N={n}")
-    model = model_lib.from_config(config.model)
+    config = configuration.load_config("demo", f"N={n}")
+    model = mil.from_config(config.model)
     assert model.saliency_size == n
-    train.validate_config(config)
+    trainer.validate_config(config)

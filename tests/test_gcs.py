@@ -51,7 +51,7 @@ def _env(cache: Path | None = None) -> dict:
 
 def _cli(*args, cache=None, timeout=400) -> subprocess.CompletedProcess:
   proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", *map(str, args)],
+    [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)],
     cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout,
   )
   assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
@@ -62,13 +62,13 @@ def _cli(*args, cache=None, timeout=400) -> subprocess.CompletedProcess:
 
 
 def test_metric_writer_on_gcs_rewrites_whole_object_and_drops_later_steps(gcs_bucket):
-  from lsemil import tb_writer
+  from lsemil.training import metric_writer
 
   w = f"{gcs_bucket}/writer"
   fs = _fs()
   old = [{"step": s, "kind": "train", "loss": float(s)} for s in (1, 2, 3)]
   fs.pipe(f"{_bare(w)}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in old).encode())
-  writer = tb_writer.MetricWriter(w, resume_step=2)
+  writer = metric_writer.MetricWriter(w, resume_step=2)
   writer.write(3, {"loss": 3.5}, kind="train")
   writer.flush()
   lines = _fs().cat(f"{_bare(w)}/metrics.jsonl").decode().splitlines()
@@ -89,13 +89,14 @@ def test_checkpoint_folders_written_by_another_process_are_seen(gcs_bucket):
   import jax.numpy as jnp
   from etils import epath
 
-  from lsemil import checkpointing, train
-  from lsemil import model as model_lib
-  from lsemil.config_lib import load_config
+  from lsemil.core.configuration import load_config
+  from lsemil.models import mil
+  from lsemil.runtime import checkpointing
+  from lsemil.training import trainer
 
   config = load_config("smoke")
-  model = model_lib.from_config(config.model)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   w = f"{gcs_bucket}/other_writer"
   mngr = checkpointing.create_manager(w, keep=5)
   for step in (1, 2):
@@ -120,7 +121,7 @@ def test_checkpoint_folders_written_by_another_process_are_seen(gcs_bucket):
 _HOLD = textwrap.dedent(
   """
   import sys, time
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
   with workdir_lock.hold(sys.argv[1], heartbeat_s=float(sys.argv[2])) as lock:
     print("HELD", lock.holder.pid, flush=True)
     time.sleep(600)
@@ -129,7 +130,7 @@ _HOLD = textwrap.dedent(
 _CONTEND = textwrap.dedent(
   """
   import sys, time
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
   time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same instant
   try:
     lock = workdir_lock.acquire(sys.argv[1], stale_after_s=5)
@@ -153,7 +154,7 @@ def _holder(workdir: str, heartbeat_s: float) -> subprocess.Popen:
 
 
 def _lock_record(workdir: str) -> tuple[dict, int]:
-  from lsemil.workdir_lock import LOCK_FILE
+  from lsemil.training.workdir_lock import LOCK_FILE
 
   fs = _fs()
   path = f"{_bare(workdir)}/{LOCK_FILE}"
@@ -161,7 +162,7 @@ def _lock_record(workdir: str) -> tuple[dict, int]:
 
 
 def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
 
   w = f"{gcs_bucket}/locked"
   holder = _holder(w, heartbeat_s=0.5)
@@ -190,7 +191,7 @@ def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
 
 
 def test_gcs_lock_stale_take_over_has_one_winner(gcs_bucket):
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
 
   w = f"{gcs_bucket}/contended"
   stale = workdir_lock.Holder("gone-host", 1, "2020-01-01T00:00:00+00:00", 0.0, "old")
@@ -244,7 +245,7 @@ def gcs_runs(gcs_bucket, synth_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_writes_every_output_into_the_bucket(gcs_runs):
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
 
   fs, run = _fs(), _bare(gcs_runs["run"])
   names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
@@ -270,7 +271,7 @@ def test_train_writes_every_output_into_the_bucket(gcs_runs):
 def test_resume_on_gcs_equals_an_uninterrupted_run(gcs_runs):
   import jax
 
-  from lsemil import checkpointing
+  from lsemil.runtime import checkpointing
 
   log, _ = gcs_runs["logs"]["resumed"]
   assert f"resuming from {gcs_runs['run']}/checkpoints/3 (step 3)" in log

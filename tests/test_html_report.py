@@ -1,4 +1,4 @@
-"""lsemil.html_report and lsemil.plots: Markdown conversion, figures, thumbnails, and the
+"""lsemil.reporting.html_page and lsemil.reporting.plots: Markdown conversion, figures, thumbnails, and the
 report loaded from disk (file://) in headless Chromium: no console errors, every image loads,
 the gallery holds one card per box image and sorts / filters in the browser."""
 
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import html_report, metrics, plots, report
 from lsemil.data.nih import CLASSES
+from lsemil.metrics import classification
+from lsemil.reporting import html_page, paper_tables, plots
 
 # ----------------------------------------------------------------------------------------------
 # Markdown
@@ -28,14 +29,14 @@ from lsemil.data.nih import CLASSES
 
 def test_markdown_table_to_html():
   md = "| a | b & c |\n|:---|---:|\n| **0.9** | <x> |\n"
-  out = html_report.markdown_to_html(md)
+  out = html_page.markdown_to_html(md)
   assert out.count("<table>") == 1 and out.count("<tr>") == 2
   assert '<th style="text-align:left">a</th>' in out
   assert '<th style="text-align:right">b &amp; c</th>' in out
   assert '<td style="text-align:left"><b>0.9</b></td>' in out
   assert "&lt;x&gt;" in out and "<x>" not in out
   text = "# Head\n\nsome `code` and **bold**\ncontinued\n\n" + md + "Bold rule: see CSV.\n"
-  out = html_report.markdown_to_html(text)
+  out = html_page.markdown_to_html(text)
   assert "<h3>Head</h3>" in out
   assert "<p>some <code>code</code> and <b>bold</b> continued</p>" in out
   assert out.index("<table>") < out.index("<p>Bold rule: see CSV.</p>")
@@ -43,8 +44,8 @@ def test_markdown_table_to_html():
 
 def test_report_tables_convert():
   run = {"label": "r0=5", "auc": [0.7] * 14, "dice": {"Mass": 0.3}}
-  md, _ = report.table3([run, {**run, "label": "r0=10", "auc": [0.8] * 14}])
-  out = html_report.markdown_to_html(md)
+  md, _ = paper_tables.table3([run, {**run, "label": "r0=10", "auc": [0.8] * 14}])
+  out = html_page.markdown_to_html(md)
   n_rows = len([x for x in md.splitlines() if x.startswith("|")]) - 1  # minus the align row
   assert out.count("<tr>") == n_rows
   assert "<b>0.800</b>" in out and "**" not in out
@@ -62,7 +63,7 @@ def test_roc_curve_area_is_roc_auc():
   assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
   assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
   area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-  assert area == pytest.approx(metrics.roc_auc(y, s), abs=1e-12)
+  assert area == pytest.approx(classification.roc_auc(y, s), abs=1e-12)
   assert plots.roc_curve(np.zeros(5), np.arange(5))[0].size == 0
 
 
@@ -137,7 +138,7 @@ def figure_pngs(tmp_path_factory):
   runs = [("r0=5", probs[0]), ("r0=10", probs[1])]
   plots.roc_curves(src / "roc.png", y, runs)
   plots.reliability_diagrams(src / "rel.png", y, runs)
-  md, _ = report.table3([{"label": lb, "auc": metrics.per_class_auc(y, p)} for lb, p in runs])
+  md, _ = paper_tables.table3([{"label": lb, "auc": classification.per_class_auc(y, p)} for lb, p in runs])
   return src, md
 
 
@@ -150,7 +151,7 @@ def _inputs(figure_pngs, n_items=5):
     boxes = [[100 + 60 * i, 200, 300, 250]]
     sal = {lb: rng.random((8, 8)) for lb in ("r0=5", "r0=10")}
     gallery.append(
-      html_report.gallery_item(
+      html_page.gallery_item(
         _fake_xray(rng), boxes, classes[i % len(classes)], sal, size=96, caption=f"img{i}.png"
       )
     )
@@ -177,7 +178,7 @@ def _parse(path) -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("embed", [True, False])
 def test_write_report_is_self_contained(tmp_path, figure_pngs, embed):
   tables, figures, gallery = _inputs(figure_pngs)
-  out = html_report.write_report(
+  out = html_page.write_report(
     tmp_path / "results",
     title="t <1>",
     tables=tables,
@@ -197,7 +198,7 @@ def test_write_report_is_self_contained(tmp_path, figure_pngs, embed):
   if embed:
     assert all(re.match(r"data:image/(png|jpeg);base64,", s) for s in srcs)
     assert sum(s.startswith("data:image/jpeg") for s in srcs) == 5 * 3  # gallery: JPEG
-    assert not (tmp_path / "results" / html_report.ASSETS).exists()
+    assert not (tmp_path / "results" / html_page.ASSETS).exists()
   else:
     assert not any(s.startswith("data:") or os.path.isabs(s) for s in srcs)
     assert all((tmp_path / "results" / s).is_file() for s in srcs)
@@ -212,17 +213,17 @@ def test_write_report_auto_embed_and_links_beside(tmp_path, figure_pngs, monkeyp
   plots.roc_curves(
     res / "roc.png", np.array([[1], [0]]), [("a", np.array([[0.6], [0.4]]))], ["Mass"]
   )
-  out = html_report.write_report(
+  out = html_page.write_report(
     res, title="t", figures=[("roc", res / "roc.png")], gallery=gallery
   )
   assert "data:image/png" in Path(out).read_text()  # small: embedded
-  monkeypatch.setattr(html_report, "EMBED_LIMIT", 10)
-  out = html_report.write_report(
+  monkeypatch.setattr(html_page, "EMBED_LIMIT", 10)
+  out = html_page.write_report(
     res, title="t", figures=[("roc", res / "roc.png")], gallery=gallery
   )
   srcs = [a["src"] for t, a in _parse(out) if t == "img"]
   assert srcs[0] == "roc.png"  # already beside the page: linked where it is
-  assert all(s.startswith(html_report.ASSETS + "/") for s in srcs[1:])
+  assert all(s.startswith(html_page.ASSETS + "/") for s in srcs[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def chromium() -> str:
 def test_report_in_chromium(chromium, tmp_path, figure_pngs, embed):
   tables, figures, gallery = _inputs(figure_pngs, n_items=7)
   page = Path(
-    html_report.write_report(
+    html_page.write_report(
       tmp_path / "results",
       title="lsemil report",
       tables=tables,

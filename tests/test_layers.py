@@ -1,4 +1,4 @@
-"""lsemil.layers against flax: BatchNorm (forward, gradients, running statistics) and Conv."""
+"""lsemil.models.layers against flax: BatchNorm (forward, gradients, running statistics) and Conv."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lsemil import layers
+from lsemil.models import layers
 
 F32_TOL = dict(rtol=2e-5, atol=2e-5)
 

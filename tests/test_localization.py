@@ -1,4 +1,4 @@
-"""lsemil.localization: every protocol against hand-computed cases, Otsu against skimage, AP
+"""lsemil.metrics.localization: every protocol against hand-computed cases, Otsu against skimage, AP
 against sklearn, tuning blind to the reporting half, patient bootstrap, predict's boxes.
 
 Hand cases live on a 16 x 16 grid with boxes given in a 32-pixel box space (scale 1/2), and
@@ -16,12 +16,11 @@ import scipy.ndimage
 import skimage.filters
 import sklearn.metrics
 
-from lsemil import localization as loc
-from lsemil import metrics
+from lsemil.metrics import localization, overlap
 
 SIZE, SPACE = 16, 32
 BOX = (10.0, 4.0, 8.0, 6.0)  # grid rows 2..4, columns 5..8 (12 pixels)
-TUNE_PATIENT, REPORT_PATIENT = 2, 1  # loc.tuning_half(2) is True, (1) is False
+TUNE_PATIENT, REPORT_PATIENT = 2, 1  # localization.tuning_half(2) is True, (1) is False
 
 
 def grid_mask(rows, cols) -> np.ndarray:
@@ -33,12 +32,12 @@ def grid_mask(rows, cols) -> np.ndarray:
 def score(s, boxes, **kw) -> dict:
   """score_all of one map on two identical cases: one per half (class 'A')."""
   cases = [
-    loc.Case(0, 0, tuple(boxes), TUNE_PATIENT, 0.9),
-    loc.Case(1, 0, tuple(boxes), REPORT_PATIENT, 0.9),
+    localization.Case(0, 0, tuple(boxes), TUNE_PATIENT, 0.9),
+    localization.Case(1, 0, tuple(boxes), REPORT_PATIENT, 0.9),
   ]
   maps = {(0, 0): s, (1, 0): s}
   kw = {"size": SIZE, "n_boot": 20, "class_names": ["A"], **kw}
-  return loc.score_all(cases, maps, SPACE, **kw)
+  return localization.score_all(cases, maps, SPACE, **kw)
 
 
 def values(res: dict) -> dict:
@@ -46,21 +45,21 @@ def values(res: dict) -> dict:
 
 
 def test_tuning_half_is_deterministic_and_patientwise():
-  assert loc.tuning_half(TUNE_PATIENT) and not loc.tuning_half(REPORT_PATIENT)
-  assert loc.tuning_half(np.int64(2)) == loc.tuning_half("2")
-  halves = [loc.tuning_half(p) for p in range(2000)]
+  assert localization.tuning_half(TUNE_PATIENT) and not localization.tuning_half(REPORT_PATIENT)
+  assert localization.tuning_half(np.int64(2)) == localization.tuning_half("2")
+  halves = [localization.tuning_half(p) for p in range(2000)]
   assert 0.45 < np.mean(halves) < 0.55
 
 
 def test_grid_box_orientation():
-  g = metrics.boxes_to_mask([BOX], SIZE, SPACE)
+  g = overlap.boxes_to_mask([BOX], SIZE, SPACE)
   np.testing.assert_array_equal(g, grid_mask((2, 5), (5, 9)))
 
 
 def test_exact_hit_map():
   v = values(score(grid_mask((2, 5), (5, 9)), [BOX]))
   assert v["dice"] == pytest.approx(1.0)
-  for t in loc.DEFAULT_TS:
+  for t in localization.DEFAULT_TS:
     assert v[f"acc_iobb@{t:g}"] == 1.0 and v[f"acc_iou@{t:g}"] == 1.0
     assert v[f"afp_iobb@{t:g}"] == 0.0 and v[f"afp_iou@{t:g}"] == 0.0
   assert v["miou_otsu"] == 1.0 and v["miou_tuned"] == 1.0
@@ -84,7 +83,7 @@ def test_map_off_by_one_pixel():
   assert res["auprc"]["A"]["base_rate"] == pytest.approx(12 / 256)
   # The sweep: every tau gives the same boxes for a binary map.
   by_tau = res["acc_iou@0.75"]["A"]["by_tau"]
-  assert set(by_tau) == {f"{t:g}" for t in loc.DEFAULT_TAUS}
+  assert set(by_tau) == {f"{t:g}" for t in localization.DEFAULT_TAUS}
   assert all(e["value"] == 0.0 for e in by_tau.values())
 
 
@@ -113,7 +112,7 @@ def test_two_boxes_one_found():
   res = score(s, [a, b])
   v = values(res)
   assert v["dice"] == pytest.approx(2 * 6 / (6 + 26))
-  for t in loc.DEFAULT_TS:
+  for t in localization.DEFAULT_TS:
     assert v[f"acc_iobb@{t:g}"] == 0.5 and v[f"afp_iobb@{t:g}"] == 0.0
   assert res["acc_iobb@0.5"]["A"]["n_boxes"] == 2  # the reporting case's boxes
   assert v["miou_otsu"] == pytest.approx(6 / 26)
@@ -138,16 +137,16 @@ def test_coarse_map_is_upsampled_nearest():
 def test_wang_counts_match_metrics_localization_hits():
   rng = np.random.default_rng(0)
   boxes = [(4.0, 6.0, 10.0, 8.0), (18.0, 2.0, 6.0, 20.0), (1.0, 25.0, 12.0, 5.0)]
-  ranges = loc.gt_ranges(boxes, SIZE, SPACE)
+  ranges = localization.gt_ranges(boxes, SIZE, SPACE)
   for seed in range(5):
     s = scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 1.5)
-    s = loc.minmax(s)
-    found, fp = loc.wang_counts(s, ranges, loc.DEFAULT_TAUS, loc.DEFAULT_TS, SIZE)
-    for i, tau in enumerate(loc.DEFAULT_TAUS):
-      hits = metrics.localization_hits(s, boxes, tau, SIZE, SPACE)
-      n_pred = len(metrics.predicted_boxes(s, tau, SIZE))
-      for j, kind in enumerate(loc.KINDS):
-        for ti, t in enumerate(loc.DEFAULT_TS):
+    s = localization.minmax(s)
+    found, fp = localization.wang_counts(s, ranges, localization.DEFAULT_TAUS, localization.DEFAULT_TS, SIZE)
+    for i, tau in enumerate(localization.DEFAULT_TAUS):
+      hits = overlap.localization_hits(s, boxes, tau, SIZE, SPACE)
+      n_pred = len(overlap.predicted_boxes(s, tau, SIZE))
+      for j, kind in enumerate(localization.KINDS):
+        for ti, t in enumerate(localization.DEFAULT_TS):
           assert found[j, i, ti] == (hits[kind] >= t).sum(), (seed, tau, kind, t)
           assert 0 <= fp[j, i, ti] <= n_pred
 
@@ -155,10 +154,10 @@ def test_wang_counts_match_metrics_localization_hits():
 def test_grid_boxes_on_the_small_map_equal_predicted_boxes_on_the_grid():
   rng = np.random.default_rng(8)
   for n, size in ((8, 64), (16, 64), (32, 512), (12, 64)):  # 12 does not divide 64
-    s = loc.minmax(scipy.ndimage.gaussian_filter(rng.random((n, n)), 1.0))
+    s = localization.minmax(scipy.ndimage.gaussian_filter(rng.random((n, n)), 1.0))
     for tau in (0.3, 0.5, 0.7):
-      want = metrics.predicted_boxes(metrics.resize_saliency(s, size), tau, size)
-      np.testing.assert_array_equal(loc.grid_boxes(s, tau, size), want)
+      want = overlap.predicted_boxes(overlap.resize_saliency(s, size), tau, size)
+      np.testing.assert_array_equal(localization.grid_boxes(s, tau, size), want)
 
 
 def test_otsu_equals_skimage():
@@ -167,12 +166,12 @@ def test_otsu_equals_skimage():
     rng.random((32, 32)),
     np.concatenate([rng.normal(0.2, 0.05, 500), rng.normal(0.8, 0.1, 300)]).reshape(20, 40),
     np.round(rng.random((16, 16)) * 7) / 7,  # heavy ties
-    loc.minmax(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 3)),
+    localization.minmax(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 3)),
     np.array([[0.0, 1.0], [1.0, 1.0]]),
   ]
   for im in images:
-    assert loc.otsu_threshold(im) == pytest.approx(float(skimage.filters.threshold_otsu(im)))
-  assert loc.otsu_threshold(np.full((4, 4), 0.3)) == 0.3
+    assert localization.otsu_threshold(im) == pytest.approx(float(skimage.filters.threshold_otsu(im)))
+  assert localization.otsu_threshold(np.full((4, 4), 0.3)) == 0.3
 
 
 def test_average_precision_equals_sklearn():
@@ -181,13 +180,13 @@ def test_average_precision_equals_sklearn():
     y = rng.random(300) < 0.2
     s = np.round(rng.random(300), 1)  # ties
     w = rng.integers(1, 4, 300).astype(float)
-    assert loc.average_precision(y, s) == pytest.approx(
+    assert localization.average_precision(y, s) == pytest.approx(
       sklearn.metrics.average_precision_score(y, s)
     )
-    assert loc.average_precision(y, s, w) == pytest.approx(
+    assert localization.average_precision(y, s, w) == pytest.approx(
       sklearn.metrics.average_precision_score(y, s, sample_weight=w)
     )
-  assert np.isnan(loc.average_precision(np.zeros(5), np.arange(5)))
+  assert np.isnan(localization.average_precision(np.zeros(5), np.arange(5)))
 
 
 def test_pixel_auprc_equals_sklearn_on_pooled_pixels():
@@ -195,12 +194,12 @@ def test_pixel_auprc_equals_sklearn_on_pooled_pixels():
   cases, maps, ys, ss = [], {}, [], []
   for r in range(6):
     box = (float(rng.integers(0, 20)), float(rng.integers(0, 20)), 8.0, 6.0)
-    s = np.round(loc.minmax(scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 2)), 3)
-    cases.append(loc.Case(r, 0, (box,), r, 0.5))
+    s = np.round(localization.minmax(scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 2)), 3)
+    cases.append(localization.Case(r, 0, (box,), r, 0.5))
     maps[(r, 0)] = s
-    ys.append(metrics.boxes_to_mask([box], SIZE, SPACE).ravel())
+    ys.append(overlap.boxes_to_mask([box], SIZE, SPACE).ravel())
     ss.append(s.ravel())
-  res = loc.score_all(cases, maps, SPACE, size=SIZE, n_boot=0, class_names=["A"])
+  res = localization.score_all(cases, maps, SPACE, size=SIZE, n_boot=0, class_names=["A"])
   want = sklearn.metrics.average_precision_score(np.concatenate(ys), np.concatenate(ss))
   assert res["auprc"]["A"]["value"] == pytest.approx(want, abs=1e-9)
 
@@ -216,13 +215,13 @@ def graded_cases(n_patients: int, seed: int, poison=None):
   for p in range(n_patients):
     x, y = float(rng.integers(0, 16)), float(rng.integers(0, 16))
     box = (x, y, float(rng.integers(6, 16)), float(rng.integers(6, 16)))
-    g = metrics.boxes_to_mask([box], SIZE, SPACE)
+    g = overlap.boxes_to_mask([box], SIZE, SPACE)
     s = scipy.ndimage.gaussian_filter(g, rng.uniform(0.5, 3)) + 0.3 * rng.random((SIZE, SIZE))
-    s = loc.minmax(s)
+    s = localization.minmax(s)
     if poison is not None and poison(p):
       s = 0.25 * g
       s.flat[np.flatnonzero(g)[0]] = 1.0
-    cases.append(loc.Case(p, 0, (box,), p, float(rng.random())))
+    cases.append(localization.Case(p, 0, (box,), p, float(rng.random())))
     maps[(p, 0)] = s
   return cases, maps
 
@@ -233,14 +232,14 @@ def tuned_choices(res):
 
 
 def test_tuning_never_sees_the_reporting_half():
-  kw = {"size": SIZE, "n_boot": 0, "class_names": ["A"], "prob_cutoffs": loc.PROB_CUTOFFS}
-  clean = loc.score_all(*graded_cases(60, 4), SPACE, **kw)
-  report = lambda p: not loc.tuning_half(p)  # noqa: E731
-  poisoned = loc.score_all(*graded_cases(60, 4, poison=report), SPACE, **kw)
+  kw = {"size": SIZE, "n_boot": 0, "class_names": ["A"], "prob_cutoffs": localization.PROB_CUTOFFS}
+  clean = localization.score_all(*graded_cases(60, 4), SPACE, **kw)
+  report = lambda p: not localization.tuning_half(p)  # noqa: E731
+  poisoned = localization.score_all(*graded_cases(60, 4, poison=report), SPACE, **kw)
   assert tuned_choices(poisoned) == tuned_choices(clean)
   assert poisoned["miou_tuned"]["A"]["value"] != clean["miou_tuned"]["A"]["value"]
   # ...while poisoning the tuning half does move the choices.
-  tuned = loc.score_all(*graded_cases(60, 4, poison=loc.tuning_half), SPACE, **kw)
+  tuned = localization.score_all(*graded_cases(60, 4, poison=localization.tuning_half), SPACE, **kw)
   assert tuned_choices(tuned) != tuned_choices(clean)
   n = clean["miou_tuned"]["A"]
   assert n["n"] + n["n_tune"] == 60 and n["n"] > 15 and n["n_tune"] > 15
@@ -249,29 +248,29 @@ def test_tuning_never_sees_the_reporting_half():
   t = clean["miou_tuned"]["A"]["threshold"]
   ious = []
   for c in cases:
-    pred = loc.minmax(maps[(c.row, 0)]) > t
-    if not loc.tuning_half(c.patient) and pred.any():
-      ious.append(loc.iou(pred, metrics.boxes_to_mask(c.boxes, SIZE, SPACE) > 0))
+    pred = localization.minmax(maps[(c.row, 0)]) > t
+    if not localization.tuning_half(c.patient) and pred.any():
+      ious.append(localization.iou(pred, overlap.boxes_to_mask(c.boxes, SIZE, SPACE) > 0))
   assert clean["miou_tuned"]["A"]["value"] == pytest.approx(np.mean(ious))
 
 
 def test_bootstrap_resamples_patients():
   cases, maps = graded_cases(40, 5)
   kw = {"size": SIZE, "n_boot": 200, "class_names": ["A"], "seed": 3}
-  res = loc.score_all(cases, maps, SPACE, **kw)
+  res = localization.score_all(cases, maps, SPACE, **kw)
   for p in ("dice", "hit_rate", "energy", "auprc", "miou_otsu"):
     e = res[p]["A"]
     assert e["lo"] <= e["value"] <= e["hi"] and e["lo"] < e["hi"], p
-  assert loc.score_all(cases, maps, SPACE, **kw) == res  # seeded
+  assert localization.score_all(cases, maps, SPACE, **kw) == res  # seeded
   # One patient holding every image: every resample is the whole set, the interval a point.
-  one = [loc.Case(c.row, c.cls, c.boxes, "only", c.prob) for c in cases]
-  e = loc.score_all(one, maps, SPACE, **kw)["dice"]["A"]
+  one = [localization.Case(c.row, c.cls, c.boxes, "only", c.prob) for c in cases]
+  e = localization.score_all(one, maps, SPACE, **kw)["dice"]["A"]
   assert e["lo"] == pytest.approx(e["value"]) and e["hi"] == pytest.approx(e["value"])
 
 
 def test_result_is_strict_json_and_complete():
   cases, maps = graded_cases(12, 6)
-  res = loc.score_all(
+  res = localization.score_all(
     cases,
     {c.row: maps[(c.row, 0)][..., None] for c in cases},
     SPACE,
@@ -281,7 +280,7 @@ def test_result_is_strict_json_and_complete():
   )
   json.dumps(res, allow_nan=False)
   protocols = {"dice", "miou_otsu", "miou_tuned", "hit_rate", "energy", "auprc"}
-  protocols |= {f"{w}_{k}@{t:g}" for w in ("acc", "afp") for k in loc.KINDS for t in loc.DEFAULT_TS}
+  protocols |= {f"{w}_{k}@{t:g}" for w in ("acc", "afp") for k in localization.KINDS for t in localization.DEFAULT_TS}
   assert set(res) == protocols | {"settings"}
   assert res["settings"]["n_cases"] == {"A": 12}
 
@@ -295,7 +294,7 @@ def test_table4_bold_best_and_afp_lower_is_better():
   good = score(grid_mask((2, 5), (5, 9)), [BOX])
   shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
   protocols = ("dice", "afp_iobb@0.9")
-  t = loc.table4_rows({"model": good, "shifted": shifted}, protocols=protocols)
+  t = localization.table4_rows({"model": good, "shifted": shifted}, protocols=protocols)
   rows = {(r["class"], r["source"]): r for r in t["rows"]}
   assert rows[("A", "model")]["dice"]["best"] and not rows[("A", "shifted")]["dice"]["best"]
   assert rows[("A", "model")]["afp_iobb@0.9"]["best"]  # 0 false positives beats 1
@@ -310,7 +309,7 @@ def test_table4_bolds_the_best_when_a_source_lacks_the_protocol():
   good = score(grid_mask((2, 5), (5, 9)), [BOX])
   shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
   lacking = {"dice": shifted["dice"]}  # like the constant map, which has no mIoU
-  t = loc.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
+  t = localization.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
                       protocols=("dice", "miou_otsu"))  # fmt: skip
   rows = {(r["class"], r["source"]): r for r in t["rows"]}
   for cls in ("A", "mean"):
@@ -328,7 +327,7 @@ def test_boxes_from_map_returns_a_planted_lesion_in_image_pixels():
   ys, xs = (np.arange(n) + 0.5) * h / n, (np.arange(n) + 0.5) * w / n
   s = ((ys[:, None] >= 60) & (ys[:, None] < 110) & (xs[None] >= 310) & (xs[None] < 370)) * 0.9
   s = s + 0.05 + 0.05 * np.random.default_rng(7).random((n, n))
-  boxes = loc.boxes_from_map(s, 0.5, (h, w))
+  boxes = localization.boxes_from_map(s, 0.5, (h, w))
   assert len(boxes) == 1
   b = boxes[0]
   cell_x, cell_y = w / n, h / n  # 3.9 and 2.3 image pixels
@@ -338,8 +337,8 @@ def test_boxes_from_map_returns_a_planted_lesion_in_image_pixels():
   # Two blobs: sorted by peak, each box from the same components as the IoBB protocol.
   s2 = s.copy()
   s2[100:110, 10:20] = 0.7
-  two = loc.boxes_from_map(s2, 0.5, (h, w))
+  two = localization.boxes_from_map(s2, 0.5, (h, w))
   assert [round(x["peak"], 1) for x in two] == [1.0, 0.7]
-  assert len(two) == len(metrics.predicted_boxes(s2, 0.5, loc.EVAL_SIZE))
+  assert len(two) == len(overlap.predicted_boxes(s2, 0.5, localization.EVAL_SIZE))
   assert two[1]["x"] == pytest.approx(10 * w / n) and two[1]["y"] == pytest.approx(100 * h / n)
-  assert loc.boxes_from_map(np.zeros((n, n)), 0.5, (h, w)) == []
+  assert localization.boxes_from_map(np.zeros((n, n)), 0.5, (h, w)) == []

@@ -1,4 +1,4 @@
-"""Tests of lsemil.metrics (Sec 4.2 metrics): hand-computed cases, sklearn/skimage as oracles."""
+"""Tests of lsemil.metrics.overlap (Sec 4.2 metrics): hand-computed cases, sklearn/skimage as oracles."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lsemil import metrics as M
+from lsemil.metrics import classification, overlap
 
 # ------------------------------------------------------------------------------ AUC
 
 
 def test_roc_auc_hand_case_with_tie():
   # pos scores {0.8, 0.4}, neg {0.4, 0.1}: pairs (0.8>0.4, 0.8>0.1, 0.4=0.4 -> 1/2, 0.4>0.1)
-  assert M.roc_auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4, abs=1e-12)
-  assert M.roc_auc([0, 1], [0.3, 0.3]) == 0.5
-  assert M.roc_auc([1, 0], [0.1, 0.9]) == 0.0
+  assert classification.roc_auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4, abs=1e-12)
+  assert classification.roc_auc([0, 1], [0.3, 0.3]) == 0.5
+  assert classification.roc_auc([1, 0], [0.1, 0.9]) == 0.0
 
 
 @pytest.mark.parametrize("levels", [None, 3, 10])
@@ -29,12 +29,12 @@ def test_roc_auc_matches_sklearn_including_heavy_ties(levels):
     s = rng.random(n) + 0.3 * y
     if levels is not None:
       s = np.floor(s * levels)  # only a handful of distinct values
-    assert abs(M.roc_auc(y, s) - roc_auc_score(y, s)) < 1e-9
+    assert abs(classification.roc_auc(y, s) - roc_auc_score(y, s)) < 1e-9
 
 
 def test_roc_auc_undefined_is_nan():
-  assert np.isnan(M.roc_auc([0, 0, 0], [0.1, 0.2, 0.3]))
-  assert np.isnan(M.roc_auc([1, 1], [0.1, 0.2]))
+  assert np.isnan(classification.roc_auc([0, 0, 0], [0.1, 0.2, 0.3]))
+  assert np.isnan(classification.roc_auc([1, 1], [0.1, 0.2]))
 
 
 def test_per_class_auc_matches_columnwise_and_marks_nan():
@@ -42,7 +42,7 @@ def test_per_class_auc_matches_columnwise_and_marks_nan():
   y = (rng.random((200, 5)) < 0.3).astype(int)
   y[:, 3] = 0  # no positives
   s = np.round(rng.random((200, 5)) + 0.2 * y, 1)
-  aucs = M.per_class_auc(y, s)
+  aucs = classification.per_class_auc(y, s)
   assert aucs.shape == (5,)
   for k in (0, 1, 2, 4):
     assert abs(aucs[k] - roc_auc_score(y[:, k], s[:, k])) < 1e-9
@@ -50,10 +50,10 @@ def test_per_class_auc_matches_columnwise_and_marks_nan():
 
 
 def test_mean_auc_skips_and_reports_nan_classes():
-  mean, missing = M.mean_auc([0.6, np.nan, 0.8, np.nan])
+  mean, missing = classification.mean_auc([0.6, np.nan, 0.8, np.nan])
   assert mean == pytest.approx(0.7)
   assert missing == [1, 3]
-  mean, missing = M.mean_auc([np.nan])
+  mean, missing = classification.mean_auc([np.nan])
   assert np.isnan(mean) and missing == [0]
 
 
@@ -66,7 +66,7 @@ def test_bootstrap_resample_aucs_equal_weighted_sklearn():
   s = np.floor((rng.random((n, k)) + 0.3 * y) * 5)  # ties
   uniq, inv = np.unique(pids, return_inverse=True)
   counts = rng.multinomial(uniq.size, np.full(uniq.size, 1 / uniq.size), size=8)
-  aucs = M._bootstrap_aucs(y, s, pids, counts)
+  aucs = classification._bootstrap_aucs(y, s, pids, counts)
   for b in range(8):
     w = counts[b][inv]
     for c in range(k):
@@ -86,15 +86,15 @@ def test_bootstrap_resamples_patients_not_images():
   y = (rng.random((n, 2)) < 0.4).astype(int)
   s = rng.random((n, 2)) + 0.5 * y
   pids = np.arange(n)
-  lo1, hi1 = M.bootstrap_auc_ci(y, s, pids, n_boot=200, seed=7)
-  lo2, hi2 = M.bootstrap_auc_ci(
+  lo1, hi1 = classification.bootstrap_auc_ci(y, s, pids, n_boot=200, seed=7)
+  lo2, hi2 = classification.bootstrap_auc_ci(
     np.repeat(y, 3, axis=0), np.repeat(s, 3, axis=0), np.repeat(pids, 3), n_boot=200, seed=7
   )
   np.testing.assert_allclose(lo1, lo2, atol=1e-12)
   np.testing.assert_allclose(hi1, hi2, atol=1e-12)
   # An image-level bootstrap of the tripled data would be about sqrt(3) narrower: check we are
   # not that, and that the interval brackets the point estimate.
-  point = M.per_class_auc(y, s)
+  point = classification.per_class_auc(y, s)
   assert np.all(lo1 <= point) and np.all(point <= hi1) and np.all(hi1 - lo1 > 0.02)
 
 
@@ -104,8 +104,8 @@ def test_bootstrap_ci_reproducible_and_nan_for_undefined_class():
   y[:, 1] = 0
   s = rng.random((50, 2))
   pids = np.repeat(np.arange(25), 2)
-  a = M.bootstrap_auc_ci(y, s, pids, n_boot=50, seed=3, chunk=7)
-  b = M.bootstrap_auc_ci(y, s, pids, n_boot=50, seed=3)
+  a = classification.bootstrap_auc_ci(y, s, pids, n_boot=50, seed=3, chunk=7)
+  b = classification.bootstrap_auc_ci(y, s, pids, n_boot=50, seed=3)
   np.testing.assert_array_equal(a[0], b[0])  # chunking does not change the draws' results
   assert np.isnan(a[0][1]) and np.isnan(a[1][1])
   assert a[0][0] < a[1][0]
@@ -117,14 +117,14 @@ def test_bootstrap_ci_reproducible_and_nan_for_undefined_class():
 def test_boxes_to_mask_pixel_centre_convention():
   # 8x8 target from a 16-pixel source: s = 0.5. Box x=2, w=5 -> scaled [1, 3.5): centres
   # 1.5, 2.5 inside; 3.5 not (half-open). y=0, h=3 -> [0, 1.5): centres 0.5 (1.5 excluded).
-  m = M.boxes_to_mask([(2, 0, 5, 3)], size=8, source_size=16)
+  m = overlap.boxes_to_mask([(2, 0, 5, 3)], size=8, source_size=16)
   expected = np.zeros((8, 8))
   expected[0:1, 1:3] = 1
   np.testing.assert_array_equal(m, expected)
   # Brute-force definition on a random set of boxes.
   rng = np.random.default_rng(0)
   boxes = np.c_[rng.uniform(0, 12, (5, 2)), rng.uniform(0, 6, (5, 2))]
-  m = M.boxes_to_mask(boxes, size=8, source_size=16)
+  m = overlap.boxes_to_mask(boxes, size=8, source_size=16)
   c = (np.arange(8) + 0.5) * 2  # centres in source pixels
   ref = np.zeros((8, 8), bool)
   for x, y, w, h in boxes:
@@ -133,27 +133,27 @@ def test_boxes_to_mask_pixel_centre_convention():
 
 
 def test_boxes_to_mask_union_identity_and_clipping():
-  m = M.boxes_to_mask([(0, 0, 2, 2), (1, 1, 2, 2), (3, 3, 10, 10)], size=4, source_size=4)
+  m = overlap.boxes_to_mask([(0, 0, 2, 2), (1, 1, 2, 2), (3, 3, 10, 10)], size=4, source_size=4)
   expected = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], float)
   np.testing.assert_array_equal(m, expected)
-  assert M.boxes_to_mask([], size=4, source_size=4).sum() == 0
+  assert overlap.boxes_to_mask([], size=4, source_size=4).sum() == 0
 
 
 def test_resize_saliency_nearest_is_block_repeat():
   s = np.arange(16.0).reshape(4, 4)
-  np.testing.assert_array_equal(M.resize_saliency(s, 8), np.kron(s, np.ones((2, 2))))
-  np.testing.assert_array_equal(M.resize_saliency(s, 4), s)
+  np.testing.assert_array_equal(overlap.resize_saliency(s, 8), np.kron(s, np.ones((2, 2))))
+  np.testing.assert_array_equal(overlap.resize_saliency(s, 4), s)
 
 
 def test_resize_saliency_bilinear_matches_skimage():
   from skimage.transform import resize
 
   s = np.random.default_rng(0).random((4, 4))
-  ours = M.resize_saliency(s, 16, method="bilinear")
+  ours = overlap.resize_saliency(s, 16, method="bilinear")
   ref = resize(s, (16, 16), order=1, mode="edge", anti_aliasing=False)
   np.testing.assert_allclose(ours, ref, atol=1e-12)
   with pytest.raises(ValueError):
-    M.resize_saliency(s, 8, method="cubic")
+    overlap.resize_saliency(s, 8, method="cubic")
 
 
 # ------------------------------------------------------------------------------ DICE
@@ -162,49 +162,49 @@ def test_resize_saliency_bilinear_matches_skimage():
 def test_dice_hand_cases():
   g = np.zeros((4, 4))
   g[:2, :2] = 1  # |G| = 4
-  assert M.dice(g, g) == pytest.approx(1.0)
+  assert overlap.dice(g, g) == pytest.approx(1.0)
   disjoint = np.zeros((4, 4))
   disjoint[2:, 2:] = 1
-  assert M.dice(disjoint, g) == 0.0
+  assert overlap.dice(disjoint, g) == 0.0
   # S = 0.5 everywhere: 2 * (0.5 * 4) / (16 * 0.25 + 4) = 4 / 8
-  assert M.dice(np.full((4, 4), 0.5), g) == pytest.approx(0.5)
+  assert overlap.dice(np.full((4, 4), 0.5), g) == pytest.approx(0.5)
   # S = 1 on G and 0.5 on one outside pixel: 2*4 / (4 + 0.25 + 4)
   s = g.copy()
   s[3, 3] = 0.5
-  assert M.dice(s, g) == pytest.approx(8 / 8.25)
-  assert M.dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
+  assert overlap.dice(s, g) == pytest.approx(8 / 8.25)
+  assert overlap.dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
 
 
 def test_dice_resizes_saliency_to_mask_grid():
   s = np.array([[1.0, 0.0], [0.0, 0.0]])
-  g = M.boxes_to_mask([(0, 0, 4, 4)], size=8, source_size=8)  # top-left quadrant
-  assert M.dice(s, g) == pytest.approx(1.0)  # nearest: exact block replication
-  assert M.dice(s, g, method="bilinear") < 1.0
-  assert M.box_dice(s, [(0, 0, 512, 512)], size=8) == pytest.approx(1.0)
+  g = overlap.boxes_to_mask([(0, 0, 4, 4)], size=8, source_size=8)  # top-left quadrant
+  assert overlap.dice(s, g) == pytest.approx(1.0)  # nearest: exact block replication
+  assert overlap.dice(s, g, method="bilinear") < 1.0
+  assert overlap.box_dice(s, [(0, 0, 512, 512)], size=8) == pytest.approx(1.0)
 
 
 def test_uniform_dice_best_constant_and_given_value():
   g = np.zeros((4, 4))
   g[:1, :] = 1  # |G| = 4, A = 16 -> c* = 1/2, DICE* = 1/2
-  assert M.uniform_dice(g) == pytest.approx(0.5)
-  assert M.uniform_dice(g, 0.5) == pytest.approx(M.dice(np.full((4, 4), 0.5), g))
-  assert M.uniform_dice(g, 1.0) == pytest.approx(2 * 4 / (16 + 4))
+  assert overlap.uniform_dice(g) == pytest.approx(0.5)
+  assert overlap.uniform_dice(g, 0.5) == pytest.approx(overlap.dice(np.full((4, 4), 0.5), g))
+  assert overlap.uniform_dice(g, 1.0) == pytest.approx(2 * 4 / (16 + 4))
   # c* is the maximiser over a grid of constants, and the optimum equals sqrt(|G|/A).
   cs = np.linspace(0.01, 1, 100)
-  assert max(M.uniform_dice(g, c) for c in cs) <= M.uniform_dice(g) + 1e-12
-  g2 = M.boxes_to_mask([(0, 0, 3, 5)], size=8, source_size=8)
-  assert M.uniform_dice(g2) == pytest.approx(np.sqrt(15 / 64))
+  assert max(overlap.uniform_dice(g, c) for c in cs) <= overlap.uniform_dice(g) + 1e-12
+  g2 = overlap.boxes_to_mask([(0, 0, 3, 5)], size=8, source_size=8)
+  assert overlap.uniform_dice(g2) == pytest.approx(np.sqrt(15 / 64))
 
 
 def test_mean_box_dice_and_uniform_baseline():
   s = np.zeros((4, 4))
   s[:2, :2] = 1.0
   cases = [(s, [(0, 0, 4, 4)]), (s, [(4, 4, 4, 4)])]  # exact hit (1) and disjoint (0)
-  assert M.mean_box_dice(cases, size=8, source_size=8) == pytest.approx(0.5)
+  assert overlap.mean_box_dice(cases, size=8, source_size=8) == pytest.approx(0.5)
   # both boxes cover 16 of 64 pixels: best constant DICE sqrt(1/4) each
-  assert M.mean_uniform_dice([b for _, b in cases], size=8, source_size=8) == pytest.approx(0.5)
-  assert M.mean_uniform_dice([[(0, 0, 4, 4)]], 1.0, 8, 8) == pytest.approx(32 / 80)
-  assert np.isnan(M.mean_box_dice([])) and np.isnan(M.mean_uniform_dice([]))
+  assert overlap.mean_uniform_dice([b for _, b in cases], size=8, source_size=8) == pytest.approx(0.5)
+  assert overlap.mean_uniform_dice([[(0, 0, 4, 4)]], 1.0, 8, 8) == pytest.approx(32 / 80)
+  assert np.isnan(overlap.mean_box_dice([])) and np.isnan(overlap.mean_uniform_dice([]))
 
 
 # ------------------------------------------------------------------------------ IoBB / IoU
@@ -215,16 +215,16 @@ def test_predicted_boxes_components_8_connected():
   s[1:3, 1:3] = 0.9
   s[3, 3] = 0.9  # touches the first blob at a corner -> same component
   s[6:8, 5:8] = 0.5
-  boxes = M.predicted_boxes(s, tau=0.4, size=8)
+  boxes = overlap.predicted_boxes(s, tau=0.4, size=8)
   assert sorted(map(tuple, boxes.tolist())) == [(1, 1, 4, 4), (5, 6, 8, 8)]
-  assert M.predicted_boxes(s, tau=0.95, size=8).shape == (0, 4)
+  assert overlap.predicted_boxes(s, tau=0.95, size=8).shape == (0, 4)
 
 
 def test_localization_hits_hand_cases():
   s = np.zeros((8, 8))
   s[2:4, 2:4] = 1.0  # predicted box [2,4)x[2,4), area 4
   gt = [(1, 1, 4, 4), (2, 2, 4, 2), (6, 6, 2, 2)]  # (x, y, w, h) on the same 8-pixel grid
-  hits = M.localization_hits(s, gt, tau=0.5, size=8, source_size=8)
+  hits = overlap.localization_hits(s, gt, tau=0.5, size=8, source_size=8)
   # gt0 [1,5)^2 contains the prediction: IoBB 1, IoU 4/16; gt1 cols [2,6) rows [2,4):
   # inter 4, IoBB 1, IoU 4/8; gt2 disjoint: 0.
   np.testing.assert_allclose(hits["iobb"], [1.0, 1.0, 0.0])
@@ -232,9 +232,9 @@ def test_localization_hits_hand_cases():
   # The prediction larger than the GT: IoBB = |G| / |P|.
   big = np.ones((8, 8))
   np.testing.assert_allclose(
-    M.localization_hits(big, [(0, 0, 4, 4)], 0.5, size=8, source_size=8)["iobb"], [16 / 64]
+    overlap.localization_hits(big, [(0, 0, 4, 4)], 0.5, size=8, source_size=8)["iobb"], [16 / 64]
   )
-  none = M.localization_hits(np.zeros((8, 8)), gt, 0.5, size=8, source_size=8)
+  none = overlap.localization_hits(np.zeros((8, 8)), gt, 0.5, size=8, source_size=8)
   np.testing.assert_array_equal(none["iobb"], [0, 0, 0])
 
 
@@ -242,7 +242,7 @@ def test_localization_hits_scale_source_boxes():
   # A 4x4 saliency with one hot cell, evaluated at 8x8 against a 1024-pixel box of that cell.
   s = np.zeros((4, 4))
   s[1, 2] = 1.0
-  hits = M.localization_hits(s, [(512, 256, 256, 256)], tau=0.5, size=8, source_size=1024)
+  hits = overlap.localization_hits(s, [(512, 256, 256, 256)], tau=0.5, size=8, source_size=1024)
   np.testing.assert_allclose(hits["iobb"], [1.0])
   np.testing.assert_allclose(hits["iou"], [1.0])
 
@@ -255,9 +255,9 @@ def test_iobb_accuracy_counts_boxes():
     (s, [(2, 2, 4, 2)]),  # found (IoBB 1, IoU 0.5)
   ]
   kw = dict(size=8, source_size=8)
-  assert M.iobb_accuracy(cases, tau=0.5, t=0.5, **kw) == pytest.approx(2 / 3)
-  assert M.iobb_accuracy(cases, tau=0.5, t=0.5, kind="iou", **kw) == pytest.approx(1 / 3)
-  assert M.iobb_accuracy(cases, tau=0.5, t=0.6, kind="iou", **kw) == 0.0
-  assert np.isnan(M.iobb_accuracy([], tau=0.5))
+  assert overlap.iobb_accuracy(cases, tau=0.5, t=0.5, **kw) == pytest.approx(2 / 3)
+  assert overlap.iobb_accuracy(cases, tau=0.5, t=0.5, kind="iou", **kw) == pytest.approx(1 / 3)
+  assert overlap.iobb_accuracy(cases, tau=0.5, t=0.6, kind="iou", **kw) == 0.0
+  assert np.isnan(overlap.iobb_accuracy([], tau=0.5))
   with pytest.raises(ValueError):
-    M.iobb_accuracy(cases, tau=0.5, kind="dice")
+    overlap.iobb_accuracy(cases, tau=0.5, kind="dice")

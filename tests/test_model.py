@@ -1,4 +1,4 @@
-"""Tests of lsemil.model (Sec 3, Fig. 2) and lsemil.losses (Sec 3.6, 4.2) on tiny configs.
+"""Tests of lsemil.models.mil (Sec 3, Fig. 2) and lsemil.training.objective (Sec 3.6, 4.2) on tiny configs.
 
 The configs are the smoke config shrunk to 32-64 px inputs; compiles dominate the runtime, so
 shapes are checked with `jax.eval_shape` and one model is compiled and shared per module.
@@ -15,9 +15,9 @@ import optax
 import pytest
 from flax import linen as nn
 
-from lsemil import config_lib, errors, losses
-from lsemil import model as M
-from lsemil import pooling as P
+from lsemil.core import configuration, errors
+from lsemil.models import mil, pooling
+from lsemil.training import objective
 
 # RngBitGenerator keys compile far faster than threefry on CPU; init values do not matter here.
 KEY = jax.random.key(0, impl="unsafe_rbg")
@@ -27,7 +27,7 @@ R0 = 2.5
 
 def _cfg(**overrides):
   """The smoke model config shrunk to a 32 px input, 2 levels (16, 8 px), N = 16, K = 3."""
-  cfg = config_lib.load_config("smoke").model
+  cfg = configuration.load_config("smoke").model
   cfg.num_classes = K
   cfg.input_size = 32
   cfg.stem_stride = 2
@@ -47,8 +47,8 @@ def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 @functools.cache
 def _base():
   """The base model, its variables and its eval outputs on a fixed batch of 4."""
-  model = M.from_config(_cfg())
-  variables = M.init_variables(model, KEY)
+  model = mil.from_config(_cfg())
+  variables = mil.init_variables(model, KEY)
   x = _images(4)
   out = _base_eval(variables, x)
   return model, variables, x, out
@@ -57,7 +57,7 @@ def _base():
 @functools.cache
 def _base_apply(train: bool):
   """The base model's jitted apply (compiled once per batch shape); train=True returns state."""
-  model = M.from_config(_cfg())
+  model = mil.from_config(_cfg())
   mutable = ["batch_stats"] if train else False
   return jax.jit(functools.partial(model.apply, train=train, mutable=mutable))
 
@@ -89,7 +89,7 @@ def _in_unit(a) -> bool:
 )
 def test_output_shapes_for_each_n(overrides):
   cfg = _cfg(**overrides)
-  model = M.from_config(cfg)
+  model = mil.from_config(cfg)
   size, n = cfg.input_size, cfg.saliency_size
   x = jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
@@ -106,7 +106,7 @@ def test_output_shapes_for_each_n(overrides):
   assert len(sides) == sum(side <= n for side in level_sides)
   for s in out["saliency_levels"]:
     assert s.shape == (2, s.shape[1], s.shape[1], K) and s.dtype == jnp.float32
-  spec = M.validate(cfg)
+  spec = mil.validate(cfg)
   assert spec.level_sides == tuple(level_sides)
   assert [spec.level_sides[level] for level in spec.fused_levels] == sides[::-1]
 
@@ -128,15 +128,15 @@ def test_probs_equal_lse_lba_of_returned_saliency_and_pool_beta():
   assert params["pool"]["beta"].shape == (K,)
   params["pool"] = {"beta": beta}
   out = _base_eval({**variables, "params": params}, x)
-  want = P.lse_lba(out["saliency"], beta, R0)
+  want = pooling.lse_lba(out["saliency"], beta, R0)
   np.testing.assert_allclose(out["probs"], want, rtol=1e-6, atol=1e-7)
   # beta does enter: with the init beta (0) the probs differ.
-  zero_beta = P.lse_lba(out["saliency"], jnp.zeros(K), R0)
+  zero_beta = pooling.lse_lba(out["saliency"], jnp.zeros(K), R0)
   assert float(jnp.max(jnp.abs(out["probs"] - zero_beta))) > 1e-4
 
 
 def test_scalar_beta_config():
-  model = M.from_config(_cfg(per_class_beta=False, beta_init=-0.5))
+  model = mil.from_config(_cfg(per_class_beta=False, beta_init=-0.5))
   variables = jax.eval_shape(
     functools.partial(model.init, train=False),
     KEY,
@@ -170,14 +170,14 @@ def _learnable_batch():
 def _trained(steps: int = 30):
   """Adam (paper_optimizer, lr 1e-3, wd 1e-5) on the learnable batch; BatchNorm in train mode."""
   model, variables, _, _ = _base()
-  tx = losses.paper_optimizer()
+  tx = objective.paper_optimizer()
   x, y = _learnable_batch()
 
   def loss_fn(params, batch_stats):
     out, state = model.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
-    return losses.binary_cross_entropy(out["probs"], y), state["batch_stats"]
+    return objective.binary_cross_entropy(out["probs"], y), state["batch_stats"]
 
   @jax.jit
   def step(params, batch_stats, opt_state):
@@ -220,7 +220,7 @@ def test_adam_steps_lower_the_loss():
 
 def test_bfloat16_path_float32_params_and_close_to_float32():
   base_model, variables, x, out32 = _base()
-  model = M.from_config(_cfg(dtype="bfloat16"))
+  model = mil.from_config(_cfg(dtype="bfloat16"))
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), KEY, jax.ShapeDtypeStruct(x.shape, jnp.float32)
   )
@@ -239,8 +239,8 @@ def test_bfloat16_path_float32_params_and_close_to_float32():
 def test_group_norm_at_n_equal_to_input_size():
   # GroupNorm: no batch_stats collection, no train/eval difference. The same model runs
   # Sec 3.6's "typical choice" N = w = h (stem stride 1, N = 32 = input size).
-  model = M.from_config(_cfg(norm="group", group_norm_groups=4, stem_stride=1, saliency_size=32))
-  variables = M.init_variables(model, KEY)
+  model = mil.from_config(_cfg(norm="group", group_norm_groups=4, stem_stride=1, saliency_size=32))
+  variables = mil.init_variables(model, KEY)
   assert set(variables) == {"params"}
   x = _images(2, seed=3)
   apply = jax.jit(model.apply, static_argnames="train")
@@ -287,19 +287,19 @@ def test_batch_norm_train_updates_batch_stats_and_eval_uses_running_averages():
 @pytest.mark.parametrize("factor", [2, 4])
 def test_upsample_nearest_maps_each_pixel_to_a_block(factor):
   x = np.random.default_rng(4).normal(size=(2, 3, 5, 4)).astype(np.float32)
-  up = np.asarray(M.upsample_nearest(jnp.asarray(x), factor))
+  up = np.asarray(mil.upsample_nearest(jnp.asarray(x), factor))
   assert up.shape == (2, 3 * factor, 5 * factor, 4)
   for i in range(3):
     for j in range(5):
       block = up[:, i * factor : (i + 1) * factor, j * factor : (j + 1) * factor]
       np.testing.assert_array_equal(block, np.broadcast_to(x[:, i : i + 1, j : j + 1], block.shape))
-  assert M.upsample_nearest(jnp.zeros((3, 3, 2), jnp.bfloat16)).dtype == jnp.bfloat16
+  assert mil.upsample_nearest(jnp.zeros((3, 3, 2), jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("name", [p for p in P.POOLINGS if p != "lse_lba"])
+@pytest.mark.parametrize("name", [p for p in pooling.POOLINGS if p != "lse_lba"])
 def test_alternative_pooling_builds_and_gives_probs_in_unit_interval(name):
   _, variables, x, base_out = _base()
-  model = M.from_config(_cfg(pooling=name))
+  model = mil.from_config(_cfg(pooling=name))
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), KEY, jax.ShapeDtypeStruct(x.shape, jnp.float32)
   )
@@ -308,7 +308,7 @@ def test_alternative_pooling_builds_and_gives_probs_in_unit_interval(name):
   out = model.apply({**variables, "params": params}, x, train=False)
   assert out["probs"].shape == (4, K) and _in_unit(out["probs"])
   np.testing.assert_allclose(out["saliency"], base_out["saliency"], rtol=1e-6, atol=1e-7)
-  want = P.FixedPool(name, r=R0).apply({}, out["saliency"])
+  want = pooling.FixedPool(name, r=R0).apply({}, out["saliency"])
   np.testing.assert_allclose(out["probs"], want, rtol=1e-6, atol=1e-7)
 
 
@@ -368,36 +368,36 @@ def test_invalid_config_raises_naming_the_field_before_any_compile(overrides, fi
   cfg = _cfg(**overrides)
   with _CompileEvents() as probe:
     with pytest.raises(ValueError, match=f"model config: {field}:"):
-      M.validate(cfg)
+      mil.validate(cfg)
     with pytest.raises(ValueError, match=f"model config: {field}:"):
-      M.from_config(cfg)  # validates eagerly: no init, no trace
+      mil.from_config(cfg)  # validates eagerly: no init, no trace
   assert probe.events == []
 
 
 def test_invalid_config_raises_config_error():
   with pytest.raises(errors.ConfigError, match="model config: up_convs:"):
-    M.validate(_cfg(up_convs=0))
+    mil.validate(_cfg(up_convs=0))
 
 
 def test_paper_config_with_group_norm_is_rejected_naming_the_bottleneck_width():
   # 16 groups cannot split the 8-channel bottleneck of level 0 (32 // 4): flax would fail late.
-  cfg = config_lib.load_config("paper").model
+  cfg = configuration.load_config("paper").model
   cfg.norm = "group"
   with pytest.raises(
     errors.ConfigError, match=r"group_norm_groups:.*widths\[0\] // bottleneck_ratio = 8"
   ):
-    M.validate(cfg)
+    mil.validate(cfg)
   with pytest.raises(ValueError, match="group_norm_groups"):
-    M.from_config(cfg)  # ConfigError is a ValueError
+    mil.from_config(cfg)  # ConfigError is a ValueError
 
 
 def test_paper_config_with_group_norm_that_divides_every_width_builds():
-  cfg = config_lib.load_config("paper").model
+  cfg = configuration.load_config("paper").model
   cfg.norm, cfg.group_norm_groups = "group", 8
-  model = M.from_config(cfg)
-  variables = jax.eval_shape(lambda: M.init_variables(model, KEY))
+  model = mil.from_config(cfg)
+  variables = jax.eval_shape(lambda: mil.init_variables(model, KEY))
   assert "batch_stats" not in variables
-  assert M.param_count(variables["params"]) > 5_000_000
+  assert mil.param_count(variables["params"]) > 5_000_000
 
 
 def test_speed_options_keep_the_parameter_tree_and_the_outputs():
@@ -407,8 +407,8 @@ def test_speed_options_keep_the_parameter_tree_and_the_outputs():
     dict(conv_weight_grad="gemm", stem_impl="space_to_depth"),
     dict(stem_impl="pad8"),
   ):
-    model = M.from_config(_cfg(**overrides))
-    shapes = jax.eval_shape(lambda m=model: M.init_variables(m, KEY))
+    model = mil.from_config(_cfg(**overrides))
+    shapes = jax.eval_shape(lambda m=model: mil.init_variables(m, KEY))
     assert jax.tree.structure(shapes) == jax.tree.structure(variables)
     assert [a.shape for a in jax.tree.leaves(shapes)] == [
       a.shape for a in jax.tree.leaves(variables)
@@ -423,16 +423,16 @@ def test_unknown_field_in_from_config_raises_naming_it():
   cfg.saliency_sise = 16
   with _CompileEvents() as probe:
     with pytest.raises(ValueError, match="unknown fields.*saliency_sise"):
-      M.from_config(cfg)
+      mil.from_config(cfg)
     with pytest.raises(ValueError, match="unknown fields.*bogus"):
-      M.from_config({**_cfg().to_dict(), "bogus": 1})
+      mil.from_config({**_cfg().to_dict(), "bogus": 1})
   assert probe.events == []
 
 
 def test_from_config_accepts_a_mapping_and_lists():
   values = _cfg().to_dict()
   values["widths"] = [8, 16]
-  model = M.from_config(values)
+  model = mil.from_config(values)
   assert model.widths == (8, 16) and model.saliency_size == 16
 
 
@@ -448,21 +448,21 @@ def test_bce_matches_float64_numpy():
   rng = np.random.default_rng(5)
   p = rng.uniform(0.01, 0.99, (16, 14)).astype(np.float32)
   y = (rng.random((16, 14)) < 0.3).astype(np.float32)
-  got = float(losses.binary_cross_entropy(jnp.asarray(p), jnp.asarray(y)))
+  got = float(objective.binary_cross_entropy(jnp.asarray(p), jnp.asarray(y)))
   np.testing.assert_allclose(got, _np_bce(p, y).mean(), rtol=1e-5)
-  assert float(losses.binary_cross_entropy(jnp.asarray(p).astype(jnp.bfloat16), y)) > 0
+  assert float(objective.binary_cross_entropy(jnp.asarray(p).astype(jnp.bfloat16), y)) > 0
 
 
 def test_bce_finite_at_probs_exactly_0_and_1():
   p = jnp.array([[0.0, 1.0, 0.0, 1.0]])
   y = jnp.array([[0.0, 1.0, 1.0, 0.0]])
-  loss = float(losses.binary_cross_entropy(p, y))
+  loss = float(objective.binary_cross_entropy(p, y))
   assert np.isfinite(loss)
   # Two right (~0 each), two confidently wrong: p clipped to eps and to float32(1 - eps).
-  eps = losses.PROB_EPS
+  eps = objective.PROB_EPS
   wrong = -np.log(eps) - np.log1p(-np.float64(np.float32(1 - eps)))
   np.testing.assert_allclose(loss, wrong, rtol=1e-4)
-  g = jax.grad(lambda q: losses.binary_cross_entropy(q, y))(p)
+  g = jax.grad(lambda q: objective.binary_cross_entropy(q, y))(p)
   assert np.all(np.isfinite(g))
 
 
@@ -471,20 +471,20 @@ def test_bce_mask_excludes_padded_rows():
   p = rng.uniform(0.05, 0.95, (6, 4)).astype(np.float32)
   y = (rng.random((6, 4)) < 0.5).astype(np.float32)
   mask = np.array([1, 1, 1, 1, 0, 0], np.float32)
-  got = float(losses.binary_cross_entropy(p, y, mask))
+  got = float(objective.binary_cross_entropy(p, y, mask))
   np.testing.assert_allclose(got, _np_bce(p[:4], y[:4]).mean(), rtol=1e-5)
   p2, y2 = p.copy(), y.copy()
   p2[4:], y2[4:] = 0.999, 0.0  # padded rows changed to a huge loss: no effect
-  assert float(losses.binary_cross_entropy(p2, y2, mask)) == pytest.approx(got, rel=1e-6)
-  assert float(losses.binary_cross_entropy(p2, y2)) > got + 0.5  # they would count unmasked
-  assert float(losses.binary_cross_entropy(p, y, np.zeros(6, np.float32))) == 0.0
+  assert float(objective.binary_cross_entropy(p2, y2, mask)) == pytest.approx(got, rel=1e-6)
+  assert float(objective.binary_cross_entropy(p2, y2)) > got + 0.5  # they would count unmasked
+  assert float(objective.binary_cross_entropy(p, y, np.zeros(6, np.float32))) == 0.0
 
 
 def test_paper_optimizer_applies_coupled_weight_decay():
   lr, wd = 1e-3, 1e-5
   params = {"w": jnp.array([2.0, -3.0, 0.5, -0.1, 0.0]), "beta": jnp.array([0.7, -0.2])}
   zeros = jax.tree.map(jnp.zeros_like, params)
-  tx = losses.paper_optimizer(lr, wd)
+  tx = objective.paper_optimizer(lr, wd)
   updates, _ = tx.update(zeros, tx.init(params), params)
   # Zero loss gradient: the update is Adam applied to the L2 gradient wd * w ...
   adam = optax.adam(lr)

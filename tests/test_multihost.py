@@ -2,7 +2,7 @@
 
 Each process runs `_DRIVER`: the CLI's start-up (`sharding.maybe_initialize_distributed`
 with a local coordinator; gloo collectives between the 4 fake CPU devices of each process),
-then `train.train_and_evaluate` on the smoke config into ONE shared workdir. A reference
+then `trainer.train_and_evaluate` on the smoke config into ONE shared workdir. A reference
 process with 8 devices trains the same config on the same data. The driver records, per
 step, what each process fed (a checksum per example of its local train batch) and the
 in-memory params after chosen steps.
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from lsemil import checkpointing
+from lsemil.runtime import checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 N = 2  # steps per launch: N, exit both processes, relaunch to 2N
@@ -37,17 +37,19 @@ _DRIVER = textwrap.dedent(
   import json, sys
   import numpy as np
   workdir, data_dir, num_steps, dump_steps, out, coordinator, nproc, pid = sys.argv[1:9]
-  from lsemil import sharding
+  from lsemil.runtime import sharding
   if int(nproc) > 1:  # the path `lsemil train --coordinator-address ...` takes
     assert sharding.maybe_initialize_distributed(coordinator, int(nproc), int(pid))
   import jax
   from etils import epath
-  from lsemil import fileio, tb_writer, train
-  from lsemil.config_lib import load_config
+  from lsemil.core import fileio
+  from lsemil.training import metric_writer
+  from lsemil.training import trainer
+  from lsemil.core.configuration import load_config
 
   assert jax.process_count() == int(nproc) and jax.device_count() == 8
   record = {"feeds": {}, "params": {}, "writes": [], "writer_enabled": []}
-  real_global_batch, real_make_train_step = sharding.global_batch, train.make_train_step
+  real_global_batch, real_make_train_step = sharding.global_batch, trainer.make_train_step
   pending = []
 
   def global_batch(local, sh):
@@ -77,7 +79,7 @@ _DRIVER = textwrap.dedent(
   # Who writes what: the workdir's files (fileio's atomic writes, or epath directly) and the
   # metric writer.
   gpath = type(epath.Path(workdir))
-  real_write_text, real_writer_init = gpath.write_text, tb_writer.MetricWriter.__init__
+  real_write_text, real_writer_init = gpath.write_text, metric_writer.MetricWriter.__init__
   real_write_bytes = fileio.write_bytes
   def write_text(self, *a, **k):
     record["writes"].append(str(self))
@@ -88,14 +90,14 @@ _DRIVER = textwrap.dedent(
   def writer_init(self, *a, **k):
     real_writer_init(self, *a, **k)
     record["writer_enabled"].append(self.enabled)
-  gpath.write_text, tb_writer.MetricWriter.__init__ = write_text, writer_init
+  gpath.write_text, metric_writer.MetricWriter.__init__ = write_text, writer_init
   fileio.write_bytes = write_bytes
-  sharding.global_batch, train.make_train_step = global_batch, make_train_step
+  sharding.global_batch, trainer.make_train_step = global_batch, make_train_step
 
   config = load_config("smoke")
   config.train.num_steps = int(num_steps)
   config.train.eval_every_steps = int(num_steps)
-  result = train.train_and_evaluate(config, workdir, data_dir=data_dir)
+  result = trainer.train_and_evaluate(config, workdir, data_dir=data_dir)
   arrays = {f"param:{k}": v for k, v in record["params"].items()}
   arrays.update({f"feed:{s}": v for s, v in record["feeds"].items()})
   np.savez(out, **arrays)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lsemil import inference
-from lsemil.errors import EXIT_PREEMPTED
+from lsemil.core.errors import EXIT_PREEMPTED
+from lsemil.inference import engine
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -31,7 +31,7 @@ def _port() -> int:
 
 def _cmd(workdir: Path, data: Path, *extra: str) -> list[str]:
   return [
-    sys.executable, "-m", "lsemil.cli", "train", "--config", "configs/smoke.py",
+    sys.executable, "-m", "lsemil.commands.cli", "train", "--config", "configs/smoke.py",
     "--workdir", str(workdir), "--data-dir", str(data), f"--config.train.num_steps={STEPS}",
     "--config.train.eval_every_steps=6", "--config.train.checkpoint_every_steps=2",
     "--config.train.keep_checkpoints=20", *extra,
@@ -86,7 +86,7 @@ def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_di
   assert proc.returncode == 0, proc.stderr[-3000:]
   import jax
 
-  a = jax.tree.leaves(inference.load(w / "checkpoints" / str(STEPS)).variables)
-  b = jax.tree.leaves(inference.load(ref / "checkpoints" / str(STEPS)).variables)
+  a = jax.tree.leaves(engine.load(w / "checkpoints" / str(STEPS)).variables)
+  b = jax.tree.leaves(engine.load(ref / "checkpoints" / str(STEPS)).variables)
   for x, y in zip(a, b, strict=True):  # same 8 examples per step, another summation order
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)

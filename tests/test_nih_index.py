@@ -1,4 +1,4 @@
-"""Tests of the NIH index, its splits and Table 1 (lsemil.data.nih, lsemil.data.stats).
+"""Tests of the NIH index, its splits and Table 1 (lsemil.data.nih, lsemil.data.statistics).
 
 Paper Section 4.1 and Table 1: the real-metadata numbers, the patient-wise splits, and the
 errors raised on bad input (each naming the file and line).
@@ -17,8 +17,8 @@ import shutil
 import numpy as np
 import pytest
 
-from lsemil import cli
-from lsemil.data import stats
+from lsemil.commands import cli
+from lsemil.data import statistics
 from lsemil.data.nih import (
   CLASSES,
   FALLBACK_TEST_FRACTION,
@@ -87,7 +87,7 @@ def test_real_index_is_immutable(nih):
 
 
 def test_real_table1_and_formats(nih):
-  t = stats.table1(nih)
+  t = statistics.table1(nih)
   assert [t["classes"][c]["test"] for c in CLASSES] == NIH_TEST_POSITIVES
   assert {c: t["classes"][c]["bbox"] for c in NIH_BOXES} == NIH_BOXES
   assert t["images"]["all"] == 112_120 and t["boxes"] == 984 and t["box_images"] == 880
@@ -95,14 +95,14 @@ def test_real_table1_and_formats(nih):
     row = t["classes"][c]
     k = CLASSES.index(c)
     assert row["train"] + row["valid"] + row["test"] == int(nih.labels[:, k].sum())
-  md = stats.format_table1(nih, "md")
+  md = statistics.format_table1(nih, "md")
   # Ours and the paper's side by side, e.g. the Nodule row carries both 1,623 and 615.
   nodule = next(line for line in md.splitlines() if line.startswith("| Nodule"))
   assert "1,623" in nodule and "| 615 |" in nodule and "188" in md
-  rows = list(csv.DictReader(io.StringIO(stats.format_table1(nih, "csv"))))
+  rows = list(csv.DictReader(io.StringIO(statistics.format_table1(nih, "csv"))))
   assert [int(r["test"]) for r in rows] == NIH_TEST_POSITIVES
-  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in stats.PAPER_TABLE1.values()]
-  js = json.loads(stats.format_table1(nih, "json"))
+  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in statistics.PAPER_TABLE1.values()]
+  js = json.loads(statistics.format_table1(nih, "json"))
   assert js["classes"] == t["classes"] and js["paper"]["Hernia"]["train"] == 105
 
 
@@ -118,8 +118,8 @@ def test_stats_cli(nih_metadata_dir, tmp_path, capsys):
 
 
 def test_paper_table1_constant():
-  assert tuple(stats.PAPER_TABLE1) == CLASSES
-  assert sum(v[3] for v in stats.PAPER_TABLE1.values() if v[3]) == 984
+  assert tuple(statistics.PAPER_TABLE1) == CLASSES
+  assert sum(v[3] for v in statistics.PAPER_TABLE1.values() if v[3]) == 984
 
 
 # --------------------------------------------------------------------------- small tmp folders

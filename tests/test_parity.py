@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lsemil import inference
-from lsemil import predict as predict_lib
 from lsemil.data import imageio, nih
+from lsemil.inference import engine
+from lsemil.workflows import prediction
 
 TOL = 1e-6
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 def lsemil(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
   proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", *args], capture_output=True, text=True, cwd=cwd
+    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd
   )
   assert proc.returncode == 0, f"lsemil {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
   return proc
@@ -91,8 +91,8 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
     str(tmp_path / "valid.json"),
     "--no-progress",
   )
-  ev_test = inference.read_predictions_csv(tmp_path / "test_predictions.csv")
-  ev_valid = inference.read_predictions_csv(tmp_path / "valid_predictions.csv")
+  ev_test = engine.read_predictions_csv(tmp_path / "test_predictions.csv")
+  ev_valid = engine.read_predictions_csv(tmp_path / "valid_predictions.csv")
   assert sorted(ev_test) == sorted(split_ids(data, "test"))
   assert sorted(ev_valid) == sorted(split_ids(data, "valid"))
 
@@ -111,12 +111,12 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
     "--no-progress",
     *files,
   )
-  pred = inference.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  pred = engine.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
   assert len(pred) == len(files)
   assert max_diff(ev_test, pred) < TOL
 
   # (c) validation inside training: its last evaluation is of the last checkpoint.
-  val = inference.read_predictions_csv(workdir / "validation_predictions.csv")
+  val = engine.read_predictions_csv(workdir / "validation_predictions.csv")
   assert sorted(val) == sorted(ev_valid)
   assert max_diff(ev_valid, val) < TOL
 
@@ -135,7 +135,7 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
     str(tmp_path / "results"),
     "--no-progress",
   )
-  rep = inference.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
+  rep = engine.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
   assert max_diff(ev_test, rep) < TOL
   # The probabilities are not all alike (a constant model would pass the checks above).
   probs = np.stack(list(ev_test.values()))
@@ -170,7 +170,7 @@ def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path)
     str(tmp_path / "e.json"),
     "--no-progress",
   )
-  ev = inference.read_predictions_csv(tmp_path / "e_predictions.csv")
+  ev = engine.read_predictions_csv(tmp_path / "e_predictions.csv")
   files = [str(prepared / "images" / i) for i in sorted(ev)]
   assert imageio.read_gray(files[0]).shape == (256, 256)
   lsemil(
@@ -184,7 +184,7 @@ def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path)
     "--no-progress",
     *files,
   )
-  pred = inference.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  pred = engine.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
   assert max_diff(ev, pred) < TOL
 
 
@@ -209,9 +209,9 @@ def test_dicom_input_equals_png_input(workdir, tmp_path):
   ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
   del pydicom
 
-  loaded = inference.load(workdir, "latest")
+  loaded = engine.load(workdir, "latest")
   size = loaded.model.input_size
-  (dcm_in, png_in), _, ok, failures = predict_lib.read_inputs([tmp_path / "x.dcm", png], size)
+  (dcm_in, png_in), _, ok, failures = prediction.read_inputs([tmp_path / "x.dcm", png], size)
   assert failures == [] and ok == [0, 1]
   np.testing.assert_array_equal(dcm_in, png_in)
   assert dcm_in.dtype == np.uint8
@@ -219,19 +219,19 @@ def test_dicom_input_equals_png_input(workdir, tmp_path):
 
 def test_model_input_is_the_eval_pipeline(workdir):
   """model_input on a decoded file equals the eval pipeline's batch image for that row."""
-  from lsemil import config_lib
+  from lsemil.core import configuration
   from lsemil.data import pipeline
 
-  config = config_lib.load_config("smoke")
+  config = configuration.load_config("smoke")
   config.data.data_dir = str(workdir / "data")
   batch = next(iter(pipeline.make_eval_iter(config, config.data.data_dir, "test")))
   ids = split_ids(workdir / "data", "test")
   gray = imageio.read_gray(workdir / "data" / "images" / ids[0])
   np.testing.assert_array_equal(
-    inference.model_input(gray, config.model.input_size), np.asarray(batch["image"][0])
+    engine.model_input(gray, config.model.input_size), np.asarray(batch["image"][0])
   )
   with pytest.raises(ValueError, match="uint8"):
-    inference.model_input(gray.astype(np.float32), config.model.input_size)
+    engine.model_input(gray.astype(np.float32), config.model.input_size)
 
 
 def test_per_image_csv_columns(workdir, tmp_path):

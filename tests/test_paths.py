@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def lsemil(*args, cwd, home=None, ok=True) -> subprocess.CompletedProcess:
   env = dict(os.environ, HOME=str(home or cwd))
   proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
+    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
   )
   if ok:
     assert proc.returncode == 0, f"lsemil {' '.join(args)}:\n{proc.stderr[-3000:]}"
@@ -93,7 +93,7 @@ def test_relative_and_home_paths_in_evaluate_reproduce_predict(here):
 
 def test_resume_with_another_model_config_is_refused_before_any_write(here):
   w = here / "runs" / "r0_5"
-  from lsemil import workdir_lock
+  from lsemil.training import workdir_lock
 
   def files():  # the lock file records each run that takes the lock: not the run's data
     return {

@@ -1,4 +1,4 @@
-"""Tests of lsemil.pooling: the LSE-LBA claims of Sec 3.5 and the other MIL poolings of Sec 3.4.
+"""Tests of lsemil.models.pooling: the LSE-LBA claims of Sec 3.5 and the other MIL poolings of Sec 3.4.
 
 Oracles are float64 NumPy/SciPy evaluations of the paper's formulas. Bounds that hold in exact
 arithmetic are checked with a float32 rounding slack of TOL.
@@ -17,18 +17,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.special import logsumexp
 
-from lsemil import pooling as P
+from lsemil.models import pooling
 
 TOL = 1e-6  # float32 rounding slack on bounds that are exact in real arithmetic
 SIZES = (8, 16, 32, 64, 128, 256, 512)
 SPATIAL = (-3, -2)
 ALL_POOLS = {
-  "lse_lba": lambda s: P.lse_lba(s, 0.5, 5.0),
-  "lse": lambda s: P.lse(s, 3.0),
-  "generalized_mean": lambda s: P.generalized_mean(s, 3.0),
-  "noisy_or": P.noisy_or,
-  "max": P.max_pool,
-  "mean": P.mean_pool,
+  "lse_lba": lambda s: pooling.lse_lba(s, 0.5, 5.0),
+  "lse": lambda s: pooling.lse(s, 3.0),
+  "generalized_mean": lambda s: pooling.generalized_mean(s, 3.0),
+  "noisy_or": pooling.noisy_or,
+  "max": pooling.max_pool,
+  "mean": pooling.mean_pool,
 }
 
 
@@ -59,13 +59,13 @@ def _np(x) -> np.ndarray:
 
 
 # Jitted entry points (one compile per shape) keep the loops and hypothesis examples fast.
-_lse_lba = jax.jit(P.lse_lba)
-_lse = jax.jit(P.lse)
-_gm = jax.jit(P.generalized_mean)
-_nor = jax.jit(P.noisy_or)
+_lse_lba = jax.jit(pooling.lse_lba)
+_lse = jax.jit(pooling.lse)
+_gm = jax.jit(pooling.generalized_mean)
+_nor = jax.jit(pooling.noisy_or)
 # LSE-LBA over a grid of betas (and r0s): (G,) -> (G, ..., K).
-_lse_lba_betas = jax.jit(jax.vmap(P.lse_lba, in_axes=(None, 0, None)))
-_lse_lba_grid = jax.jit(jax.vmap(P.lse_lba, in_axes=(None, 0, 0)))
+_lse_lba_betas = jax.jit(jax.vmap(pooling.lse_lba, in_axes=(None, 0, None)))
+_lse_lba_grid = jax.jit(jax.vmap(pooling.lse_lba, in_axes=(None, 0, 0)))
 
 
 # Small maps for hypothesis: a few fixed shapes keep the jax dispatch caches warm.
@@ -164,12 +164,12 @@ def test_large_r_tends_to_max(size):
   s = _rand_map((size, size, 2), seed=1)
   s_max = s.astype(np.float64).max(axis=SPATIAL)
   for r in (10.0, 1e2, 1e3, 1e4, 1e6, 1e8):
-    for fn in (_lse, P.lse):
+    for fn in (_lse, pooling.lse):
       p = _np(fn(s, r))
       assert np.all(p <= s_max + TOL)
       assert np.all(p >= s_max - np.log(size * size) / r - TOL)
-  np.testing.assert_allclose(_np(P.lse(s, 1e12)), s_max, atol=1e-6)
-  np.testing.assert_allclose(_np(P.lse(s, 1e30)), s_max, atol=1e-6)
+  np.testing.assert_allclose(_np(pooling.lse(s, 1e12)), s_max, atol=1e-6)
+  np.testing.assert_allclose(_np(pooling.lse(s, 1e30)), s_max, atol=1e-6)
   np.testing.assert_allclose(_np(_lse_lba(s, 18.0, 5.0)), s_max, atol=1e-6)  # r ~ 6.6e7
 
 
@@ -178,7 +178,7 @@ def test_r0_zero_and_beta_to_minus_inf_tends_to_mean(size):
   # Tested against the mean directly: below r ~ 1e-3 even a float64 oracle cancels.
   s = _rand_map((size, size, 2), seed=2)
   s_mean = s.astype(np.float64).mean(axis=SPATIAL)
-  grad = jax.jit(jax.grad(lambda x, b: P.lse_lba(x, b, 0.0).sum(), argnums=(0, 1)))
+  grad = jax.jit(jax.grad(lambda x, b: pooling.lse_lba(x, b, 0.0).sum(), argnums=(0, 1)))
   for beta in (-15.0, -30.0, -60.0, -87.0, -100.0, -200.0, -1e4, -np.inf):
     np.testing.assert_allclose(_np(_lse_lba(s, beta, 0.0)), s_mean, atol=2e-6, err_msg=beta)
     g_s, g_beta = grad(s, beta)
@@ -210,7 +210,7 @@ def test_lse_lba_beta_gradient_matches_float64_derivative(size):
   # Includes r = 1 exactly (r0 = 0, beta = 0), where the two evaluation branches meet.
   s = _rand_map((size, size, 2), seed=size + 1)
   s64 = s.astype(np.float64)
-  grad = jax.jit(jax.grad(lambda b, r0: P.lse_lba(s, b, r0).sum()))
+  grad = jax.jit(jax.grad(lambda b, r0: pooling.lse_lba(s, b, r0).sum()))
   for r0, beta in [(0.0, 0.0), (0.0, -2.0), (0.0, 1e-3), (0.0, 2.0), (5.0, 0.0), (10.0, 1.0)]:
     r = r0 + np.exp(beta)
     w = np.exp(r * s64 - logsumexp(r * s64, axis=SPATIAL, keepdims=True))
@@ -241,7 +241,7 @@ def _edge_map(size, k, dtype) -> jax.Array:
 def test_lse_lba_gradients_finite_at_512(dtype):
   s = _edge_map(512, 3, dtype)
   assert float(jnp.min(s[16:24, :8].astype(jnp.float32))) > 0  # 1e-30 survives the cast
-  grad = jax.jit(jax.grad(lambda x, b, r0: P.lse_lba(x, b, r0).sum(), argnums=(0, 1)))
+  grad = jax.jit(jax.grad(lambda x, b, r0: pooling.lse_lba(x, b, r0).sum(), argnums=(0, 1)))
   for r0 in (0.0, 5.0, 10.0):
     for beta in (jnp.array([-4.0, 0.0, 4.0]), jnp.float32(0.0)):
       g_s, g_beta = grad(s, beta, r0)
@@ -268,14 +268,14 @@ def test_other_pool_gradients_finite_at_512(name, dtype):
 def test_noisy_or_gradient_matches_product_of_others():
   # d NOR / d S_ij = prod_{other} (1 - S); also where another entry is exactly 1 (then 0).
   s = np.array([0.1, 0.5, 0.3, 0.0], np.float32).reshape(2, 2, 1)
-  g = np.asarray(jax.grad(lambda x: P.noisy_or(x).sum())(s)).ravel()
+  g = np.asarray(jax.grad(lambda x: pooling.noisy_or(x).sum())(s)).ravel()
   one_minus = 1.0 - s.astype(np.float64).ravel()
   expected = [np.prod(np.delete(one_minus, i)) for i in range(4)]
   np.testing.assert_allclose(g, expected, rtol=1e-6)
   s[0, 0, 0] = 1.0
-  g = np.asarray(jax.grad(lambda x: P.noisy_or(x).sum())(s)).ravel()
+  g = np.asarray(jax.grad(lambda x: pooling.noisy_or(x).sum())(s)).ravel()
   np.testing.assert_allclose(g[1:], 0.0, atol=0)
-  assert float(P.noisy_or(s)[0]) == 1.0
+  assert float(pooling.noisy_or(s)[0]) == 1.0
 
 
 # ------------------------------------------------------------------------------ jit / vmap
@@ -286,7 +286,7 @@ class PoolingVariantsTest(chex.TestCase):
   def test_lse_lba_matches_oracle_under_variant(self):
     s = _rand_map((32, 16, 3), seed=5)
     beta = jnp.array([-1.0, 0.0, 2.0])
-    fn = self.variant(P.lse_lba)
+    fn = self.variant(pooling.lse_lba)
     p = fn(s, beta, 5.0)
     chex.assert_shape(p, (3,))
     chex.assert_type(p, jnp.float32)
@@ -303,11 +303,11 @@ class PoolingVariantsTest(chex.TestCase):
       chex.assert_shape(batched, (3, 2))
       for i in range(3):
         np.testing.assert_allclose(batched[i], pool(s[i]), rtol=1e-6, atol=1e-7, err_msg=name)
-    per_beta = self.variant(jax.vmap(P.lse_lba, in_axes=(None, 0, None)))
+    per_beta = self.variant(jax.vmap(pooling.lse_lba, in_axes=(None, 0, None)))
     betas_ = jnp.linspace(-3.0, 3.0, 4)
     out = per_beta(s[0], betas_, 5.0)
     for i, b in enumerate(betas_):
-      np.testing.assert_allclose(out[i], P.lse_lba(s[0], b, 5.0), rtol=1e-6)
+      np.testing.assert_allclose(out[i], pooling.lse_lba(s[0], b, 5.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ numerics (Sec 3.4)
@@ -326,10 +326,10 @@ def test_naive_forms_underflow_at_512_where_stable_forms_match_float64():
   assert float(naive_gm[0]) == 0.0
   gm64 = _oracle_gm(small, r)
   assert gm64[0] > 1e-3  # the true value is far from 0
-  np.testing.assert_allclose(_np(P.generalized_mean(small, r)), gm64, rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.generalized_mean(small, r)), gm64, rtol=1e-4)
   # LSE-LBA with the same sharpness needs no S^r at all.
   beta = np.log(r - 10.0)
-  np.testing.assert_allclose(_np(P.lse_lba(small, beta, 10.0)), _oracle_lse(small, r), rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.lse_lba(small, beta, 10.0)), _oracle_lse(small, r), rtol=1e-4)
 
   # Noisy-OR's negative-label term log(1 - NOR): prod(1 - S) underflows, the log is -inf.
   mid = jnp.asarray(rng.uniform(1e-3, 0.5, (n, n, 1)).astype(np.float32))
@@ -339,16 +339,16 @@ def test_naive_forms_underflow_at_512_where_stable_forms_match_float64():
   assert float(naive_log1m[0]) == -np.inf
   log1m64 = np.sum(np.log1p(-np.asarray(mid, np.float64)), axis=SPATIAL)
   assert np.isfinite(log1m64[0])
-  np.testing.assert_allclose(_np(P.log1m_noisy_or(mid)), log1m64, rtol=1e-4)
-  np.testing.assert_allclose(_np(P.noisy_or(mid)), -np.expm1(log1m64), rtol=1e-4)
-  np.testing.assert_allclose(_np(P.lse_lba(mid, 0.0, 5.0)), _oracle_lse(mid, 6.0), rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.log1m_noisy_or(mid)), log1m64, rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.noisy_or(mid)), -np.expm1(log1m64), rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.lse_lba(mid, 0.0, 5.0)), _oracle_lse(mid, 6.0), rtol=1e-4)
 
   # Noisy-OR of tiny S: naive 1 - prod(1 - S) rounds to exactly 0 (1 - 1e-9 == 1 in float32).
   tiny = jnp.asarray(rng.uniform(1e-10, 1e-9, (n, n, 1)).astype(np.float32))
   assert float((1.0 - jnp.prod(1.0 - tiny, axis=SPATIAL))[0]) == 0.0
   nor64 = -np.expm1(np.sum(np.log1p(-np.asarray(tiny, np.float64)), axis=SPATIAL))
   assert nor64[0] > 1e-4
-  np.testing.assert_allclose(_np(P.noisy_or(tiny)), nor64, rtol=1e-4)
+  np.testing.assert_allclose(_np(pooling.noisy_or(tiny)), nor64, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ other poolings
@@ -388,22 +388,22 @@ def test_generalized_mean_matches_float64_oracle(size):
   # S = 0 entries count as 0 (the log floor is far below anything that matters).
   s[: size // 2] = 0.0
   np.testing.assert_allclose(
-    _np(P.generalized_mean(s, 2.0)), _oracle_gm(s[size // 2 :], 2.0) * 0.5 ** (1 / 2.0), rtol=1e-5
+    _np(pooling.generalized_mean(s, 2.0)), _oracle_gm(s[size // 2 :], 2.0) * 0.5 ** (1 / 2.0), rtol=1e-5
   )
 
 
 def test_noisy_or_matches_float64_oracle():
   s = _rand_map((16, 16, 3), seed=9, high=0.05)
   expected = 1.0 - np.prod(1.0 - s.astype(np.float64), axis=SPATIAL)
-  np.testing.assert_allclose(_np(P.noisy_or(s)), expected, rtol=1e-5)
-  np.testing.assert_allclose(_np(P.log1m_noisy_or(s)), np.log1p(-expected), rtol=1e-5)
+  np.testing.assert_allclose(_np(pooling.noisy_or(s)), expected, rtol=1e-5)
+  np.testing.assert_allclose(_np(pooling.log1m_noisy_or(s)), np.log1p(-expected), rtol=1e-5)
 
 
 def test_max_and_mean_are_exact():
   s = (np.random.default_rng(10).integers(0, 9, (32, 16, 3)) / 8).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(P.max_pool(s)), s.max(axis=SPATIAL))
+  np.testing.assert_array_equal(np.asarray(pooling.max_pool(s)), s.max(axis=SPATIAL))
   # k/8 values sum exactly in float32, so the mean is exact too.
-  np.testing.assert_array_equal(np.asarray(P.mean_pool(s)), s.astype(np.float64).mean(SPATIAL))
+  np.testing.assert_array_equal(np.asarray(pooling.mean_pool(s)), s.astype(np.float64).mean(SPATIAL))
 
 
 @pytest.mark.parametrize("name", sorted(ALL_POOLS))
@@ -419,20 +419,20 @@ def test_bfloat16_input_gives_float32_output(name):
 def test_fixed_pool_dispatches_by_name_and_rejects_unknown():
   s = _rand_map((8, 8, 2), seed=12)
   expected = {
-    "lse": P.lse(s, 3.0),
-    "generalized_mean": P.generalized_mean(s, 3.0),
-    "noisy_or": P.noisy_or(s),
-    "max": P.max_pool(s),
-    "mean": P.mean_pool(s),
+    "lse": pooling.lse(s, 3.0),
+    "generalized_mean": pooling.generalized_mean(s, 3.0),
+    "noisy_or": pooling.noisy_or(s),
+    "max": pooling.max_pool(s),
+    "mean": pooling.mean_pool(s),
   }
   for kind, want in expected.items():
-    pool = P.FixedPool(kind, r=3.0)
+    pool = pooling.FixedPool(kind, r=3.0)
     variables = pool.init(jax.random.key(0), s)
     assert not jax.tree.leaves(variables)
     np.testing.assert_allclose(pool.apply(variables, s), want, rtol=1e-6)
   with pytest.raises(ValueError, match="unknown pooling"):
-    P.FixedPool("median").init(jax.random.key(0), s)
-  assert set(P.POOLINGS) == {"lse_lba", *expected}
+    pooling.FixedPool("median").init(jax.random.key(0), s)
+  assert set(pooling.POOLINGS) == {"lse_lba", *expected}
 
 
 # ------------------------------------------------------------------------------ LSELBAPool / beta
@@ -441,7 +441,7 @@ def test_fixed_pool_dispatches_by_name_and_rejects_unknown():
 @pytest.mark.parametrize("per_class, shape", [(True, (4,)), (False, ())])
 def test_lse_lba_pool_module(per_class, shape):
   s = jnp.asarray(_rand_map((2, 16, 16, 4), seed=13))
-  pool = P.LSELBAPool(r0=5.0, per_class_beta=per_class, beta_init=0.7)
+  pool = pooling.LSELBAPool(r0=5.0, per_class_beta=per_class, beta_init=0.7)
   variables = jax.jit(pool.init)(jax.random.key(0), s)
   beta = variables["params"]["beta"]
   assert beta.shape == shape and beta.dtype == jnp.float32
@@ -459,7 +459,7 @@ def test_lse_lba_pool_module(per_class, shape):
 
 
 def test_default_lse_lba_pool_is_per_class_with_beta_zero():
-  pool = P.LSELBAPool(r0=0.0)
+  pool = pooling.LSELBAPool(r0=0.0)
   assert isinstance(pool, nn.Module)
   variables = jax.eval_shape(pool.init, jax.random.key(0), jnp.zeros((8, 8, 3)))
   assert variables["params"]["beta"].shape == (3,)
@@ -477,10 +477,10 @@ def test_beta_vector_broadcast_matches_scalar_and_per_class_slices():
       np.testing.assert_allclose(
         vec[..., k], _lse_lba(s[..., k : k + 1], betas_[k], r0)[..., 0], rtol=1e-6
       )
-    np.testing.assert_allclose(P.sharpness(betas_, r0), r0 + np.exp(np.asarray(betas_)), rtol=1e-6)
+    np.testing.assert_allclose(pooling.sharpness(betas_, r0), r0 + np.exp(np.asarray(betas_)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("r0", [0.0, 5.0, 10.0])
 def test_sharpness_is_lower_bounded_by_r0(r0):
-  r = np.asarray(P.sharpness(jnp.linspace(-50.0, 5.0, 23), r0))
+  r = np.asarray(pooling.sharpness(jnp.linspace(-50.0, 5.0, 23), r0))
   assert np.all(r >= r0) and np.all(np.diff(r) >= 0)

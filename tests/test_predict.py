@@ -17,27 +17,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import checkpointing, cli, config_lib, inference, predict, train
-from lsemil import model as model_lib
+from lsemil.commands import cli
+from lsemil.core import configuration
 from lsemil.data import dicom, imageio, nih, pipeline
 from lsemil.data.nih import CLASSES
+from lsemil.inference import engine
+from lsemil.models import mil
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
+from lsemil.workflows import prediction
 
 
 @pytest.fixture(scope="module")
 def smoke(synth_dir, random_variables):
-  """An `inference.LoadedModel` of the smoke config with random weights (seed 1)."""
-  config = config_lib.load_config("smoke")
+  """An `engine.LoadedModel` of the smoke config with random weights (seed 1)."""
+  config = configuration.load_config("smoke")
   config.data.data_dir = str(synth_dir)
-  model = model_lib.from_config(config.model)
+  model = mil.from_config(config.model)
   variables = random_variables(model, seed=1)
-  return inference.LoadedModel(config, model, variables, 4, "W/checkpoints/4", {})
+  return engine.LoadedModel(config, model, variables, 4, "W/checkpoints/4", {})
 
 
 @pytest.fixture(scope="module")
 def workdir(smoke, tmp_path_factory):
   """A training workdir holding `smoke`'s weights as its one checkpoint (step 4)."""
   config, model, variables = smoke.config, smoke.model, smoke.variables
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
     step=np.int32(4), params=variables["params"], batch_stats=variables["batch_stats"]
@@ -72,25 +77,25 @@ def test_model_input_matches_the_eval_pipeline(smoke, synth_dir):
   batch = next(iter(pipeline.make_eval_iter(config, synth_dir, "test")))
   index = nih.open_index(synth_dir, val_fraction=0.25, split_seed=0)
   row = int(batch["row"][0])
-  x = inference.model_input(predict.read_image(index.image_paths[row]), 64)
+  x = engine.model_input(prediction.read_image(index.image_paths[row]), 64)
   assert x.dtype == np.uint8 and x.shape == (64, 64, 1)
   np.testing.assert_array_equal(x, batch["image"][0])
   # A raw 1024 px image is brought to 512 first, exactly as `lsemil prepare` stores it.
-  big = cv2.resize(predict.read_image(index.image_paths[row]), (1024, 1024))
+  big = cv2.resize(prediction.read_image(index.image_paths[row]), (1024, 1024))
   np.testing.assert_array_equal(
-    inference.model_input(big, 64), inference.model_input(imageio.resize_gray(big, 512), 64)
+    engine.model_input(big, 64), engine.model_input(imageio.resize_gray(big, 512), 64)
   )
   with pytest.raises(ValueError, match="uint8"):
-    inference.model_input(big.astype(np.float32), 64)
+    engine.model_input(big.astype(np.float32), 64)
 
 
 def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys):
-  probe, _ = predict.predict_files(smoke, [str(files["png"])], None, progress=False)
+  probe, _ = prediction.predict_files(smoke, [str(files["png"])], None, progress=False)
   p = np.array([probe[0]["probs"][c] for c in CLASSES])
   threshold = float(np.sort(p)[-2])  # at least the top two classes get overlays
   paths = [str(files["png"]), str(files["bad"]), str(files["jpg"])]
   out = tmp_path / "P"
-  rows, failures = predict.predict_files(
+  rows, failures = prediction.predict_files(
     smoke, paths, out, threshold=threshold, batch_size=2, progress=False
   )
   assert [f[0] for f in failures] == [str(files["bad"])]
@@ -110,7 +115,7 @@ def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys)
   # at or above the threshold.
   text = (out / "predictions.csv").read_text()
   header = next(csv.reader(io.StringIO(text)))
-  assert header == [*inference.CSV_COLUMNS, "path", f"classes_p>={threshold:g}"]
+  assert header == [*engine.CSV_COLUMNS, "path", f"classes_p>={threshold:g}"]
   table = list(csv.DictReader(io.StringIO(text)))
   assert [t["path"] for t in table] == [r["path"] for r in rows]
   assert [t["image_id"] for t in table] == ["chest.png", "chest_copy.jpg"]
@@ -121,7 +126,7 @@ def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys)
       assert 0.0 <= float(t[c]) <= 1.0
     above = [c for c in CLASSES if r["probs"][c] >= threshold]
     assert t[f"classes_p>={threshold:g}"].split("|") == above
-  back = inference.read_predictions_csv(out / "predictions.csv")
+  back = engine.read_predictions_csv(out / "predictions.csv")
   np.testing.assert_allclose(
     back["chest.png"], [rows[0]["probs"][c] for c in CLASSES], rtol=1e-7
   )
@@ -141,8 +146,8 @@ def test_cli_exit_status_and_table(smoke, workdir, files, tmp_path, capsys):
   assert f"{workdir / 'checkpoints' / '4'} (step 4)" in captured.err
   assert (out / "predictions.csv").is_file() and not list(out.glob("*.png"))
   # The checkpoint's probabilities are those of the weights it was written from.
-  direct, _ = predict.predict_files(smoke, [str(files["png"])], None, progress=False)
-  got = inference.read_predictions_csv(out / "predictions.csv")["chest.png"]
+  direct, _ = prediction.predict_files(smoke, [str(files["png"])], None, progress=False)
+  got = engine.read_predictions_csv(out / "predictions.csv")["chest.png"]
   np.testing.assert_allclose(got, [direct[0]["probs"][c] for c in CLASSES], atol=1e-6)
   rc = cli.main(
     ["predict", "--checkpoint", str(workdir), str(files["bad"]), str(files["jpg"])]
@@ -203,11 +208,11 @@ def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
   plain = tmp_path / "plain.bin"
   _write_dicom(plain, raw, photometric="MONOCHROME2", window=None)
   assert dicom.is_dicom(plain)
-  img2 = predict.read_image(plain)
+  img2 = prediction.read_image(plain)
   np.testing.assert_array_equal(img2, np.rint(raw / 4095.0 * 255).astype(np.uint8))
-  rows, failures = predict.predict_files(smoke, [str(path)], None, progress=False)
+  rows, failures = prediction.predict_files(smoke, [str(path)], None, progress=False)
   assert not failures and len(rows) == 1
   garbage = tmp_path / "garbage.dcm"
   garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 40)
   with pytest.raises(imageio.ImageError, match="garbage.dcm"):
-    predict.read_image(garbage)
+    prediction.read_image(garbage)

@@ -1,6 +1,6 @@
 """`lsemil predict --boxes` (issue 12 section 3) and `--calibration` (issue 14 section 3).
 
-The geometry is tested through `predict.predict_files` on a model whose saliency we control
+The geometry is tested through `prediction.predict_files` on a model whose saliency we control
 (its map is its own input, so a bright planted lesion is the map's blob): the box must come back
 in the input file's own pixels, on non-square files below and above 512 px. The CLI is tested on
 a real checkpoint (random smoke weights, `checkpointing.save`): boxes.json equals
@@ -20,18 +20,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lsemil import (
-  architectures,
-  calibration,
-  checkpointing,
-  cli,
-  config_lib,
-  inference,
-  localization,
-  predict,
-  train,
-)
+from lsemil.commands import cli
+from lsemil.core import configuration
 from lsemil.data.nih import CLASSES
+from lsemil.inference import engine
+from lsemil.metrics import calibration, localization
+from lsemil.models import registry
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
+from lsemil.workflows import prediction
 
 LESION = 200  # grey level of the planted lesion; background 20 (saliency 0.78 vs 0.08)
 
@@ -77,13 +74,13 @@ def test_planted_lesion_box_in_the_files_own_pixels(tmp_path, hw, box, tol):
   h, w = hw
   path = tmp_path / "lesion.png"
   assert cv2.imwrite(str(path), planted(h, w, box))
-  config = config_lib.load_config("smoke")  # no model.arch: a MIL run ('model' saliency)
-  loaded = inference.LoadedModel(config, InputIsSaliency(), {}, 0, "none", {})
-  rows, failures = predict.predict_files(
+  config = configuration.load_config("smoke")  # no model.arch: a MIL run ('model' saliency)
+  loaded = engine.LoadedModel(config, InputIsSaliency(), {}, 0, "none", {})
+  rows, failures = prediction.predict_files(
     loaded, [str(path)], tmp_path / "P", threshold=0.5, boxes=True, box_tau=0.5, progress=False
   )
   assert failures == [] and len(rows) == 1
-  got = json.loads((tmp_path / "P" / predict.BOXES_FILE).read_text())
+  got = json.loads((tmp_path / "P" / prediction.BOXES_FILE).read_text())
   assert list(got) == ["lesion.png"] and set(got["lesion.png"]) == {CLASSES[0], CLASSES[1]}
   assert got["lesion.png"] == rows[0]["boxes"]
   x, y, bw, bh = box
@@ -100,15 +97,15 @@ def test_planted_lesion_box_in_the_files_own_pixels(tmp_path, hw, box, tol):
 def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):
   path = tmp_path / "flat.png"
   assert cv2.imwrite(str(path), planted(200, 300, (50, 40, 30, 20)))
-  loaded = inference.LoadedModel(
-    config_lib.load_config("smoke"), InputIsSaliency(), {}, 0, "none", {}
+  loaded = engine.LoadedModel(
+    configuration.load_config("smoke"), InputIsSaliency(), {}, 0, "none", {}
   )
-  rows, _ = predict.predict_files(
+  rows, _ = prediction.predict_files(
     loaded, [str(path)], None, threshold=0.5, boxes=True, box_tau=0.9, progress=False
   )
   # The lesion's 0.78 stays below tau = 0.9: the classes are listed, with no boxes.
   assert rows[0]["boxes"] == {CLASSES[0]: [], CLASSES[1]: []}
-  rows, _ = predict.predict_files(
+  rows, _ = prediction.predict_files(
     loaded, [str(path)], None, threshold=0.9, boxes=True, progress=False
   )
   assert rows[0]["boxes"] == {}
@@ -120,10 +117,10 @@ def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_workdir(random_variables, tmp_path_factory):
   """A training workdir with random smoke weights as its one checkpoint (step 2)."""
-  config = config_lib.load_config("smoke")
-  model = architectures.from_config(config.model, saved=True)  # with or without model.arch
+  config = configuration.load_config("smoke")
+  model = registry.from_config(config.model, saved=True)  # with or without model.arch
   variables = random_variables(model, seed=3)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
     step=np.int32(2), params=variables["params"], batch_stats=variables["batch_stats"]
@@ -153,12 +150,12 @@ def test_cli_boxes_and_calibration_on_a_checkpoint(smoke_workdir, tmp_path, caps
   argv += ["--boxes", "--box-tau", "0.5", "--threshold", "0", "--calibration", str(cal_file)]
   assert cli.main([*argv, "--no-progress"]) == 0
   assert "boxes in" in capsys.readouterr().err
-  boxes = json.loads((out / predict.BOXES_FILE).read_text())["chest.png"]
-  probs = inference.read_predictions_csv(out / "predictions.csv")["chest.png"]
+  boxes = json.loads((out / prediction.BOXES_FILE).read_text())["chest.png"]
+  probs = engine.read_predictions_csv(out / "predictions.csv")["chest.png"]
 
-  loaded = inference.load(smoke_workdir)
-  x = inference.model_input(img, loaded.model.input_size)[None]
-  direct = inference.Predictor(loaded.model, loaded.variables).predict_images(x, 1, saliency=True)
+  loaded = engine.load(smoke_workdir)
+  x = engine.model_input(img, loaded.model.input_size)[None]
+  direct = engine.Predictor(loaded.model, loaded.variables).predict_images(x, 1, saliency=True)
   want_p = calibration.apply({"method": "temperature", "temperature": temps}, direct["probs"])[0]
   np.testing.assert_allclose(probs, want_p, atol=1e-6)
   assert not np.allclose(probs, direct["probs"][0], atol=1e-3)  # the calibration changed them

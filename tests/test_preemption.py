@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lsemil import inference
-from lsemil.errors import EXIT_PREEMPTED
+from lsemil.core.errors import EXIT_PREEMPTED
+from lsemil.inference import engine
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 def train_cmd(workdir: Path, data: Path) -> list[str]:
   return [
-    sys.executable, "-m", "lsemil.cli", "train", "--config", "configs/smoke.py",
+    sys.executable, "-m", "lsemil.commands.cli", "train", "--config", "configs/smoke.py",
     "--workdir", str(workdir), "--data-dir", str(data),
     f"--config.train.num_steps={STEPS}", "--config.train.eval_every_steps=6",
     "--config.train.checkpoint_every_steps=2", "--config.train.keep_checkpoints=20",
@@ -33,9 +33,9 @@ def train_cmd(workdir: Path, data: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-  from lsemil.data import synth
+  from lsemil.data import phantoms
 
-  return synth.synthesize(tmp_path_factory.mktemp("pre") / "d", patients=40, size=512, seed=0)
+  return phantoms.synthesize(tmp_path_factory.mktemp("pre") / "d", patients=40, size=512, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def reference(tmp_path_factory, data) -> Path:
 def params_at(workdir: Path, step: int) -> list[np.ndarray]:
   import jax
 
-  loaded = inference.load(workdir / "checkpoints" / str(step))
+  loaded = engine.load(workdir / "checkpoints" / str(step))
   return [np.asarray(x) for x in jax.tree.leaves(loaded.variables)]
 
 

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import cli
-from lsemil.commands import prepare as prepare_cmd
-from lsemil.data import imageio, nih
-from lsemil.data import prepare as prep
+from lsemil.commands import cli, prepare
+from lsemil.data import imageio, nih, preparation
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def raw_dir(tmp_path_factory, write_nih_folder) -> Path:
 @pytest.fixture(scope="module")
 def png_dir(raw_dir, tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("prep") / "png"
-  prep.prepare(raw_dir, out, workers=2, progress=False)
+  preparation.prepare(raw_dir, out, workers=2, progress=False)
   return out
 
 
@@ -35,8 +33,8 @@ def png_dir(raw_dir, tmp_path_factory) -> Path:
 
 
 def test_scale_box_to_output_size():
-  assert prep.scale_box((100, 200, 300, 400), 1024, 512) == (50.0, 100.0, 150.0, 200.0)
-  assert prep.scale_box((10, 20, 30, 40), 512, 128) == (2.5, 5.0, 7.5, 10.0)
+  assert preparation.scale_box((100, 200, 300, 400), 1024, 512) == (50.0, 100.0, 150.0, 200.0)
+  assert preparation.scale_box((10, 20, 30, 40), 512, 128) == (2.5, 5.0, 7.5, 10.0)
 
 
 def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
@@ -110,7 +108,7 @@ def modes_prepared(tmp_path_factory, write_nih_folder, phantom_image):
   for mode, image_id in mapping.items():
     images[mode][0].save(root / "images" / image_id)
   out = root.parent / "out"
-  prep.prepare(root, out, workers=0, progress=False)
+  preparation.prepare(root, out, workers=0, progress=False)
   return out, mapping, images
 
 
@@ -147,16 +145,16 @@ def _break(root: Path, ids: list[str]) -> tuple[Path, Path]:
 def test_truncated_png_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   truncated, missing = _break(tmp_path / "nih", ids)
-  with pytest.raises(prep.PrepareError, match=str(truncated).replace(".", r"\.")):
-    prep.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
+  with pytest.raises(preparation.PrepareError, match=str(truncated).replace(".", r"\.")):
+    preparation.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
   assert not (tmp_path / "out" / "lsemil_dataset.json").exists()
 
 
 def test_missing_file_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   (tmp_path / "nih" / "images" / ids[4]).unlink()
-  with pytest.raises(prep.PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
-    prep.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
+  with pytest.raises(preparation.PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
+    preparation.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
 
 
 def test_decode_png_rejects_truncated_bytes(phantom_image):
@@ -195,8 +193,8 @@ def test_cli_error_exit_code_names_file(tmp_path, capsys, write_nih_folder):
   assert rc == 1 and errors == err[-1:] and errors[0].startswith("lsemil prepare: ")
   assert ids[0] in errors[0] and "not found" in errors[0]
   # The command module itself raises the error (the CLI prints it).
-  with pytest.raises(prep.PrepareError, match=ids[0].replace(".", r"\.")):
-    prepare_cmd.main(argv)
+  with pytest.raises(preparation.PrepareError, match=ids[0].replace(".", r"\.")):
+    prepare.main(argv)
 
 
 # --------------------------------------------------------------------------- resumable
@@ -205,7 +203,7 @@ def test_cli_error_exit_code_names_file(tmp_path, capsys, write_nih_folder):
 def test_resume_skips_done_and_distrusts_temp_files(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   out = tmp_path / "out"
-  first = prep.prepare(tmp_path / "nih", out, workers=0, progress=False)
+  first = preparation.prepare(tmp_path / "nih", out, workers=0, progress=False)
   assert first.written == len(ids)
   images = out / "images"
   stamps = {p.name: p.stat().st_mtime_ns for p in images.iterdir()}
@@ -214,7 +212,7 @@ def test_resume_skips_done_and_distrusts_temp_files(tmp_path, write_nih_folder):
   half.write_bytes((images / ids[2]).read_bytes()[:300])
   (images / ids[2]).unlink()
   (out / "lsemil_dataset.json").unlink()
-  second = prep.prepare(tmp_path / "nih", out, workers=0, progress=False)
+  second = preparation.prepare(tmp_path / "nih", out, workers=0, progress=False)
   assert (second.written, second.already_done, second.stale_temp_removed) == (1, len(ids) - 1, 1)
   assert not half.exists()
   imageio.read_gray(images / ids[2])  # complete again
@@ -222,8 +220,8 @@ def test_resume_skips_done_and_distrusts_temp_files(tmp_path, write_nih_folder):
     if name != ids[2]:
       assert (images / name).stat().st_mtime_ns == stamp, name
   assert (out / "lsemil_dataset.json").is_file()
-  with pytest.raises(prep.PrepareError, match="image_size=512, not 256"):
-    prep.prepare(tmp_path / "nih", out, size=256, workers=0, progress=False)
+  with pytest.raises(preparation.PrepareError, match="image_size=512, not 256"):
+    preparation.prepare(tmp_path / "nih", out, size=256, workers=0, progress=False)
 
 
 # --------------------------------------------------------------------------- tfds
@@ -235,10 +233,10 @@ def test_tfds_round_trip_pixel_equal_to_png(raw_dir, png_dir, tmp_path):
   from lsemil.data import tfds_builder
 
   out = tmp_path / "tf"
-  prep.prepare(raw_dir, out, fmt="tfds", workers=2, progress=False)
+  preparation.prepare(raw_dir, out, fmt="tfds", workers=2, progress=False)
   marker = json.loads((out / "lsemil_dataset.json").read_text())
   assert (marker["kind"], marker["format"], marker["image_size"]) == ("prepared", "tfds", 512)
-  assert not (out / prep.STAGING_NAME).exists() and not (out / "images").exists()
+  assert not (out / preparation.STAGING_NAME).exists() and not (out / "images").exists()
   index = nih.load_index(out)
   assert index.image_ids == nih.load_index(png_dir).image_ids
   data_dir = tfds_builder.dataset_dir(out)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lsemil import cli
+from lsemil.commands import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,13 +32,13 @@ def test_help_lists_every_command_and_each_module_has_main(capsys):
     assert callable(getattr(importlib.import_module(module), "main", None)), module
   # The library modules behind the commands hold no command line of their own.
   for module in (
-    "lsemil.evaluate",
-    "lsemil.predict",
-    "lsemil.reproduce",
-    "lsemil.demo",
-    "lsemil.data.prepare",
-    "lsemil.data.stats",
-    "lsemil.data.synth",
+    "lsemil.workflows.evaluation",
+    "lsemil.workflows.prediction",
+    "lsemil.workflows.reproduction",
+    "lsemil.workflows.demonstration",
+    "lsemil.data.preparation",
+    "lsemil.data.statistics",
+    "lsemil.data.phantoms",
   ):
     lib = importlib.import_module(module)
     assert not hasattr(lib, "main") and not hasattr(lib, "build_parser"), module
@@ -58,7 +58,7 @@ def test_library_modules_never_import_command_modules():
         names = [a.name for a in node.names]
       else:
         continue
-      bad = [n for n in names if n in ("lsemil.cli", "lsemil.commands")]
+      bad = [n for n in names if n in ("lsemil.commands.cli", "lsemil.commands")]
       bad += [n for n in names if n.startswith("lsemil.commands.")]
       assert not bad, f"{rel}:{node.lineno} imports {bad}"
 
@@ -70,7 +70,7 @@ def test_unknown_command_exits_2(capsys):
 
 def test_info_prints_versions_devices_and_model_size():
   out = subprocess.run(
-    [sys.executable, "-m", "lsemil.cli", "info", "--config", "smoke"],
+    [sys.executable, "-m", "lsemil.commands.cli", "info", "--config", "smoke"],
     capture_output=True, text=True, check=True, cwd=ROOT,
   ).stdout
   assert re.search(r"^jax\s+\d", out, re.M)

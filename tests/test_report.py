@@ -1,4 +1,4 @@
-"""Tests of lsemil.report: the paper's Tables 1-3 as markdown/CSV and Figures 1/3 as PNGs."""
+"""Tests of lsemil.reporting.paper_tables: the paper's Tables 1-3 as markdown/CSV and Figures 1/3 as PNGs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsemil import report as R
 from lsemil.data.nih import BOX_CLASSES, CLASSES
+from lsemil.reporting import drawing, paper_tables
 
 
 def _md_rows(md: str) -> list[list[str]]:
@@ -61,31 +61,31 @@ def _runs(nan_class: str | None = "Hernia"):
 def test_paper_constants_match_paper_md(paper_md):
   text = re.sub(r"</?b>", "", paper_md.read_text())
   lines = {ln.split("\t")[0]: ln.split("\t")[1:] for ln in text.splitlines() if "\t" in ln}
-  for name, cells in (ln.split("\t", 1) for ln in R._PAPER_TABLE3_TEXT.splitlines()):
+  for name, cells in (ln.split("\t", 1) for ln in paper_tables._PAPER_TABLE3_TEXT.splitlines()):
     assert lines[name][:7] == cells.split("\t"), name
   for r0 in (0, 5, 10):
     row = lines[f"$r_0 = {r0}$"]
-    got = [R.PAPER_IOBB[f"r0={r0}"][c][t] for c, t in R._PAPER_TABLE2_COLUMNS]
+    got = [paper_tables.PAPER_IOBB[f"r0={r0}"][c][t] for c, t in paper_tables._PAPER_TABLE2_COLUMNS]
     assert [float(x) for x in row if x] == got
   assert [float(x) for x in lines["[3]"] if x] == [0.3833, 0.0126, 0.4227]
 
 
 def test_paper_constants_spot_values():
-  assert R.PAPER_AUC["[3]"]["Hernia"] == 0.8717
-  assert R.PAPER_AUC["r0=5"]["Pleural_Thickening"] == 0.715
-  assert R.PAPER_MEAN_AUC == {"[3]": 0.738, "r0=0": 0.761, "r0=5": 0.760, "r0=10": 0.754}
-  assert set(R.PAPER_DICE["r0=10"]) == set(BOX_CLASSES)
-  assert R.PAPER_DICE["r0=5"]["Atelectasis"] == 0.240
-  assert R.PAPER_IOBB["r0=10"]["Pneumonia"][0.4] == 0.0500
-  assert R.PAPER_IOBB_WANG["Nodule"] == 0.0126
+  assert paper_tables.PAPER_AUC["[3]"]["Hernia"] == 0.8717
+  assert paper_tables.PAPER_AUC["r0=5"]["Pleural_Thickening"] == 0.715
+  assert paper_tables.PAPER_MEAN_AUC == {"[3]": 0.738, "r0=0": 0.761, "r0=5": 0.760, "r0=10": 0.754}
+  assert set(paper_tables.PAPER_DICE["r0=10"]) == set(BOX_CLASSES)
+  assert paper_tables.PAPER_DICE["r0=5"]["Atelectasis"] == 0.240
+  assert paper_tables.PAPER_IOBB["r0=10"]["Pneumonia"][0.4] == 0.0500
+  assert paper_tables.PAPER_IOBB_WANG["Nodule"] == 0.0126
 
 
 def test_canonical_class():
-  assert R.canonical_class("Pleural thickening") == "Pleural_Thickening"
-  assert R.canonical_class("infiltrate") == "Infiltration"
-  assert R.display_class("Pleural_Thickening") == "Pleural thickening"
+  assert paper_tables.canonical_class("Pleural thickening") == "Pleural_Thickening"
+  assert paper_tables.canonical_class("infiltrate") == "Infiltration"
+  assert paper_tables.display_class("Pleural_Thickening") == "Pleural thickening"
   with pytest.raises(KeyError):
-    R.canonical_class("Fracture")
+    paper_tables.canonical_class("Fracture")
 
 
 # ------------------------------------------------------------------------------ Table 3
@@ -93,11 +93,11 @@ def test_canonical_class():
 
 def test_table3_layout_bold_paper_and_nan():
   runs = _runs()
-  md, _ = R.table3(runs)
+  md, _ = paper_tables.table3(runs)
   rows = _md_rows(md)
   header, body = rows[0], rows[1:]
   assert len(header) == 1 + 4 + 3 + 3 + 3 + 1
-  assert [r[0] for r in body] == [R.display_class(c) for c in CLASSES] + ["A.V.G."]
+  assert [r[0] for r in body] == [paper_tables.display_class(c) for c in CLASSES] + ["A.V.G."]
   assert all(len(r) == len(header) for r in body)
   ours_auc = [header.index(f"AUC r0={r} (ours)") for r in (0, 5, 10)]
   ours_dice = [header.index(f"DICE r0={r} (ours)") for r in (0, 5, 10)]
@@ -110,12 +110,12 @@ def test_table3_layout_bold_paper_and_nan():
     lo, hi = runs[best]["auc_lo"][cls], runs[best]["auc_hi"][cls]
     assert f"[{lo:.3f}, {hi:.3f}]" in cells[best]
     # paper columns verbatim and never bold
-    assert body[k][1] == R._P3_AUC["[3]"][cls] and body[k][2] == R._P3_AUC["r0=0"][cls]
+    assert body[k][1] == paper_tables._P3_AUC["[3]"][cls] and body[k][2] == paper_tables._P3_AUC["r0=0"][cls]
   for k, cls in enumerate(BOX_CLASSES):
     vals = [runs[i]["dice"][cls] for i in range(3)]
     cells = [body[k][j] for j in ours_dice]
     assert cells[int(np.argmax(vals))].startswith("**")
-    assert body[k][header.index("DICE r0=5 (paper)")] == R._P3_DICE["r0=5"][cls]
+    assert body[k][header.index("DICE r0=5 (paper)")] == paper_tables._P3_DICE["r0=5"][cls]
     assert body[k][-1] == "0.100"  # uniform baseline, not bold
   for k in range(len(BOX_CLASSES), len(CLASSES)):
     assert body[k][ours_dice[0]] == "-" and body[k][header.index("DICE r0=0 (paper)")] == "-"
@@ -132,12 +132,12 @@ def test_table3_layout_bold_paper_and_nan():
 
 def test_table3_csv_parses_to_same_numbers():
   runs = _runs()
-  _, text = R.table3(runs)
+  _, text = paper_tables.table3(runs)
   rows = list(csv.DictReader(io.StringIO(text)))
   assert [r["abnormality"] for r in rows] == list(CLASSES) + ["A.V.G."]
   for r in rows[:-1]:
     cls = r["abnormality"]
-    assert float(r["auc_paper_[3]"]) == R.PAPER_AUC["[3]"][cls]
+    assert float(r["auc_paper_[3]"]) == paper_tables.PAPER_AUC["[3]"][cls]
     for run in runs:
       lb = run["label"]
       if math.isnan(run["auc"][cls]):
@@ -147,7 +147,7 @@ def test_table3_csv_parses_to_same_numbers():
         assert float(r[f"auc_{lb}_lo"]) == run["auc_lo"][cls]
       if cls in BOX_CLASSES:
         assert float(r[f"dice_{lb}"]) == run["dice"][cls]
-        assert float(r["dice_paper_r0=0"]) == R.PAPER_DICE["r0=0"][cls]
+        assert float(r["dice_paper_r0=0"]) == paper_tables.PAPER_DICE["r0=0"][cls]
       else:
         assert r[f"dice_{lb}"] == "" and r["dice_paper_r0=0"] == ""
   assert float(rows[-1]["auc_paper_r0=5"]) == 0.760
@@ -155,7 +155,7 @@ def test_table3_csv_parses_to_same_numbers():
 
 def test_table3_sequence_auc_and_given_mean():
   run = {"label": "mine", "auc": [0.7] * 14, "mean_auc": 0.69}
-  md, text = R.table3([run])
+  md, text = paper_tables.table3([run])
   body = _md_rows(md)[1:]
   assert body[0][5] == "0.700"  # a single run: nothing to compare, no bold
   assert body[-1][5] == "0.690"
@@ -167,7 +167,7 @@ def test_table3_sequence_auc_and_given_mean():
 
 def test_table2_rows_bold_and_csv():
   runs = _runs()
-  md, text = R.table2(runs)
+  md, text = paper_tables.table2(runs)
   rows = _md_rows(md)
   header, body = rows[0], rows[1:]
   assert header[1:] == [
@@ -198,7 +198,7 @@ def test_table2_rows_bold_and_csv():
 
 def test_table2_custom_sweep_and_missing_values():
   runs = [{"label": "a", "iobb": {"Mass": {0.5: 0.25}}}, {"label": "b"}]
-  md, text = R.table2(runs, classes_taus=[("Mass", (0.5, 0.9))])
+  md, text = paper_tables.table2(runs, classes_taus=[("Mass", (0.5, 0.9))])
   body = _md_rows(md)[1:]
   assert body == [["a (ours)", "0.2500", "-"], ["b (ours)", "-", "-"]]  # no paper rows for Mass
   assert list(csv.reader(io.StringIO(text)))[1] == ["ours", "a", "0.25", ""]
@@ -214,7 +214,7 @@ def test_table1_from_stats_dict():
       for k, c in enumerate(CLASSES, start=1000)
     }
   }
-  md, text = R.table1(stats)
+  md, text = paper_tables.table1(stats)
   rows = _md_rows(md)
   assert rows[0] == ["abnormality", "train", "valid", "test", "bbox",
                      "paper train", "paper valid", "paper test", "paper bbox"]  # fmt: skip
@@ -226,7 +226,7 @@ def test_table1_from_stats_dict():
   assert len(parsed) == 14
   assert int(parsed[0]["train"]) == 10000 and int(parsed[0]["paper_bbox"]) == 180
   assert parsed[-1]["paper_bbox"] == "" and int(parsed[-1]["bbox"]) == 0
-  assert R.table1(stats["classes"]) == (md, text)  # the bare classes dict works too
+  assert paper_tables.table1(stats["classes"]) == (md, text)  # the bare classes dict works too
 
 
 # ------------------------------------------------------------------------------ figures
@@ -250,11 +250,11 @@ def test_figure3_png_and_axes(tmp_path):
     {"image": img[..., None], "boxes": [(0, 0, 64, 64)], "source_size": 128,
      "saliency": {"r0=0": sal, "r0=5": sal, "r0=10": sal}, "dice": {"r0=0": 0.123}},
   ]  # fmt: skip
-  fig = R.figure3(tmp_path / "sub" / "fig3.png", cases)
+  fig = drawing.figure3(tmp_path / "sub" / "fig3.png", cases)
   w, h = _png(tmp_path / "sub" / "fig3.png")
   assert len(fig.axes) == 2 * 5
-  assert w == pytest.approx(5 * R.PANEL_INCHES * R.DPI, rel=0.05)
-  assert h == pytest.approx(2 * R.PANEL_INCHES * R.DPI, rel=0.05)
+  assert w == pytest.approx(5 * drawing.PANEL_INCHES * drawing.DPI, rel=0.05)
+  assert h == pytest.approx(2 * drawing.PANEL_INCHES * drawing.DPI, rel=0.05)
   titles = [ax.get_title() for ax in fig.axes]
   assert titles[:2] == ["Nodule", "ground truth"]
   # the saliency exactly on the GT cell has DICE 1; a given DICE is shown as given
@@ -267,12 +267,12 @@ def test_figure1_and_overlay(tmp_path):
   rng = np.random.default_rng(1)
   img = rng.random((64, 64))
   levels = [(f"level {n}", rng.random((n, n))) for n in (4, 8, 16, 32)]
-  fig = R.figure1(tmp_path / "fig1.png", img, levels)
+  fig = drawing.figure1(tmp_path / "fig1.png", img, levels)
   assert len(fig.axes) == 5
   assert fig.axes[1].get_title() == "level 4 (4x4)"
   w, h = _png(tmp_path / "fig1.png")
   assert w > 4 * h and h >= 100
-  fig = R.overlay_png(tmp_path / "o.png", img, levels[0][1], "Nodule 0.91", boxes=[(0, 0, 9, 9)])
+  fig = drawing.overlay_png(tmp_path / "o.png", img, levels[0][1], "Nodule 0.91", boxes=[(0, 0, 9, 9)])
   assert len(fig.axes) == 1 and fig.axes[0].get_title() == "Nodule 0.91"
   assert len(fig.axes[0].patches) == 1
   w, h = _png(tmp_path / "o.png")

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lsemil import cli, config_lib, train
-from lsemil import evaluate as ev
+from lsemil.commands import cli
+from lsemil.core import configuration
+from lsemil.training import trainer
+from lsemil.workflows import evaluation
 
 _PROBE = """<script>
 window.__errs=[];
@@ -65,17 +67,17 @@ def _probe(exe: str, page: Path, tmp_path: Path) -> dict:
 def trained(tmp_path_factory, synth_dir):
   """Two trainings of the same tiny smoke config into two workdirs."""
   tmp = tmp_path_factory.mktemp("trained")
-  config = config_lib.load_config("smoke")
+  config = configuration.load_config("smoke")
   config.train.num_steps = 4
   config.train.eval_every_steps = 4
   for name in ("a", "b"):
-    train.train_and_evaluate(config, str(tmp / name), data_dir=str(synth_dir))
+    trainer.train_and_evaluate(config, str(tmp / name), data_dir=str(synth_dir))
   return tmp
 
 
 def test_cpu_training_is_deterministic_at_a_fixed_core_count(trained):
-  a = (trained / "a" / train.VALIDATION_PREDICTIONS).read_bytes()
-  b = (trained / "b" / train.VALIDATION_PREDICTIONS).read_bytes()
+  a = (trained / "a" / trainer.VALIDATION_PREDICTIONS).read_bytes()
+  b = (trained / "b" / trainer.VALIDATION_PREDICTIONS).read_bytes()
   assert a == b
 
 
@@ -88,8 +90,8 @@ def test_reproduce_index_html_in_chromium(trained, tmp_path, synth_dir, capsys):
   printed = capsys.readouterr().out
   assert f"report: {out / 'index.html'}" in printed
   summary = json.loads((out / "summary.json").read_text())
-  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
-  n_cases = sum(len(v) for v in ev.box_cases(index, index.rows("test")).values())
+  index = evaluation.open_index(configuration.load_config("smoke"), synth_dir)
+  n_cases = sum(len(v) for v in evaluation.box_cases(index, index.rows("test")).values())
   assert summary["gallery_items"] == n_cases > 0
   r = _probe(exe, out / "index.html", tmp_path)
   assert r["errors"] == []

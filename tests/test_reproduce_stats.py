@@ -20,19 +20,22 @@ import jax
 import numpy as np
 import pytest
 
-from lsemil import calibration, checkpointing, cli, config_lib, metrics, significance, train
-from lsemil import evaluate as ev
-from lsemil import model as model_lib
-from lsemil import reproduce as rp
+from lsemil.commands import cli
+from lsemil.core import configuration
 from lsemil.data import nih
+from lsemil.metrics import calibration, overlap, significance
+from lsemil.models import mil
+from lsemil.runtime import checkpointing
+from lsemil.training import trainer
+from lsemil.workflows import evaluation, reproduction
 
 N_BOOT = 20
 
 
 def write_checkpoint(workdir, config, variables, step: int) -> None:
   """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
-  model = model_lib.from_config(config.model)
-  abstract = train.abstract_state(model, train.create_optimizer(config), 0)
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
     step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
@@ -52,11 +55,11 @@ def make_run(synth_dir, random_variables):
 
   def make(workdir, r0, seed=0, n=None):
     arg = f"r0={r0},seed={seed}"
-    config = config_lib.load_config("smoke", arg)
+    config = configuration.load_config("smoke", arg)
     if n is not None:
       config.model.saliency_size = int(n)
     config.data.data_dir = str(synth_dir)
-    model = model_lib.from_config(config.model)
+    model = mil.from_config(config.model)
     write_checkpoint(workdir, config, random_variables(model, seed), 7)
     return workdir
 
@@ -73,7 +76,7 @@ def reproduced(tmp_path_factory, make_run):
     ("r0=0", 0.0, make_run(tmp / "w0", 0, seed=2)),
   ]
   out = tmp / "R"
-  summary = rp.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False, n_figure=2)
+  summary = reproduction.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False, n_figure=2)
   return tmp, out, summary
 
 
@@ -84,35 +87,35 @@ def _csv(path) -> list[dict]:
 def _test_arrays(workdir, index):
   """(labels, probs) of the test split from a run's per-image CSV, in index-row order."""
   rows = index.rows("test")
-  from lsemil import inference
+  from lsemil.inference import engine
 
-  by_id = inference.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
+  by_id = engine.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
   probs = np.stack([by_id[index.image_ids[r]] for r in rows])
   return np.asarray(index.labels, np.float64)[rows], probs
 
 
 def test_config_arguments_n_and_seed():
-  c = config_lib.load_config("demo", "r0=10,N=8,seed=3")
+  c = configuration.load_config("demo", "r0=10,N=8,seed=3")
   assert (c.model.r0, c.model.saliency_size, c.seed) == (10.0, 8, 3)
-  assert config_lib.load_config("demo").model.saliency_size == 32
-  assert config_lib.load_config("paper", "N=16").model.saliency_size == 16
+  assert configuration.load_config("demo").model.saliency_size == 32
+  assert configuration.load_config("paper", "N=16").model.saliency_size == 16
   for n in (8, 16, 32, 64):  # every Figure 1 variant of the demo builds
-    spec = model_lib.validate(config_lib.load_config("demo", f"N={n}").model)
+    spec = mil.validate(configuration.load_config("demo", f"N={n}").model)
     assert n in spec.level_sides
-  from lsemil.errors import ConfigError
+  from lsemil.core.errors import ConfigError
 
   with pytest.raises(ConfigError, match="N='x'"):
-    config_lib.load_config("demo", "N=x")
+    configuration.load_config("demo", "N=x")
   with pytest.raises(ConfigError, match="known: r0, N, seed"):
-    config_lib.load_config("paper", "bogus=1")
+    configuration.load_config("paper", "bogus=1")
 
 
 def test_seeds_grouped_mean_sd_and_per_seed(reproduced):
   tmp, out, summary = reproduced
   assert summary["labels"] == ["r0=5", "r0=0"]
   assert [r["name"] for r in summary["runs"]] == ["r0=5 (seed 0)", "r0=5 (seed 1)", "r0=0"]
-  a = ev.load_evaluation(tmp / "w5a" / "evaluation_test.json")
-  b = ev.load_evaluation(tmp / "w5b" / "evaluation_test.json")
+  a = evaluation.load_evaluation(tmp / "w5a" / "evaluation_test.json")
+  b = evaluation.load_evaluation(tmp / "w5b" / "evaluation_test.json")
   assert a["mean_auc"] != b["mean_auc"]  # two different models
   spread = {r["run"] + "/" + r["seed"]: r for r in _csv(out / "spread.csv")}
   m = np.mean([a["mean_auc"], b["mean_auc"]])
@@ -138,8 +141,8 @@ def test_seeds_grouped_mean_sd_and_per_seed(reproduced):
 
 def test_table3_significance_from_the_per_image_files(reproduced, synth_dir):
   tmp, out, summary = reproduced
-  config = config_lib.load_config("smoke")
-  index = ev.open_index(config, synth_dir)
+  config = configuration.load_config("smoke")
+  index = evaluation.open_index(config, synth_dir)
   y, pa = _test_arrays(tmp / "w5a", index)
   _, pb = _test_arrays(tmp / "w5b", index)
   _, p0 = _test_arrays(tmp / "w0", index)
@@ -156,24 +159,24 @@ def test_table3_significance_from_the_per_image_files(reproduced, synth_dir):
     cell = rows[cls]["p_auc_r0=5_vs_r0=0"]
     assert (cell == "") == (pair["p"][cls] is None)
   # DICE: the paired bootstrap on per-case DICE recomputed from the saliency files.
-  cases = ev.box_cases(index, index.rows("test"))
+  cases = evaluation.box_cases(index, index.rows("test"))
   per = {}
   for w in ("w5a", "w5b", "w0"):
-    sal = ev.load_saliency(tmp / w / "evaluation_test_saliency_boxes.npz")
-    per[w] = rp.case_dice(sal, cases, index.box_space)
+    sal = evaluation.load_saliency(tmp / w / "evaluation_test_saliency_boxes.npz")
+    per[w] = reproduction.case_dice(sal, cases, index.box_space)
   keys = sorted(per["w0"])
   assert keys and all(sorted(per[w]) == keys for w in per)
   by_cls = {}
   for row, k in keys:
     by_cls.setdefault(nih.CLASSES[k], []).append(per["w0"][(row, k)])
-  stored = ev.load_evaluation(tmp / "w0" / "evaluation_test.json")
+  stored = evaluation.load_evaluation(tmp / "w0" / "evaluation_test.json")
   for cls, vals in by_cls.items():  # the per-case values average to the evaluation's DICE
     assert np.mean(vals) == pytest.approx(stored["dice"][cls], abs=1e-4)
   da = np.array([(per["w5a"][c] + per["w5b"][c]) / 2 for c in keys])
   d0 = np.array([per["w0"][c] for c in keys])
   names, boot = significance.paired_bootstrap_dice(
     da, d0, np.asarray(index.patient_ids)[[r for r, _ in keys]],
-    [nih.CLASSES[k] for _, k in keys], n_boot=rp.SIG_N_BOOT,
+    [nih.CLASSES[k] for _, k in keys], n_boot=reproduction.SIG_N_BOOT,
   )  # fmt: skip
   (dpair,) = sig["dice"]["pairs"]
   for cls, p in zip(names, boot.p, strict=True):
@@ -182,7 +185,7 @@ def test_table3_significance_from_the_per_image_files(reproduced, synth_dir):
 
 
 def test_table3_bold_needs_the_test_and_the_displayed_best():
-  from lsemil import report
+  from lsemil.reporting import paper_tables
 
   runs = [
     {"label": "a", "auc": {c: 0.9 for c in nih.CLASSES}, "dice": {"Mass": 0.5, "Nodule": 0.2}},
@@ -201,7 +204,7 @@ def test_table3_bold_needs_the_test_and_the_displayed_best():
       "bold": {"a": [], "b": ["Nodule"]},
     },
   }  # fmt: skip
-  md, text = report.table3(runs, sig)
+  md, text = paper_tables.table3(runs, sig)
   rows = {
     r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())
   }
@@ -218,7 +221,7 @@ def test_table3_bold_needs_the_test_and_the_displayed_best():
   assert float(csv_rows["Mass"]["p_dice_a_vs_b"]) == 0.04
   assert csv_rows["Nodule"]["p_dice_a_vs_b"] == "" and csv_rows["Edema"]["p_dice_a_vs_b"] == ""
   # Without a significance dict: the paper's bold (best of ours), unchanged.
-  md, _ = report.table3(runs)
+  md, _ = paper_tables.table3(runs)
   assert "**0.900**" in md.split("Atelectasis", 1)[1].split("\n", 1)[0]
 
 
@@ -233,9 +236,9 @@ def test_bold_only_where_significant(reproduced):
   header = md_rows[0]
   j = [header.index("AUC r0=5 (ours)"), header.index("AUC r0=0 (ours)")]
   for row in md_rows[2:-1]:
-    from lsemil import report
+    from lsemil.reporting import paper_tables
 
-    cls = report.canonical_class(row[0])
+    cls = paper_tables.canonical_class(row[0])
     for lb, col in zip(("r0=5", "r0=0"), j, strict=True):
       assert row[col].startswith("**") == (cls in sig["auc"]["bold"][lb]), (cls, lb, row[col])
   assert "**" not in "|".join(md_rows[-1])  # the mean row is not tested
@@ -243,7 +246,7 @@ def test_bold_only_where_significant(reproduced):
 
 def test_calibration_table_and_reliability(reproduced, synth_dir):
   tmp, out, _ = reproduced
-  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
+  index = evaluation.open_index(configuration.load_config("smoke"), synth_dir)
   y, p0 = _test_arrays(tmp / "w0", index)
   rows = {(r["run"], r["class"]): r for r in _csv(out / "calibration.csv")}
   assert float(rows[("r0=0", "")]["ece"]) == pytest.approx(calibration.ece(p0, y))
@@ -259,14 +262,14 @@ def test_table4_model_free_sources(reproduced, synth_dir):
   t4 = summary["table4"]
   sources = {r["source"] for r in t4["rows"]}
   assert {"constant", "centre"} <= sources
-  # The best constant map's DICE is the oracle of metrics.uniform_dice, case by case.
-  index = ev.open_index(config_lib.load_config("smoke"), synth_dir)
-  cases = ev.box_cases(index, index.rows("test"))
+  # The best constant map's DICE is the oracle of overlap.uniform_dice, case by case.
+  index = evaluation.open_index(configuration.load_config("smoke"), synth_dir)
+  cases = evaluation.box_cases(index, index.rows("test"))
   by_cls = {}
   for by in cases.values():
     for k, boxes in by:
-      mask = metrics.boxes_to_mask(boxes, 512, index.box_space)
-      by_cls.setdefault(nih.CLASSES[k], []).append(metrics.uniform_dice(mask))
+      mask = overlap.boxes_to_mask(boxes, 512, index.box_space)
+      by_cls.setdefault(nih.CLASSES[k], []).append(overlap.uniform_dice(mask))
   const = t4["results"]["constant"]["dice"]
   for cls, vals in by_cls.items():
     assert const[cls]["value"] == pytest.approx(np.mean(vals), abs=1e-9)

@@ -1,4 +1,4 @@
-"""Mesh and shardings (lsemil.sharding): one train step (paper Sec 4.2) gives the same loss
+"""Mesh and shardings (lsemil.runtime.sharding): one train step (paper Sec 4.2) gives the same loss
 and parameters on 1 and 8 devices, replicated or FSDP-sharded, and in bf16 keeps float32
 parameters and optimizer state.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from lsemil import sharding
+from lsemil.runtime import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,10 @@ _SCRIPT = textwrap.dedent(
   """
   import json
   import jax, jax.numpy as jnp, numpy as np
-  from lsemil import model as model_lib, sharding, train
-  from lsemil.config_lib import load_config
+  from lsemil.models import mil
+  from lsemil.runtime import sharding
+  from lsemil.training import trainer
+  from lsemil.core.configuration import load_config
 
   assert jax.device_count() == 8, jax.devices()
   config = load_config("smoke")
@@ -63,18 +65,18 @@ _SCRIPT = textwrap.dedent(
   def one_step(devices, fsdp, dtype="float32"):
     global init
     config.model.dtype, config.train.fsdp, config.train.fsdp_min_size = dtype, fsdp, 256
-    model = model_lib.from_config(config.model)
-    tx = train.create_optimizer(config)
+    model = mil.from_config(config.model)
+    tx = trainer.create_optimizer(config)
     mesh = sharding.create_mesh(devices)
-    _, state_sh = train.state_sharding_for(config, model, tx, mesh)
+    _, state_sh = trainer.state_sharding_for(config, model, tx, mesh)
     if init is None:
-      init = jax.device_get(train.init_state(config, model, tx, mesh, state_sh))
+      init = jax.device_get(trainer.init_state(config, model, tx, mesh, state_sh))
     state = jax.device_put(init, state_sh)
     split = [
       str(sh.spec) for sh in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state))
       if sh.spec != jax.P()
     ]
-    step = train.make_train_step(model, tx, mesh, state_sh)
+    step = trainer.make_train_step(model, tx, mesh, state_sh)
     with jax.set_mesh(mesh):
       gb = sharding.global_batch(batch, sharding.batch_sharding(mesh))
       assert len(gb["image"].sharding.device_set) == len(devices)

@@ -1,4 +1,4 @@
-"""lsemil.significance: DeLong (Sun & Xu 2014) against a hand-computed case, the paired
+"""lsemil.metrics.significance: DeLong (Sun & Xu 2014) against a hand-computed case, the paired
 bootstrap against DeLong, Holm against a hand case, and the bold rule."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from lsemil import fileio, metrics
-from lsemil import significance as sg
+from lsemil.core import fileio
+from lsemil.metrics import classification, significance
 
 # The hand case: 3 positives and 3 negatives, with ties (positive-negative at 0.6 for run A;
 # at 0.5, three ways, for run B).
@@ -45,24 +45,24 @@ HAND = {
 
 
 def test_delong_hand_case():
-  da, db = sg.delong(Y, A), sg.delong(Y, B)
+  da, db = significance.delong(Y, A), significance.delong(Y, B)
   assert da.auc == pytest.approx(HAND["auc_a"], abs=1e-12)
   assert da.var == pytest.approx(HAND["var_a"], abs=1e-12)
   assert db.auc == pytest.approx(HAND["auc_b"], abs=1e-12)
   assert db.var == pytest.approx(HAND["var_b"], abs=1e-12)
-  t = sg.delong_paired(Y, A, B)
+  t = significance.delong_paired(Y, A, B)
   assert t.diff == pytest.approx(1 / 6, abs=1e-12)
   assert t.var == pytest.approx(HAND["var_diff"], abs=1e-12)
   assert t.z == pytest.approx(HAND["z"], abs=1e-12)
   assert t.p == pytest.approx(HAND["p"], abs=1e-12)
   assert HAND["p"] == pytest.approx(0.540291, abs=1e-6)
   # Swapping the runs flips z, not p.
-  s = sg.delong_paired(Y, B, A)
+  s = significance.delong_paired(Y, B, A)
   assert s.z == pytest.approx(-HAND["z"]) and s.p == pytest.approx(HAND["p"])
 
 
 def test_delong_components_hand_case():
-  auc, v10, v01 = sg.delong_components(Y, A)
+  auc, v10, v01 = significance.delong_components(Y, A)
   np.testing.assert_allclose(v10[:3, 0], [1, 5 / 6, 2 / 3])
   np.testing.assert_allclose(v01[3:, 0], [1 / 2, 1, 1])
   assert np.isnan(v10[3:, 0]).all() and np.isnan(v01[:3, 0]).all()
@@ -82,26 +82,26 @@ def test_delong_vectorised_matches_roc_auc_and_definition():
   n, k = 300, 14
   y = rng.random((n, k)) < rng.uniform(0.05, 0.5, size=k)
   s = np.round(y * 0.7 + rng.normal(size=(n, k)), 1)  # rounding makes many ties
-  d = sg.delong(y, s)
+  d = significance.delong(y, s)
   for j in range(k):
-    assert d.auc[j] == pytest.approx(metrics.roc_auc(y[:, j], s[:, j]), abs=1e-12)
+    assert d.auc[j] == pytest.approx(classification.roc_auc(y[:, j], s[:, j]), abs=1e-12)
     auc, var = _naive_delong(y[:, j], s[:, j])
     assert d.auc[j] == pytest.approx(auc, abs=1e-12)
     assert d.var[j] == pytest.approx(var, rel=1e-9)
-  np.testing.assert_allclose(d.auc, metrics.per_class_auc(y, s), atol=1e-12)
+  np.testing.assert_allclose(d.auc, classification.per_class_auc(y, s), atol=1e-12)
 
 
 def test_delong_undefined_and_degenerate():
   y = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
   s = np.arange(12.0).reshape(4, 3)
-  d = sg.delong(y, s)
+  d = significance.delong(y, s)
   assert not np.isnan(d.auc[0]) and np.isnan(d.auc[1])  # class 1 has no positives
   assert np.isnan(d.var[1]) and np.isnan(d.var[2])  # class 2 has a single negative
-  t = sg.delong_paired(y, s, s)
+  t = significance.delong_paired(y, s, s)
   assert t.p[0] == 1.0 and t.z[0] == 0.0 and np.isnan(t.p[1])
   # Perfect vs constant scores: no variance, a real difference -> p = 0.
   y1 = np.array([1, 1, 0, 0])
-  t = sg.delong_paired(y1, np.array([4.0, 3, 2, 1]), np.zeros(4))
+  t = significance.delong_paired(y1, np.array([4.0, 3, 2, 1]), np.zeros(4))
   assert t.diff == 0.5 and t.var == 0 and t.p == 0.0
 
 
@@ -112,9 +112,9 @@ def test_paired_delong_close_to_paired_bootstrap():
   common = rng.normal(size=(n, k))
   a = y * 0.9 + common + 0.7 * rng.normal(size=(n, k))
   b = y * np.array([0.8, 0.7, 0.6]) + common + 0.7 * rng.normal(size=(n, k))
-  t = sg.delong_paired(y, a, b)
+  t = significance.delong_paired(y, a, b)
   # One image per patient: the patient bootstrap is the ordinary bootstrap DeLong approximates.
-  r = sg.paired_bootstrap_auc(y, a, b, np.arange(n), n_boot=2000, seed=0)
+  r = significance.paired_bootstrap_auc(y, a, b, np.arange(n), n_boot=2000, seed=0)
   np.testing.assert_allclose(r.diff, t.diff, atol=1e-12)
   np.testing.assert_allclose(r.se, np.sqrt(t.var), rtol=0.08)
   # p = 0.99, 1e-4 and 0.02: no difference, a clear one and one near the 0.05 line.
@@ -132,8 +132,8 @@ def test_paired_bootstrap_auc_resamples_patients():
   y = np.repeat(rng.random((n, 1)) < 0.4, 2, axis=0)
   a = np.repeat(y[::2] + rng.normal(size=(n, 1)), 2, axis=0)
   b = np.repeat(0.6 * y[::2] + rng.normal(size=(n, 1)), 2, axis=0)
-  clustered = sg.paired_bootstrap_auc(y, a, b, np.repeat(np.arange(n), 2), n_boot=400)
-  naive = sg.paired_bootstrap_auc(y, a, b, np.arange(2 * n), n_boot=400)
+  clustered = significance.paired_bootstrap_auc(y, a, b, np.repeat(np.arange(n), 2), n_boot=400)
+  naive = significance.paired_bootstrap_auc(y, a, b, np.arange(2 * n), n_boot=400)
   assert clustered.se[0] / naive.se[0] == pytest.approx(math.sqrt(2), rel=0.2)
 
 
@@ -145,7 +145,7 @@ def test_paired_bootstrap_dice():
   base = rng.uniform(0.1, 0.5, size=c)
   da = base + np.where(cls == "Mass", 0.05, 0.0) + 0.02 * rng.normal(size=c)
   db = base + 0.02 * rng.normal(size=c)
-  names, r = sg.paired_bootstrap_dice(da, db, pid, cls, n_boot=1000, seed=0)
+  names, r = significance.paired_bootstrap_dice(da, db, pid, cls, n_boot=1000, seed=0)
   assert names == ["Mass", "Nodule"]
   for j, name in enumerate(names):
     m = cls == name
@@ -153,21 +153,21 @@ def test_paired_bootstrap_dice():
   assert r.p[0] < 0.01 and r.p[1] > 0.05  # a real +0.05 on Mass, nothing on Nodule
   assert r.lo[0] < 0.05 < r.hi[0] and r.lo[1] < 0 < r.hi[1]
   # Identical runs: no difference, p = 1.
-  _, same = sg.paired_bootstrap_dice(da, da, pid, cls, n_boot=100)
+  _, same = significance.paired_bootstrap_dice(da, da, pid, cls, n_boot=100)
   assert (same.diff == 0).all() and (same.p == 1).all()
   # A single patient's cases do not vary across resamples.
-  _, one = sg.paired_bootstrap_dice(da[:5], db[:5], np.zeros(5), n_boot=50)
+  _, one = significance.paired_bootstrap_dice(da[:5], db[:5], np.zeros(5), n_boot=50)
   assert one.se[0] == pytest.approx(0, abs=1e-12)
 
 
 def test_holm_hand_case():
   # sorted: .005 (x4 = .02), .01 (x3 = .03), .03 (x2 = .06), .04 (x1 = .04 -> max .06);
   # NaN is left out of m = 4.
-  adj = sg.holm([0.01, 0.04, 0.03, np.nan, 0.005])
+  adj = significance.holm([0.01, 0.04, 0.03, np.nan, 0.005])
   np.testing.assert_allclose(adj, [0.03, 0.06, 0.06, np.nan, 0.02])
-  np.testing.assert_allclose(sg.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+  np.testing.assert_allclose(significance.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
   # Applied to the last axis of a stack of pairs.
-  stack = sg.holm(np.array([[0.01, 0.04], [0.2, 0.01]]))
+  stack = significance.holm(np.array([[0.01, 0.04], [0.2, 0.01]]))
   np.testing.assert_allclose(stack, [[0.02, 0.04], [0.2, 0.02]])
 
 
@@ -181,7 +181,7 @@ def test_significant_best():
   setp(0, 1, [0.001, 0.04, 0.5, np.nan])
   setp(0, 2, [0.002, 0.001, 0.5, np.nan])
   setp(1, 2, [0.3, 0.001, 0.5, 0.001])
-  best = sg.significant_best(values, p)
+  best = significance.significant_best(values, p)
   # Holm within each pair over its defined classes: pair (0, 1) [.001, .04, .5] -> [.003,
   # .08, .5]; pair (0, 2) [.002, .001, .5] -> [.004, .003, .5]; pair (1, 2) [.3, .001, .5,
   # .001] -> [.6, .004, .6, .004]. Class 0: run 0 best, .003 and .004 -> bold. Class 1: run 1
@@ -190,7 +190,7 @@ def test_significant_best():
   np.testing.assert_array_equal(
     best, [[True, False, False, False], [False, False, False, True], [False] * 4]
   )
-  low = sg.significant_best(values, p, higher_is_better=False)
+  low = significance.significant_best(values, p, higher_is_better=False)
   assert not low[:, 0].any()  # run 2 lowest, but vs run 1 p = .3
 
 
@@ -198,11 +198,11 @@ def test_pairwise_delong_symmetric():
   rng = np.random.default_rng(0)
   y = rng.random((100, 2)) < 0.4
   runs = [y + rng.normal(size=(100, 2)) * s for s in (0.5, 1.0, 2.0)]
-  p = sg.pairwise_delong(y, runs)
+  p = significance.pairwise_delong(y, runs)
   assert p.shape == (3, 3, 2) and np.isnan(p[np.arange(3), np.arange(3)]).all()
   np.testing.assert_array_equal(p[0, 1], p[1, 0])
-  np.testing.assert_allclose(p[0, 2], sg.delong_paired(y, runs[0], runs[2]).p)
-  names, pd = sg.pairwise_bootstrap_dice(
+  np.testing.assert_allclose(p[0, 2], significance.delong_paired(y, runs[0], runs[2]).p)
+  names, pd = significance.pairwise_bootstrap_dice(
     [np.ones(6), np.zeros(6)], np.arange(6), ["Mass"] * 6, n_boot=50
   )
   assert names == ["Mass"] and pd.shape == (2, 2, 1) and pd[0, 1, 0] == pytest.approx(1 / 51)
@@ -220,7 +220,7 @@ def test_compare_runs_for_table3():
   cls = np.where(np.arange(c) < 60, "Atelectasis", "Mass")
   base = rng.uniform(0.1, 0.4, size=c)
   dice = [base + 0.1 * (cls == "Mass") + 0.01 * rng.normal(size=c), base, base + 0.001]
-  out = sg.compare_runs(
+  out = significance.compare_runs(
     ["good", "b", "c"],
     y,
     scores,
@@ -230,10 +230,10 @@ def test_compare_runs_for_table3():
     dice_classes=cls,
     n_boot=300,
   )
-  assert out["rule"] == sg.BOLD_RULE
+  assert out["rule"] == significance.BOLD_RULE
   auc = out["auc"]
   assert [(q["a"], q["b"]) for q in auc["pairs"]] == [("good", "b"), ("good", "c"), ("b", "c")]
-  t = sg.delong_paired(y, scores[0], scores[1])
+  t = significance.delong_paired(y, scores[0], scores[1])
   assert auc["pairs"][0]["p"]["Atelectasis"] == pytest.approx(t.p[0])
   assert auc["pairs"][0]["z"]["Mass"] == pytest.approx(t.z[1])
   assert auc["pairs"][0]["p_holm"]["Atelectasis"] == pytest.approx(min(1, 2 * t.p.min()))

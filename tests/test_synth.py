@@ -1,4 +1,4 @@
-"""Tests of the synthetic NIH-layout dataset (lsemil.data.synth; issue 3 section 4).
+"""Tests of the synthetic NIH-layout dataset (lsemil.data.phantoms; issue 3 section 4).
 
 The dataset must go through the same loader as the real release (paper Section 4.1), carry
 the labels that were planted, put each box exactly around its finding's pixels, and be
@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lsemil import cli
-from lsemil.data import synth
+from lsemil.commands import cli
+from lsemil.data import phantoms
 from lsemil.data.nih import BOX_CLASSES, CLASSES, DataError, load_index
 
 SIZE = 512  # the synth_dir fixture's image size
@@ -30,7 +30,7 @@ def index(synth_dir):
 @pytest.fixture(scope="module")
 def specs(synth_dir):
   marker = json.loads((synth_dir / "lsemil_dataset.json").read_text())
-  return {s.image_id: s for s in synth.plan(marker["patients"], marker["seed"])}
+  return {s.image_id: s for s in phantoms.plan(marker["patients"], marker["seed"])}
 
 
 def test_layout_and_marker(synth_dir, index, specs):
@@ -93,8 +93,8 @@ def test_boxes_are_written_for_every_test_finding_of_a_box_class(synth_dir, inde
 def test_boxes_enclose_exactly_the_changed_pixels(index, specs):
   for r, c, xywh in zip(index.box_rows, index.box_classes, index.box_xywh, strict=True):
     spec = specs[index.image_ids[r]]
-    with_finding, _ = synth.render_image(spec, size=SIZE, seed=SEED, findings=(int(c),))
-    without, _ = synth.render_image(spec, size=SIZE, seed=SEED, findings=())
+    with_finding, _ = phantoms.render_image(spec, size=SIZE, seed=SEED, findings=(int(c),))
+    without, _ = phantoms.render_image(spec, size=SIZE, seed=SEED, findings=())
     ys, xs = np.nonzero(with_finding != without)
     x, y, w, h = xywh.astype(int)
     # The changed pixels lie in the box and reach (almost) all of its sides.
@@ -106,12 +106,12 @@ def test_boxes_enclose_exactly_the_changed_pixels(index, specs):
 def test_regenerated_image_is_identical(index, specs):
   for i in (0, len(index) // 2, len(index) - 1):
     stored = cv2.imread(str(index.image_paths[i]), cv2.IMREAD_UNCHANGED)
-    drawn, _ = synth.render_image(specs[index.image_ids[i]], size=SIZE, seed=SEED)
+    drawn, _ = phantoms.render_image(specs[index.image_ids[i]], size=SIZE, seed=SEED)
     np.testing.assert_array_equal(stored, drawn)
 
 
 def test_bytes_independent_of_worker_count_and_patient_count(tmp_path, synth_dir):
-  out = synth.synthesize(tmp_path / "small", patients=3, size=SIZE, seed=SEED, workers=2,
+  out = phantoms.synthesize(tmp_path / "small", patients=3, size=SIZE, seed=SEED, workers=2,
                          progress=False)
   names = sorted(p.name for p in (out / "images").iterdir())
   assert names and all(n.startswith(("00000001_", "00000002_", "00000003_")) for n in names)
@@ -120,16 +120,16 @@ def test_bytes_independent_of_worker_count_and_patient_count(tmp_path, synth_dir
 
 
 def test_seed_changes_the_dataset():
-  a, b = synth.plan(40, 0), synth.plan(40, 1)
+  a, b = phantoms.plan(40, 0), phantoms.plan(40, 1)
   assert [s.classes for s in a] != [s.classes for s in b]
   spec = next(s for s in a if s.classes)
-  img0, _ = synth.render_image(spec, size=SIZE, seed=0)
-  img1, _ = synth.render_image(spec, size=SIZE, seed=1)
+  img0, _ = phantoms.render_image(spec, size=SIZE, seed=0)
+  img1, _ = phantoms.render_image(spec, size=SIZE, seed=1)
   assert np.mean(img0 != img1) > 0.5
 
 
 def test_resume_restores_missing_files_and_refuses_other_settings(tmp_path):
-  out = synth.synthesize(tmp_path / "d", patients=2, size=SIZE, seed=5, workers=1, progress=False)
+  out = phantoms.synthesize(tmp_path / "d", patients=2, size=SIZE, seed=5, workers=1, progress=False)
   images = sorted((out / "images").iterdir())
   victim, kept = images[0], images[-1]
   original = victim.read_bytes()
@@ -137,17 +137,17 @@ def test_resume_restores_missing_files_and_refuses_other_settings(tmp_path):
   victim.unlink()
   (out / "Data_Entry_2017_v2020.csv").unlink()
   (out / "images" / f".{victim.name}.tmp999").write_bytes(b"partial")  # an interrupted write
-  synth.synthesize(out, patients=2, size=SIZE, seed=5, workers=1, progress=False)
+  phantoms.synthesize(out, patients=2, size=SIZE, seed=5, workers=1, progress=False)
   assert victim.read_bytes() == original
   assert kept.stat().st_mtime_ns == kept_mtime  # finished images are not rewritten
   assert len(load_index(out)) == len(images)
   assert not [p for p in out.rglob(".*tmp*")]
   with pytest.raises(ValueError, match="seed"):
-    synth.synthesize(out, patients=2, size=SIZE, seed=6, workers=1, progress=False)
+    phantoms.synthesize(out, patients=2, size=SIZE, seed=6, workers=1, progress=False)
 
 
 def test_plan_prevalence():
-  specs = synth.plan(600, SEED)
+  specs = phantoms.plan(600, SEED)
   assert 1300 <= len(specs) <= 1700
   per_patient = np.bincount([s.patient for s in specs])[1:]
   assert per_patient.min() >= 1 and per_patient.max() <= 4
@@ -164,9 +164,9 @@ def test_plan_prevalence():
 def test_each_class_is_visible_at_128(cls):
   # The demo trains at 128x128: every finding must still change the downsampled image.
   for patient in range(500, 506):
-    spec = synth.ImageSpec(f"{patient:08d}_000.png", patient, 0, (cls,), "test", 40, "F", "PA")
-    img, boxes = synth.render_image(spec, size=SIZE, seed=SEED)
-    base, _ = synth.render_image(spec, size=SIZE, seed=SEED, findings=())
+    spec = phantoms.ImageSpec(f"{patient:08d}_000.png", patient, 0, (cls,), "test", 40, "F", "PA")
+    img, boxes = phantoms.render_image(spec, size=SIZE, seed=SEED)
+    base, _ = phantoms.render_image(spec, size=SIZE, seed=SEED, findings=())
     small = [cv2.resize(a, (128, 128), interpolation=cv2.INTER_AREA) for a in (img, base)]
     diff = np.abs(small[0].astype(int) - small[1])
     assert diff.max() >= 25 and (diff >= 10).sum() >= 20
@@ -174,9 +174,9 @@ def test_each_class_is_visible_at_128(cls):
 
 
 def test_render_rejects_unplanted_findings():
-  spec = synth.ImageSpec("00000001_000.png", 1, 0, (2,), "test", 40, "F", "PA")
+  spec = phantoms.ImageSpec("00000001_000.png", 1, 0, (2,), "test", 40, "F", "PA")
   with pytest.raises(ValueError, match="not all planted"):
-    synth.render_image(spec, size=SIZE, seed=SEED, findings=(3,))
+    phantoms.render_image(spec, size=SIZE, seed=SEED, findings=(3,))
 
 
 def test_cli(tmp_path, capsys):
@@ -198,7 +198,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_loader_checks_apply_to_synthetic_boxes(tmp_path):
-  out = synth.synthesize(tmp_path / "d", patients=6, size=SIZE, seed=2, workers=1, progress=False)
+  out = phantoms.synthesize(tmp_path / "d", patients=6, size=SIZE, seed=2, workers=1, progress=False)
   bbox = out / "BBox_List_2017.csv"
   lines = bbox.read_text().splitlines()
   assert len(lines) > 1

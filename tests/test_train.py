@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from etils import epath
 
-from lsemil import cli, inference, sharding, train, workdir_lock
-from lsemil import model as model_lib
-from lsemil.commands import train as train_cmd
-from lsemil.config_lib import load_config
+from lsemil.commands import cli, train
+from lsemil.core.configuration import load_config
+from lsemil.core.errors import ConfigError, DataError
 from lsemil.data import imageio, nih, pipeline
-from lsemil.errors import ConfigError, DataError
+from lsemil.inference import engine
+from lsemil.models import mil
+from lsemil.runtime import sharding
+from lsemil.training import trainer, workdir_lock
 
 
 @pytest.fixture
@@ -33,11 +35,11 @@ def fast_compiles():
 
 def test_train_step_then_validation_through_the_inference_path(fast_compiles, synth_dir):
   config = load_config("smoke")
-  model = model_lib.from_config(config.model)
-  tx = train.create_optimizer(config)
+  model = mil.from_config(config.model)
+  tx = trainer.create_optimizer(config)
   mesh = sharding.create_mesh(jax.devices()[:1])
-  _, state_sh = train.state_sharding_for(config, model, tx, mesh)
-  state = train.init_state(config, model, tx, mesh, state_sh)
+  _, state_sh = trainer.state_sharding_for(config, model, tx, mesh)
+  state = trainer.init_state(config, model, tx, mesh, state_sh)
   stats0 = jax.device_get(state.batch_stats)
   rng = np.random.default_rng(0)
   s = config.model.input_size
@@ -45,7 +47,7 @@ def test_train_step_then_validation_through_the_inference_path(fast_compiles, sy
     "image": rng.integers(0, 256, size=(8, s, s, 1), dtype=np.uint8),
     "labels": (rng.uniform(size=(8, 14)) < 0.3).astype(np.float32),
   }
-  step_fn = train.make_train_step(model, tx, mesh, state_sh)
+  step_fn = trainer.make_train_step(model, tx, mesh, state_sh)
   losses = []
   with jax.set_mesh(mesh):
     gb = sharding.global_batch(batch, sharding.batch_sharding(mesh))
@@ -69,11 +71,11 @@ def test_train_step_then_validation_through_the_inference_path(fast_compiles, sy
 
   # Validation (Sec 4.2) through the one inference path, on the training state's arrays: an
   # eval batch size that does not divide the split, so the last batch is padded and masked.
-  predictor = inference.Predictor(model, train.state_variables(state), mesh)
+  predictor = engine.Predictor(model, trainer.state_variables(state), mesh)
   rows = pipeline.split_rows(config, synth_dir, "valid")
   config.train.eval_batch_size = 16 if len(rows) % 16 else 12
   assert len(rows) % config.train.eval_batch_size
-  val, preds = train.validate(predictor, config, str(synth_dir))
+  val, preds = trainer.validate(predictor, config, str(synth_dir))
   np.testing.assert_array_equal(preds.rows, np.sort(rows))  # every image once, index order
   assert val["val_examples"] == len(rows) == len(preds.probs)
   probs = preds.probs.astype(np.float64)
@@ -91,8 +93,8 @@ def test_train_step_then_validation_through_the_inference_path(fast_compiles, sy
   # The same image read from its file through `model_input` (the contract every command uses)
   # gives the validation's probabilities; saliency maps (and the per-level maps) on request.
   first = int(preds.rows[0])
-  x = inference.model_input(imageio.read_gray(index.image_paths[first]), s)
-  host = inference.Predictor(model, jax.device_get(train.state_variables(state)), mesh)
+  x = engine.model_input(imageio.read_gray(index.image_paths[first]), s)
+  host = engine.Predictor(model, jax.device_get(trainer.state_variables(state)), mesh)
   out = host.predict_images(x[None], 2, saliency=True, levels=True)
   np.testing.assert_allclose(out["probs"][0], preds.probs[0], rtol=1e-5, atol=1e-6)
   n = config.model.saliency_size
@@ -118,7 +120,7 @@ def test_config_errors_raise_before_anything_runs(tmp_path, field, value, match)
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ConfigError, match=match):
-    train.train_and_evaluate(config, tmp_path / "w", data_dir=tmp_path)
+    trainer.train_and_evaluate(config, tmp_path / "w", data_dir=tmp_path)
   assert not (tmp_path / "w").exists()  # nothing written, nothing compiled
 
 
@@ -126,9 +128,9 @@ def test_missing_dataset_is_a_clear_error_unless_synthesized(tmp_path):
   config = load_config("demo")
   assert config.data.synth_patients == 0 and load_config("smoke").data.synth_patients == 40
   with pytest.raises(DataError, match="--data-dir"):
-    train.train_and_evaluate(config, tmp_path / "w")
+    trainer.train_and_evaluate(config, tmp_path / "w")
   with pytest.raises(DataError, match="local disk"):
-    train.resolve_data_dir(config, tmp_path / "w", "gs://bucket/data", print)
+    trainer.resolve_data_dir(config, tmp_path / "w", "gs://bucket/data", print)
 
 
 def test_resume_with_another_config_is_refused_naming_the_fields(tmp_path):
@@ -139,29 +141,29 @@ def test_resume_with_another_config_is_refused_naming_the_fields(tmp_path):
   config = load_config("smoke:r0=10")
   config.seed = 1
   config.train.num_steps = 100  # free to change on resume
-  diff = train.config_differences(json.loads(saved.to_json_best_effort()), config)
+  diff = trainer.config_differences(json.loads(saved.to_json_best_effort()), config)
   assert diff == ["model.r0: 5.0 -> 10.0", "seed: 0 -> 1"]
   with pytest.raises(ConfigError, match=r"model\.r0: 5\.0 -> 10\.0; seed: 0 -> 1"):
-    train.train_and_evaluate(config, w, data_dir=tmp_path)
+    trainer.train_and_evaluate(config, w, data_dir=tmp_path)
   assert sorted(p.name for p in w.iterdir() if not p.name.startswith(".")) == [
     "checkpoints",
     "config.json",
   ]
   assert json.loads((w / "config.json").read_text()) == json.loads(saved.to_json_best_effort())
   saved.train.num_steps = 100  # steps, cadences and the like may change
-  train.check_resume_config(epath.Path(w), saved)
+  trainer.check_resume_config(epath.Path(w), saved)
 
 
 def test_second_train_on_a_held_workdir_is_refused(tmp_path):
   w = tmp_path / "w"
   with workdir_lock.hold(str(w)):
     with pytest.raises(workdir_lock.WorkdirBusyError, match=str(w)):
-      train.train_and_evaluate(load_config("smoke"), w, data_dir=tmp_path)
+      trainer.train_and_evaluate(load_config("smoke"), w, data_dir=tmp_path)
   assert not (w / "config.json").exists() and not (w / "checkpoints").exists()
 
 
 def test_flags_overrides_and_sibling_config_imports():
-  fv = train_cmd.parse_flags(
+  fv = train.parse_flags(
     [
       "--config",
       "configs/smoke.py:r0=10",
@@ -177,7 +179,7 @@ def test_flags_overrides_and_sibling_config_imports():
   assert fv.config.train.batch_size == 16 and fv.config.model.dtype == "bfloat16"
   assert fv.config.model.input_size == 64  # smoke's own value
   assert fv.workdir == "/tmp/w" and fv.data_dir == "/tmp/d"
-  paper = train_cmd.parse_flags(["--config=configs/paper.py:r0=0", "--workdir=/tmp/w"])
+  paper = train.parse_flags(["--config=configs/paper.py:r0=0", "--workdir=/tmp/w"])
   assert paper.config.model.r0 == 0.0 and paper.config.train.init_from == ""
 
 
@@ -194,7 +196,7 @@ def test_cli_help_and_usage_errors(capsys):
     for w in words:
       assert w in err, err
     with pytest.raises(ConfigError):  # the command module raises, the CLI prints
-      train_cmd.main(argv)
+      train.main(argv)
 
   error(["--config", "configs/smoke.py"], "--workdir")
   error(["--config", "configs/smoke.py", "--workdir", "w", "--config.x.y=1"], "'x'", "model")
@@ -206,20 +208,20 @@ def test_early_stopping_counts_evaluations_without_improvement():
   history = [(1, None), (2, 0.6), (3, 0.7), (4, 0.65), (5, 0.7), (6, 0.69)]
   stopped = []
   for step, auc in history:
-    meta.update(train.early_stopping_update(meta, step, auc, patience=3))
+    meta.update(trainer.early_stopping_update(meta, step, auc, patience=3))
     stopped.append(meta["stopped_early"])
   assert meta["best_step"] == 3 and meta["best_val_mean_auc"] == 0.7  # ties do not improve
   assert stopped == [False, False, False, False, False, True]
-  last = train.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
+  last = trainer.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
   assert last["stopped_early"] is False  # the run ends anyway
-  assert not train.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
+  assert not trainer.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
 
 
 def test_metric_writer_jsonl_and_tensorboard(tmp_path):
-  from lsemil import tb_writer
+  from lsemil.training import metric_writer
 
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 2.0}\n')
-  w = tb_writer.MetricWriter(tmp_path)
+  w = metric_writer.MetricWriter(tmp_path)
   w.write(
     2, {"loss": np.float32(1.5), "aucs": [0.5, float("nan")], "auc": float("nan")}, kind="train"
   )
@@ -231,5 +233,5 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
   assert lines[1] == {"step": 2, "kind": "train", "loss": 1.5, "aucs": [0.5, None], "auc": None}
   events = list((tmp_path / "tb").glob("events.out.tfevents*"))
   assert events and events[0].stat().st_size > 0
-  tb_writer.MetricWriter(tmp_path / "off", enabled=False).write(1, {"x": 1}, kind="train")
+  metric_writer.MetricWriter(tmp_path / "off", enabled=False).write(1, {"x": 1}, kind="train")
   assert not (tmp_path / "off").exists()  # only process 0 writes

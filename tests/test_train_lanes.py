@@ -1,4 +1,4 @@
-"""lsemil.train_lanes: the demo's trainings side by side, one CPU core each (real processes)."""
+"""lsemil.workflows.lanes: the demo's trainings side by side, one CPU core each (real processes)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lsemil import train, train_lanes
-from lsemil.errors import OutputError
+from lsemil.core.errors import OutputError
+from lsemil.training import trainer
+from lsemil.workflows import lanes
 
 
 def _cores_of_runs_in(folder: Path) -> dict[str, str]:
@@ -37,7 +38,7 @@ def _cores_of_runs_in(folder: Path) -> dict[str, str]:
 def _run_watching(jobs, cores, folder: Path) -> tuple[dict, dict, list[str]]:
   lines, seen, out = [], {}, {}
   thread = threading.Thread(
-    target=lambda: out.update(train_lanes.run(jobs, cores=cores, say=lines.append))
+    target=lambda: out.update(lanes.run(jobs, cores=cores, say=lines.append))
   )
   thread.start()
   while thread.is_alive():
@@ -49,9 +50,9 @@ def _run_watching(jobs, cores, folder: Path) -> tuple[dict, dict, list[str]]:
 
 @pytest.mark.slow
 def test_runs_are_pinned_one_core_each_and_lanes_do_not_change_the_numbers(tmp_path, synth_dir):
-  cores = train_lanes.available_cores()
+  cores = lanes.available_cores()
   two = cores[:2]
-  jobs = [train_lanes.Job(f"j{i}", "smoke", tmp_path / "two" / f"j{i}", synth_dir) for i in (0, 1)]
+  jobs = [lanes.Job(f"j{i}", "smoke", tmp_path / "two" / f"j{i}", synth_dir) for i in (0, 1)]
   results, seen, lines = _run_watching(jobs, two, tmp_path / "two")
   assert sorted(results) == ["j0", "j1"]
   assert set(seen) == {"j0", "j1"}, f"did not see both runs' processes: {seen}"
@@ -62,19 +63,19 @@ def test_runs_are_pinned_one_core_each_and_lanes_do_not_change_the_numbers(tmp_p
   assert sum("on core" in line for line in lines) == 2
   assert all((j.workdir / "train.log").stat().st_size > 0 for j in jobs)
 
-  one = train_lanes.Job("j0", "smoke", tmp_path / "one" / "j0", synth_dir)
+  one = lanes.Job("j0", "smoke", tmp_path / "one" / "j0", synth_dir)
   results1, seen1, _ = _run_watching([one], [two[-1]], tmp_path / "one")
   assert seen1 == {"j0": str(two[-1])}
-  preds = [(w / train.VALIDATION_PREDICTIONS).read_bytes() for w in (*[j.workdir for j in jobs],
+  preds = [(w / trainer.VALIDATION_PREDICTIONS).read_bytes() for w in (*[j.workdir for j in jobs],
                                                                       one.workdir)]
   assert preds[0] == preds[1] == preds[2]  # one thread each: the same numbers on any core
   assert results["j0"]["best_val_mean_auc"] == results1["j0"]["best_val_mean_auc"]
 
 
 def test_a_failing_run_is_one_error_naming_its_log(tmp_path, synth_dir):
-  job = train_lanes.Job("bad", "smoke:bogus=1", tmp_path / "bad", synth_dir)
+  job = lanes.Job("bad", "smoke:bogus=1", tmp_path / "bad", synth_dir)
   with pytest.raises(OutputError) as e:
-    train_lanes.run([job], cores=train_lanes.available_cores()[:1], say=lambda _: None)
+    lanes.run([job], cores=lanes.available_cores()[:1], say=lambda _: None)
   message = str(e.value)
   assert str(job.workdir / "train.log") in message and "exit status 1" in message
   assert "bogus" in message  # the run's own one-line error, from its log
@@ -83,22 +84,22 @@ def test_a_failing_run_is_one_error_naming_its_log(tmp_path, synth_dir):
 _PARENT = """
 import sys
 from pathlib import Path
-from lsemil import train_lanes
-from lsemil.errors import Interrupted
-job = train_lanes.Job("j", sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+from lsemil.workflows import lanes
+from lsemil.core.errors import Interrupted
+job = lanes.Job("j", sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
 try:
-  train_lanes.run([job], cores=train_lanes.available_cores()[:1], progress_s=1e9)
+  lanes.run([job], cores=lanes.available_cores()[:1], progress_s=1e9)
 except Interrupted as e:
   print("INTERRUPTED", e, flush=True)
   sys.exit(e.exit_code)
 """
 
 _LONG_SMOKE = """
-from lsemil import config_lib
+from lsemil.core import configuration
 
 
 def get_config(arg=None):
-  config = config_lib.load_config("smoke", arg)
+  config = configuration.load_config("smoke", arg)
   config.train.num_steps = 300
   config.train.eval_every_steps = 300
   config.train.checkpoint_every_steps = 20
@@ -112,7 +113,7 @@ def test_sigterm_stops_the_runs_after_a_checkpoint_and_the_same_call_resumes(tmp
   import subprocess
   import sys
 
-  from lsemil.errors import EXIT_PREEMPTED
+  from lsemil.core.errors import EXIT_PREEMPTED
 
   config = tmp_path / "long_smoke.py"
   config.write_text(_LONG_SMOKE)
@@ -136,8 +137,8 @@ def test_sigterm_stops_the_runs_after_a_checkpoint_and_the_same_call_resumes(tmp
   saved = int(log.split("after saving step ")[1].split()[0])
   assert 20 <= saved < 300 and (ckpts / str(saved)).is_dir()
 
-  job = train_lanes.Job("j", str(config), w, synth_dir)
-  (result,) = train_lanes.run([job], cores=train_lanes.available_cores()[:1]).values()
+  job = lanes.Job("j", str(config), w, synth_dir)
+  (result,) = lanes.run([job], cores=lanes.available_cores()[:1]).values()
   assert result["last_step"] == 300
   log = (w / "train.log").read_text()  # appended: both runs' output
   assert "stopped by SIGTERM" in log and f"resuming from {ckpts / str(saved)}" in log

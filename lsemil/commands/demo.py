@@ -1,12 +1,12 @@
-"""`lsemil demo`: the whole method on the embedded synthetic dataset, on a CPU (`lsemil.demo`)."""
+"""`lsemil demo`: the whole method on the embedded synthetic dataset, on a CPU (`lsemil.workflows.demonstration`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from lsemil import demo as demo_lib
-from lsemil import fileio
-from lsemil.commands import args as args_lib
+from lsemil.commands import arguments
+from lsemil.core import fileio
+from lsemil.workflows import demonstration
 
 
 def main(argv: list[str]) -> int:
@@ -25,12 +25,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--r0", default=None, help="comma-separated r0 values (default 0,5,10)")
   parser.add_argument("--patients", type=int, default=None, help="synthetic patients")
   parser.add_argument(
-    "--epochs", type=args_lib.positive_int, default=None, help="override train.num_epochs (10)"
+    "--epochs", type=arguments.positive_int, default=None, help="override train.num_epochs (10)"
   )
   parser.add_argument("--workers", type=int, default=None, help="processes for synth/prepare")
   parser.add_argument(
     "--seeds",
-    type=args_lib.positive_int,
+    type=arguments.positive_int,
     default=1,
     help="runs per r0 with seeds 0..K-1: Table 3 shows mean ± sd, spread.md every seed "
     "(default 1; each seed adds the training time of every r0)",
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
   )
   args = parser.parse_args(argv)
   r0s = [float(x) for x in args.r0.split(",")] if args.r0 else None
-  demo = demo_lib.run_demo(
+  demo = demonstration.run_demo(
     fileio.resolve(args.out),
     quick=args.quick,
     r0s=r0s,
@@ -53,5 +53,5 @@ def main(argv: list[str]) -> int:
     seeds=args.seeds,
     figure1=args.figure1,
   )
-  print(demo_lib.format_summary(demo))
+  print(demonstration.format_summary(demo))
   return 0

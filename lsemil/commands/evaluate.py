@@ -6,7 +6,7 @@
   lsemil evaluate --workdir W --calibrate temperature (fitted on the valid split)
 
 Writes F.json, F.csv, F_predictions.csv (per image), F_saliency_boxes.npz and, with
---calibrate, F_calibration.json (`lsemil.evaluate`). The default F is W/evaluation_<split>.json,
+--calibrate, F_calibration.json (`lsemil.workflows.evaluation`). The default F is W/evaluation_<split>.json,
 or W/evaluation_<split>_<source>.json for a --saliency other than the run's own.
 """
 
@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from lsemil import architectures, calibration, fileio, inference, sharding
-from lsemil import evaluate as ev
-from lsemil.commands import args as args_lib
+from lsemil.commands import arguments
+from lsemil.core import fileio
 from lsemil.data import nih
+from lsemil.inference import engine
+from lsemil.metrics import calibration
+from lsemil.models import registry
+from lsemil.runtime import sharding
+from lsemil.workflows import evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     prog="lsemil evaluate",
     description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the 8 box classes "
     "(with the uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec 4.2-4.4) of a "
-    "checkpoint on one split. Writes F.json, F.csv, F" + ev.PREDICTIONS_SUFFIX + " (the "
-    "per-image probabilities) and F" + ev.SALIENCY_SUFFIX + " (saliency maps of the images "
+    "checkpoint on one split. Writes F.json, F.csv, F" + evaluation.PREDICTIONS_SUFFIX + " (the "
+    "per-image probabilities) and F" + evaluation.SALIENCY_SUFFIX + " (saliency maps of the images "
     "with boxes). Paths may be relative, ~, absolute or gs://.",
   )
   src = p.add_mutually_exclusive_group(required=True)
@@ -45,26 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="output JSON (default: <workdir>/evaluation_<split>.json)")
   p.add_argument(
     "--n-boot",
-    type=args_lib.nonnegative_int,
-    default=ev.DEFAULT_N_BOOT,
-    help=f"bootstrap resamples of patients for AUC CIs (default {ev.DEFAULT_N_BOOT}; 0 = none)",
+    type=arguments.nonnegative_int,
+    default=evaluation.DEFAULT_N_BOOT,
+    help=f"bootstrap resamples of patients for AUC CIs (default {evaluation.DEFAULT_N_BOOT}; 0 = none)",
   )
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
   p.add_argument(
     "--taus",
-    type=args_lib.taus,
-    default=ev.DEFAULT_TAUS,
+    type=arguments.taus,
+    default=evaluation.DEFAULT_TAUS,
     help="binarization thresholds tau for IoBB (default 0.1,...,0.9)",
   )
   p.add_argument(
     "--batch-size",
-    type=args_lib.positive_int,
+    type=arguments.positive_int,
     default=None,
     help="eval batch size (default: the config's train.eval_batch_size)",
   )
   p.add_argument(
     "--saliency",
-    choices=architectures.ALL_SOURCES,
+    choices=registry.ALL_SOURCES,
     default=None,
     help="saliency map source: model (the MIL model's own maps), gradcam or cam (a GAP "
     "baseline run; maps min-max scaled per image and class). Default: model for MIL runs, "
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices=calibration.METHODS,
     default=None,
     help="also fit a temperature or Platt recalibration on the run's valid split, report "
-    "ECE / Brier with it, and write its parameters to F" + ev.CALIBRATION_SUFFIX + " (for "
+    "ECE / Brier with it, and write its parameters to F" + evaluation.CALIBRATION_SUFFIX + " (for "
     "lsemil predict --calibration)",
   )
   p.add_argument(
@@ -101,22 +105,22 @@ def main(argv: list[str]) -> int:
   import jax
 
   path = fileio.resolve(args.workdir or args.checkpoint)
-  loaded = inference.load(path, args.which)
-  source, level = architectures.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
-  own, _ = architectures.saliency_settings(loaded.config)
-  data_dir = ev.resolve_data_dir(loaded.config, args.data_dir and fileio.resolve(args.data_dir))
+  loaded = engine.load(path, args.which)
+  source, level = registry.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
+  own, _ = registry.saliency_settings(loaded.config)
+  data_dir = evaluation.resolve_data_dir(loaded.config, args.data_dir and fileio.resolve(args.data_dir))
   if args.batch_size:
     loaded.config.train.eval_batch_size = int(args.batch_size)
   if args.out:
     out = fileio.as_path(args.out)
   else:
-    out = ev.default_output(ev.workdir_of(path), args.split, None if source == own else source)
+    out = evaluation.default_output(evaluation.workdir_of(path), args.split, None if source == own else source)
   level_note = f" at level {level}" if level is not None else ""
-  ev.log(
+  evaluation.log(
     f"checkpoint {loaded.checkpoint} (step {loaded.step}); data {data_dir}; saliency "
     f"{source}{level_note}"
   )
-  options = ev.EvalOptions(
+  options = evaluation.EvalOptions(
     n_boot=args.n_boot,
     seed=args.seed,
     taus=tuple(args.taus),
@@ -126,9 +130,9 @@ def main(argv: list[str]) -> int:
     protocols=not args.no_protocols,
     calibrate=args.calibrate,
   )
-  run = ev.evaluate_checkpoint(loaded, data_dir, args.split, options)
+  run = evaluation.evaluate_checkpoint(loaded, data_dir, args.split, options)
   if jax.process_index() == 0:
-    paths = ev.write_outputs(run, loaded.config, data_dir, out)
+    paths = evaluation.write_outputs(run, loaded.config, data_dir, out)
     r = run.result
     undefined = f" ({len(r.auc_undefined)} classes undefined)" if r.auc_undefined else ""
     print(f"mean AUC {r.mean_auc:.4f}{undefined} over {r.num_images} images")

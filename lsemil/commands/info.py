@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
 
   import jax
 
-  from lsemil import config_lib
-  from lsemil import model as model_lib
+  from lsemil.core import configuration
+  from lsemil.models import mil
 
   print(f"python   {platform.python_version()} ({platform.machine()})")
   for name in PACKAGES:
@@ -51,12 +51,12 @@ def main(argv: list[str]) -> int:
   for device in jax.devices():
     print(f"  {device.id}: {device.device_kind} ({device.platform})")
 
-  config = config_lib.load_config(args.config)
-  model = model_lib.from_config(config.model)
-  spec = model_lib.validate(model)
-  variables = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
-  params = model_lib.param_count(variables["params"])
-  gflops = model_lib.forward_flops(model) / 1e9
+  config = configuration.load_config(args.config)
+  model = mil.from_config(config.model)
+  spec = mil.validate(model)
+  variables = jax.eval_shape(lambda: mil.init_variables(model, jax.random.key(0)))
+  params = mil.param_count(variables["params"])
+  gflops = mil.forward_flops(model) / 1e9
   m = config.model
   print(
     f"config   {args.config} ({config.name}): input {m.input_size}x{m.input_size}, "

@@ -5,7 +5,7 @@
                  [--saliency model|gradcam|cam] [--gradcam-level L]
 
 C is a training workdir (its best checkpoint), its checkpoints/ folder or one step folder,
-local or gs://. See `lsemil.predict` for what is computed and written.
+local or gs://. See `lsemil.workflows.prediction` for what is computed and written.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lsemil import architectures, fileio, inference
-from lsemil import predict as predict_lib
-from lsemil.commands import args as args_lib
-from lsemil.errors import OutputError
+from lsemil.commands import arguments
+from lsemil.core import fileio
+from lsemil.core.errors import OutputError
+from lsemil.inference import engine
+from lsemil.models import registry
+from lsemil.workflows import prediction
 
 
 def _probability(text: str) -> float:
@@ -62,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="checkpoint of a workdir (default best validation mean AUC)",
   )
   p.add_argument(
-    "--batch-size", type=args_lib.positive_int, default=16, help="images per forward (16)"
+    "--batch-size", type=arguments.positive_int, default=16, help="images per forward (16)"
   )
   p.add_argument(
     "--boxes",
     action="store_true",
-    help="also write DIR/" + predict_lib.BOXES_FILE + ": for each image and class at or above "
+    help="also write DIR/" + prediction.BOXES_FILE + ": for each image and class at or above "
     "--threshold, the boxes of the saliency map thresholded at --box-tau (connected "
     "components, as the IoBB protocol), in the input image's own pixels, with their peak and "
     "mean saliency",
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--saliency",
-    choices=architectures.ALL_SOURCES,
+    choices=registry.ALL_SOURCES,
     default=None,
     help="saliency map source (default: model for MIL runs, the run's config.saliency.source "
     "for GAP baseline runs)",
@@ -105,15 +107,15 @@ def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   if fileio.is_remote(args.out):
     raise OutputError(f"--out {args.out}: predict writes overlays to a local folder")
-  calibration = predict_lib.load_calibration(args.calibration) if args.calibration else None
-  loaded = inference.load(args.checkpoint, args.which)
+  calibration = prediction.load_calibration(args.calibration) if args.calibration else None
+  loaded = engine.load(args.checkpoint, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
   if calibration is not None:
     print(
       f"probabilities recalibrated ({calibration['method']}, {args.calibration})", file=sys.stderr
     )
   out = fileio.resolve(args.out)
-  rows, failures = predict_lib.predict_files(
+  rows, failures = prediction.predict_files(
     loaded,
     args.images,
     out,
@@ -126,12 +128,12 @@ def main(argv: list[str]) -> int:
     saliency_source=args.saliency,
     gradcam_level=args.gradcam_level,
   )
-  print(predict_lib.format_table(rows, args.threshold))
+  print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)
   wrote = f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays"
   if args.boxes:
     n_boxes = sum(len(b) for r in rows for b in r["boxes"].values())
-    wrote += f"; {n_boxes} boxes in {Path(out) / predict_lib.BOXES_FILE}"
+    wrote += f"; {n_boxes} boxes in {Path(out) / prediction.BOXES_FILE}"
   print(wrote, file=sys.stderr)
   if failures:
     print(

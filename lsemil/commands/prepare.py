@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsemil import fileio
-from lsemil.data import nih
-from lsemil.data import prepare as prep
+from lsemil.core import fileio
+from lsemil.data import nih, preparation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--nih-dir", required=True, help="NIH folder (images + CSVs)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--format", default="png", choices=("png", "tfds"), help="default: png")
-  p.add_argument("--size", type=int, default=prep.DEFAULT_SIZE, help="output side (default 512)")
+  p.add_argument("--size", type=int, default=preparation.DEFAULT_SIZE, help="output side (default 512)")
   p.add_argument(
     "--on-bad",
     default="error",
     choices=("error", "skip"),
     help="missing/corrupt image: stop with an error (default) or skip it, listing it in "
-    f"{prep.BAD_FILES_NAME} and dropping its rows from the copied metadata",
+    f"{preparation.BAD_FILES_NAME} and dropping its rows from the copied metadata",
   )
   p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
   p.add_argument(
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   out = fileio.resolve(args.out)
-  summary = prep.prepare(
+  summary = preparation.prepare(
     fileio.resolve(args.nih_dir),
     out,
     fmt=args.format,

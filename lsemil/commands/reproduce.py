@@ -5,7 +5,7 @@ with significance, spread over seeds, calibration, Table 4 and an HTML report.
   lsemil reproduce --run r0=5:W5a --run r0=5:W5b --baseline gradcam:WG \
       --figure1 N=8:W8 --figure1 N=16:W16 --figure1 N=32:W5a --figure1 N=64:W64 --out R
 
-See `lsemil.reproduce` for what is written.
+See `lsemil.workflows.reproduction` for what is written.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import argparse
 import math
 import re
 
-from lsemil import evaluate as ev
-from lsemil import fileio, report, sharding
-from lsemil import reproduce as rp
-from lsemil.commands import args as args_lib
+from lsemil.commands import arguments
+from lsemil.core import fileio
 from lsemil.data import nih
+from lsemil.reporting import paper_tables
+from lsemil.runtime import sharding
+from lsemil.workflows import evaluation, reproduction
 
 _R0_LABEL = re.compile(r"^r0=([-+0-9.eE]+)$")
 
@@ -38,9 +39,9 @@ def parse_run(spec: str) -> tuple[str, float | None, str]:
 def parse_baseline(spec: str) -> tuple[str, str]:
   """'gradcam:W' -> ('gradcam', 'W'); the source is gradcam or cam."""
   source, sep, path = spec.partition(":")
-  if not sep or not path or source not in rp.BASELINE_SOURCES:
+  if not sep or not path or source not in reproduction.BASELINE_SOURCES:
     raise argparse.ArgumentTypeError(
-      f"--baseline {spec!r}: expected SOURCE:WORKDIR with SOURCE one of {rp.BASELINE_SOURCES}"
+      f"--baseline {spec!r}: expected SOURCE:WORKDIR with SOURCE one of {reproduction.BASELINE_SOURCES}"
     )
   return source, path
 
@@ -59,12 +60,12 @@ def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
   name, sep, values = spec.partition("=")
   if not sep:
     raise argparse.ArgumentTypeError(f"--tau {spec!r}: expected CLASS=T1,T2,...")
-  cls = report.canonical_class(name)
+  cls = paper_tables.canonical_class(name)
   if cls not in nih.BOX_CLASSES:
     raise argparse.ArgumentTypeError(
       f"--tau {spec!r}: {cls} has no boxes; box classes: {nih.BOX_CLASSES}"
     )
-  taus = tuple(args_lib.unit_floats(values, f"--tau {spec!r}"))
+  taus = tuple(arguments.unit_floats(values, f"--tau {spec!r}"))
   return cls, taus
 
 
@@ -119,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--figure-images",
     type=int,
-    default=ev.FIGURE_CASES,
-    help=f"rows of Figure 3 (default {ev.FIGURE_CASES}; 0 = no Figure 3)",
+    default=evaluation.FIGURE_CASES,
+    help=f"rows of Figure 3 (default {evaluation.FIGURE_CASES}; 0 = no Figure 3)",
   )
   p.add_argument(
     "--n-boot",
-    type=args_lib.nonnegative_int,
-    default=ev.DEFAULT_N_BOOT,
+    type=arguments.nonnegative_int,
+    default=evaluation.DEFAULT_N_BOOT,
     help="bootstrap resamples for AUC CIs when a run must be evaluated (and Table 4's "
     "intervals of the constant map and centre prior when no run gives its settings)",
   )
@@ -151,14 +152,14 @@ def main(argv: list[str]) -> int:
     runs = [parse_run(s) for s in args.run]
     baselines = [parse_baseline(s) for s in args.baseline]
     figure1 = [parse_figure1(s) for s in args.figure1]
-    classes_taus = [parse_tau(s) for s in args.tau] if args.tau else report.DEFAULT_CLASSES_TAUS
+    classes_taus = [parse_tau(s) for s in args.tau] if args.tau else paper_tables.DEFAULT_CLASSES_TAUS
   except argparse.ArgumentTypeError as e:
     parser.error(str(e))
   runs = [(label, r0, fileio.resolve(path)) for label, r0, path in runs]
   baselines = [(source, fileio.resolve(path)) for source, path in baselines]
   figure1 = [(n, fileio.resolve(path)) for n, path in figure1]
   out = fileio.resolve(args.out)
-  summary = rp.reproduce_runs(
+  summary = reproduction.reproduce_runs(
     runs,
     args.data_dir and fileio.resolve(args.data_dir),
     out,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsemil import fileio
-from lsemil.data import nih
-from lsemil.data import stats as stats_lib
+from lsemil.core import fileio
+from lsemil.data import nih, statistics
 
 
 def main(argv: list[str]) -> int:
@@ -24,10 +23,10 @@ def main(argv: list[str]) -> int:
     "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)",
   )
   parser.add_argument(
-    "--format", choices=stats_lib.FORMATS, default="md", help="output format (md)"
+    "--format", choices=statistics.FORMATS, default="md", help="output format (md)"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
   args = parser.parse_args(argv)
   index = nih.load_index(fileio.resolve(args.nih_dir), seed=args.seed)
-  sys.stdout.write(stats_lib.format_table1(index, args.format))
+  sys.stdout.write(statistics.format_table1(index, args.format))
   return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lsemil import fileio
-from lsemil.data import synth
+from lsemil.core import fileio
+from lsemil.data import phantoms
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     default=600,
     help="number of patients, 1-4 images each (600, about 1500 images)",
   )
-  parser.add_argument("--size", type=int, choices=synth.SIZES, default=512, help="image side (512)")
+  parser.add_argument("--size", type=int, choices=phantoms.SIZES, default=512, help="image side (512)")
   parser.add_argument("--seed", type=int, default=0, help="dataset seed (0)")
   parser.add_argument(
     "--workers", type=int, default=None, help="rendering processes (default: up to 2)"
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.patients < 1:
     parser.error("--patients must be >= 1")
-  out = synth.synthesize(
+  out = phantoms.synthesize(
     fileio.resolve(args.out),
     patients=args.patients,
     size=args.size,

@@ -4,7 +4,7 @@
   lsemil train --config configs/smoke.py --workdir W      # synthesizes W/data, < 1 min on CPU
 
 Thin entry point (flax's main.py): flags, optional jax.distributed start-up, then
-`lsemil.train.train_and_evaluate` (importable from notebooks and other commands). Any config
+`lsemil.training.trainer.train_and_evaluate` (importable from notebooks and other commands). Any config
 field can be overridden on the command line (`--config.train.batch_size=16`). Running again
 with the same workdir resumes from its latest checkpoint at the exact next batch.
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from lsemil import config_lib
-from lsemil.errors import ConfigError
+from lsemil.core import configuration
+from lsemil.core.errors import ConfigError
 
 _USAGE = "lsemil train --config FILE[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
 
@@ -96,7 +96,7 @@ def _missing_config(argv: list[str]) -> str | None:
   spec = _config_spec(argv)
   if spec is None:
     return None
-  path = config_lib.config_path(spec.partition(":")[0])
+  path = configuration.config_path(spec.partition(":")[0])
   return None if path.is_file() else f"--config {spec}: no config file {path}"
 
 
@@ -106,7 +106,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   if spec is None:
     return None
   try:
-    config = config_lib.load_config(spec)
+    config = configuration.load_config(spec)
   except Exception:  # noqa: BLE001  (the config file's own error is reported by absl)
     return None
   for arg in argv:
@@ -142,13 +142,14 @@ def main(argv: list[str]) -> int:
 
   from absl import logging
 
-  from lsemil import sharding
+  from lsemil.runtime import sharding
 
   sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
 
   import jax
 
-  from lsemil import fileio, train
+  from lsemil.core import fileio
+  from lsemil.training import trainer
 
   logging.info(
     "process %d of %d, local devices %s",
@@ -157,5 +158,5 @@ def main(argv: list[str]) -> int:
     jax.local_devices(),
   )
   data_dir = fileio.resolve(fv.data_dir) if fv.data_dir else None
-  train.train_and_evaluate(fv.config, fileio.resolve(fv.workdir), data_dir=data_dir)
+  trainer.train_and_evaluate(fv.config, fileio.resolve(fv.workdir), data_dir=data_dir)
   return 0

@@ -35,8 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lsemil import fileio
-from lsemil.errors import DataError
+from lsemil.core import fileio
+from lsemil.core.errors import DataError
 
 # cv2's own thread pool fights grain's read threads on small machines.
 cv2.setNumThreads(1)

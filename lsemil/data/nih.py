@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsemil import errors
+from lsemil.core import errors
 
 # The 14 findings in the order NIH lists them (and the paper's Tables 1 and 3 follow).
 CLASSES: tuple[str, ...] = (

@@ -18,14 +18,14 @@ the model input side S = `config.model.input_size`:
 Downscaling by more than 2x (e.g. 512 -> 128 for the demo model) first shrinks the image
 with INTER_AREA so the warp never aliases. Batches carry images as uint8 (B, S, S, 1); the
 model scales them to [0, 1] on the device, so the host never converts to float and sends a
-quarter of the bytes (lsemil.model.MultiResolutionMIL accepts uint8 or float input).
+quarter of the bytes (lsemil.models.mil.MultiResolutionMIL accepts uint8 or float input).
 Augmentations derive from (seed, global element index), so they are reproducible, differ
 between epochs, and do not depend on the number of threads or worker processes.
 
 Multi-host: each process takes every `process_count`-th element of the one global shuffled
 stream, so together the processes see each example once per epoch; batches are
 `batch_size // process_count` per process. The iterator is a grain `DatasetIterator`:
-`get_state()` / `set_state()` resume at the exact next batch (see lsemil.checkpointing).
+`get_state()` / `set_state()` resume at the exact next batch (see lsemil.runtime.checkpointing).
 
 Evaluation (`make_eval_iter`): no augmentation, index order, the last global batch padded with
 zero images whose `mask` is False and `row` is -1, so every example is counted exactly once.

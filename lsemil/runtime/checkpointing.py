@@ -1,0 +1,419 @@
+"""Orbax checkpoints of training runs, and the loader for inference (paper Sec 4.2).
+
+The paper keeps the model with the best validation mean AUC (early stopping, Sec 4.2);
+this is the only module that imports orbax. Layout of a workdir:
+
+  W/checkpoints/<step>/model/       {'params', 'batch_stats'?}   (StandardSave)
+  W/checkpoints/<step>/opt/         {'opt_state', 'step', 'rng'} (StandardSave)
+  W/checkpoints/<step>/train_iter/  grain iterator state, one JSON file per process
+  W/checkpoints/<step>/config/      the resolved config (JSON)
+  W/checkpoints/<step>/meta/        progress: epoch, evaluation history, early stopping
+  W/checkpoints/<step>/metrics/     {'val_mean_auc'} on evaluation steps (orbax's own)
+
+Weights and optimizer state are separate items so that `load_inference` reads only the
+weights. Saves are asynchronous (device -> host copy blocks, the write runs in the
+background); the manager keeps the last `keep` checkpoints plus the best one by
+validation mean AUC. Paths go through etils.epath, so gs:// workdirs work as local ones.
+
+A save that fails (a full disk, any OSError, also when tensorstore reports an OS error
+code) raises ONE `lsemil.core.errors.OutputError` naming the checkpoint folder, the step and the
+errno text, after removing the failed step's partial folder; earlier checkpoints are not
+touched. A partial save (failed, or the process killed mid-write) never counts as a
+checkpoint: locally orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it when
+complete; on gs:// a step folder counts only once its `commit_success.txt` exists. Orbax
+skips both kinds when listing steps, and a manager created for training removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import math
+import os
+import re
+import sys
+import traceback
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from lsemil.core import fileio
+from lsemil.core.errors import OutputError
+from lsemil.models import mil, registry
+
+
+def _not_read_only_notice(record) -> bool:
+  # Orbax warns on every read-only manager, which is how inference opens checkpoints, and
+  # on every save without metrics (only evaluation steps have them, by design).
+  message = record.getMessage()
+  return "is read only" not in message and "did not provide metrics" not in message
+
+
+def _not_reported_save_failure(record) -> bool:
+  # Orbax logs a failed background save with its traceback, once per thread that sees it;
+  # the failure is raised as one OutputError (`_Manager`), so those logs are dropped (only
+  # those of an OS error: anything else keeps its traceback).
+  exc = record.exc_info[1] if record.exc_info else None
+  return exc is None or _errno_of(exc) is None
+
+
+logging.get_absl_logger().addFilter(_not_read_only_notice)
+logging.get_absl_logger().addFilter(_not_reported_save_failure)
+# The tasks of a failed save's other writes end with the same error, which nobody awaits:
+# asyncio logs each as "Task exception was never retrieved" with its traceback.
+std_logging.getLogger("asyncio").addFilter(_not_reported_save_failure)
+
+
+def _late_callback_into_a_closed_loop(exc: BaseException, tb) -> bool:
+  # After a failed save, orbax's save thread has closed its event loop while tensorstore's
+  # other writes of that save still finish; their completion callbacks then raise
+  # "Event loop is closed" in tensorstore's threads, which print it through sys.excepthook
+  # (or the unraisable hook).
+  # The failure itself is raised as one OutputError, so only these are dropped.
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(tb)
+  return bool(frames) and frames[0].name == "call_soon_threadsafe"
+
+
+def _install_excepthook() -> None:
+  previous = sys.excepthook
+
+  def hook(kind, exc, tb):
+    if not _late_callback_into_a_closed_loop(exc, tb):
+      previous(kind, exc, tb)
+
+  sys.excepthook = hook
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable(args):
+    if not _late_callback_into_a_closed_loop(args.exc_value, args.exc_traceback):
+      previous_unraisable(args)
+
+  sys.unraisablehook = unraisable
+
+
+_install_excepthook()
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "val_mean_auc"
+_policies = ocp.checkpoint_managers
+
+
+def _metric(metrics: Any) -> float:
+  """The ranking value of a checkpoint: val mean AUC, NaN/missing ranked last."""
+  value = (metrics or {}).get(BEST_METRIC)
+  value = float("nan") if value is None else float(value)
+  return -math.inf if math.isnan(value) else value
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+# --------------------------------------------------------------------------- write failures
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix of a step folder being written (local)
+COMMIT_FILE = "commit_success.txt"  # orbax's marker of a finished step folder on gs://
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_STEP_IN_PATH = re.compile(r"/(\d+)(?:\.orbax-checkpoint-tmp[^/]*)?/")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+  """The OS error number behind `exc` (an OSError, or tensorstore's ValueError carrying
+  `os_error_code=N`), looking through its causes; None for anything else."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+      return int(exc.errno)
+    if m := _OS_ERROR_CODE.search(str(exc)):
+      return int(m.group(1))
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _fresh_listing(directory: epath.Path) -> None:
+  """gcsfs caches listings per process, and orbax writes through tensorstore, which that
+  cache never sees: forget `directory`'s listing before reading it again."""
+  if not fileio.is_remote(directory):
+    return
+  with contextlib.suppress(ImportError, AttributeError):
+    from etils.epath import backend
+
+    backend.fsspec_backend.fs(os.fspath(directory)).invalidate_cache(os.fspath(directory))
+
+
+def partial_step_dirs(directory: str | epath.Path, step: int | None = None) -> list[epath.Path]:
+  """Unfinished step folders under a checkpoints folder (of `step`, or of any step)."""
+  directory = epath.Path(directory)
+  _fresh_listing(directory)
+  if not directory.is_dir():
+    return []
+  out = []
+  for p in directory.iterdir():
+    name, _, _ = p.name.partition(TMP_MARK)
+    if not name.isdigit() or (step is not None and int(name) != step):
+      continue
+    if TMP_MARK in p.name or (fileio.is_remote(p) and not (p / COMMIT_FILE).exists()):
+      out.append(p)
+  return out
+
+
+def _remove_partial(directory: epath.Path, step: int | None) -> None:
+  if jax.process_index() != 0:
+    return
+  for p in partial_step_dirs(directory, step):
+    with contextlib.suppress(OSError):
+      p.rmtree()
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager whose write failures surface as one OutputError."""
+
+  _reported: set[int]  # ids of the exceptions already raised as OutputError
+  _failed: set[int | None]  # steps whose save failed
+  _saving: int  # the step of the latest save started
+
+  @contextlib.contextmanager
+  def _as_output_error(self, step: int | None, *, again_ok: bool):
+    reported = self.__dict__.setdefault("_reported", set())
+    try:
+      yield
+    except OutputError:
+      raise
+    except Exception as e:
+      code = _errno_of(e)
+      if code is None:
+        raise
+      if id(e) in reported and again_ok:
+        return  # already raised once (orbax re-raises a failed async save on every wait)
+      reported.add(id(e))
+      m = _STEP_IN_PATH.search(str(e))
+      failed = int(m.group(1)) if m else step
+      if failed is None:  # an asynchronous failure: the save in flight was the latest one
+        failed = self.__dict__.get("_saving")
+      self.__dict__.setdefault("_failed", set()).add(failed)
+      _remove_partial(self.directory, failed)  # frees the space now; again in close()
+      _fresh_listing(self.directory)
+      intact = ocp.step.checkpoint_steps(self.directory)  # re-read from storage
+      what = "a checkpoint" if failed is None else f"checkpoint step {failed}"
+      kept = f"latest intact checkpoint: step {max(intact)}" if intact else "no checkpoint yet"
+      raise OutputError(
+        f"{self.directory}: cannot save {what}: {os.strerror(code)} (errno {code}); {kept}"
+      ) from e
+
+  def save(self, step, *args, **kwargs):
+    with self._as_output_error(None, again_ok=False):
+      super().wait_until_finished()  # a failure of the previous save is reported as its own
+    self._saving = int(step)  # the step an asynchronous failure reported later belongs to
+    with self._as_output_error(int(step), again_ok=False):
+      return super().save(step, *args, **kwargs)
+
+  def wait_until_finished(self):
+    with self._as_output_error(None, again_ok=True):
+      return super().wait_until_finished()
+
+  def close(self):
+    try:
+      with self._as_output_error(None, again_ok=True):
+        super().close()
+    finally:
+      self._remove_failed()
+
+  def _remove_failed(self) -> None:
+    # Writes of a failed save's other items may still have been in flight when it was
+    # reported. Orbax can even leave one writing past close() (its metadata thread), and
+    # the folder may then reappear: harmless, as orbax never lists it as a step and the
+    # next `create_manager` for writing removes it.
+    for step in self.__dict__.get("_failed", ()):
+      _remove_partial(self.directory, step)
+
+
+def create_manager(
+  workdir: str | epath.Path,
+  *,
+  keep: int = 2,
+  save_every_steps: int = 0,
+  async_save: bool = True,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
+  """A CheckpointManager on W/checkpoints keeping the last `keep` plus the best checkpoint.
+
+  `save_every_steps` (0 = none) and preemption notices drive `manager.should_save`; the
+  trainer also forces saves on evaluation steps (those carry `metrics`). A manager for
+  writing removes the partial step folders of earlier, interrupted saves; hold the
+  workdir's lock (`lsemil.training.workdir_lock.hold`) first, or another run's save in progress
+  would be one of them.
+  """
+  save_policies = [_policies.PreemptionCheckpointingPolicy()]
+  if save_every_steps > 0:
+    save_policies.append(_policies.FixedIntervalPolicy(int(save_every_steps)))
+  options = ocp.CheckpointManagerOptions(
+    create=not read_only,
+    read_only=read_only,
+    best_fn=_metric,
+    best_mode="max",
+    save_decision_policy=_policies.AnySavePolicy(save_policies),
+    preservation_policy=_policies.AnyPreservationPolicy(
+      [
+        _policies.LatestN(n=max(1, int(keep))),
+        _policies.BestN(get_metric_fn=_metric, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    ),
+    enable_async_checkpointing=async_save,
+  )
+  if not read_only:
+    _remove_partial(checkpoint_dir(workdir), None)  # synchronous: before any listing
+  return _Manager(checkpoint_dir(workdir), options=options)
+
+
+def _model_item(state: Any) -> dict:
+  item = {"params": state.params}
+  if state.batch_stats:
+    item["batch_stats"] = state.batch_stats
+  return item
+
+
+def _opt_item(state: Any) -> dict:
+  return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  train_iter: Any,
+  *,
+  config: ml_collections.ConfigDict,
+  meta: dict,
+  metrics: dict | None = None,
+) -> None:
+  """Saves the train state, the grain iterator, the config and `meta` at `step` (async)."""
+  args = ocp.args.Composite(
+    model=ocp.args.StandardSave(_model_item(state)),
+    opt=ocp.args.StandardSave(_opt_item(state)),
+    train_iter=grain.checkpoint.CheckpointSave(train_iter),
+    config=ocp.args.JsonSave(config.to_dict()),
+    meta=ocp.args.JsonSave(meta),
+  )
+  manager.save(int(step), args=args, metrics=metrics, force=True)
+
+
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any, train_iter: Any
+) -> tuple[Any, dict]:
+  """Restores the state (into the shardings of `abstract_state`) and the grain iterator.
+
+  `abstract_state` has jax.ShapeDtypeStruct leaves with target shardings (it is a
+  TrainState); `train_iter` is advanced in place to the saved position. Returns
+  (state, meta).
+  """
+  args = ocp.args.Composite(
+    model=ocp.args.StandardRestore(_model_item(abstract_state)),
+    opt=ocp.args.StandardRestore(_opt_item(abstract_state)),
+    train_iter=grain.checkpoint.CheckpointRestore(train_iter),
+    meta=ocp.args.JsonRestore(),
+  )
+  out = manager.restore(int(step), args=args)
+  model, opt = out["model"], out["opt"]
+  state = abstract_state.replace(
+    params=model["params"],
+    batch_stats=model.get("batch_stats", abstract_state.batch_stats),
+    opt_state=opt["opt_state"],
+    step=opt["step"],
+    rng=opt["rng"],
+  )
+  return state, dict(out["meta"])
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+  return dict(manager.restore(int(step), args=args)["meta"])
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+  """The step with the best validation mean AUC (None when no evaluated checkpoint)."""
+  steps = [s for s in manager.all_steps() if manager.metrics(s) is not None]
+  if not steps:
+    return None
+  return max(steps, key=lambda s: (_metric(manager.metrics(s)), s))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _locate(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
+  """(checkpoints root, step or None to choose by `which`) for a workdir, root or step dir."""
+  _fresh_listing(path / CHECKPOINT_DIR)  # this process may have listed it before a save
+  _fresh_listing(path)
+  if (path / CHECKPOINT_DIR).is_dir():
+    return path / CHECKPOINT_DIR, None
+  if re.fullmatch(r"\d+", path.name) and (path / "model").is_dir():
+    return path.parent, int(path.name)
+  if path.is_dir() and any(re.fullmatch(r"\d+", p.name) for p in path.iterdir()):
+    return path, None
+  raise FileNotFoundError(
+    f"{path}: neither a training workdir (with {CHECKPOINT_DIR}/), a checkpoints folder, nor "
+    "a checkpoint step folder (with model/)"
+  )
+
+
+def load_inference(
+  path: str | epath.Path, *, which: str = "best"
+) -> tuple[ml_collections.ConfigDict, mil.MultiResolutionMIL, dict, int, dict]:
+  """Loads weights for evaluation or prediction, without the optimizer state.
+
+  Args:
+    path: a training workdir, its checkpoints/ folder, or one step folder
+      (W/checkpoints/<step>).
+    which: for a workdir, 'best' (highest validation mean AUC; the latest when no
+      checkpoint was evaluated) or 'latest'. Ignored for a step folder.
+
+  Returns:
+    (config, model, variables, step, info): `variables` = {'params', 'batch_stats'?} as
+    numpy arrays on the host, ready for `model.apply`; info has 'checkpoint' (the step
+    folder), 'which', and the saved evaluation ('val_mean_auc', 'val_per_class_auc')
+    when present.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  root, step = _locate(epath.Path(path), which)
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  manager = ocp.CheckpointManager(root, options=options)
+  try:
+    if step is None:
+      step = best_step(manager) if which == "best" else None
+      step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{root}: no checkpoints")
+    head = manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    )
+    config = ml_collections.ConfigDict(dict(head["config"]))
+    model = registry.from_config(config.model, saved=True)
+    abstract = jax.eval_shape(lambda: mil.init_variables(model, jax.random.key(0)))
+    abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    variables = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        model=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
+      ),
+    )["model"]
+  finally:
+    manager.close()
+  meta = dict(head["meta"])
+  info = {"checkpoint": str(root / str(step)), "which": which, "step": int(step)}
+  last = meta.get("last_eval") or {}
+  if int(last.get("step", -1)) == int(step):
+    info["val_mean_auc"] = last.get("val_mean_auc")
+    info["val_per_class_auc"] = last.get("val_per_class_auc")
+  logging.info("loaded %s (step %d)", info["checkpoint"], step)
+  return config, model, dict(variables), int(step), info

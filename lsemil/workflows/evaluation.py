@@ -1,0 +1,755 @@
+"""Evaluation of a checkpoint on a split: AUC, DICE and IoBB accuracy (Sec 4.2-4.4).
+
+The split streams through the one inference path (`lsemil.inference.engine.predict_split`: padded,
+masked batches on the device mesh); the class probabilities of every image are kept, plus the
+saliency maps of the images with ground-truth boxes (880 of the 25,596 NIH test images), so
+memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics.overlap`):
+
+- classification (Sec 4.3, Table 3): the AUC of each of the 14 classes, its 95% bootstrap
+  interval resampling patients (the NIH split is patient-wise, Sec 4.1), and the mean AUC over
+  the defined classes;
+- localization (Sec 4.2/4.4, Tables 2 and 3): for each of the 8 box classes, the continuous
+  DICE of the class's saliency map against the union of that class's boxes on the image, at
+  512 x 512 (nearest upsampling, as the model's own U), beside the DICE of the best uniform map
+  on the same boxes; and the IoBB (and IoU) accuracy of Wang et al. 2017: the map binarized at
+  tau, connected components boxed, a box found when some predicted box reaches T(IoBB) >= t.
+  Every box class over the tau sweep `DEFAULT_TAUS` (0.1 .. 0.9; the paper's Table 2 taus are
+  among them) at t = 0.5 (`iobb`, Table 2's layout) and at `DEFAULT_TS` (`localization`);
+- the field's weak-localization protocols (issue 12, `protocols`: `lsemil.metrics.localization.score_all`
+  over the same box cases with the run's probabilities: DICE beside the constant map, Wang et
+  al. accuracy and AFP, cheXlocalize mIoU, pointing games, pixel AUPRC, with patient-bootstrap
+  intervals; Table 4 is built from it);
+- calibration (issue 14, `calibration`: `lsemil.metrics.calibration.calibration_metrics`, ECE over 15
+  equal-mass bins and Brier, per class and overall). With `EvalOptions.calibrate`
+  ('temperature' | 'platt') the run's VALID split goes through the same predictor, the map is
+  fitted there (`calibration.fit`) and the split is scored again with the fitted probabilities
+  (`calibration_fitted`); the parameters are written as F_calibration.json
+  (`lsemil predict --calibration` applies them).
+
+The saliency source (`lsemil.models.registry`) is the predictor's: 'model' for the MIL model,
+'gradcam' or 'cam' for the GAP baseline (min-max scaled per image and class, `lsemil.models.posthoc`);
+a GAP run's result has no r0 (it is labelled by its config name).
+
+Outputs (`write_outputs`, process 0 only): F.json (an `Evaluation`, strict JSON: an undefined
+value, e.g. the AUC of a class without positives, is null; `load_evaluation` turns it back into
+NaN), F.csv (long format: one metric, class, tau, T per row), F_predictions.csv (per image:
+image_id, patient_id, the 14 probabilities, `lsemil.inference.engine.predictions_csv`),
+F_saliency_boxes.npz with the kept saliency maps (float16), the multi-resolution maps and images
+of the Figure 3 candidates (`figure_cases`), and with a recalibration F_calibration.json. The
+command is `lsemil.commands.evaluate`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from lsemil.core import fileio
+from lsemil.core.errors import ConfigError, DataError, OutputError
+from lsemil.data import nih, pipeline
+from lsemil.inference import engine
+from lsemil.metrics import calibration, classification, localization, overlap
+from lsemil.models import registry
+
+DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_TS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)  # T(IoBB) / T(IoU) thresholds
+TABLE2_T = 0.5  # the paper's T(IoBB) (Table 2)
+EVAL_SIZE = 512  # DICE and IoBB are computed on the 512 x 512 grid (Sec 4.2)
+DEFAULT_N_BOOT = 1000
+FIGURE_CASES = 6
+SALIENCY_SUFFIX = "_saliency_boxes.npz"
+PREDICTIONS_SUFFIX = "_predictions.csv"
+CALIBRATION_SUFFIX = "_calibration.json"
+# Keys whose leaves are numbers: JSON null there means NaN.
+_NUMERIC_KEYS = (
+  "auc",
+  "auc_lo",
+  "auc_hi",
+  "mean_auc",
+  "dice",
+  "dice_uniform",
+  "iobb",
+  "localization",
+  "protocols",
+  "calibration",
+  "calibration_fitted",
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def tau_key(tau: float) -> str:
+  """JSON key of a threshold: 0.1 -> '0.1'."""
+  return f"{float(tau):g}"
+
+
+def open_index(config, data_dir) -> nih.NihIndex:
+  """The dataset index with the config's validation fraction and split seed (as the pipeline)."""
+  return nih.open_index(
+    data_dir, val_fraction=float(config.data.val_fraction), split_seed=int(config.data.split_seed)
+  )
+
+
+def box_cases(index: nih.NihIndex, rows: Iterable[int]) -> dict[int, list[tuple[int, list]]]:
+  """{row: [(box class index, [(x, y, w, h), ...]), ...]} for the given rows that have boxes.
+
+  One case per (image, box class): the union of that class's boxes on the image (Sec 4.2).
+  """
+  rows = set(int(r) for r in rows)
+  out: dict[int, dict[int, list]] = {}
+  for r, k, xywh in zip(index.box_rows, index.box_classes, index.box_xywh, strict=True):
+    if int(r) in rows:
+      out.setdefault(int(r), {}).setdefault(int(k), []).append(tuple(float(v) for v in xywh))
+  return {r: sorted(by_cls.items()) for r, by_cls in sorted(out.items())}
+
+
+def figure_cases(index: nih.NihIndex, split: str, n: int = FIGURE_CASES) -> list[tuple[int, int]]:
+  """Up to n (row, box class) pairs for Figure 3, covering as many classes as possible.
+
+  Deterministic (the same images for every run on the same dataset). The first round gives
+  each box class of the split one image, rarest class first (so an image is not spent on a
+  common class when it is a rare class's only one), the lowest unused row each time; later
+  rounds go round-robin in NIH order. Returned in round, then class order.
+  """
+  split_rows = set(index.rows(split).tolist())
+  by_class: dict[int, list[int]] = {}
+  for r, k in zip(index.box_rows.tolist(), index.box_classes.tolist(), strict=True):
+    if r in split_rows and r not in by_class.setdefault(k, []):
+      by_class[k].append(r)
+  for rows in by_class.values():
+    rows.sort()
+  chosen: list[tuple[int, int, int]] = []  # (round, class, row)
+  used: set[int] = set()
+  order = sorted(by_class, key=lambda k: (len(by_class[k]), k))
+  rnd = 0
+  while len(chosen) < n:
+    progressed = False
+    for k in order:
+      rows = [r for r in by_class[k] if r not in used]
+      if rows and len(chosen) < n:
+        chosen.append((rnd, k, rows[0]))
+        used.add(rows[0])
+        progressed = True
+    if not progressed:
+      break
+    rnd += 1
+    order = sorted(by_class)
+  return [(r, k) for _, k, r in sorted(chosen)]
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- localization
+
+
+def localization_metrics(
+  saliency: Mapping[int, np.ndarray],
+  cases: Mapping[int, list[tuple[int, list]]],
+  box_space: float,
+  *,
+  taus: Sequence[float] = DEFAULT_TAUS,
+  ts: Sequence[float] = DEFAULT_TS,
+  progress: bool = False,
+) -> dict:
+  """DICE, uniform-map DICE and IoBB / IoU accuracy per box class from kept saliency maps.
+
+  saliency: {row: (N, N, K) map}; cases: `box_cases` (rows without a map are skipped).
+  Returns {'dice', 'dice_uniform', 'num_cases', 'num_boxes': {class: value},
+  'iobb': {class: {tau: accuracy at T(IoBB) = 0.5}},
+  'localization': {'iobb' | 'iou': {T: {class: {tau: accuracy}}}}} (keys are strings).
+  """
+  ts = sorted({float(t) for t in ts} | {TABLE2_T})
+  dice_v: dict[int, list[float]] = {}
+  unif_v: dict[int, list[float]] = {}
+  # hits[kind][k][tau_index] -> list of best IoBB / IoU per ground-truth box
+  best: dict[str, dict[int, list[list[np.ndarray]]]] = {"iobb": {}, "iou": {}}
+  n_boxes: dict[int, int] = {}
+  todo = [(r, k, b) for r, cs in cases.items() if r in saliency for k, b in cs]
+  for r, k, boxes in tqdm(todo, desc="localization", disable=not progress, file=sys.stderr):
+    s = np.asarray(saliency[r][..., k], dtype=np.float64)
+    s512 = overlap.resize_saliency(s, EVAL_SIZE)
+    mask = overlap.boxes_to_mask(boxes, EVAL_SIZE, box_space)
+    dice_v.setdefault(k, []).append(overlap.dice(s512, mask))
+    unif_v.setdefault(k, []).append(overlap.uniform_dice(mask))
+    n_boxes[k] = n_boxes.get(k, 0) + len(boxes)
+    for kind in best:
+      best[kind].setdefault(k, [[] for _ in taus])
+    gt = localization.gt_ranges(boxes, EVAL_SIZE, box_space)
+    for i, tau in enumerate(taus):
+      # = overlap.localization_hits(s512, ...), the components found on the small map
+      pred = localization.grid_boxes(s, tau, EVAL_SIZE, "nearest", s512)
+      ov = localization.box_overlaps(pred, gt) if len(pred) else None
+      for kind in best:
+        hit = ov[kind].max(axis=1) if ov is not None else np.zeros(len(boxes))
+        best[kind][k][i].append(hit)
+  out: dict[str, Any] = {"dice": {}, "dice_uniform": {}, "num_cases": {}, "num_boxes": {}}
+  loc: dict[str, dict] = {kind: {tau_key(t): {} for t in ts} for kind in best}
+  for k in sorted(dice_v):
+    cls = nih.CLASSES[k]
+    out["dice"][cls] = float(np.mean(dice_v[k]))
+    out["dice_uniform"][cls] = float(np.mean(unif_v[k]))
+    out["num_cases"][cls] = len(dice_v[k])
+    out["num_boxes"][cls] = n_boxes[k]
+    for kind in best:
+      for t in ts:
+        loc[kind][tau_key(t)][cls] = {
+          tau_key(tau): float(np.mean(np.concatenate(best[kind][k][i]) >= t))
+          for i, tau in enumerate(taus)
+        }
+  out["iobb"] = loc["iobb"][tau_key(TABLE2_T)]
+  out["localization"] = loc
+  return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """How a split is scored (the `lsemil evaluate` flags)."""
+
+  n_boot: int = DEFAULT_N_BOOT  # patient-bootstrap resamples for the AUC intervals; 0 = none
+  seed: int = 0  # bootstrap seed
+  taus: tuple[float, ...] = DEFAULT_TAUS  # binarization thresholds of the IoBB protocol
+  ts: tuple[float, ...] = DEFAULT_TS  # T(IoBB) / T(IoU) thresholds
+  n_figure: int = FIGURE_CASES  # Figure 1/3 candidates whose per-level maps are kept
+  keep_saliency_for: tuple[int, ...] | None = None  # rows; None = the split's box images
+  progress: bool = True
+  # Saliency source ('model' | 'gradcam' | 'cam') and Grad-CAM level; None = the run's config
+  # (`registry.saliency_settings`). Used by `evaluate_checkpoint`.
+  saliency: str | None = None
+  gradcam_level: int | None = None
+  protocols: bool = True  # the issue-12 protocols (`localization.score_all`)
+  protocol_ts: tuple[float, ...] = localization.DEFAULT_TS  # their T(IoBB) / T(IoU)
+  prob_cutoffs: tuple[float, ...] | None = localization.PROB_CUTOFFS  # None: no cutoff variant
+  calibrate: str | None = None  # 'temperature' | 'platt': fitted on the valid split
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """The scores of one checkpoint on one split (JSON: `to_dict`, a `report.RunResult`)."""
+
+  split: str
+  step: int | None
+  checkpoint: str | None
+  data_dir: str
+  config_name: str
+  r0: float | None  # None (left out of the JSON) for a GAP run
+  num_images: int
+  num_patients: int
+  num_positives: dict
+  auc: dict
+  auc_lo: dict
+  auc_hi: dict
+  mean_auc: float
+  auc_undefined: list
+  dice: dict
+  dice_uniform: dict
+  num_cases: dict
+  num_boxes: dict
+  iobb: dict
+  localization: dict
+  taus: list
+  ts: list
+  t: float
+  n_boot: int
+  seed: int
+  num_saliency_kept: int
+  figure_cases: list
+  images_per_second: float
+  seconds: float
+  table1: dict
+  which: str | None = None
+  saliency_file: str | None = None
+  predictions_file: str | None = None
+  arch: str = registry.MIL
+  saliency_source: str = "model"
+  gradcam_level: int | None = None
+  protocols: dict | None = None
+  calibration: dict | None = None
+  calibration_fitted: dict | None = None
+  calibration_file: str | None = None
+
+  def to_dict(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "step"}
+
+
+@dataclasses.dataclass
+class EvalRun:
+  """An `Evaluation` with what it was computed from (written by `write_outputs`)."""
+
+  result: Evaluation
+  predictions: engine.SplitPredictions
+  index: nih.NihIndex
+  figure: list[tuple[int, int]]  # (row, box class) of the Figure 1/3 candidates
+  calibration_params: dict | None = None  # `calibration.fit` of the valid split
+
+
+def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
+  """The split's predictions through the one inference path, with a progress bar and the
+  steady-state images/s (the first batch, which compiles, excluded)."""
+  split_rows = pipeline.split_rows(config, data_dir, split)
+  batches = engine.predict_split(
+    predictor, config, data_dir, split, saliency_rows=keep, level_rows=fig_rows
+  )
+  bar = tqdm(
+    total=len(split_rows),
+    desc=f"evaluate {split}",
+    unit="img",
+    disable=not progress,
+    file=sys.stderr,
+  )
+  t0 = time.perf_counter()
+  timing = {"first": None, "after_first": 0}
+
+  def counted():
+    for b in batches:
+      bar.update(len(b.rows))
+      if timing["first"] is None:
+        timing["first"] = time.perf_counter()
+      else:
+        timing["after_first"] += len(b.rows)
+      yield b
+
+  preds = engine.collect(counted(), split_rows, f"{data_dir} split {split!r}")
+  bar.close()
+  t_end = time.perf_counter()
+  seconds = t_end - t0
+  steady = t_end - timing["first"] if timing["first"] is not None else 0.0
+  n = len(preds.rows)
+  ips = (
+    timing["after_first"] / steady
+    if timing["after_first"] and steady > 0
+    else n / max(seconds, 1e-9)
+  )
+  return preds, seconds, ips
+
+
+def classification_metrics(index: nih.NihIndex, preds, n_boot: int, seed: int) -> dict:
+  """Per-class AUC with 95% patient-bootstrap intervals and the mean AUC (Sec 4.3)."""
+  labels = np.asarray(index.labels, np.float64)[preds.rows]
+  patients = np.asarray(index.patient_ids)[preds.rows]
+  probs = preds.probs.astype(np.float64)
+  auc = classification.per_class_auc(labels, probs)
+  mean, missing = classification.mean_auc(auc)
+  if n_boot > 0 and len(labels):
+    lo, hi = classification.bootstrap_auc_ci(labels, probs, patients, n_boot=n_boot, seed=seed)
+  else:
+    lo = hi = np.full(nih.NUM_CLASSES, np.nan)
+
+  def by_class(v):
+    return {c: float(x) for c, x in zip(nih.CLASSES, v, strict=True)}
+
+  return {
+    "num_patients": int(len(np.unique(patients))),
+    "num_positives": {c: int(v) for c, v in zip(nih.CLASSES, labels.sum(0), strict=True)},
+    "auc": by_class(auc),
+    "auc_lo": by_class(lo),
+    "auc_hi": by_class(hi),
+    "mean_auc": float(mean),
+    "auc_undefined": [nih.CLASSES[k] for k in missing],
+  }
+
+
+def evaluate_split(
+  predictor: engine.Predictor,
+  config,
+  data_dir: str,
+  split: str = "test",
+  options: EvalOptions = EvalOptions(),
+  *,
+  step: int | None = None,
+  checkpoint: str | None = None,
+) -> EvalRun:
+  """Scores the model of `predictor` on one split of `data_dir` (Sec 4.2-4.4).
+
+  Every image's class probabilities are kept; saliency maps only for the images with boxes
+  (or `options.keep_saliency_for`), so memory does not grow with the split.
+  """
+  from lsemil.data import statistics
+
+  index = open_index(config, data_dir)
+  split_rows = index.rows(split)
+  if options.keep_saliency_for is None:
+    keep = set(np.unique(index.box_rows).tolist()) & set(split_rows.tolist())
+  else:
+    keep = set(int(r) for r in options.keep_saliency_for)
+  fig = figure_cases(index, split, options.n_figure)
+  preds, seconds, ips = _predict(
+    predictor, config, data_dir, split, keep, [r for r, _ in fig], options.progress
+  )
+  log(f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)")
+  cases = box_cases(index, preds.saliency)
+  loc = localization_metrics(
+    preds.saliency,
+    cases,
+    index.box_space,
+    taus=options.taus,
+    ts=options.ts,
+    progress=options.progress,
+  )
+  protocols = protocol_metrics(index, preds, cases, options) if options.protocols else None
+  cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
+  arch = registry.arch_of(predictor.model)
+  result = Evaluation(
+    split=split,
+    step=None if step is None else int(step),
+    checkpoint=checkpoint,
+    data_dir=fileio.resolve(data_dir),
+    config_name=str(config.name),
+    r0=float(config.model.r0) if arch == registry.MIL else None,
+    num_images=int(len(preds.rows)),
+    **classification_metrics(index, preds, options.n_boot, options.seed),
+    **loc,
+    taus=[float(t) for t in options.taus],
+    ts=sorted({float(t) for t in options.ts} | {TABLE2_T}),
+    t=TABLE2_T,
+    n_boot=int(options.n_boot),
+    seed=int(options.seed),
+    num_saliency_kept=len(preds.saliency),
+    figure_cases=[[int(r), nih.CLASSES[k]] for r, k in fig],
+    images_per_second=float(ips),
+    seconds=float(seconds),
+    table1=statistics.table1(index),
+    arch=arch,
+    saliency_source=predictor.saliency_source,
+    gradcam_level=predictor.gradcam_level,
+    protocols=protocols,
+    calibration=cal,
+    calibration_fitted=fitted,
+  )
+  return EvalRun(
+    result=result, predictions=preds, index=index, figure=fig, calibration_params=params
+  )
+
+
+def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) -> dict:
+  """`localization.score_all` over the box cases with the run's probabilities (issue 12)."""
+  t0 = time.perf_counter()
+  probs = {int(r): p for r, p in zip(preds.rows, preds.probs, strict=True)}
+  result = localization.score_all(
+    localization.make_cases(cases, index.patient_ids, probs),
+    preds.saliency,
+    index.box_space,
+    taus=options.taus,
+    ts=options.protocol_ts,
+    prob_cutoffs=options.prob_cutoffs,
+    n_boot=options.n_boot,
+    seed=options.seed,
+  )
+  log(
+    f"localization protocols over {sum(len(c) for c in cases.values())} cases in "
+    f"{time.perf_counter() - t0:.1f} s"
+  )
+  return result
+
+
+def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
+  """(raw calibration, fitted calibration or None, fitted parameters or None) of a split.
+
+  The fit runs on the valid split's probabilities through the same predictor (issue 14:
+  fitted on validation, applied at evaluate and predict time)."""
+  raw = calibration.calibration_metrics(preds.probs, preds.labels, nih.CLASSES)
+  if not options.calibrate:
+    return raw, None, None
+  if options.calibrate not in calibration.METHODS:
+    raise ConfigError(f"--calibrate {options.calibrate}: choose one of {calibration.METHODS}")
+  rows = pipeline.split_rows(config, data_dir, "valid")
+  valid = engine.collect(
+    engine.predict_split(predictor, config, data_dir, "valid"), rows, f"{data_dir} valid"
+  )
+  params = calibration.fit(options.calibrate, valid.probs, valid.labels, nih.CLASSES)
+  params["fit_split"] = "valid"
+  fitted = calibration.calibration_metrics(
+    calibration.apply(params, preds.probs), preds.labels, nih.CLASSES
+  )
+  fitted.update(method=options.calibrate, fit_split="valid", fit_images=int(len(valid.rows)))
+  log(
+    f"{options.calibrate} calibration fitted on {len(valid.rows)} valid images: ECE "
+    f"{raw['ece_overall']:.4f} -> {fitted['ece_overall']:.4f}"
+  )
+  return raw, fitted, params
+
+
+def evaluate_checkpoint(
+  loaded: engine.LoadedModel,
+  data_dir: str,
+  split: str = "test",
+  options: EvalOptions = EvalOptions(),
+) -> EvalRun:
+  """`evaluate_split` of a loaded checkpoint (`engine.load`), with the saliency source of
+  `options` (else the run's config, `registry.saliency_settings`)."""
+  source, level = registry.saliency_settings(
+    loaded.config, options.saliency, options.gradcam_level
+  )
+  predictor = engine.Predictor(
+    loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
+  )
+  run = evaluate_split(
+    predictor,
+    loaded.config,
+    data_dir,
+    split,
+    options,
+    step=loaded.step,
+    checkpoint=loaded.checkpoint,
+  )
+  run.result.which = loaded.info.get("which")
+  return run
+
+
+def write_outputs(run: EvalRun, config, data_dir: str, out) -> dict[str, epath.Path]:
+  """Writes F.json, F.csv (metrics), F_predictions.csv (per image) and F_saliency_boxes.npz
+  (process 0 only); returns their paths."""
+  out = fileio.as_path(out)
+  sal_path, pred_path = saliency_path_for(out), predictions_path_for(out)
+  run.result.saliency_file = sal_path.name
+  run.result.predictions_file = pred_path.name
+  write_saliency(
+    sal_path,
+    run.predictions.saliency,
+    run.predictions.levels,
+    run.figure,
+    run.index,
+    config,
+    data_dir,
+    run.result.split,
+  )
+  engine.write_split_predictions(pred_path, run.index, run.predictions)
+  paths = {}
+  if run.calibration_params is not None:
+    paths["calibration"] = calibration_path_for(out)
+    run.result.calibration_file = paths["calibration"].name
+    fileio.write_json(paths["calibration"], run.calibration_params)
+  json_path, csv_path = write_evaluation(run.result.to_dict(), out)
+  return {
+    "json": json_path,
+    "csv": csv_path,
+    "predictions": pred_path,
+    "saliency": sal_path,
+    **paths,
+  }
+
+
+def stored_images(config, data_dir, split: str, rows: Sequence[int]) -> np.ndarray:
+  """The stored (e.g. 512 x 512) images of some rows of a split, uint8 (n, H, W)."""
+  if not rows:
+    return np.zeros((0, 1, 1), np.uint8)
+  source = pipeline.open_source(
+    data_dir,
+    split,
+    val_fraction=float(config.data.val_fraction),
+    split_seed=int(config.data.split_seed),
+  )
+  pos = {int(r): i for i, r in enumerate(source.rows)}
+  return np.stack([source[pos[int(r)]]["image"] for r in rows])
+
+
+def write_saliency(path, kept, levels, fig, index, config, data_dir, split) -> None:
+  """Writes the kept maps and the Figure 1/3 material as one compressed .npz."""
+  rows = np.array(sorted(kept), np.int64)
+  some = next(iter(kept.values()), None)
+  shape = some.shape if some is not None else (0, 0, nih.NUM_CLASSES)
+  arrays: dict[str, np.ndarray] = {
+    "rows": rows,
+    "image_ids": np.array([index.image_ids[r] for r in rows], dtype=str),
+    "saliency": (
+      np.stack([kept[r] for r in rows]).astype(np.float16)
+      if len(rows)
+      else np.zeros((0, *shape), np.float16)
+    ),
+    "classes": np.array(nih.CLASSES),
+    "box_space": np.array(index.box_space),
+    "split": np.array(split),
+  }
+  fig = [(r, k) for r, k in fig if r in levels]
+  arrays["fig_rows"] = np.array([r for r, _ in fig], np.int64)
+  arrays["fig_classes"] = np.array([k for _, k in fig], np.int64)
+  arrays["fig_images"] = stored_images(config, data_dir, split, [r for r, _ in fig])
+  n_levels = len(levels[fig[0][0]]) if fig else 0
+  arrays["num_levels"] = np.array(n_levels)
+  for lv in range(n_levels):
+    arrays[f"levels_{lv}"] = np.stack([levels[r][lv] for r, _ in fig]).astype(np.float16)
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  fileio.write_bytes(path, buf.getvalue())
+
+
+def load_saliency(path: str | os.PathLike) -> dict:
+  """The .npz of `write_saliency` as a dict: 'maps' {row: (N, N, K) float32},
+  'figure' [(row, class index, image, [level maps (n_l, n_l, K)])], 'box_space', 'split'."""
+  path = fileio.as_path(path)
+  try:
+    with np.load(io.BytesIO(path.read_bytes())) as z:
+      maps = {int(r): z["saliency"][i].astype(np.float32) for i, r in enumerate(z["rows"])}
+      n_levels = int(z["num_levels"])
+      figure = [
+        (
+          int(r),
+          int(k),
+          z["fig_images"][i],
+          [z[f"levels_{lv}"][i].astype(np.float32) for lv in range(n_levels)],
+        )
+        for i, (r, k) in enumerate(zip(z["fig_rows"], z["fig_classes"], strict=True))
+      ]
+      return {
+        "maps": maps,
+        "figure": figure,
+        "box_space": float(z["box_space"]),
+        "split": str(z["split"]),
+      }
+  except (OSError, KeyError, ValueError) as e:
+    raise OutputError(f"{path}: not a saliency file of `lsemil evaluate` ({e})") from e
+
+
+# --------------------------------------------------------------------------- JSON / CSV
+
+
+def load_evaluation(path: str | os.PathLike) -> dict:
+  """An evaluation JSON, with null metric values turned back into NaN."""
+  result = fileio.read_json(path)
+  if not isinstance(result, dict):
+    raise OutputError(f"{path}: not a JSON object")
+  for key in _NUMERIC_KEYS:
+    if key in result:
+      result[key] = fileio.none_to_nan(result[key])
+  return result
+
+
+def to_csv(result: Mapping) -> str:
+  """Long-format CSV: metric, class, tau, T, value, lo, hi (empty where not applicable)."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["metric", "class", "tau", "T", "value", "lo", "hi"])
+
+  def num(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
+
+  lo, hi = result.get("auc_lo", {}), result.get("auc_hi", {})
+  for c, v in result.get("auc", {}).items():
+    w.writerow(["auc", c, "", "", num(v), num(lo.get(c)), num(hi.get(c))])
+  w.writerow(["mean_auc", "", "", "", num(result.get("mean_auc")), "", ""])
+  for key in ("dice", "dice_uniform"):
+    for c, v in result.get(key, {}).items():
+      w.writerow([key, c, "", "", num(v), "", ""])
+  for kind, by_t in result.get("localization", {}).items():
+    for t, by_cls in by_t.items():
+      for c, by_tau in by_cls.items():
+        for tau, v in by_tau.items():
+          w.writerow([f"{kind}_accuracy", c, tau, t, num(v), "", ""])
+  for name, by_cls in (result.get("protocols") or {}).items():
+    if name == "settings":
+      continue
+    metric, _, t = name.partition("@")
+    for c, e in by_cls.items():
+      tau = e.get("tau")
+      tau = "" if tau is None or (isinstance(tau, float) and math.isnan(tau)) else f"{tau:g}"
+      w.writerow(
+        [f"loc_{metric}", c, tau, t, num(e.get("value")), num(e.get("lo")), num(e.get("hi"))]
+      )
+  for key, suffix in (("calibration", ""), ("calibration_fitted", "_fitted")):
+    cal = result.get(key) or {}
+    for m in ("ece", "brier"):
+      for c, v in cal.get(m, {}).items():
+        w.writerow([m + suffix, c, "", "", num(v), "", ""])
+      if m + "_overall" in cal:
+        w.writerow([m + suffix, "overall", "", "", num(cal[m + "_overall"]), "", ""])
+  return buf.getvalue()
+
+
+def calibration_path_for(out) -> epath.Path:
+  """F_calibration.json beside F.json: the fitted recalibration (`calibration.fit`)."""
+  out = fileio.as_path(out)
+  return out.with_name(out.stem + CALIBRATION_SUFFIX)
+
+
+def saliency_path_for(out) -> epath.Path:
+  out = fileio.as_path(out)
+  return out.with_name(out.stem + SALIENCY_SUFFIX)
+
+
+def predictions_path_for(out) -> epath.Path:
+  out = fileio.as_path(out)
+  return out.with_name(out.stem + PREDICTIONS_SUFFIX)
+
+
+def write_evaluation(result: Mapping, out) -> tuple[epath.Path, epath.Path]:
+  """Writes F.json and F.csv (atomically when local); returns their paths."""
+  out = fileio.as_path(out)
+  csv_path = out.with_suffix(".csv")
+  fileio.write_json(out, result)
+  fileio.write_text(csv_path, to_csv(result))
+  return out, csv_path
+
+
+# --------------------------------------------------------------------------- workdirs
+
+
+def workdir_of(path) -> epath.Path:
+  """The training workdir of a workdir, its checkpoints/ folder or a step folder."""
+  p = fileio.as_path(path)
+  if p.name.isdigit() and p.parent.name == "checkpoints":
+    return p.parent.parent
+  if p.name == "checkpoints":
+    return p.parent
+  return p
+
+
+def default_output(workdir, split: str = "test", source: str | None = None) -> epath.Path:
+  """W/evaluation_<split>.json: where `evaluate --workdir W` writes with the run's own
+  saliency source and `reproduce` looks; W/evaluation_<split>_<source>.json for another
+  source (e.g. 'cam' of a Grad-CAM run)."""
+  name = f"evaluation_{split}" + (f"_{source}" if source else "")
+  return fileio.as_path(workdir) / f"{name}.json"
+
+
+def resolve_data_dir(config, data_dir) -> str:
+  """--data-dir, else the run's `config.data.data_dir`; raises naming what is missing."""
+  chosen = data_dir or config.data.data_dir
+  if not chosen:
+    raise DataError("no --data-dir given and the run's config records no data.data_dir")
+  chosen = fileio.resolve(chosen)
+  nih.require_local(chosen)
+  if not fileio.as_path(chosen).is_dir():
+    raise DataError(f"{chosen}: dataset folder not found")
+  return chosen
+
+
+def matches(
+  result: Mapping,
+  *,
+  step: int,
+  split: str,
+  data_dir,
+  saliency: str | None = None,
+  needs: Sequence[str] = (),
+) -> bool:
+  """Whether a stored evaluation is of this checkpoint step, split and dataset (and, when
+  given, of this saliency source, and holding every key of `needs`, e.g. 'protocols', which
+  evaluations written before them lack)."""
+  try:
+    same_dir = fileio.resolve(result.get("data_dir", "")) == fileio.resolve(data_dir)
+  except OSError:
+    same_dir = False
+  return (
+    result.get("step") is not None
+    and int(result["step"]) == int(step)
+    and result.get("split") == split
+    and same_dir
+    and (saliency is None or result.get("saliency_source", "model") == saliency)
+    and all(result.get(k) is not None for k in needs)
+  )

@@ -1,0 +1,244 @@
+"""Prediction for image files: class probabilities and saliency overlays (Sec 3.6, 4.4).
+
+Each image (PNG, JPEG or anything OpenCV reads; DICOM with the `dicom` extra,
+`lsemil.data.dicom`) is decoded to 8-bit grey and turned into model input by the one contract
+`lsemil.inference.engine.model_input` (exactly as the evaluation pipeline does), then runs through the
+one `engine.Predictor`, so a file's probabilities equal `lsemil evaluate`'s for the same
+pixels. A file that cannot be read is reported by name and skipped; the others complete.
+
+Outputs (`predict_files` with an output folder): predictions.csv in the per-image format of
+every command (`engine.predictions_csv`: image_id = the file name, patient_id empty, the 14
+probabilities, then the path and the classes at or above the threshold), and for every image
+and class with probability >= threshold the class's saliency map S over the image as
+<image>_<class>.png (`lsemil.reporting.drawing.overlay_png`). With `boxes`, also boxes.json:
+{image file name: {class: [{x, y, w, h, peak, mean}]}} for the same (image, class) pairs, the
+IoBB protocol's boxes (`lsemil.metrics.localization.boxes_from_map`: the map binarized at `box_tau`,
+8-connected components boxed) in the input image's own pixels (x the column, from the top-left
+corner of the decoded file, before any resizing). The map is the run's saliency source
+('model', or 'gradcam' / 'cam' for a GAP baseline run, `lsemil.models.registry`). With
+`calibration` (the parameters `lsemil evaluate --calibrate` writes), the probabilities are
+recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the CSV. The command is
+`lsemil.commands.predict`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from lsemil.core import fileio
+from lsemil.core.errors import ConfigError, UserError
+from lsemil.data import dicom, imageio, pipeline
+from lsemil.data.nih import CLASSES
+from lsemil.inference import engine
+from lsemil.metrics import calibration, localization
+from lsemil.models import registry
+
+BOXES_FILE = "boxes.json"
+
+SHORT_NAMES = {
+  "Atelectasis": "Atel",
+  "Cardiomegaly": "Card",
+  "Effusion": "Effu",
+  "Infiltration": "Infi",
+  "Mass": "Mass",
+  "Nodule": "Nodu",
+  "Pneumonia": "Pna",
+  "Pneumothorax": "Ptx",
+  "Consolidation": "Cons",
+  "Edema": "Edem",
+  "Emphysema": "Emph",
+  "Fibrosis": "Fibr",
+  "Pleural_Thickening": "PlTh",
+  "Hernia": "Hern",
+}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+  """Any supported file -> uint8 (H, W) grey; raises imageio.ImageError naming the file."""
+  if dicom.is_dicom(path):
+    return dicom.read_dicom(path)
+  return imageio.read_gray(path)
+
+
+def _output_stems(paths: Sequence[str]) -> list[str]:
+  """File stems made unique (a numbered prefix where two inputs share a stem)."""
+  stems = [Path(p).stem or "image" for p in paths]
+  dup = {s for s in stems if stems.count(s) > 1}
+  return [f"{i:03d}_{s}" if s in dup else s for i, s in enumerate(stems)]
+
+
+class Inputs(NamedTuple):
+  """The readable files of a list, decoded (`read_files`)."""
+
+  images: np.ndarray  # uint8 (n, S, S, 1) model inputs
+  prepared: list[np.ndarray]  # their prepared (<= 512 px) images, for the overlays
+  ok: list[int]  # indices into the paths of the files read
+  failures: list[tuple[str, str]]  # (path, message)
+  shapes: list[tuple[int, int]]  # (H, W) of each decoded file, before any resizing
+
+
+def read_inputs(paths: Sequence[str], input_size: int, progress: bool = False):
+  """(model inputs uint8 (n, S, S, 1), their prepared 512 px images, indices of `paths`
+  read, failures [(path, message)]): every file on its own, a bad one never stops the rest."""
+  return tuple(read_files(paths, input_size, progress))[:4]
+
+
+def read_files(paths: Sequence[str], input_size: int, progress: bool = False) -> Inputs:
+  """`read_inputs` plus each decoded file's own (H, W), as an `Inputs`."""
+  inputs, prepared, ok, failures, shapes = [], [], [], [], []
+  bar = tqdm(total=len(paths), desc="read", unit="img", disable=not progress, file=sys.stderr)
+  for i, path in enumerate(paths):
+    try:
+      gray = read_image(path)
+      got = (pipeline.prepared_image(gray), engine.model_input(gray, input_size))
+      prepared.append(got[0])
+      inputs.append(got[1])
+      shapes.append((int(gray.shape[0]), int(gray.shape[1])))
+      ok.append(i)
+    except (UserError, OSError, ValueError, cv2.error) as e:
+      msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+      failures.append((str(path), msg))
+      print(f"lsemil predict: {msg}", file=sys.stderr, flush=True)
+    bar.update(1)
+  bar.close()
+  s = int(input_size)
+  images = np.stack(inputs) if inputs else np.zeros((0, s, s, 1), np.uint8)
+  return Inputs(images, prepared, ok, failures, shapes)
+
+
+def predict_files(
+  loaded: engine.LoadedModel,
+  paths: Sequence[str],
+  out_dir: str | Path | None,
+  *,
+  threshold: float = 0.5,
+  batch_size: int = 16,
+  progress: bool = True,
+  boxes: bool = False,
+  box_tau: float = 0.5,
+  calibration: Mapping | None = None,
+  saliency_source: str | None = None,
+  gradcam_level: int | None = None,
+  overlays: bool = True,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+  """Predicts every readable file; returns (rows, failures).
+
+  rows: [{'path', 'probs': {class: p}, 'overlays': [file names], 'boxes': {class: [box]}}]
+  in input order (readable files only; 'boxes' only with `boxes`, for every class with
+  p >= threshold, `localization.boxes_from_map` at `box_tau` in the file's own pixels);
+  failures: [(path, message)]. With `out_dir`, overlays (one per image and class with
+  p >= threshold; `overlays=False` skips them), predictions.csv and, with `boxes`,
+  boxes.json are written there. `calibration`: parameters of `calibration.fit` applied to
+  the probabilities first. `saliency_source` / `gradcam_level`: None = the run's config.
+  """
+  from lsemil.reporting import drawing
+
+  if calibration is not None:
+    _check_calibration(calibration)
+  source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
+  paths = [str(p) for p in paths]
+  inputs = read_files(paths, loaded.model.input_size, progress)
+  predictor = engine.Predictor(
+    loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
+  )
+  want_maps = boxes or (out_dir is not None and overlays)
+  out = predictor.predict_images(inputs.images, batch_size, saliency=want_maps)
+  all_probs = np.asarray(out.get("probs", np.zeros((0, len(CLASSES)))), np.float64)
+  if calibration is not None:
+    all_probs = calibration.apply(calibration, all_probs)
+  out_path = Path(fileio.resolve(out_dir)) if out_dir is not None else None
+  if out_path is not None:
+    out_path.mkdir(parents=True, exist_ok=True)
+  stems = _output_stems(paths)
+  rows, boxes_json = [], {}
+  for j, i in enumerate(inputs.ok):
+    probs = all_probs[j]
+    row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
+    row["overlays"] = []
+    if boxes:
+      row["boxes"] = {}
+    for k, cls in enumerate(CLASSES):
+      if probs[k] < threshold:
+        continue
+      if boxes:
+        row["boxes"][cls] = localization.boxes_from_map(
+          out["saliency"][j, ..., k], box_tau, inputs.shapes[j]
+        )
+      if out_path is not None and overlays:
+        name = f"{stems[i]}_{cls}.png"
+        title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
+        drawing.overlay_png(
+          out_path / name, inputs.prepared[j], out["saliency"][j, ..., k], title=title
+        )
+        row["overlays"].append(name)
+    if boxes:
+      boxes_json[_box_key(paths, i, stems)] = row["boxes"]
+    rows.append(row)
+  if out_path is not None:
+    fileio.write_text(out_path / "predictions.csv", to_csv(rows, threshold))
+    if boxes:
+      fileio.write_json(out_path / BOXES_FILE, boxes_json)
+  return rows, list(inputs.failures)
+
+
+def _box_key(paths: Sequence[str], i: int, stems: Sequence[str]) -> str:
+  """The file name (the CSV's image_id); the unique output stem where two inputs share it."""
+  names = [Path(p).name for p in paths]
+  return names[i] if names.count(names[i]) == 1 else f"{stems[i]}{Path(paths[i]).suffix}"
+
+
+def _check_calibration(params: Mapping) -> None:
+  classes = params.get("classes") if isinstance(params, Mapping) else None
+  if classes is not None and list(classes) != list(CLASSES):
+    raise ConfigError(
+      f"calibration parameters: classes {list(classes)[:3]}... are not the 14 NIH classes"
+    )
+  calibration.apply(params, np.full((1, len(CLASSES)), 0.5))  # raises naming the field
+
+
+def load_calibration(path: str | Path) -> dict:
+  """The parameters `lsemil evaluate --calibrate` wrote (F_calibration.json), checked."""
+  params = fileio.read_json(path)
+  try:
+    _check_calibration(params)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return params
+
+
+def to_csv(rows: Sequence[dict], threshold: float) -> str:
+  """`engine.predictions_csv` (image_id = file name, no patient id), then the path and the
+  classes at or above the threshold ('|'-joined)."""
+  probs = np.array([[r["probs"][c] for c in CLASSES] for r in rows], np.float64)
+  above = ["|".join(c for c in CLASSES if r["probs"][c] >= threshold) for r in rows]
+  return engine.predictions_csv(
+    [Path(r["path"]).name for r in rows],
+    [None] * len(rows),
+    probs.reshape(len(rows), len(CLASSES)),
+    extra={"path": [r["path"] for r in rows], f"classes_p>={threshold:g}": above},
+  )
+
+
+def format_table(rows: Sequence[dict], threshold: float) -> str:
+  """A plain-text table: one line per image, one column per class (short names, legend)."""
+  if not rows:
+    return "no readable images"
+  names = [Path(r["path"]).name for r in rows]
+  w = min(max(len(n) for n in names), 40)
+  head = f"{'image':<{w}}  " + " ".join(f"{SHORT_NAMES[c]:>5} " for c in CLASSES)
+  lines = [head, "-" * len(head)]
+  for n, r in zip(names, rows, strict=True):
+    cells = " ".join(
+      f"{r['probs'][c]:5.3f}" + ("*" if r["probs"][c] >= threshold else " ") for c in CLASSES
+    )
+    lines.append(f"{n[-w:]:<{w}}  {cells}")
+  legend = ", ".join(f"{SHORT_NAMES[c]}={c}" for c in CLASSES)
+  lines.append(f"* p >= {threshold:g}.  {legend}")
+  return "\n".join(line.rstrip() for line in lines)

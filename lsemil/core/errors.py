@@ -20,12 +20,32 @@ class DataError(UserError, ValueError):
   """Bad dataset input; the message names the file and line (or field)."""
 
 
+class ImageError(DataError):
+  """An image file that is missing, truncated, corrupt or of an unsupported kind."""
+
+
+class PrepareError(DataError):
+  """A bad input image (the message names the file) or an inconsistent output folder."""
+
+
+class DataWarning(UserWarning):
+  """An anomaly in a dataset that leaves it usable (counted, not fatal)."""
+
+
 class ConfigError(UserError, ValueError):
   """A config the model or trainer cannot use; the message names the field."""
 
 
 class CheckpointError(UserError):
   """A missing or unreadable checkpoint or workdir; the message names the path."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """Training produced a NaN/inf loss; the message names the step and the last checkpoint."""
+
+
+class WorkdirBusyError(UserError):
+  """Another `lsemil train` holds the workdir; the message names the workdir and holder."""
 
 
 class OutputError(UserError):

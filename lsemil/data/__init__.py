@@ -4,13 +4,13 @@ Paper Section 4.1. Submodules: `nih` (index and splits), `stats` (Table 1), `syn
 (synthetic NIH-layout dataset).
 """
 
+from lsemil.core.errors import DataWarning
 from lsemil.data.nih import (
   BOX_CLASSES,
   CLASSES,
   NUM_CLASSES,
   SPLITS,
   DataError,
-  DataWarning,
   NihIndex,
   load_index,
 )

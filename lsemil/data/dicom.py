@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsemil.core.errors import ImageError
 from lsemil.data import imageio
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -52,14 +53,14 @@ def read_dicom(path: str | Path) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
   except ImportError:
-    raise imageio.ImageError(
+    raise ImageError(
       f"{path}: reading DICOM needs pydicom (pip install 'lsemil[dicom]')"
     ) from None
   try:
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
   except Exception as e:  # pydicom raises many kinds for bad files
-    raise imageio.ImageError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from None
+    raise ImageError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from None
   photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
   samples = int(ds.get("SamplesPerPixel", 1))
   if samples == 1 and arr.ndim == 3:  # multi-frame: the first frame
@@ -69,7 +70,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
       arr = arr[0]
     return imageio.to_gray8(np.ascontiguousarray(arr[..., ::-1]), str(path))  # RGB -> BGR
   if arr.ndim != 2:
-    raise imageio.ImageError(f"{path}: unsupported DICOM pixel array shape {arr.shape}")
+    raise ImageError(f"{path}: unsupported DICOM pixel array shape {arr.shape}")
   x = np.asarray(apply_modality_lut(arr, ds), np.float64)
   if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
     bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from lsemil.core import fileio
-from lsemil.core.errors import DataError
+from lsemil.core.errors import ImageError
 
 # cv2's own thread pool fights grain's read threads on small machines.
 cv2.setNumThreads(1)
@@ -46,10 +46,6 @@ MAX_PIXELS = 40_000_000  # refused above this many pixels, before decoding
 MIN_SIDE = 32  # refused when the width or height is smaller
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
           b"MM\x00*": "TIFF", b"RIFF": "RIFF/WebP", b"DICM": "DICOM"}
-
-
-class ImageError(DataError):
-  """An image file that is missing, truncated, corrupt or of an unsupported kind."""
 
 
 def _check_png_complete(data: bytes, name: str) -> None:

@@ -82,10 +82,6 @@ _ID_RE = re.compile(r"^(\d+)_\d+\.png$")
 DataError = errors.DataError  # bad dataset input; the message names the file and line
 
 
-class DataWarning(UserWarning):
-  """An anomaly in a dataset that leaves it usable (counted, not fatal)."""
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class NihIndex:
   """An immutable table of the release: one row per image, plus its boxes.
@@ -501,7 +497,7 @@ def load_index(
     if extra:
       notes.append(f"{root}: {extra} image files are not in {csv_path.name} (ignored)")
   for note in notes:
-    warnings.warn(note, DataWarning, stacklevel=2)
+    warnings.warn(note, errors.DataWarning, stacklevel=2)
 
   return NihIndex(
     root=root,

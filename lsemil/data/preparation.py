@@ -37,7 +37,7 @@ import cv2
 from tqdm import tqdm
 
 from lsemil.core import fileio
-from lsemil.core.errors import OutputError
+from lsemil.core.errors import ImageError, OutputError, PrepareError
 from lsemil.data import imageio, nih
 
 MARKER_NAME = nih.MARKER_NAME
@@ -46,10 +46,6 @@ STAGING_NAME = ".staging"  # tfds: resumable PNG stage, removed once the dataset
 STATE_NAME = ".lsemil_prepare.json"  # settings of an unfinished run, to refuse mixing sizes
 DEFAULT_SIZE = nih.PREPARED_SIZE
 _LIST_NAMES = ("train_val_list.txt", "test_list.txt")
-
-
-class PrepareError(nih.DataError):
-  """A bad input image (the message names the file) or an inconsistent output folder."""
 
 
 def expected_image_path(nih_dir: Path, image_id: str) -> Path:
@@ -183,9 +179,9 @@ def process_image(src: str | None, dst: str, size: int) -> str | None:
   fault). Failing to write the output raises OutputError naming it."""
   try:
     if src is None:
-      raise imageio.ImageError(f"{dst}: source image not found")
+      raise ImageError(f"{dst}: source image not found")
     img = imageio.resize_gray(imageio.read_gray(src), size)
-  except imageio.ImageError as e:
+  except ImageError as e:
     return str(e)
   except cv2.error as e:  # a decoder failure imageio's checks did not foresee
     return f"{src}: cannot decode ({str(e).strip().splitlines()[-1]})"

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from lsemil.core.errors import ImageError
 from lsemil.data import imageio, nih
 
 NAME = "nih_chest_xray14"
@@ -60,14 +61,14 @@ def _encode_row(args) -> tuple[bytes | None, str | None]:
   src, size = args
   try:
     if src is None:
-      raise imageio.ImageError("source image not found")
+      raise ImageError("source image not found")
     data = Path(src).read_bytes()
     if data.startswith(imageio.PNG_SIGNATURE) and imageio.png_header(data) == (size, size, 8, 0):
       imageio.decode_png(data, src)  # still validate: a truncated file must not pass
       return data, None
     img = imageio.resize_gray(imageio.decode_png(data, src), size)
     return imageio.encode_png(img), None
-  except (imageio.ImageError, OSError) as e:
+  except (ImageError, OSError) as e:
     return None, f"{src}: {e}" if src and str(src) not in str(e) else str(e)
 
 

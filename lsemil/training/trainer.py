@@ -56,7 +56,7 @@ from etils import epath
 from flax import struct
 
 from lsemil.core import fileio
-from lsemil.core.errors import ConfigError, DataError, Interrupted, UserError
+from lsemil.core.errors import ConfigError, DataError, Interrupted, NonFiniteLossError
 from lsemil.data import nih, pipeline
 from lsemil.inference import engine
 from lsemil.metrics import classification
@@ -70,10 +70,6 @@ _CHEAP_CPU_COMPILE = {
   "xla_backend_optimization_level": 0,
   "xla_llvm_disable_expensive_passes": True,
 }
-
-
-class NonFiniteLossError(UserError, FloatingPointError):
-  """Training produced a NaN/inf loss; the message names the step and the last checkpoint."""
 
 
 class TrainState(struct.PyTreeNode):

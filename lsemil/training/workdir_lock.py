@@ -37,15 +37,11 @@ from collections.abc import Iterator
 from absl import logging
 
 from lsemil.core import fileio
-from lsemil.core.errors import OutputError, UserError
+from lsemil.core.errors import OutputError, UserError, WorkdirBusyError
 
 LOCK_FILE = ".lsemil_train.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
-
-
-class WorkdirBusyError(UserError):
-  """Another `lsemil train` holds the workdir; the message names the workdir and holder."""
 
 
 @dataclasses.dataclass(frozen=True)

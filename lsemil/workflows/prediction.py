@@ -61,7 +61,7 @@ SHORT_NAMES = {
 
 
 def read_image(path: str | Path) -> np.ndarray:
-  """Any supported file -> uint8 (H, W) grey; raises imageio.ImageError naming the file."""
+  """Any supported file -> uint8 (H, W) grey; raises ImageError naming the file."""
   if dicom.is_dicom(path):
     return dicom.read_dicom(path)
   return imageio.read_gray(path)

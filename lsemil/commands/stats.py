@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from lsemil.core import fileio
-from lsemil.data import nih, statistics
+from lsemil.data import nih
+from lsemil.reporting import paper_tables
 
 
 def main(argv: list[str]) -> int:
@@ -23,10 +24,10 @@ def main(argv: list[str]) -> int:
     "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)",
   )
   parser.add_argument(
-    "--format", choices=statistics.FORMATS, default="md", help="output format (md)"
+    "--format", choices=paper_tables.TABLE1_FORMATS, default="md", help="output format (md)"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
   args = parser.parse_args(argv)
   index = nih.load_index(fileio.resolve(args.nih_dir), seed=args.seed)
-  sys.stdout.write(statistics.format_table1(index, args.format))
+  sys.stdout.write(paper_tables.format_table1(index, args.format))
   return 0

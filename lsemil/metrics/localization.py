@@ -45,9 +45,9 @@ Tuned values are chosen on the tuning half only (the first grid value among ties
 the tuning half defines none, e.g. nothing is ever predicted) and
 bootstrapped over the reporting half's patients with the choice held fixed.
 
-`table4_rows` turns several sources' results into Table 4 (classes x protocols, each source a
-row, best in bold); `boxes_from_map` gives `predict --boxes` the IoBB protocol's boxes in the
-input image's own pixels.
+`boxes_from_map` gives `predict --boxes` the IoBB protocol's boxes in the input image's own
+pixels. Table 4 (several sources' results side by side) is
+`lsemil.reporting.paper_tables.table4_rows`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
-from lsemil.core import fileio, tables
+from lsemil.core import fileio
 from lsemil.data import nih
 from lsemil.metrics import overlap
 
@@ -73,17 +73,6 @@ MIOU_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # cheXlocal
 PROB_CUTOFFS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # cheXlocalize
 AP_LEVELS = 2**16
 KINDS = ("iobb", "iou")
-TABLE4_PROTOCOLS: tuple[str, ...] = (
-  "dice",
-  "acc_iobb@0.5",
-  "afp_iobb@0.5",
-  "acc_iou@0.25",
-  "miou_otsu",
-  "miou_tuned",
-  "hit_rate",
-  "energy",
-  "auprc",
-)
 _EIGHT = np.ones((3, 3), dtype=bool)  # the 8-connectivity of overlap.predicted_boxes
 
 
@@ -782,103 +771,3 @@ def score_all(
     "split": "tuning half: first byte of sha256(str(patient id)) even",
   }
   return fileio.json_safe(result)
-
-
-# ----------------------------------------------------------------------------------------------
-# Table 4
-
-
-def _is_lower_better(protocol: str) -> bool:
-  return protocol.startswith("afp_")
-
-
-def table4_rows(
-  results_by_source: Mapping[str, Mapping],
-  protocols: Sequence[str] = TABLE4_PROTOCOLS,
-  classes: Sequence[str] | None = None,
-  digits: int = 3,
-) -> dict[str, Any]:
-  """Table 4: for each class (and the mean over classes), one row per source x protocols.
-
-  results_by_source: {source label (e.g. 'r0=5', 'gradcam', 'cam', 'constant', 'centre'):
-  a `score_all` result}. Cells are 'value (lo-hi)'; within a class and protocol the best
-  source is bold (lowest for the afp_* protocols; ties all bold). The mean row averages the
-  class values (no interval). Returns {'rows': [{'class', 'source', protocol: {'value',
-  'lo', 'hi', 'best'}}], 'markdown': str, 'csv': str}.
-  """
-  sources = list(results_by_source)
-  present = {c for r in results_by_source.values() for p in protocols for c in r.get(p, {})}
-  order = (
-    list(classes)
-    if classes is not None
-    else ([c for c in nih.CLASSES if c in present] + sorted(present - set(nih.CLASSES)))
-  )
-  rows = []
-  for cls in [*order, "mean"]:
-    block = []
-    for src in sources:
-      res, row = results_by_source[src], {"class": cls, "source": src}
-      for p in protocols:
-        if cls == "mean":
-          vals = [_num(res.get(p, {}).get(c, {}).get("value")) for c in order]
-          vals = [v for v in vals if not math.isnan(v)]
-          row[p] = {
-            "value": float(np.mean(vals)) if vals else math.nan,
-            "lo": math.nan,
-            "hi": math.nan,
-          }
-        else:
-          e = res.get(p, {}).get(cls, {})
-          row[p] = {key: _num(e.get(key)) for key in ("value", "lo", "hi")}
-      block.append(row)
-    for p in protocols:
-      vals = np.array([r[p]["value"] for r in block])
-      ok = ~np.isnan(vals)
-      # A source without the protocol (the constant map has no mIoU) is NaN: not a candidate.
-      best = (vals[ok].min() if _is_lower_better(p) else vals[ok].max()) if ok.any() else math.nan
-      for r, v in zip(block, vals, strict=True):
-        r[p]["best"] = bool(ok.any() and v == best)
-    rows.extend(block)
-  return {
-    "rows": fileio.json_safe(rows),
-    "markdown": _markdown(rows, protocols, digits),
-    "csv": _csv(rows, protocols),
-  }
-
-
-def _num(v) -> float:
-  return math.nan if v is None else float(v)
-
-
-def _cell(e: Mapping, digits: int) -> str:
-  v = e["value"]
-  if math.isnan(v):
-    return "-"
-  text = f"{v:.{digits}f}"
-  if e["best"]:
-    text = f"**{text}**"
-  if not (math.isnan(e["lo"]) or math.isnan(e["hi"])):
-    text += f" ({e['lo']:.{digits}f}-{e['hi']:.{digits}f})"
-  return text
-
-
-def _markdown(rows, protocols, digits) -> str:
-  body = [[r["class"], r["source"], *(_cell(r[p], digits) for p in protocols)] for r in rows]
-  return tables.markdown(["Class", "Source", *protocols], body)
-
-
-def _csv(rows, protocols) -> str:
-  header = [
-    "class",
-    "source",
-    *[f"{p}_{k}" for p in protocols for k in ("value", "lo", "hi", "best")],
-  ]
-  body = []
-  for r in rows:
-    cells = []
-    for p in protocols:
-      e = r[p]
-      cells += ["" if math.isnan(e[k]) else f"{e[k]:.6g}" for k in ("value", "lo", "hi")]
-      cells.append(int(e["best"]))
-    body.append([r["class"], r["source"], *cells])
-  return tables.csv_text(header, body)

@@ -1,23 +1,24 @@
-"""The paper's tables and figures from plain result dicts (Yao et al. 2018, Sec 4.1-4.4).
+"""The paper's tables from plain result dicts (Yao et al. 2018, Sec 4.1-4.3), and Table 4.
 
 No JAX and no checkpoints: `lsemil evaluate` / `lsemil reproduce` compute `RunResult` dicts
-(lsemil.metrics.overlap) and call these formatters.
+(from `lsemil.metrics`) and call these formatters; the figures are `lsemil.reporting.drawing`.
 
-  * `table1(stats)` - Table 1 (positives per class and split, boxes), beside the paper's.
+  * `table1(stats)`, `format_table1(index, fmt)` - Table 1 (positives per class and split,
+    boxes) beside the paper's; the second is `lsemil stats`'s Markdown / CSV / JSON output.
   * `table2(runs)` - Table 2: IoBB accuracy at T(IoBB) = 0.5 for several binarization
     thresholds tau, our runs as rows above the paper's rows (r0 = 0/5/10 and Wang et al. [3]).
   * `table3(runs)` - Table 3: per-class AUC (with bootstrap CI) and DICE of the 8 box classes,
     our runs beside the paper's columns, plus the uniform-map DICE baseline.
-  * `figure1`, `figure3`, `overlay_png` - Fig. 1 (one image's saliency from models of target
-    resolutions N, or one model's levels), Fig. 3 (image, ground-truth box, saliency per run
-    with its DICE) and a single overlay for `lsemil predict`.
+  * `table4_rows(results_by_source)` - beyond the paper: the weak-localization protocols of
+    `lsemil.metrics.localization.score_all`, classes x protocols, one row per source.
   * `spread_table(groups)`, `calibration_table(runs)` - beyond the paper: mean ± sd and the
     per-seed values over several seeds per label; ECE and Brier score per run.
 
-Each table function returns (markdown, csv). Bold in markdown marks the best of OUR runs only
-(per row in Table 3, per column in Table 2; ties displayed equal are all bold); the paper's
-numbers are shown for reference in columns / rows labelled "paper" and are never bold, and the
-uniform-map baseline is not a competitor for bold. CSV cells hold full-precision numbers, empty
+Tables 1-3 and the spread and calibration tables return (markdown, csv); `table4_rows` returns
+the rows too. Bold in markdown marks the best of OUR runs only (per row in Table 3, per column
+in Table 2; ties displayed equal are all bold); the paper's numbers are shown for reference in
+columns / rows labelled "paper" and are never bold, and the uniform-map baseline is not a
+competitor for bold. CSV cells hold full-precision numbers, empty
 where a value is missing or undefined; markdown shows 'n/a' for an undefined value (e.g. an AUC
 of a class without positives, which is also left out of our mean) and '-' for a value that does
 not exist (DICE of a class without boxes).
@@ -25,15 +26,17 @@ not exist (DICE of a class without boxes).
 
 from __future__ import annotations
 
+import json
 import math
+import types
 from collections.abc import Mapping, Sequence
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
-from lsemil.core import tables
-from lsemil.data.nih import BOX_CLASSES, CLASSES
-from lsemil.data.statistics import table1_tables
+from lsemil.core import fileio, tables
+from lsemil.data import statistics
+from lsemil.data.nih import BOX_CLASSES, CLASSES, VALID_FRACTION, NihIndex
 from lsemil.metrics import classification
 
 
@@ -50,7 +53,7 @@ class RunResult(TypedDict, total=False):
   auc: Mapping[str, float] | Sequence[float]  # 14 test AUCs, NaN where undefined
   auc_lo: Mapping[str, float] | Sequence[float]  # bootstrap CI lower bounds (patients)
   auc_hi: Mapping[str, float] | Sequence[float]  # and upper bounds
-  mean_auc: float  # mean over defined classes (classification.mean_auc); computed from auc if absent
+  mean_auc: float  # mean over defined classes (classification.mean_auc); from auc if absent
   dice: Mapping[str, float]  # mean continuous DICE over the test boxes of each box class
   dice_uniform: Mapping[str, float]  # the same for the uniform-map baseline (overlap.uniform_dice)
   iobb: Mapping[str, Mapping[float, float]]  # {class: {tau: accuracy at T(IoBB) = 0.5}}
@@ -64,7 +67,30 @@ class RunResult(TypedDict, total=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The paper's numbers, copied verbatim from Tables 2 and 3 (bold tags dropped).
+# The paper's numbers, copied verbatim from Tables 1-3 (bold tags dropped).
+
+# Paper Table 1: (train, valid, test, bbox) per class in NIH order; bbox None where it has '-'.
+PAPER_TABLE1: Mapping[str, tuple[int, int, int, int | None]] = types.MappingProxyType(
+  {
+    "Atelectasis": (6168, 2112, 3255, 180),
+    "Cardiomegaly": (1273, 434, 1065, 146),
+    "Effusion": (6537, 2122, 4648, 153),
+    "Infiltration": (10244, 3538, 6088, 123),
+    "Mass": (3012, 1022, 1712, 85),
+    "Nodule": (3501, 1207, 615, 79),
+    "Pneumonia": (655, 221, 477, 120),
+    "Pneumothorax": (1939, 698, 2661, 98),
+    "Consolidation": (2114, 738, 1815, None),
+    "Edema": (1027, 361, 925, None),
+    "Emphysema": (1075, 348, 1093, None),
+    "Fibrosis": (963, 288, 435, None),
+    "Pleural_Thickening": (1693, 549, 1143, None),
+    "Hernia": (105, 36, 86, None),
+  }
+)
+# Section 4.1 totals.
+PAPER_IMAGES = 112_120
+PAPER_PATIENTS = 30_805
 
 _PAPER_TABLE2_TEXT = """\
 r0=0	0.3334	0.3167	0.0506	0.1645	0.1382	0.4634
@@ -247,10 +273,77 @@ def table1(stats: Mapping) -> tuple[str, str]:
 
   stats: `lsemil.data.statistics.table1(index)` (uses its "classes" entry) or directly
   {class: {"train", "valid", "test", "bbox"}}. A bbox count of 0 or None shows as '-'.
-  The one formatter is `lsemil.data.statistics.table1_tables`.
   """
   classes = {canonical_class(k): v for k, v in stats.get("classes", stats).items()}
-  return table1_tables(classes, with_paper=True, display=display_class)
+  return _table1_tables(classes, with_paper=True, display=display_class)
+
+
+def _paper_cell(v: int | None) -> str:
+  return "-" if v is None else f"{v:,}"
+
+
+def _table1_tables(classes: Mapping, *, with_paper: bool, display=str) -> tuple[str, str]:
+  """Table 1 rows {class: {train, valid, test, bbox}} as (Markdown, CSV), the paper's counts
+  beside ours when `with_paper`; `display` names the classes in the Markdown."""
+  cols = ("train", "valid", "test", "bbox")
+  head = ["abnormality", *cols] + ([f"paper {c}" for c in cols] if with_paper else [])
+  csv_head = ["abnormality", *cols] + ([f"paper_{c}" for c in cols] if with_paper else [])
+  md_rows, csv_rows = [], []
+  for c, row in classes.items():
+    ours = [row.get(k) for k in cols]
+    paper = list(PAPER_TABLE1[c]) if with_paper else []
+    md_rows.append(
+      [display(c)]
+      + [
+        "-" if (v is None or (k == "bbox" and not v)) else f"{int(v):,}"
+        for k, v in zip(cols, ours, strict=True)
+      ]
+      + [_paper_cell(v) for v in paper]
+    )
+    csv_rows.append([c] + ["" if v is None else int(v) for v in ours + paper])
+  return tables.markdown(head, md_rows), tables.csv_text(csv_head, csv_rows)
+
+
+TABLE1_FORMATS = ("md", "csv", "json")
+
+
+def format_table1(index: NihIndex, fmt: str = "md") -> str:
+  """Table 1 of `index` as markdown (with the paper's numbers beside ours), CSV or JSON."""
+  if fmt not in TABLE1_FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {TABLE1_FORMATS}")
+  t = statistics.table1(index)
+  with_paper = index.kind == "nih"
+  if fmt == "json":
+    if with_paper:
+      t["paper"] = {
+        c: dict(zip(("train", "valid", "test", "bbox"), v, strict=True))
+        for c, v in PAPER_TABLE1.items()
+      }
+    return json.dumps(t, indent=2)
+  md, csv_text = _table1_tables(t["classes"], with_paper=with_paper)
+  if fmt == "csv":
+    return csv_text
+  split = "official lists" if t["official_split"] else "patient-wise fallback"
+  lines = [
+    f"Table 1 ({index.root}, {t['kind']}; test from {split}, valid = "
+    f"{VALID_FRACTION:.0%} of train_val patients, seed {t['seed']})",
+    "",
+    md.rstrip("\n"),
+  ]
+  im, pa = t["images"], t["patients"]
+  lines += [
+    "",
+    f"images: {im['all']:,} (train {im['train']:,}, valid {im['valid']:,}, test {im['test']:,})",
+    f"patients: {pa['all']:,} (train {pa['train']:,}, valid {pa['valid']:,}, test {pa['test']:,})",
+    f"boxes: {t['boxes']:,} on {t['box_images']:,} images",
+  ]
+  if with_paper:
+    lines += [
+      f"paper: {PAPER_IMAGES:,} images, {PAPER_PATIENTS:,} patients. Its counts differ from the "
+      "v2020 CSV in a few classes (NIH relabelled 188 entries in November 2017), and its "
+      "train/valid draw was not published.",
+    ]
+  return "\n".join(lines) + "\n"
 
 
 def table2(
@@ -473,7 +566,117 @@ def table3(runs: Sequence[RunResult], significance: Mapping | None = None) -> tu
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures (matplotlib's object API: no pyplot state, no display; PNG via the Agg canvas)
+# Table 4
+
+
+# Table 4's default columns: `lsemil.metrics.localization.score_all` protocols.
+TABLE4_PROTOCOLS: tuple[str, ...] = (
+  "dice",
+  "acc_iobb@0.5",
+  "afp_iobb@0.5",
+  "acc_iou@0.25",
+  "miou_otsu",
+  "miou_tuned",
+  "hit_rate",
+  "energy",
+  "auprc",
+)
+
+
+def _is_lower_better(protocol: str) -> bool:
+  return protocol.startswith("afp_")
+
+
+def table4_rows(
+  results_by_source: Mapping[str, Mapping],
+  protocols: Sequence[str] = TABLE4_PROTOCOLS,
+  classes: Sequence[str] | None = None,
+  digits: int = 3,
+) -> dict[str, Any]:
+  """Table 4: for each class (and the mean over classes), one row per source x protocols.
+
+  results_by_source: {source label (e.g. 'r0=5', 'gradcam', 'cam', 'constant', 'centre'):
+  a `localization.score_all` result}. Cells are 'value (lo-hi)'; within a class and protocol
+  the best source is bold (lowest for the afp_* protocols; ties all bold). The mean row
+  averages the class values (no interval). Returns {'rows': [{'class', 'source', protocol:
+  {'value', 'lo', 'hi', 'best'}}], 'markdown': str, 'csv': str}.
+  """
+  sources = list(results_by_source)
+  present = {c for r in results_by_source.values() for p in protocols for c in r.get(p, {})}
+  order = (
+    list(classes)
+    if classes is not None
+    else ([c for c in CLASSES if c in present] + sorted(present - set(CLASSES)))
+  )
+  rows = []
+  for cls in [*order, "mean"]:
+    block = []
+    for src in sources:
+      res, row = results_by_source[src], {"class": cls, "source": src}
+      for p in protocols:
+        if cls == "mean":
+          vals = [_num(res.get(p, {}).get(c, {}).get("value")) for c in order]
+          vals = [v for v in vals if not math.isnan(v)]
+          row[p] = {
+            "value": float(np.mean(vals)) if vals else math.nan,
+            "lo": math.nan,
+            "hi": math.nan,
+          }
+        else:
+          e = res.get(p, {}).get(cls, {})
+          row[p] = {key: _num(e.get(key)) for key in ("value", "lo", "hi")}
+      block.append(row)
+    for p in protocols:
+      vals = np.array([r[p]["value"] for r in block])
+      ok = ~np.isnan(vals)
+      # A source without the protocol (the constant map has no mIoU) is NaN: not a candidate.
+      best = (vals[ok].min() if _is_lower_better(p) else vals[ok].max()) if ok.any() else math.nan
+      for r, v in zip(block, vals, strict=True):
+        r[p]["best"] = bool(ok.any() and v == best)
+    rows.extend(block)
+  return {
+    "rows": fileio.json_safe(rows),
+    "markdown": _markdown(rows, protocols, digits),
+    "csv": _csv(rows, protocols),
+  }
+
+
+def _num(v) -> float:
+  return math.nan if v is None else float(v)
+
+
+def _cell(e: Mapping, digits: int) -> str:
+  v = e["value"]
+  if math.isnan(v):
+    return "-"
+  text = f"{v:.{digits}f}"
+  if e["best"]:
+    text = f"**{text}**"
+  if not (math.isnan(e["lo"]) or math.isnan(e["hi"])):
+    text += f" ({e['lo']:.{digits}f}-{e['hi']:.{digits}f})"
+  return text
+
+
+def _markdown(rows, protocols, digits) -> str:
+  body = [[r["class"], r["source"], *(_cell(r[p], digits) for p in protocols)] for r in rows]
+  return tables.markdown(["Class", "Source", *protocols], body)
+
+
+def _csv(rows, protocols) -> str:
+  header = [
+    "class",
+    "source",
+    *[f"{p}_{k}" for p in protocols for k in ("value", "lo", "hi", "best")],
+  ]
+  body = []
+  for r in rows:
+    cells = []
+    for p in protocols:
+      e = r[p]
+      cells += ["" if math.isnan(e[k]) else f"{e[k]:.6g}" for k in ("value", "lo", "hi")]
+      cells.append(int(e["best"]))
+    body.append([r["class"], r["source"], *cells])
+  return tables.csv_text(header, body)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ From the best checkpoint of each run this writes (`lsemil.reporting.paper_tables
 - R/table4.md/.csv: classes x protocols (`lsemil.metrics.localization.score_all`: DICE, Wang et al.
   accuracy / AFP, cheXlocalize mIoU, pointing games, pixel AUPRC) with patient-bootstrap
   intervals, for each label's first run, each baseline (Grad-CAM / CAM of a GAP run), the
-  best constant map and the centre prior; best in bold (`localization.table4_rows`);
+  best constant map and the centre prior; best in bold (`paper_tables.table4_rows`);
 - R/roc_curves.png: per class, every run's ROC curve;
 - R/figure3.png: test images with boxes, each run's saliency and DICE (Sec 4.4, Fig. 3);
 - R/figure1.png (with --figure1): the paper's Figure 1, one image and class, each model's
@@ -343,7 +343,7 @@ def table4(
   }
   for name, m in maps.items():
     by_source[name] = localization.score_all(cases, m, index.box_space, **kw)
-  return localization.table4_rows(by_source), by_source, missing
+  return paper_tables.table4_rows(by_source), by_source, missing
 
 
 # --------------------------------------------------------------------------- figures

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 
 from lsemil.commands import cli
+from lsemil.core.errors import DataWarning
 from lsemil.data import statistics
 from lsemil.data.nih import (
   CLASSES,
   FALLBACK_TEST_FRACTION,
   VALID_FRACTION,
   DataError,
-  DataWarning,
   load_index,
 )
+from lsemil.reporting import paper_tables
 
 # The expected counts on Data_Entry_2017_v2020.csv (test positives in NIH order).
 NIH_TEST_POSITIVES = [3279, 1069, 4658, 6112, 1748, 1623, 555, 2665, 1815, 925, 1093, 435, 1143,
@@ -95,14 +96,14 @@ def test_real_table1_and_formats(nih):
     row = t["classes"][c]
     k = CLASSES.index(c)
     assert row["train"] + row["valid"] + row["test"] == int(nih.labels[:, k].sum())
-  md = statistics.format_table1(nih, "md")
+  md = paper_tables.format_table1(nih, "md")
   # Ours and the paper's side by side, e.g. the Nodule row carries both 1,623 and 615.
   nodule = next(line for line in md.splitlines() if line.startswith("| Nodule"))
   assert "1,623" in nodule and "| 615 |" in nodule and "188" in md
-  rows = list(csv.DictReader(io.StringIO(statistics.format_table1(nih, "csv"))))
+  rows = list(csv.DictReader(io.StringIO(paper_tables.format_table1(nih, "csv"))))
   assert [int(r["test"]) for r in rows] == NIH_TEST_POSITIVES
-  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in statistics.PAPER_TABLE1.values()]
-  js = json.loads(statistics.format_table1(nih, "json"))
+  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in paper_tables.PAPER_TABLE1.values()]
+  js = json.loads(paper_tables.format_table1(nih, "json"))
   assert js["classes"] == t["classes"] and js["paper"]["Hernia"]["train"] == 105
 
 
@@ -118,8 +119,8 @@ def test_stats_cli(nih_metadata_dir, tmp_path, capsys):
 
 
 def test_paper_table1_constant():
-  assert tuple(statistics.PAPER_TABLE1) == CLASSES
-  assert sum(v[3] for v in statistics.PAPER_TABLE1.values() if v[3]) == 984
+  assert tuple(paper_tables.PAPER_TABLE1) == CLASSES
+  assert sum(v[3] for v in paper_tables.PAPER_TABLE1.values() if v[3]) == 984
 
 
 # --------------------------------------------------------------------------- small tmp folders

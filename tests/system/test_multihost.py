@@ -29,7 +29,7 @@ import pytest
 
 from lsemil.runtime import checkpointing
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N = 2  # steps per launch: N, exit both processes, relaunch to 2N
 
 _DRIVER = textwrap.dedent(

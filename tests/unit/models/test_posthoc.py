@@ -29,7 +29,7 @@ TINY = {
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compiles():
-  """Cheaper XLA CPU compiles for this module (as tests/test_train.py and flax's tests)."""
+  """Cheaper XLA CPU compiles for this module (as tests/unit/training/test_trainer.py and flax's tests)."""
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield

@@ -11,7 +11,7 @@ import pytest
 from lsemil.commands import cli
 from lsemil.core.errors import EXIT_USER_ERROR
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS_DIR = REPO_ROOT / "tpu_scripts"
 SCRIPTS = ["create.sh", "setup.sh", "stage_data.sh", "train.sh", "reproduce.sh", "delete.sh"]
 

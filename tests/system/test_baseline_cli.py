@@ -23,8 +23,9 @@ from lsemil.core import configuration
 from lsemil.core.errors import ConfigError
 from lsemil.data import nih
 from lsemil.inference import engine
-from lsemil.metrics import calibration, localization
+from lsemil.metrics import calibration
 from lsemil.models import registry
+from lsemil.reporting import paper_tables
 from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 from lsemil.workflows import evaluation, prediction
@@ -46,7 +47,7 @@ N_BOOT = 20
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compiles():
-  """Cheaper XLA CPU compiles for this module (as tests/test_cam.py)."""
+  """Cheaper XLA CPU compiles for this module (as tests/unit/models/test_posthoc.py)."""
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
@@ -99,7 +100,7 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
     assert "r0" not in r and r["config_name"] == "baseline_gap_demo"
     assert r["num_saliency_kept"] == len(box_rows)
     protocols = r["protocols"]
-    for p in localization.TABLE4_PROTOCOLS:
+    for p in paper_tables.TABLE4_PROTOCOLS:
       assert set(protocols[p]) == box_classes, p
     assert protocols["settings"]["n_boot"] == N_BOOT
     # Two code paths, one number: the protocols' DICE is evaluate's DICE column.

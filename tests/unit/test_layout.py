@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "lsemil"
+PKG = Path(__file__).resolve().parents[2] / "lsemil"
 
 
 def _modules() -> dict[str, Path]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fs():
@@ -130,6 +130,7 @@ _HOLD = textwrap.dedent(
 _CONTEND = textwrap.dedent(
   """
   import sys, time
+  from lsemil.core.errors import WorkdirBusyError
   from lsemil.training import workdir_lock
   time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same instant
   try:
@@ -137,7 +138,7 @@ _CONTEND = textwrap.dedent(
     print("WON", flush=True)
     time.sleep(3)
     lock.release()
-  except workdir_lock.WorkdirBusyError as e:
+  except WorkdirBusyError as e:
     print("BUSY", e, flush=True)
   """
 )
@@ -162,12 +163,13 @@ def _lock_record(workdir: str) -> tuple[dict, int]:
 
 
 def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
+  from lsemil.core.errors import WorkdirBusyError
   from lsemil.training import workdir_lock
 
   w = f"{gcs_bucket}/locked"
   holder = _holder(w, heartbeat_s=0.5)
   try:
-    with pytest.raises(workdir_lock.WorkdirBusyError) as err:
+    with pytest.raises(WorkdirBusyError) as err:
       workdir_lock.acquire(w, stale_after_s=30)
     message = str(err.value)
     assert message.startswith(f"{w} is in use by another `lsemil train`")
@@ -180,7 +182,7 @@ def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
   finally:
     os.killpg(holder.pid, signal.SIGKILL)  # a vanished VM: the object stays behind
     holder.wait()
-  with pytest.raises(workdir_lock.WorkdirBusyError):
+  with pytest.raises(WorkdirBusyError):
     workdir_lock.acquire(w, stale_after_s=3)  # not stale yet
   time.sleep(3.5)
   lock = workdir_lock.acquire(w, stale_after_s=3)  # stale now: taken over

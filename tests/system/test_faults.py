@@ -30,12 +30,12 @@ import cv2
 import numpy as np
 import pytest
 
-from lsemil.core.errors import EXIT_PREEMPTED, OutputError
+from lsemil.core.errors import EXIT_PREEMPTED, OutputError, WorkdirBusyError
 from lsemil.data import imageio, nih
 from lsemil.runtime import checkpointing
 from lsemil.training import metric_writer, workdir_lock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(cache: Path | None = None) -> dict:
@@ -221,11 +221,12 @@ def test_image_limits_are_read_from_the_header_before_decoding(tmp_path):
   assert path.stat().st_size < 600_000
   code = textwrap.dedent(f"""
     import resource
+    from lsemil.core.errors import ImageError
     from lsemil.data import imageio
     print("BEFORE_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     try:
       imageio.read_gray({str(path)!r})
-    except imageio.ImageError as e:
+    except ImageError as e:
       print("REFUSED", e)
     print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
   """)
@@ -633,7 +634,7 @@ def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
   w = tmp_path / "w"
   proc = _holder(w)
   try:
-    with pytest.raises(workdir_lock.WorkdirBusyError) as err:
+    with pytest.raises(WorkdirBusyError) as err:
       workdir_lock.acquire(w)
     message = str(err.value)
     assert message.startswith(f"{w} is in use by another `lsemil train`")
@@ -643,7 +644,7 @@ def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
   with workdir_lock.hold(w) as lock:  # the OS dropped the flock: free at once
     assert lock.holder.pid == os.getpid()
     assert workdir_lock.read_holder(w).pid == os.getpid()
-    with pytest.raises(workdir_lock.WorkdirBusyError):
+    with pytest.raises(WorkdirBusyError):
       workdir_lock.acquire(w)  # a second open file in the same process is refused too
   with workdir_lock.hold(w):
     pass

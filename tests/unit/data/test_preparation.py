@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lsemil.commands import cli, prepare
+from lsemil.core.errors import ImageError, PrepareError
 from lsemil.data import imageio, nih, preparation
 
 
@@ -145,7 +146,7 @@ def _break(root: Path, ids: list[str]) -> tuple[Path, Path]:
 def test_truncated_png_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   truncated, missing = _break(tmp_path / "nih", ids)
-  with pytest.raises(preparation.PrepareError, match=str(truncated).replace(".", r"\.")):
+  with pytest.raises(PrepareError, match=str(truncated).replace(".", r"\.")):
     preparation.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
   assert not (tmp_path / "out" / "lsemil_dataset.json").exists()
 
@@ -153,13 +154,13 @@ def test_truncated_png_names_the_file(tmp_path, write_nih_folder):
 def test_missing_file_names_the_file(tmp_path, write_nih_folder):
   ids = write_nih_folder(tmp_path / "nih", patients=3)
   (tmp_path / "nih" / "images" / ids[4]).unlink()
-  with pytest.raises(preparation.PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
+  with pytest.raises(PrepareError, match=ids[4].replace(".", r"\.") + ".*not found"):
     preparation.prepare(tmp_path / "nih", tmp_path / "out", workers=0, progress=False)
 
 
 def test_decode_png_rejects_truncated_bytes(phantom_image):
   data = imageio.encode_png(phantom_image(1, 64))
-  with pytest.raises(imageio.ImageError, match="x.png: truncated"):
+  with pytest.raises(ImageError, match="x.png: truncated"):
     imageio.decode_png(data[:-20], "x.png")
 
 
@@ -193,7 +194,7 @@ def test_cli_error_exit_code_names_file(tmp_path, capsys, write_nih_folder):
   assert rc == 1 and errors == err[-1:] and errors[0].startswith("lsemil prepare: ")
   assert ids[0] in errors[0] and "not found" in errors[0]
   # The command module itself raises the error (the CLI prints it).
-  with pytest.raises(preparation.PrepareError, match=ids[0].replace(".", r"\.")):
+  with pytest.raises(PrepareError, match=ids[0].replace(".", r"\.")):
     prepare.main(argv)
 
 
@@ -220,7 +221,7 @@ def test_resume_skips_done_and_distrusts_temp_files(tmp_path, write_nih_folder):
     if name != ids[2]:
       assert (images / name).stat().st_mtime_ns == stamp, name
   assert (out / "lsemil_dataset.json").is_file()
-  with pytest.raises(preparation.PrepareError, match="image_size=512, not 256"):
+  with pytest.raises(PrepareError, match="image_size=512, not 256"):
     preparation.prepare(tmp_path / "nih", out, size=256, workers=0, progress=False)
 
 

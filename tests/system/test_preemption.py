@@ -17,7 +17,7 @@ import pytest
 from lsemil.core.errors import EXIT_PREEMPTED
 from lsemil.inference import engine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 pytestmark = pytest.mark.slow
 

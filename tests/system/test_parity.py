@@ -57,7 +57,7 @@ def workdir(tmp_path_factory) -> Path:
     "configs/smoke.py",
     "--workdir",
     str(w),
-    cwd=Path(__file__).resolve().parents[1],
+    cwd=Path(__file__).resolve().parents[2],
   )
   return w
 

@@ -1,7 +1,7 @@
 """The train step, validation hooks and the `lsemil train` command line (paper Sec 4.2).
 
-End-to-end runs (CLI smoke run, exact resume, NaN stop) are in test_checkpointing.py and the
-1-vs-8-device equivalence in test_sharding.py; these tests stay in-process and small.
+End-to-end runs (CLI smoke run, exact resume, NaN stop) are in tests/system/test_resume.py
+and the 1-vs-8-device equivalence in test_sharding.py; these tests stay in-process and small.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from etils import epath
 
 from lsemil.commands import cli, train
 from lsemil.core.configuration import load_config
-from lsemil.core.errors import ConfigError, DataError
+from lsemil.core.errors import ConfigError, DataError, WorkdirBusyError
 from lsemil.data import imageio, nih, pipeline
 from lsemil.inference import engine
 from lsemil.models import mil
@@ -157,7 +157,7 @@ def test_resume_with_another_config_is_refused_naming_the_fields(tmp_path):
 def test_second_train_on_a_held_workdir_is_refused(tmp_path):
   w = tmp_path / "w"
   with workdir_lock.hold(str(w)):
-    with pytest.raises(workdir_lock.WorkdirBusyError, match=str(w)):
+    with pytest.raises(WorkdirBusyError, match=str(w)):
       trainer.train_and_evaluate(load_config("smoke"), w, data_dir=tmp_path)
   assert not (w / "config.json").exists() and not (w / "checkpoints").exists()
 
@@ -215,23 +215,3 @@ def test_early_stopping_counts_evaluations_without_improvement():
   last = trainer.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
   assert last["stopped_early"] is False  # the run ends anyway
   assert not trainer.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
-
-
-def test_metric_writer_jsonl_and_tensorboard(tmp_path):
-  from lsemil.training import metric_writer
-
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 2.0}\n')
-  w = metric_writer.MetricWriter(tmp_path)
-  w.write(
-    2, {"loss": np.float32(1.5), "aucs": [0.5, float("nan")], "auc": float("nan")}, kind="train"
-  )
-  w.flush()
-  w.close()
-  w.close()  # idempotent
-  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert lines[0]["step"] == 1  # appended, not overwritten (resume)
-  assert lines[1] == {"step": 2, "kind": "train", "loss": 1.5, "aucs": [0.5, None], "auc": None}
-  events = list((tmp_path / "tb").glob("events.out.tfevents*"))
-  assert events and events[0].stat().st_size > 0
-  metric_writer.MetricWriter(tmp_path / "off", enabled=False).write(1, {"x": 1}, kind="train")
-  assert not (tmp_path / "off").exists()  # only process 0 writes

@@ -20,7 +20,7 @@ import pytest
 
 from lsemil.runtime import sharding
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_fsdp_spec_shards_largest_divisible_dim():

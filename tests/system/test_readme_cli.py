@@ -10,7 +10,7 @@ import pytest
 
 from lsemil.commands import cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_readme_api_example_runs_verbatim(capsys, monkeypatch):

@@ -1,9 +1,6 @@
-"""Checkpoints (lsemil.runtime.checkpointing) and exact resume of training (paper Sec 4.2).
-
-Fast tests build states from the smoke model's shapes without compiling it. The slow test
-trains 2N steps straight and N + (exit) + N resumed in separate processes and requires
-identical parameters; it also stops a run on an injected NaN batch.
-"""
+"""Exact resume of training in real processes (paper Sec 4.2): `lsemil train` on the smoke
+config, then 2N steps straight against N + (exit) + N resumed, bit for bit; a NaN batch stops
+a run naming the step; `init_from` starts from another run's weights."""
 
 from __future__ import annotations
 
@@ -15,104 +12,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lsemil.core.configuration import load_config
-from lsemil.models import mil
 from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _state(config, fill: float) -> trainer.TrainState:
-  """A TrainState with the smoke model's structure, every float leaf = fill (no compile)."""
-  model = mil.from_config(config.model)
-  tx = trainer.create_optimizer(config)
-  abstract = trainer.abstract_state(model, tx, 0)
-  return jax.tree.map(lambda a: jnp.full(a.shape, fill, a.dtype), abstract)
-
-
-def _iter():
-  return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
-
-
-def test_save_restore_roundtrip_state_and_iterator(tmp_path):
-  config = load_config("smoke")
-  state = _state(config, 0.5).replace(step=jnp.int32(3))
-  it = _iter()
-  for _ in range(3):
-    next(it)
-  mngr = checkpointing.create_manager(tmp_path, keep=2)
-  checkpointing.save(mngr, 3, state, it, config=config, meta={"epoch": 1.5}, metrics=None)
-  mngr.wait_until_finished()
-  expected_next = next(it)  # the batch a resumed run must see first
-
-  abstract = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(
-      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    ),
-    _state(config, 0.0),
-  )
-  fresh = _iter()
-  restored, meta = checkpointing.restore(mngr, 3, abstract, fresh)
-  mngr.close()
-  assert meta == {"epoch": 1.5}
-  assert int(restored.step) == 3
-  np.testing.assert_array_equal(next(fresh), expected_next)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_keeps_latest_and_best_and_load_inference(tmp_path):
-  config = load_config("smoke")
-  mngr = checkpointing.create_manager(tmp_path, keep=2)
-  it = _iter()
-  aucs = {2: 0.9, 4: 0.6, 3: None}  # step 3 evaluated but AUC undefined (NaN)
-  for step in range(1, 6):
-    metrics = {checkpointing.BEST_METRIC: aucs[step]} if step in aucs else None
-    meta = {"last_eval": {"step": step, "val_mean_auc": aucs.get(step)}}
-    checkpointing.save(
-      mngr, step, _state(config, float(step)), it, config=config, meta=meta, metrics=metrics
-    )
-  mngr.wait_until_finished()
-  assert mngr.all_steps() == [2, 4, 5]  # latest two + best (1 and 3 deleted)
-  assert checkpointing.best_step(mngr) == 2
-  mngr.close()
-
-  cfg, model, variables, step, info = checkpointing.load_inference(tmp_path)
-  assert step == 2 and info["val_mean_auc"] == 0.9
-  assert cfg.model.saliency_size == config.model.saliency_size
-  assert isinstance(model, mil.MultiResolutionMIL)
-  assert set(variables) == {"params", "batch_stats"}
-  leaves = jax.tree.leaves(variables)
-  assert all(isinstance(x, np.ndarray) for x in leaves)
-  assert all(np.all(x == 2.0) for x in leaves)
-
-  assert checkpointing.load_inference(tmp_path, which="latest")[3] == 5
-  step_dir = tmp_path / checkpointing.CHECKPOINT_DIR / "4"
-  _, _, variables, step, info = checkpointing.load_inference(step_dir)
-  assert step == 4 and info["val_mean_auc"] == 0.6
-  assert np.all(variables["params"]["head"]["kernel"] == 4.0)
-
-  with pytest.raises(FileNotFoundError):
-    checkpointing.load_inference(tmp_path / "nothing_here")
-  with pytest.raises(ValueError, match="which"):
-    checkpointing.load_inference(tmp_path, which="worst")
-
-
-def test_metric_ranks_nan_and_missing_last():
-  assert checkpointing._metric({checkpointing.BEST_METRIC: 0.1}) == 0.1
-  assert checkpointing._metric({checkpointing.BEST_METRIC: float("nan")}) == -np.inf
-  assert checkpointing._metric({checkpointing.BEST_METRIC: None}) == -np.inf
-  assert checkpointing._metric(None) == -np.inf
-
-
-# --------------------------------------------------------------------------- slow: resume
+REPO = Path(__file__).resolve().parents[2]
 
 # Every run uses the smoke model, so the compiled steps are the same: the persistent
 # compilation cache shared by the subprocesses makes every run after the first cheap.
@@ -123,6 +31,7 @@ _RUN = textwrap.dedent(
   from lsemil.runtime import sharding
   from lsemil.training import trainer
   from lsemil.core.configuration import load_config
+  from lsemil.core.errors import NonFiniteLossError
 
   workdir, data_dir, num_steps, nan_at, init_from = sys.argv[1:6]
   config = load_config("smoke")
@@ -142,7 +51,7 @@ _RUN = textwrap.dedent(
     sharding.global_batch = poisoned
   try:
     out = trainer.train_and_evaluate(config, workdir, data_dir=data_dir)
-  except trainer.NonFiniteLossError as e:
+  except NonFiniteLossError as e:
     out = {"error": str(e)}
   print("RESULT " + json.dumps(out))
   """

@@ -17,6 +17,7 @@ import skimage.filters
 import sklearn.metrics
 
 from lsemil.metrics import localization, overlap
+from lsemil.reporting import paper_tables
 
 SIZE, SPACE = 16, 32
 BOX = (10.0, 4.0, 8.0, 6.0)  # grid rows 2..4, columns 5..8 (12 pixels)
@@ -294,7 +295,7 @@ def test_table4_bold_best_and_afp_lower_is_better():
   good = score(grid_mask((2, 5), (5, 9)), [BOX])
   shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
   protocols = ("dice", "afp_iobb@0.9")
-  t = localization.table4_rows({"model": good, "shifted": shifted}, protocols=protocols)
+  t = paper_tables.table4_rows({"model": good, "shifted": shifted}, protocols=protocols)
   rows = {(r["class"], r["source"]): r for r in t["rows"]}
   assert rows[("A", "model")]["dice"]["best"] and not rows[("A", "shifted")]["dice"]["best"]
   assert rows[("A", "model")]["afp_iobb@0.9"]["best"]  # 0 false positives beats 1
@@ -309,7 +310,7 @@ def test_table4_bolds_the_best_when_a_source_lacks_the_protocol():
   good = score(grid_mask((2, 5), (5, 9)), [BOX])
   shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
   lacking = {"dice": shifted["dice"]}  # like the constant map, which has no mIoU
-  t = localization.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
+  t = paper_tables.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
                       protocols=("dice", "miou_otsu"))  # fmt: skip
   rows = {(r["class"], r["source"]): r for r in t["rows"]}
   for cls in ("A", "mean"):

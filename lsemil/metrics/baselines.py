@@ -1,4 +1,13 @@
-"""TODO docstring."""
+"""Model-free saliency maps: what a model's map must beat on the weak-localization protocols.
+
+Scored by `lsemil.metrics.localization.score_all` beside the models' maps (Table 4), for every
+case of a split:
+
+- `constant_maps`: the best constant map of Sec 4.2, c* = sqrt(|G| / A) (the oracle of
+  `overlap.uniform_dice`: it knows the box area);
+- `centre_prior_maps`: one fixed Gaussian over the lungs (`CENTRE_PRIOR`, fractions of the
+  image), the same map for every image and class.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,14 @@
-"""TODO docstring."""
+"""Classification metrics of Yao et al. 2018, Sec 4.2 and Table 3 (host-side numpy, no JAX).
+
+  * `roc_auc` - exact, tie-aware ROC AUC via the Mann-Whitney U statistic with mid-ranks
+    (equal to sklearn.metrics.roc_auc_score); NaN when a class lacks positives or negatives.
+  * `per_class_auc`, `mean_auc` - the 14 per-class AUCs and their mean over defined classes.
+  * `bootstrap_auc_ci` - percentile bootstrap 95% intervals, resampling patients (clusters).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.ndimage
 import scipy.sparse
 import scipy.stats
 

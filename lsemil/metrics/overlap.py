@@ -1,12 +1,5 @@
-"""Evaluation metrics of Yao et al. 2018, Sec 4.2 (host-side numpy, no JAX).
+"""Localization metrics of Yao et al. 2018, Sec 4.2: boxes, masks, DICE, IoBB (numpy, no JAX).
 
-Classification (Sec 4.2, Table 3):
-  * `roc_auc` - exact, tie-aware ROC AUC via the Mann-Whitney U statistic with mid-ranks
-    (equal to sklearn.metrics.roc_auc_score); NaN when a class lacks positives or negatives.
-  * `per_class_auc`, `mean_auc` - the 14 per-class AUCs and their mean over defined classes.
-  * `bootstrap_auc_ci` - percentile bootstrap 95% intervals, resampling patients (clusters).
-
-Localization:
   * `boxes_to_mask`, `resize_saliency` - ground truth G and saliency S on the 512x512 grid.
   * `dice` / `box_dice` - the continuous DICE = 2*sum(SG) / (sum(S^2) + sum(G^2)) of Sec 4.2.
   * `uniform_dice` - DICE of a constant saliency map, the "uniform map" baseline.
@@ -27,14 +20,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import scipy.ndimage
-import scipy.sparse
-import scipy.stats
 
 Box = Sequence[float]  # (x, y, w, h)
-
-
-# ----------------------------------------------------------------------------------------------
-# Classification: AUC
 
 
 # ----------------------------------------------------------------------------------------------

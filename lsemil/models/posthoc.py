@@ -1,7 +1,7 @@
-"""Saliency map sources other than the MIL model's own S (issue 12), scored by lsemil.metrics.localization.
+"""Post-hoc saliency maps (CAM, Grad-CAM) of the GAP baseline, to compare with the MIL map S.
 
-For the GAP baseline (`lsemil.models.gap_classifier`, the single-resolution post-hoc design the paper
-argues against in Sec 2.2 and 2.3):
+For the GAP baseline (`lsemil.models.gap_classifier`, the single-resolution post-hoc design the
+paper argues against in Sec 2.2 and 2.3); scored by `lsemil.metrics.localization`:
 
 - CAM (Zhou et al. 2016): M_k = sum_c W[c, k] F_c, F the coarsest level's features and W the
   linear head's kernel (the class score is the spatial mean of M_k plus the bias).
@@ -16,16 +16,11 @@ scale (a logit's linear share), while the MIL map S is a probability in [0, 1]; 
 energy game depend on the scale, so the post-hoc maps get the common convention of the
 Grad-CAM and cheXlocalize code (the best case for them on DICE: the peak reaches 1).
 
-Model-free sources (numpy), for every case of a split:
-
-- `constant_maps`: the best constant map of Sec 4.2, c* = sqrt(|G| / A) (the oracle of
-  `overlap.uniform_dice`: it knows the box area);
-- `centre_prior_maps`: one fixed Gaussian over the lungs (`CENTRE_PRIOR`, fractions of the
-  image), the same map for every image and class.
+The model-free maps (the constant map, the centre prior) are `lsemil.metrics.baselines`.
 
 `forward` has the contract of `lsemil.inference.engine`'s model forward (probs, and saliency /
 saliency_levels when asked), so a GAP checkpoint runs through the one prediction path with
-`functools.partial(cam.forward, model=..., source=..., level=...)`.
+`functools.partial(posthoc.forward, model=..., source=..., level=...)`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""The paper's figures and the saliency overlay of `lsemil predict` (Yao et al. 2018, Sec 4.4).
+
+  * `figure1` - Fig. 1: one image's saliency from models of target resolutions N, or one
+    model's levels, side by side.
+  * `figure3` - Fig. 3: image, ground-truth box, and each run's saliency with its DICE.
+  * `overlay_png` - one saliency map over its image, optional boxes drawn.
+
+matplotlib's object API with the Agg canvas only (no pyplot state, no display).
+"""
 
 from __future__ import annotations
 

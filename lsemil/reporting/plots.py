@@ -11,7 +11,8 @@
     boxes, drawn with numpy and PIL (no matplotlib figure: the report's gallery has thousands).
 
 matplotlib's object API with the Agg canvas only (no pyplot state, no display), as
-`lsemil.reporting.paper_tables` does; PNGs are written with `fileio.write_bytes` (atomic, local or gs://).
+`lsemil.reporting.drawing` does; PNGs are written with `fileio.write_bytes` (atomic, local or
+gs://).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The `lsemil` commands: argparse (or absl flags) and a `main(argv) -> int` each.
+"""The top layer: the `lsemil` commands, one module per verb (`train`, `evaluate`, ...).
 
-Command modules sit on top: they import library modules (`lsemil.*`, `lsemil.data.*`) and
-nothing imports them but `lsemil.commands.cli`. Errors a user can fix are `lsemil.core.errors.UserError`s,
-printed by `lsemil.commands.cli` as one line.
+Each parses its arguments (argparse, or absl flags) and has a `main(argv) -> int`; `cli`
+dispatches and `arguments` holds the shared options. Nothing imports a command but `cli`.
+Errors a user can fix are `lsemil.core.errors.UserError`s, which `cli` prints as one line.
 """

@@ -1,7 +1,8 @@
-"""Data: the NIH ChestX-ray14 index and splits, Table 1 statistics, a synthetic dataset.
+"""Data of Sec 4.1: the NIH ChestX-ray14 index and splits, images, input pipelines.
 
-Paper Section 4.1. Submodules: `nih` (index and splits), `stats` (Table 1), `synth`
-(synthetic NIH-layout dataset).
+`nih` (index and splits), `statistics` (Table 1 as data), `imageio` and `dicom` (decoding),
+`pipeline` (grain input pipelines), `preparation` (resized copies, TFDS via `tfds_builder`),
+`phantoms` (a synthetic dataset in the NIH layout).
 """
 
 from lsemil.core.errors import DataWarning

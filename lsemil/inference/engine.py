@@ -18,8 +18,9 @@ Validation inside training (`lsemil.training.trainer`), `lsemil evaluate`, `lsem
 4. stream a split with `predict_split`: `SplitBatch`es of rows, labels and probabilities
    (and the saliency of the rows asked for), every image exactly once, in index order.
 
-Per-image predictions are written by `write_predictions_csv` in one format for every
-command (image_id, patient_id, the 14 class probabilities).
+Per-image predictions are formatted by `predictions_csv` in one format for every command
+(image_id, patient_id, the 14 class probabilities); `write_split_predictions` writes a split's
+and `read_predictions_csv` reads them back.
 """
 
 from __future__ import annotations

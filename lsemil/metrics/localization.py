@@ -1,4 +1,4 @@
-"""Weak localization scored the way the field scores it (issue 12): host-side numpy, no JAX.
+"""Weak localization scored the way the field scores it: host-side numpy, no JAX.
 
 Every protocol is computed per box class over the box images of a split, with a 95% percentile
 bootstrap interval that resamples PATIENTS (as `classification.bootstrap_auc_ci`). A *case* is one

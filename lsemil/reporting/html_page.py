@@ -1,4 +1,4 @@
-"""A self-contained HTML report of a reproduction (issue 14, Sec 4 of Yao et al. 2018).
+"""A self-contained HTML report of a reproduction (Sec 4 of Yao et al. 2018).
 
 `write_report(out_dir, title=..., tables=..., figures=..., gallery=...)` writes
 out_dir/index.html: the tables (Markdown pipe tables as `lsemil.reporting.paper_tables` writes them, or HTML),

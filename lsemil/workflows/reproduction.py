@@ -1,6 +1,6 @@
 """`lsemil reproduce`: the paper's Tables 1-3 and Figures 1 and 3 from trained runs (Sec 4.1-4.4),
-with the statistics the paper lacks (issue 14) and Table 4's weak-localization protocols
-(issue 12), in Markdown / CSV / PNG and one self-contained HTML page.
+with the statistics the paper lacks (significance, spread over seeds, calibration) and Table
+4's weak-localization protocols, in Markdown / CSV / PNG and one self-contained HTML page.
 
   lsemil reproduce --run r0=0:W0 --run r0=5:W5 --run r0=10:W10 --data-dir D --out R
       [--run r0=5:W5b ...]                  # more seeds of a label: grouped, mean ± sd

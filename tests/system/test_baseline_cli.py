@@ -1,9 +1,9 @@
-"""The Grad-CAM / CAM baseline through the real CLI (issue 12 section 2; issue 14 section 3).
+"""The Grad-CAM / CAM baseline through the real CLI: localization protocols, calibration.
 
 `configs/baseline_gap.py:size=demo` shrunk to smoke scale with --config.model.* overrides is
 trained by `lsemil train` for a few steps on the `synth_dir` data (what `lsemil synth` writes);
 then `lsemil evaluate --saliency gradcam` and `--saliency cam` run through the one inference
-path and write the issue-12 protocols and the calibration; `--calibrate temperature` writes
+path and write the weak-localization protocols and the calibration; `--calibrate temperature` writes
 parameters that `lsemil predict --calibration` applies, with --boxes from the CAM maps.
 A MIL checkpoint refuses the GAP sources (and a GAP run the MIL one) with one-line errors.
 """

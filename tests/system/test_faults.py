@@ -1,4 +1,4 @@
-"""Faults that must lose nothing (issue 11, sections 3 and 4), each tried for real.
+"""Faults that must lose nothing, each tried for real.
 
 - images that must not crash anything: a zero-byte PNG, a symlink loop, a 300-character
   image id, a 20000x20000 PNG, a 3x3 image and a JPEG named .png, through `lsemil prepare

@@ -1,4 +1,4 @@
-"""`lsemil reproduce`'s index.html on real output, in headless Chromium (issue 14).
+"""`lsemil reproduce`'s index.html on real output, in headless Chromium.
 
 A tiny smoke model is trained (a few steps), `lsemil reproduce` runs on it through the CLI,
 and the page it writes is loaded from disk: no console errors, every image loads

@@ -1,4 +1,4 @@
-"""Multi-host training (issue 7): 2 processes on 127.0.0.1 vs one process, same 8 devices.
+"""Multi-host training: 2 processes on 127.0.0.1 vs one process, same 8 devices.
 
 Each process runs `_DRIVER`: the CLI's start-up (`sharding.maybe_initialize_distributed`
 with a local coordinator; gloo collectives between the 4 fake CPU devices of each process),

@@ -29,7 +29,7 @@ from lsemil.data.nih import (
 )
 from lsemil.reporting import paper_tables
 
-# The expected counts on Data_Entry_2017_v2020.csv (test positives in NIH order).
+# The expected counts on Data_Entry_2017_v2020.csv (test positives in NIH order).
 NIH_TEST_POSITIVES = [3279, 1069, 4658, 6112, 1748, 1623, 555, 2665, 1815, 925, 1093, 435, 1143,
                       86]
 NIH_BOXES = {"Atelectasis": 180, "Cardiomegaly": 146, "Effusion": 153, "Infiltration": 123,

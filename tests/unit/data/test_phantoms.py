@@ -1,4 +1,4 @@
-"""Tests of the synthetic NIH-layout dataset (lsemil.data.phantoms; issue 3 section 4).
+"""Tests of the synthetic NIH-layout dataset (lsemil.data.phantoms).
 
 The dataset must go through the same loader as the real release (paper Section 4.1), carry
 the labels that were planted, put each box exactly around its finding's pixels, and be

@@ -4,7 +4,7 @@ A smoke-sized model with deterministic random weights stands in for a trained on
 tests read it from a real checkpoint (`checkpointing.save`, no training). Images come from
 the `synth_dir` fixture.
 
-`lsemil predict --boxes` (issue 12 section 3) and `--calibration` (issue 14 section 3).
+`lsemil predict --boxes` (the IoBB protocol's boxes) and `--calibration` (a fitted recalibration).
 
 The geometry is tested through `prediction.predict_files` on a model whose saliency we control
 (its map is its own input, so a bright planted lesion is the map's blob): the box must come back

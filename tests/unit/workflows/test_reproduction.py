@@ -1,4 +1,4 @@
-"""`lsemil reproduce` with the statistics of issue 14 and Table 4 of issue 12.
+"""`lsemil reproduce` with the statistics the paper lacks and Table 4's localization protocols.
 
 Runs are real checkpoints of the smoke model with deterministic random weights (different
 seeds give different models), over the `synth_dir` fixture: seeds grouped by label (mean ± sd,
@@ -7,7 +7,7 @@ here from the per-image CSV and the saliency .npz), calibration, Table 4 with th
 sources, the Figure 1 / figure_levels split and the HTML report's structure.
 
 The paper's Figure 1 (one image and class, one model per target resolution N, each map at
-its own N) and the per-level view of one model, which is not Figure 1 (issue 14).
+its own N) and the per-level view of one model, which is not Figure 1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Grad-CAM / CAM baseline (issue 12): the paper's single-resolution, post-hoc alternative.
+"""The Grad-CAM / CAM baseline: the paper's single-resolution, post-hoc alternative.
 
 The MIL model's stem and down path, global average pooling of the coarsest level and a linear
 head (`lsemil.models.gap_classifier`, `model.arch = 'gap'`), trained by the same trainer, input

@@ -1,4 +1,4 @@
-"""The single-resolution, post-hoc baseline the paper argues against (Sec 2.2, 2.3; issue 12).
+"""The single-resolution, post-hoc baseline the paper argues against (Sec 2.2, 2.3).
 
 `GlobalAveragePoolingClassifier`: the MIL model's stem and down path (Sec 3.1, the same
 residual blocks, `lsemil.models.mil.ResidualBlock`, with the same parameter names), then global

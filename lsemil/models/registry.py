@@ -1,4 +1,4 @@
-"""Which model a run is, and which saliency map source it takes (issue 12).
+"""Which model a run is, and which saliency map source it takes.
 
 Two architectures share the trainer, the input pipeline and the one inference path:
 

@@ -15,11 +15,11 @@ memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics.
   tau, connected components boxed, a box found when some predicted box reaches T(IoBB) >= t.
   Every box class over the tau sweep `DEFAULT_TAUS` (0.1 .. 0.9; the paper's Table 2 taus are
   among them) at t = 0.5 (`iobb`, Table 2's layout) and at `DEFAULT_TS` (`localization`);
-- the field's weak-localization protocols (issue 12, `protocols`: `lsemil.metrics.localization.score_all`
+- the field's weak-localization protocols (`protocols`: `lsemil.metrics.localization.score_all`
   over the same box cases with the run's probabilities: DICE beside the constant map, Wang et
   al. accuracy and AFP, cheXlocalize mIoU, pointing games, pixel AUPRC, with patient-bootstrap
   intervals; Table 4 is built from it);
-- calibration (issue 14, `calibration`: `lsemil.metrics.calibration.calibration_metrics`, ECE over 15
+- calibration (`calibration`: `lsemil.metrics.calibration.calibration_metrics`, ECE over 15
   equal-mass bins and Brier, per class and overall). With `EvalOptions.calibrate`
   ('temperature' | 'platt') the run's VALID split goes through the same predictor, the map is
   fitted there (`calibration.fit`) and the split is scored again with the fitted probabilities
@@ -233,7 +233,7 @@ class EvalOptions:
   # (`registry.saliency_settings`). Used by `evaluate_checkpoint`.
   saliency: str | None = None
   gradcam_level: int | None = None
-  protocols: bool = True  # the issue-12 protocols (`localization.score_all`)
+  protocols: bool = True  # the weak-localization protocols (`localization.score_all`)
   protocol_ts: tuple[float, ...] = localization.DEFAULT_TS  # their T(IoBB) / T(IoU)
   prob_cutoffs: tuple[float, ...] | None = localization.PROB_CUTOFFS  # None: no cutoff variant
   calibrate: str | None = None  # 'temperature' | 'platt': fitted on the valid split
@@ -438,7 +438,7 @@ def evaluate_split(
 
 
 def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) -> dict:
-  """`localization.score_all` over the box cases with the run's probabilities (issue 12)."""
+  """`localization.score_all` over the box cases with the run's probabilities."""
   t0 = time.perf_counter()
   probs = {int(r): p for r, p in zip(preds.rows, preds.probs, strict=True)}
   result = localization.score_all(
@@ -461,8 +461,8 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
 def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
   """(raw calibration, fitted calibration or None, fitted parameters or None) of a split.
 
-  The fit runs on the valid split's probabilities through the same predictor (issue 14:
-  fitted on validation, applied at evaluate and predict time)."""
+  The fit runs on the valid split's probabilities through the same predictor (fitted on
+  validation, applied at evaluate and predict time)."""
   raw = calibration.calibration_metrics(preds.probs, preds.labels, nih.CLASSES)
   if not options.calibrate:
     return raw, None, None

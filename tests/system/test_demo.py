@@ -1,4 +1,4 @@
-"""`lsemil demo --quick` end to end: the one slow test (issue: the main job, Sec 4 on synth).
+"""`lsemil demo --quick` end to end: the whole method (Sec 4) on synthetic data, on a CPU.
 
 Runs the real command in a subprocess (synth -> prepare -> train -> evaluate -> reproduce)
 and checks the bar of the quick mode: mean test AUC >= 0.75 and DICE above a uniform map.

@@ -38,7 +38,7 @@ import collections, glob, gzip, json, sys
 import jax, numpy as np
 sys.path.insert(0, "benchmarks")
 import train_step as B
-from lsemil.config_lib import load_config
+from lsemil.core.configuration import load_config
 cfg = load_config("paper"); cfg.model.dtype = "bfloat16"
 args = B.parse_args(["--no-residuals"])
 prep = B.prepare(cfg, batch=16, warmup=2, args=args)

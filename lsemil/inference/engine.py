@@ -49,7 +49,7 @@ class LoadedModel(NamedTuple):
   """Weights of one checkpoint, ready for `Predictor` (host numpy arrays)."""
 
   config: ml_collections.ConfigDict
-  model: mil.MultiResolutionMIL | Any  # or baseline_model.GlobalAveragePoolingClassifier
+  model: mil.MultiResolutionMIL | Any  # or gap_classifier.GlobalAveragePoolingClassifier
   variables: dict  # {'params', 'batch_stats'?}
   step: int
   checkpoint: str  # the step folder

@@ -49,7 +49,7 @@ def test_library_modules_never_import_command_modules():
 
   for path in sorted((ROOT / "lsemil").rglob("*.py")):
     rel = path.relative_to(ROOT).as_posix()
-    if rel.startswith("lsemil/commands/") or rel == "lsemil/cli.py":
+    if rel.startswith("lsemil/commands/"):
       continue
     for node in ast.walk(ast.parse(path.read_text(), rel)):
       if isinstance(node, ast.ImportFrom):

@@ -6,8 +6,8 @@
   python benchmarks/train_step.py --config paper --variant '' --variant batch_norm_impl=flax
   python benchmarks/train_step.py --config demo --torch-python /path/to/torch_venv/bin/python
 
-For each (variant, batch, resolution, dtype) it compiles `lsemil.training.trainer.train_step` exactly as
-training does (same mesh, shardings and donation), runs `--warmup` untimed steps and then
+For each (variant, batch, resolution, dtype) it compiles `lsemil.training.trainer.train_step`
+exactly as training does (same mesh, shardings and donation), runs `--warmup` untimed steps and then
 `--windows` timed windows of `--steps` steps on one random global batch, and prints one
 markdown row:
 

@@ -1,4 +1,7 @@
-"""`lsemil demo`: the whole method on the embedded synthetic dataset, on a CPU (`lsemil.workflows.demonstration`)."""
+"""`lsemil demo`: the whole method on the embedded synthetic dataset, on a CPU.
+
+The work is `lsemil.workflows.demonstration`.
+"""
 
 from __future__ import annotations
 

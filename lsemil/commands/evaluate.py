@@ -6,8 +6,9 @@
   lsemil evaluate --workdir W --calibrate temperature (fitted on the valid split)
 
 Writes F.json, F.csv, F_predictions.csv (per image), F_saliency_boxes.npz and, with
---calibrate, F_calibration.json (`lsemil.workflows.evaluation`). The default F is W/evaluation_<split>.json,
-or W/evaluation_<split>_<source>.json for a --saliency other than the run's own.
+--calibrate, F_calibration.json (`lsemil.workflows.evaluation`). The default F is
+W/evaluation_<split>.json, or W/evaluation_<split>_<source>.json for a --saliency other than
+the run's own.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--n-boot",
     type=arguments.nonnegative_int,
     default=evaluation.DEFAULT_N_BOOT,
-    help=f"bootstrap resamples of patients for AUC CIs (default {evaluation.DEFAULT_N_BOOT}; 0 = none)",
+    help="bootstrap resamples of patients for AUC CIs "
+    f"(default {evaluation.DEFAULT_N_BOOT}; 0 = none)",
   )
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
   p.add_argument(
@@ -108,13 +110,17 @@ def main(argv: list[str]) -> int:
   loaded = engine.load(path, args.which)
   source, level = registry.saliency_settings(loaded.config, args.saliency, args.gradcam_level)
   own, _ = registry.saliency_settings(loaded.config)
-  data_dir = evaluation.resolve_data_dir(loaded.config, args.data_dir and fileio.resolve(args.data_dir))
+  data_dir = evaluation.resolve_data_dir(
+    loaded.config, args.data_dir and fileio.resolve(args.data_dir)
+  )
   if args.batch_size:
     loaded.config.train.eval_batch_size = int(args.batch_size)
   if args.out:
     out = fileio.as_path(args.out)
   else:
-    out = evaluation.default_output(evaluation.workdir_of(path), args.split, None if source == own else source)
+    out = evaluation.default_output(
+      evaluation.workdir_of(path), args.split, None if source == own else source
+    )
   level_note = f" at level {level}" if level is not None else ""
   evaluation.log(
     f"checkpoint {loaded.checkpoint} (step {loaded.step}); data {data_dir}; saliency "

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--nih-dir", required=True, help="NIH folder (images + CSVs)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--format", default="png", choices=("png", "tfds"), help="default: png")
-  p.add_argument("--size", type=int, default=preparation.DEFAULT_SIZE, help="output side (default 512)")
+  p.add_argument(
+    "--size", type=int, default=preparation.DEFAULT_SIZE, help="output side (default 512)"
+  )
   p.add_argument(
     "--on-bad",
     default="error",

@@ -41,7 +41,8 @@ def parse_baseline(spec: str) -> tuple[str, str]:
   source, sep, path = spec.partition(":")
   if not sep or not path or source not in reproduction.BASELINE_SOURCES:
     raise argparse.ArgumentTypeError(
-      f"--baseline {spec!r}: expected SOURCE:WORKDIR with SOURCE one of {reproduction.BASELINE_SOURCES}"
+      f"--baseline {spec!r}: expected SOURCE:WORKDIR with SOURCE one of "
+      f"{reproduction.BASELINE_SOURCES}"
     )
   return source, path
 
@@ -152,7 +153,9 @@ def main(argv: list[str]) -> int:
     runs = [parse_run(s) for s in args.run]
     baselines = [parse_baseline(s) for s in args.baseline]
     figure1 = [parse_figure1(s) for s in args.figure1]
-    classes_taus = [parse_tau(s) for s in args.tau] if args.tau else paper_tables.DEFAULT_CLASSES_TAUS
+    classes_taus = (
+      [parse_tau(s) for s in args.tau] if args.tau else paper_tables.DEFAULT_CLASSES_TAUS
+    )
   except argparse.ArgumentTypeError as e:
     parser.error(str(e))
   runs = [(label, r0, fileio.resolve(path)) for label, r0, path in runs]

@@ -24,7 +24,9 @@ def main(argv: list[str]) -> int:
     default=600,
     help="number of patients, 1-4 images each (600, about 1500 images)",
   )
-  parser.add_argument("--size", type=int, choices=phantoms.SIZES, default=512, help="image side (512)")
+  parser.add_argument(
+    "--size", type=int, choices=phantoms.SIZES, default=512, help="image side (512)"
+  )
   parser.add_argument("--seed", type=int, default=0, help="dataset seed (0)")
   parser.add_argument(
     "--workers", type=int, default=None, help="rendering processes (default: up to 2)"

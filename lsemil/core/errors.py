@@ -1,7 +1,7 @@
 """User-facing errors: one base class that every `lsemil` command prints as one line.
 
-`lsemil.commands.cli` catches `UserError` (and only it) and prints `lsemil <command>: <message>` with
-exit status `EXIT_USER_ERROR`; anything else is a bug and propagates with its traceback.
+`lsemil.commands.cli` catches `UserError` (and only it) and prints `lsemil <command>: <message>`
+with exit status `EXIT_USER_ERROR`; anything else is a bug and propagates with its traceback.
 Every message names the file, folder or config field at fault.
 """
 

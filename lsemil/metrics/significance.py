@@ -111,8 +111,8 @@ def delong(labels, scores) -> DeLong:
   """AUC and its DeLong variance var = S10 / m + S01 / n per column (Sun & Xu 2014, Eq. 2).
 
   S10, S01: sample variances (ddof 1) of the structural components V10 over positives and
-  V01 over negatives (`delong_components`). The AUC equals `classification.roc_auc`. var is NaN where
-  a class has fewer than 2 positives or 2 negatives. 1-D input gives 0-d arrays.
+  V01 over negatives (`delong_components`). The AUC equals `classification.roc_auc`. var is NaN
+  where a class has fewer than 2 positives or 2 negatives. 1-D input gives 0-d arrays.
   """
   y, s, one = _as_2d(labels, scores)
   auc, v10, v01 = delong_components(y, s)

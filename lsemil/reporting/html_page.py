@@ -1,15 +1,16 @@
 """A self-contained HTML report of a reproduction (Sec 4 of Yao et al. 2018).
 
 `write_report(out_dir, title=..., tables=..., figures=..., gallery=...)` writes
-out_dir/index.html: the tables (Markdown pipe tables as `lsemil.reporting.paper_tables` writes them, or HTML),
-the figures (PNG), and a gallery of test images with boxes, each with the ground truth and
-every run's saliency with its DICE, sortable by class and by each run's DICE and filterable by
-class. It needs no server and no network: no external script, style sheet or font; images are
-embedded as data URIs or written beside the page under index_files/ with relative paths; the
-gallery's sorting is a few lines of inline JavaScript.
+out_dir/index.html: the tables (Markdown pipe tables as `lsemil.reporting.paper_tables` writes
+them, or HTML), the figures (PNG), and a gallery of test images with boxes, each with the
+ground truth and every run's saliency with its DICE, sortable by class and by each run's DICE
+and filterable by class. It needs no server and no network: no external script, style sheet
+or font; images are embedded as data URIs or written beside the page under index_files/ with
+relative paths; the gallery's sorting is a few lines of inline JavaScript.
 
 `gallery_item` builds one gallery entry from an image, its boxes and the runs' saliency maps
-(thumbnails by `lsemil.reporting.plots.thumbnail`, DICE by `lsemil.metrics.overlap.box_dice` unless given).
+(thumbnails by `lsemil.reporting.plots.thumbnail`, DICE by `lsemil.metrics.overlap.box_dice`
+unless given).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class GalleryItem(TypedDict, total=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Markdown (only what lsemil.reporting.paper_tables writes: pipe tables, **bold**, paragraphs, # headings)
+# Markdown (only what reporting.paper_tables writes: pipe tables, **bold**, paragraphs, # headings)
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _CODE = re.compile(r"`([^`]+)`")
@@ -104,7 +105,7 @@ def markdown_table_to_html(lines: Sequence[str]) -> str:
 
 
 def markdown_to_html(text: str) -> str:
-  """Markdown as `lsemil.reporting.paper_tables` writes it -> HTML: pipe tables, paragraphs, # headings."""
+  """Markdown as `paper_tables` writes it -> HTML: pipe tables, paragraphs, # headings."""
   out, para, table = [], [], []
 
   def flush():
@@ -325,9 +326,9 @@ def write_report(
 
   Args:
     title: the page's <title> and heading.
-    tables: [(caption, Markdown or HTML)]; Markdown is what `lsemil.reporting.paper_tables` writes (pipe
-      tables with **bold**, and text lines such as the bold rule, as paragraphs). Content
-      starting with '<' is inserted as HTML.
+    tables: [(caption, Markdown or HTML)]; Markdown is what `lsemil.reporting.paper_tables`
+      writes (pipe tables with **bold**, and text lines such as the bold rule, as paragraphs).
+      Content starting with '<' is inserted as HTML.
     figures: [(caption, PNG path or bytes)], e.g. Figures 1 and 3, ROC curves, reliability
       diagrams.
     gallery: [GalleryItem]: {'image': PNG / JPEG (the image with its boxes), 'cls' (or 'class'):

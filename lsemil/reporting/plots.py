@@ -5,8 +5,8 @@
   * `roc_curves` - one panel per class (Table 3's 14), every run's curve on it, AUC in the
     legend; a PNG.
   * `reliability_diagrams` - one panel per run: observed frequency against mean confidence
-    over 15 equal-mass bins (`lsemil.metrics.calibration`, pooled over classes), raw and, when given,
-    recalibrated, with the ECE; a PNG.
+    over 15 equal-mass bins (`lsemil.metrics.calibration`, pooled over classes), raw and, when
+    given, recalibrated, with the ECE; a PNG.
   * `thumbnail` - a small PNG (or JPEG) of an image with one saliency map and the ground-truth
     boxes, drawn with numpy and PIL (no matplotlib figure: the report's gallery has thousands).
 

@@ -19,8 +19,8 @@ Banner sections: state & steps, config, validation, early stopping, stop request
 - Mixed precision: `config.model.dtype='bfloat16'` computes in bf16; params, Adam moments
   and the loss stay float32.
 - Validation every `eval_every_epochs` epochs (or `eval_every_steps`) through the one
-  inference path (`lsemil.inference.engine`, as `evaluate` and `predict`): per-class and mean AUC and
-  the BCE on the valid split, per-image predictions in W/validation_predictions.csv; early
+  inference path (`lsemil.inference.engine`, as `evaluate` and `predict`): per-class and mean AUC
+  and the BCE on the valid split, per-image predictions in W/validation_predictions.csv; early
   stopping after `patience` evaluations without improvement;
   orbax keeps the last `keep_checkpoints` plus the best by validation mean AUC
   (lsemil.runtime.checkpointing).
@@ -28,7 +28,7 @@ Banner sections: state & steps, config, validation, early stopping, stop request
   step; nothing after the last good checkpoint is saved.
 - SIGTERM / SIGINT (`StopRequests`; multi-host: jax's preemption sync point) save a
   checkpoint at the next step boundary and raise `Interrupted` (exit 75); rerunning resumes
-  exactly. A second `lsemil train` on a workdir in use is refused (`lsemil.training.workdir_lock`), and
+  exactly. A second `lsemil train` on a workdir in use is refused (`training.workdir_lock`), and
   resuming with another model, seed, split or batch size is refused before anything is
   written (`check_resume_config`).
 """
@@ -87,7 +87,9 @@ class TrainState(struct.PyTreeNode):
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The paper's optimizer (Sec 4.2): Adam with coupled L2 weight decay."""
-  return objective.paper_optimizer(float(config.train.learning_rate), float(config.train.weight_decay))
+  return objective.paper_optimizer(
+    float(config.train.learning_rate), float(config.train.weight_decay)
+  )
 
 
 def create_train_state(
@@ -326,7 +328,9 @@ def validate(
   preds = engine.collect(
     engine.predict_split(predictor, config, data_dir, split), rows, f"{data_dir} {split}"
   )
-  aucs = classification.per_class_auc(preds.labels.astype(np.float64), preds.probs.astype(np.float64))
+  aucs = classification.per_class_auc(
+    preds.labels.astype(np.float64), preds.probs.astype(np.float64)
+  )
   mean, missing = classification.mean_auc(aucs)
   loss = objective.binary_cross_entropy(jnp.asarray(preds.probs), jnp.asarray(preds.labels))
   return {

@@ -27,8 +27,8 @@ memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics.
   (`lsemil predict --calibration` applies them).
 
 The saliency source (`lsemil.models.registry`) is the predictor's: 'model' for the MIL model,
-'gradcam' or 'cam' for the GAP baseline (min-max scaled per image and class, `lsemil.models.posthoc`);
-a GAP run's result has no r0 (it is labelled by its config name).
+'gradcam' or 'cam' for the GAP baseline (min-max scaled per image and class,
+`lsemil.models.posthoc`); a GAP run's result has no r0 (it is labelled by its config name).
 
 Outputs (`write_outputs`, process 0 only): F.json (an `Evaluation`, strict JSON: an undefined
 value, e.g. the AUC of a class without positives, is null; `load_evaluation` turns it back into

@@ -2,8 +2,8 @@
 
 Each image (PNG, JPEG or anything OpenCV reads; DICOM with the `dicom` extra,
 `lsemil.data.dicom`) is decoded to 8-bit grey and turned into model input by the one contract
-`lsemil.inference.engine.model_input` (exactly as the evaluation pipeline does), then runs through the
-one `engine.Predictor`, so a file's probabilities equal `lsemil evaluate`'s for the same
+`lsemil.inference.engine.model_input` (exactly as the evaluation pipeline does), then runs through
+the one `engine.Predictor`, so a file's probabilities equal `lsemil evaluate`'s for the same
 pixels. A file that cannot be read is reported by name and skipped; the others complete.
 
 Outputs (`predict_files` with an output folder): predictions.csv in the per-image format of

@@ -7,7 +7,8 @@ with the statistics the paper lacks (significance, spread over seeds, calibratio
       [--baseline gradcam:WG --baseline cam:WG]   # a GAP run's post-hoc maps (Table 4)
       [--figure1 N=8:W8 --figure1 N=16:W16 ...]   # one model per target resolution N
 
-From the best checkpoint of each run this writes (`lsemil.reporting.paper_tables` formats the paper's tables):
+From the best checkpoint of each run this writes (`lsemil.reporting.paper_tables` formats the
+paper's tables):
 
 - R/table1.md/.csv: positives per class per split and boxes (Sec 4.1, Table 1);
 - R/table2.md/.csv, R/table2_sweep.md/.csv: IoBB accuracy at T(IoBB) = 0.5 (Table 2);
@@ -32,9 +33,10 @@ From the best checkpoint of each run this writes (`lsemil.reporting.paper_tables
   each run's saliency with its DICE, sortable by class and DICE), no server or network;
 - R/summary.json (everything as data) and R/report.md.
 
-Each run's evaluation is `lsemil.workflows.evaluation.evaluate_checkpoint`; an evaluation JSON already in
-the run's workdir (W/evaluation_<split>.json with its saliency .npz and per-image predictions
-CSV) is reused when it is of the same checkpoint step, split, dataset and saliency source.
+Each run's evaluation is `lsemil.workflows.evaluation.evaluate_checkpoint`; an evaluation JSON
+already in the run's workdir (W/evaluation_<split>.json with its saliency .npz and per-image
+predictions CSV) is reused when it is of the same checkpoint step, split, dataset and saliency
+source.
 The command is `lsemil.commands.reproduce`.
 """
 
@@ -126,7 +128,7 @@ def load_or_evaluate(
   a recalibration on the valid split (None: raw only). Reuses the stored evaluation
   (`output_for`) when it matches the checkpoint's step, the split, the dataset and the
   source and holds the protocols (and the fitted calibration when asked); otherwise
-  evaluates (`lsemil.workflows.evaluation.evaluate_checkpoint`, the one inference path) and writes all of
+  evaluates (`evaluation.evaluate_checkpoint`, the one inference path) and writes all of
   `lsemil evaluate`'s outputs there (a workdir that cannot be written is only warned about).
   """
   import jax
@@ -167,7 +169,9 @@ def split_probs(workdir, result: dict, index, rows: np.ndarray) -> np.ndarray | 
   None when the CSV is absent or lacks an image."""
   name = result.get("predictions_file")
   out_dir = fileio.as_path(evaluation.workdir_of(workdir))
-  path = out_dir / name if name else evaluation.predictions_path_for(out_dir / "evaluation_test.json")
+  path = (
+    out_dir / name if name else evaluation.predictions_path_for(out_dir / "evaluation_test.json")
+  )
   if not path.is_file():
     return None
   by_id = engine.read_predictions_csv(path)
@@ -407,7 +411,8 @@ def figure_levels(path: Path, runs: Sequence[Run]) -> bool:
     if fig and len(fig[0][3]) > 1:
       _, k, img, levels = fig[0]
       named = [(f"{run.name} level {i}", lv[..., k]) for i, lv in enumerate(levels)]
-      drawing.figure1(path, img, named, title=f"image ({paper_tables.display_class(nih.CLASSES[k])})")
+      title = f"image ({paper_tables.display_class(nih.CLASSES[k])})"
+      drawing.figure1(path, img, named, title=title)
       return True
   return False
 

@@ -12,7 +12,8 @@ that needs an absent item skips with a reason naming the variable. A fresh clone
 | `paper_md` | `LSEMIL_PAPER_MD` | `../shared/reference/paper.md` |
 
 Helpers shared by several test modules are fixtures too (`write_nih_folder`,
-`phantom_image`, `random_variables`), never imports of another test module.
+`phantom_image`, `random_variables`, `write_checkpoint`, `fast_compiles`; the `lsemil`
+subprocess runner of tests/system/conftest.py), never imports of another test module.
 """
 
 from __future__ import annotations
@@ -169,6 +170,49 @@ def _random_variables(model, seed: int = 0) -> dict:
     return np.zeros(leaf.shape, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _write_checkpoint(workdir, config, variables, step: int) -> None:
+  """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
+  import grain
+  import jax
+
+  from lsemil.models import mil
+  from lsemil.runtime import checkpointing
+  from lsemil.training import trainer
+
+  model = mil.from_config(config.model)
+  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  state = state.replace(
+    step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
+  )
+  manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
+  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  checkpointing.save(
+    manager, step, state, it, config=config, meta={}, metrics={checkpointing.BEST_METRIC: 0.5}
+  )
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint():
+  """fn(workdir, config, variables, step): a workdir with one real checkpoint of `variables`
+  (best metric 0.5), as `lsemil train` saves it; no training."""
+  return _write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Cheaper XLA CPU compiles (jax_disable_most_optimizations) for the module that asks,
+  with `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  import jax
+
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,9 @@ from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 from lsemil.workflows import evaluation, prediction
 
+# Cheaper XLA CPU compiles for this module (flax's example tests do the same).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 SMOKE_GAP = [
   "--config.model.input_size=64",
   "--config.model.stem_features=8",
@@ -43,15 +46,6 @@ SMOKE_GAP = [
   "--config.train.log_every_steps=1",
 ]
 N_BOOT = 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Cheaper XLA CPU compiles for this module (as tests/unit/models/test_posthoc.py)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +69,6 @@ def evaluations(gap_workdir):
   return out
 
 
-@pytest.mark.slow
 def test_trained_run_is_the_gap_model(gap_workdir):
   saved = json.loads((gap_workdir / "config.json").read_text())
   assert saved["model"]["arch"] == "gap" and saved["model"]["widths"] == [8, 16, 32]
@@ -84,7 +77,6 @@ def test_trained_run_is_the_gap_model(gap_workdir):
   assert set(loaded.variables["params"]) >= {"head", "stem"}
 
 
-@pytest.mark.slow
 def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, synth_dir):
   config = configuration.load_config("configs/baseline_gap.py:size=demo")
   index = evaluation.open_index(config, synth_dir)
@@ -135,7 +127,6 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
   assert differ  # Grad-CAM is relu(CAM) rescaled: different wherever the CAM goes negative
 
 
-@pytest.mark.slow
 def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth_dir, tmp_path):
   r = evaluations["gradcam"]
   params_file = gap_workdir / r["calibration_file"]
@@ -195,7 +186,6 @@ def _one_error(capsys) -> str:
   return err[0]
 
 
-@pytest.mark.slow
 def test_sources_refused_by_the_other_architecture(
   gap_workdir, synth_dir, tmp_path, random_variables, capsys
 ):

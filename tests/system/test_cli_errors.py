@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,15 @@ from lsemil.core.errors import EXIT_USER_ERROR
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd
-  )
-
-
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
   assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
   return proc.stderr
 
 
-def test_unknown_config_field_names_the_section_and_field(tmp_path):
+def test_unknown_config_field_names_the_section_and_field(tmp_path, lsemil):
   err = one_error_line(
-    run_cli(
+    lsemil.run(
       "train",
       "--config",
       "configs/smoke.py",
@@ -40,9 +33,9 @@ def test_unknown_config_field_names_the_section_and_field(tmp_path):
   assert "--config.train.nope" in err and "train has no field 'nope'" in err
 
 
-def test_val_fraction_zero_fails_early_naming_the_field(tmp_path):
+def test_val_fraction_zero_fails_early_naming_the_field(tmp_path, lsemil):
   err = one_error_line(
-    run_cli(
+    lsemil.run(
       "train",
       "--config",
       "configs/smoke.py",

@@ -10,12 +10,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
   out = tmp_path / "demo"
   proc = subprocess.run(

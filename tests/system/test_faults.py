@@ -38,31 +38,9 @@ from lsemil.training import metric_writer, workdir_lock
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _env(cache: Path | None = None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  if cache is not None:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
-  return env
-
-
-def _cli(*args, cache=None, timeout=300) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)]
-  return subprocess.run(
-    cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout
-  )
-
-
-def _popen(*args, cache=None) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)]
-  return subprocess.Popen(
-    cmd, cwd=REPO, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    text=True, start_new_session=True,  # its own process group: workers die with it
-  )
+def _popen(lsemil, *args, cache=None) -> subprocess.Popen:
+  # its own process group: workers die with it
+  return lsemil.popen(*args, cache=cache, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -164,13 +142,13 @@ def _no_traceback(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_bad_image_is_named_and_skipped_or_refused(tmp_path, small_nih, fault):
+def test_bad_image_is_named_and_skipped_or_refused(tmp_path, small_nih, fault, lsemil):
   raw = tmp_path / "raw"
   shutil.copytree(small_nih, raw, symlinks=True)
   bad_id = _plant(raw, fault, 1)
   total = len(nih.load_index(raw))
 
-  refused = _cli("prepare", "--nih-dir", raw, "--out", tmp_path / "err", "--size", 64,
+  refused = lsemil.run("prepare", "--nih-dir", raw, "--out", tmp_path / "err", "--size", 64,
                  "--on-bad", "error", "--workers", 1, timeout=120)
   _no_traceback(refused)
   assert refused.returncode == 1
@@ -179,7 +157,7 @@ def test_bad_image_is_named_and_skipped_or_refused(tmp_path, small_nih, fault):
   assert nih.short_id(bad_id) in last and "--on-bad skip" in last
   assert not (tmp_path / "err" / nih.MARKER_NAME).exists()  # nothing claims to be done
 
-  skipped = _cli("prepare", "--nih-dir", raw, "--out", tmp_path / "skip", "--size", 64,
+  skipped = lsemil.run("prepare", "--nih-dir", raw, "--out", tmp_path / "skip", "--size", 64,
                  "--on-bad", "skip", "--workers", 1, timeout=120)
   _no_traceback(skipped)
   assert skipped.returncode == 0, skipped.stderr[-2000:]
@@ -191,18 +169,18 @@ def test_bad_image_is_named_and_skipped_or_refused(tmp_path, small_nih, fault):
   assert all(p is not None for p in prepared.image_paths)
   assert len(prepared) == total - 1
 
-  stats = _cli("stats", "--nih-dir", raw, timeout=120)
+  stats = lsemil.run("stats", "--nih-dir", raw, timeout=120)
   _no_traceback(stats)
   assert stats.returncode == 0 and "Atelectasis" in stats.stdout
   if fault == "long_id":
     assert "1 image ids are longer than 255 bytes" in stats.stderr
 
 
-def test_all_bad_images_at_once_are_counted(tmp_path, small_nih):
+def test_all_bad_images_at_once_are_counted(tmp_path, small_nih, lsemil):
   raw = tmp_path / "raw"
   shutil.copytree(small_nih, raw)
   ids = [_plant(raw, fault, k) for k, fault in enumerate(FAULTS)]
-  proc = _cli("prepare", "--nih-dir", raw, "--out", tmp_path / "out", "--size", 64,
+  proc = lsemil.run("prepare", "--nih-dir", raw, "--out", tmp_path / "out", "--size", 64,
               "--on-bad", "skip", "--workers", 2, timeout=120)
   _no_traceback(proc)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -237,7 +215,7 @@ def test_image_limits_are_read_from_the_header_before_decoding(tmp_path):
   assert grew_kb < 50_000  # the decoded image alone would be 400 MB
 
 
-def test_synth_rerun_redoes_damaged_images(tmp_path, small_nih):
+def test_synth_rerun_redoes_damaged_images(tmp_path, small_nih, lsemil):
   """`lsemil synth` into a folder whose images were emptied, truncated, shrunk or made a
   symlink loop rewrites exactly those, identical to a clean run."""
   out = tmp_path / "nih"
@@ -248,7 +226,7 @@ def test_synth_rerun_redoes_damaged_images(tmp_path, small_nih):
   cv2.imwrite(str(images[2]), np.zeros((3, 3), np.uint8))
   images[3].unlink()
   os.symlink(images[3].name, images[3])
-  proc = _cli("synth", "--out", out, "--patients", 4, "--size", 512, "--workers", 1)
+  proc = lsemil.run("synth", "--out", out, "--patients", 4, "--size", 512, "--workers", 1)
   _no_traceback(proc)
   assert proc.returncode == 0, proc.stderr[-2000:]
   for path in sorted((small_nih / "images").glob("*.png")):
@@ -275,19 +253,18 @@ def _same_images(a: Path, b: Path) -> None:
     )
 
 
-@pytest.mark.slow
-def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path):
+def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path, lsemil):
   from lsemil.data.phantoms import synthesize
 
   raw = synthesize(tmp_path / "raw", patients=24, size=1024, seed=1, workers=2, progress=False)
   n = len(nih.load_index(raw))
   args = ["--nih-dir", raw, "--size", 256, "--on-bad", "error"]
-  clean = _cli("prepare", *args, "--out", tmp_path / "clean", "--workers", 1)
+  clean = lsemil.run("prepare", *args, "--out", tmp_path / "clean", "--workers", 1)
   assert clean.returncode == 0, clean.stderr[-2000:]
   out = tmp_path / "out"
   kills = []
   for at in (1, n // 3, 2 * n // 3):
-    proc = _popen("prepare", *args, "--out", out, "--workers", 2)
+    proc = _popen(lsemil, "prepare", *args, "--out", out, "--workers", 2)
     if _wait_for(lambda at=at: _count_pngs(out / "images") >= at, proc):
       _kill_group(proc)
       kills.append(_count_pngs(out / "images"))
@@ -296,7 +273,7 @@ def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path)
   assert kills and max(kills) < n  # really killed mid-run
   print(f"prepare SIGKILLed with {kills} of {n} images written")
   assert not (out / nih.MARKER_NAME).exists()
-  rerun = _cli("prepare", *args, "--out", out, "--workers", 2)
+  rerun = lsemil.run("prepare", *args, "--out", out, "--workers", 2)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert f"{max(kills)} already done" in rerun.stderr or "already done" in rerun.stderr
   _same_images(tmp_path / "clean" / "images", out / "images")
@@ -304,16 +281,15 @@ def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path)
     assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
 
 
-@pytest.mark.slow
-def test_synth_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path):
+def test_synth_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path, lsemil):
   args = ["--patients", 30, "--size", 512, "--seed", 3]
-  clean = _cli("synth", *args, "--out", tmp_path / "clean", "--workers", 1)
+  clean = lsemil.run("synth", *args, "--out", tmp_path / "clean", "--workers", 1)
   assert clean.returncode == 0, clean.stderr[-2000:]
   n = _count_pngs(tmp_path / "clean" / "images")
   out = tmp_path / "out"
   kills = []
   for at in (1, n // 3, 2 * n // 3):
-    proc = _popen("synth", *args, "--out", out, "--workers", 2)
+    proc = _popen(lsemil, "synth", *args, "--out", out, "--workers", 2)
     if _wait_for(lambda at=at: _count_pngs(out / "images") >= at, proc):
       _kill_group(proc)
       kills.append(_count_pngs(out / "images"))
@@ -321,7 +297,7 @@ def test_synth_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path):
       proc.wait()
   assert kills and max(kills) < n
   print(f"synth SIGKILLed with {kills} of {n} images written")
-  rerun = _cli("synth", *args, "--out", out, "--workers", 2)
+  rerun = lsemil.run("synth", *args, "--out", out, "--workers", 2)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   _same_images(tmp_path / "clean" / "images", out / "images")
   for name in ("Data_Entry_2017_v2020.csv", "BBox_List_2017.csv", nih.MARKER_NAME):
@@ -496,13 +472,13 @@ _FULL_SAVE = textwrap.dedent(
 )
 
 
-def test_checkpoint_save_on_a_full_disk_is_one_output_error(small_tmpfs):
+def test_checkpoint_save_on_a_full_disk_is_one_output_error(small_tmpfs, lsemil):
   """In a subprocess (orbax's failed-save threads outlive the error): save, wait, close
   raise ONE OutputError between them, naming the folder, step and errno text."""
   w = small_tmpfs / "w"
   proc = subprocess.run(
     [sys.executable, "-c", _FULL_SAVE, str(w), str(small_tmpfs / "filler")], cwd=REPO,
-    env=_env(), capture_output=True, text=True, timeout=300,
+    env=lsemil.env(), capture_output=True, text=True, timeout=300,
   )
   line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
   assert line, proc.stderr[-3000:]
@@ -536,12 +512,11 @@ def _params(workdir) -> list[np.ndarray]:
   return step, jax.tree.leaves(variables)
 
 
-@pytest.mark.slow
-def test_full_disk_during_training_is_one_clear_error(small_tmpfs, synth_dir, jax_cache):
+def test_full_disk_during_training_is_one_clear_error(small_tmpfs, synth_dir, jax_cache, lsemil):
   """A real `lsemil train` whose workdir (8 MB tmpfs) fills up after its first checkpoint."""
   _fill(small_tmpfs, 1_000_000)  # room for one smoke checkpoint (about 550 KB on tmpfs)
   w = small_tmpfs / "run"
-  proc = _cli(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
+  proc = lsemil.run(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
               cache=jax_cache)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
@@ -559,14 +534,13 @@ def test_full_disk_during_training_is_one_clear_error(small_tmpfs, synth_dir, ja
   assert not checkpointing.partial_step_dirs(w / "checkpoints")
 
 
-@pytest.mark.slow
 def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
-  tmp_path, synth_dir, jax_cache
+  tmp_path, synth_dir, jax_cache, lsemil
 ):
   """SIGKILL while orbax writes a step folder (polled for), at a few saves; every rerun
   resumes from a complete checkpoint, and the end equals an uninterrupted run."""
   straight = tmp_path / "straight"
-  proc = _cli(*_train_args(straight, synth_dir), cache=jax_cache)
+  proc = lsemil.run(*_train_args(straight, synth_dir), cache=jax_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / "killed"
   ckpts = w / "checkpoints"
@@ -579,7 +553,7 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
   # (the first step whose save is caught, how far into that save): each run resumes from
   # the previous one's last complete checkpoint.
   for min_step, delay in ((1, 0.0), (2, 0.05), (4, 0.2)):
-    proc = _popen(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
+    proc = _popen(lsemil, *_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
                   cache=jax_cache)
     if not _wait_for(lambda m=min_step: bool(writing(m)), proc):
       proc.wait()
@@ -592,7 +566,7 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
   assert any(caught for caught, _ in killed_during), "no save was ever caught in progress"
   print(f"train SIGKILLed while writing / with complete: {killed_during}")
   last_complete = killed_during[-1][1][-1] if killed_during[-1][1] else None
-  rerun = _cli(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
+  rerun = lsemil.run(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
                cache=jax_cache)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   if last_complete is not None:
@@ -620,9 +594,9 @@ _HOLD = textwrap.dedent(
 )
 
 
-def _holder(workdir, heartbeat_s=30.0) -> subprocess.Popen:
+def _holder(lsemil, workdir, heartbeat_s=30.0) -> subprocess.Popen:
   proc = subprocess.Popen(
-    [sys.executable, "-c", _HOLD, str(workdir), str(heartbeat_s)], cwd=REPO, env=_env(),
+    [sys.executable, "-c", _HOLD, str(workdir), str(heartbeat_s)], cwd=REPO, env=lsemil.env(),
     stdout=subprocess.PIPE, text=True, start_new_session=True,
   )
   line = proc.stdout.readline()
@@ -630,9 +604,9 @@ def _holder(workdir, heartbeat_s=30.0) -> subprocess.Popen:
   return proc
 
 
-def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path, lsemil):
   w = tmp_path / "w"
-  proc = _holder(w)
+  proc = _holder(lsemil, w)
   try:
     with pytest.raises(WorkdirBusyError) as err:
       workdir_lock.acquire(w)
@@ -650,17 +624,16 @@ def test_local_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     pass
 
 
-@pytest.mark.slow
-def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_cache):
+def test_second_train_on_one_workdir_refuses_at_once(tmp_path, synth_dir, jax_cache, lsemil):
   w = tmp_path / "w"
   # The first run is long (it is stopped below), so the second one meets it still running
   # however slowly the machine starts Python.
   long_run = ("--config.train.num_steps=100000", "--config.train.eval_every_steps=3")
-  first = _popen(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
+  first = _popen(lsemil, *_train_args(w, synth_dir, *long_run), cache=jax_cache)
   _wait_for(lambda: (h := workdir_lock.read_holder(w)) is not None and h.pid == first.pid, first)
   assert _wait_for(lambda: (w / "checkpoints" / "3").is_dir(), first), "first run ended"
   start = time.monotonic()
-  second = _cli(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
+  second = lsemil.run(*_train_args(w, synth_dir, *long_run), cache=jax_cache)
   took = time.monotonic() - start
   assert second.returncode == 1, second.stderr[-3000:]
   _no_traceback(second)

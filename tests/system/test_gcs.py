@@ -37,23 +37,8 @@ def _bare(url: str) -> str:
   return url.removeprefix("gs://")
 
 
-def _env(cache: Path | None = None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")  # has the GCS variables
-  if cache is not None:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
-  return env
-
-
-def _cli(*args, cache=None, timeout=400) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.commands.cli", *map(str, args)],
-    cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout,
-  )
+def _cli(lsemil, *args, cache=None, timeout=400) -> subprocess.CompletedProcess:
+  proc = lsemil.run(*args, cache=cache, timeout=timeout)  # os.environ has the GCS variables
   assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
   return proc
 
@@ -144,9 +129,9 @@ _CONTEND = textwrap.dedent(
 )
 
 
-def _holder(workdir: str, heartbeat_s: float) -> subprocess.Popen:
+def _holder(lsemil, workdir: str, heartbeat_s: float) -> subprocess.Popen:
   proc = subprocess.Popen(
-    [sys.executable, "-c", _HOLD, workdir, str(heartbeat_s)], cwd=REPO, env=_env(),
+    [sys.executable, "-c", _HOLD, workdir, str(heartbeat_s)], cwd=REPO, env=lsemil.env(),
     stdout=subprocess.PIPE, text=True, start_new_session=True,
   )
   line = proc.stdout.readline()
@@ -162,12 +147,12 @@ def _lock_record(workdir: str) -> tuple[dict, int]:
   return json.loads(fs.cat(path)), int(fs.info(path)["generation"])
 
 
-def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
+def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket, lsemil):
   from lsemil.core.errors import WorkdirBusyError
   from lsemil.training import workdir_lock
 
   w = f"{gcs_bucket}/locked"
-  holder = _holder(w, heartbeat_s=0.5)
+  holder = _holder(lsemil, w, heartbeat_s=0.5)
   try:
     with pytest.raises(WorkdirBusyError) as err:
       workdir_lock.acquire(w, stale_after_s=30)
@@ -192,7 +177,7 @@ def test_gcs_lock_refuses_beats_goes_stale_and_is_taken_over(gcs_bucket):
   assert not _fs().exists(f"{_bare(w)}/{workdir_lock.LOCK_FILE}")
 
 
-def test_gcs_lock_stale_take_over_has_one_winner(gcs_bucket):
+def test_gcs_lock_stale_take_over_has_one_winner(gcs_bucket, lsemil):
   from lsemil.training import workdir_lock
 
   w = f"{gcs_bucket}/contended"
@@ -200,7 +185,7 @@ def test_gcs_lock_stale_take_over_has_one_winner(gcs_bucket):
   _fs().pipe(f"{_bare(w)}/{workdir_lock.LOCK_FILE}", stale.to_json().encode())
   at = time.time() + 4.0
   procs = [
-    subprocess.Popen([sys.executable, "-c", _CONTEND, w, str(at)], cwd=REPO, env=_env(),
+    subprocess.Popen([sys.executable, "-c", _CONTEND, w, str(at)], cwd=REPO, env=lsemil.env(),
                      stdout=subprocess.PIPE, text=True)
     for _ in range(2)
   ]
@@ -210,11 +195,12 @@ def test_gcs_lock_stale_take_over_has_one_winner(gcs_bucket):
   assert "gone-host" not in busy  # the loser names the new holder, not the stale one
 
 
-def test_train_into_a_locked_gcs_workdir_refuses_at_once(gcs_bucket, synth_dir):
+def test_train_into_a_locked_gcs_workdir_refuses_at_once(gcs_bucket, synth_dir, lsemil):
   w = f"{gcs_bucket}/busy"
-  holder = _holder(w, heartbeat_s=1.0)
+  holder = _holder(lsemil, w, heartbeat_s=1.0)
   try:
-    proc = _cli("train", "--config", "configs/smoke.py", "--workdir", w, "--data-dir", synth_dir,
+    proc = _cli(lsemil, "train", "--config", "configs/smoke.py", "--workdir", w,
+                "--data-dir", synth_dir,
                 timeout=200)
   finally:
     os.killpg(holder.pid, signal.SIGKILL)
@@ -230,7 +216,7 @@ def test_train_into_a_locked_gcs_workdir_refuses_at_once(gcs_bucket, synth_dir):
 
 
 @pytest.fixture(scope="module")
-def gcs_runs(gcs_bucket, synth_dir, tmp_path_factory):
+def gcs_runs(gcs_bucket, synth_dir, tmp_path_factory, lsemil):
   """Three `lsemil train` runs into the bucket: 3 steps then resumed to 6 (`run`), and 6
   straight (`straight`); returns their URLs and the logs."""
   cache = tmp_path_factory.mktemp("jax_cache_gcs")
@@ -239,13 +225,13 @@ def gcs_runs(gcs_bucket, synth_dir, tmp_path_factory):
   logs = {}
   for name, workdir, steps in (("first", run, 3), ("resumed", run, 6), ("straight", straight, 6)):
     start = time.monotonic()
-    proc = _cli(*base, "--workdir", workdir, f"--config.train.num_steps={steps}", cache=cache)
+    steps_arg = f"--config.train.num_steps={steps}"
+    proc = _cli(lsemil, *base, "--workdir", workdir, steps_arg, cache=cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs[name] = (proc.stdout + proc.stderr, time.monotonic() - start)
   return {"run": run, "straight": straight, "logs": logs, "data": synth_dir, "cache": cache}
 
 
-@pytest.mark.slow
 def test_train_writes_every_output_into_the_bucket(gcs_runs):
   from lsemil.training import workdir_lock
 
@@ -269,7 +255,6 @@ def test_train_writes_every_output_into_the_bucket(gcs_runs):
   assert result["best_checkpoint"].startswith(f"{gcs_runs['run']}/checkpoints/")
 
 
-@pytest.mark.slow
 def test_resume_on_gcs_equals_an_uninterrupted_run(gcs_runs):
   import jax
 
@@ -284,11 +269,10 @@ def test_resume_on_gcs_equals_an_uninterrupted_run(gcs_runs):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.slow
-def test_evaluate_and_reproduce_write_into_the_bucket(gcs_runs):
+def test_evaluate_and_reproduce_write_into_the_bucket(gcs_runs, lsemil):
   fs, run = _fs(), gcs_runs["run"]
   out = f"{run}/eval/test.json"
-  proc = _cli("evaluate", "--workdir", run, "--out", out, "--n-boot", 0, "--no-progress",
+  proc = _cli(lsemil, "evaluate", "--workdir", run, "--out", out, "--n-boot", 0, "--no-progress",
               cache=gcs_runs["cache"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   evaluation = json.loads(_fs().cat(_bare(out)))
@@ -296,7 +280,7 @@ def test_evaluate_and_reproduce_write_into_the_bucket(gcs_runs):
   assert 0.0 <= evaluation["mean_auc"] <= 1.0
 
   repro = f"{gcs_runs['run']}/reproduce"
-  proc = _cli("reproduce", "--run", f"r0=5:{run}", "--out", repro, "--figure-images", 0,
+  proc = _cli(lsemil, "reproduce", "--run", f"r0=5:{run}", "--out", repro, "--figure-images", 0,
               "--n-boot", 0, "--no-progress", cache=gcs_runs["cache"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   names = {p.rsplit("/", 1)[-1] for p in _fs().ls(_bare(repro))}
@@ -304,10 +288,9 @@ def test_evaluate_and_reproduce_write_into_the_bucket(gcs_runs):
   assert fs.exists(_bare(out))
 
 
-@pytest.mark.slow
-def test_predict_from_a_gcs_checkpoint(gcs_runs, tmp_path):
+def test_predict_from_a_gcs_checkpoint(gcs_runs, tmp_path, lsemil):
   images = sorted((Path(gcs_runs["data"]) / "images").glob("*.png"))[:2]
-  proc = _cli("predict", "--checkpoint", gcs_runs["run"], *images, "--out", tmp_path / "p",
+  proc = _cli(lsemil, "predict", "--checkpoint", gcs_runs["run"], *images, "--out", tmp_path / "p",
               "--no-progress", cache=gcs_runs["cache"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = (tmp_path / "p" / "predictions.csv").read_text().splitlines()

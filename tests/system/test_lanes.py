@@ -48,7 +48,6 @@ def _run_watching(jobs, cores, folder: Path) -> tuple[dict, dict, list[str]]:
   return out, seen, lines
 
 
-@pytest.mark.slow
 def test_runs_are_pinned_one_core_each_and_lanes_do_not_change_the_numbers(tmp_path, synth_dir):
   cores = lanes.available_cores()
   two = cores[:2]
@@ -107,7 +106,6 @@ def get_config(arg=None):
 """
 
 
-@pytest.mark.slow
 def test_sigterm_stops_the_runs_after_a_checkpoint_and_the_same_call_resumes(tmp_path, synth_dir):
   import signal
   import subprocess

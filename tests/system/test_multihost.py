@@ -17,7 +17,6 @@ with a tolerance across runs, and exactly between the two processes of one run.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -109,19 +108,7 @@ _DRIVER = textwrap.dedent(
 )
 
 
-def _env(cache: Path, devices: int) -> dict:
-  return dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    JAX_COMPILATION_CACHE_DIR=str(cache),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # cheaper CPU compiles; every run shares it
-  )
-
-
-def _launch(workdir, data_dir, num_steps, dump_steps, outs, *, cache, nproc, port=0):
+def _launch(lsemil, workdir, data_dir, num_steps, dump_steps, outs, *, cache, nproc, port=0):
   """Starts `nproc` driver processes (8 devices in all), waits; their RESULTs + stdout."""
   procs = []
   for pid, out in enumerate(outs):
@@ -129,7 +116,7 @@ def _launch(workdir, data_dir, num_steps, dump_steps, outs, *, cache, nproc, por
     procs.append(
       subprocess.Popen(
         [sys.executable, "-c", _DRIVER, *map(str, args)],
-        env=_env(cache, 8 // nproc),
+        env=lsemil.env(cache, devices=8 // nproc),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -173,14 +160,13 @@ def _rows(a: np.ndarray) -> list[tuple]:
   return sorted(map(tuple, a.tolist()))
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir):
+def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir, lsemil):
   cache = tmp_path / "jax_cache"
   # Reference: one process, 8 devices, 2N straight steps; params after N and 2N.
   ref = tmp_path / "ref"
   (ref_out,) = _launch(
-    ref, synth_dir, 2 * N, f"{N},{2 * N}", [tmp_path / "ref.npz"], cache=cache, nproc=1
+    lsemil, ref, synth_dir, 2 * N, f"{N},{2 * N}", [tmp_path / "ref.npz"], cache=cache, nproc=1
   )
   assert ref_out["result"]["last_step"] == 2 * N
   ref_params, ref_feeds = _load(tmp_path / "ref.npz")
@@ -191,7 +177,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir):
   for launch, (steps, first) in enumerate([(N, 1), (2 * N, N + 1)]):
     outs = [tmp_path / f"l{launch}_p{i}.npz" for i in range(2)]
     results = _launch(
-      w, synth_dir, steps, str(steps), outs, cache=cache, nproc=2, port=_free_port()
+      lsemil, w, synth_dir, steps, str(steps), outs, cache=cache, nproc=2, port=_free_port()
     )
     assert [r["process_index"] for r in results] == [0, 1]
     assert all(r["result"]["last_step"] == steps for r in results)

@@ -20,7 +20,7 @@ from lsemil.inference import engine
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.multiprocess
 
 
 def _port() -> int:
@@ -38,17 +38,14 @@ def _cmd(workdir: Path, data: Path, *extra: str) -> list[str]:
   ]  # fmt: skip
 
 
-def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def _launch(workdir: Path, data: Path) -> list[subprocess.Popen]:
+def _launch(lsemil, workdir: Path, data: Path) -> list[subprocess.Popen]:
   port = _port()
   return [
     subprocess.Popen(
       _cmd(workdir, data, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}"),
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=REPO, env=lsemil.env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True,
     )
     for i in range(2)
   ]  # fmt: skip
@@ -59,9 +56,9 @@ def _steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_dir):
+def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_dir, lsemil):
   w = tmp_path / "w"
-  procs = _launch(w, synth_dir)
+  procs = _launch(lsemil, w, synth_dir)
   deadline = time.time() + 600
   while not _steps(w):
     for p in procs:
@@ -77,11 +74,12 @@ def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_di
   assert saved[0] == saved[1], saved  # every process saved the same step
   assert int(saved[0]) in _steps(w) and int(saved[0]) < STEPS
 
-  procs = _launch(w, synth_dir)
+  procs = _launch(lsemil, w, synth_dir)
   errs = [p.communicate(timeout=900)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
   ref = tmp_path / "ref"
-  proc = subprocess.run(_cmd(ref, synth_dir), cwd=REPO, env=_env(8), capture_output=True,
+  proc = subprocess.run(_cmd(ref, synth_dir), cwd=REPO, env=lsemil.env(devices=8),
+                        capture_output=True,
                         text=True)  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   import jax

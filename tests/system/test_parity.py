@@ -15,8 +15,6 @@ agree to 1e-6, also on a dataset prepared at 256 px (whose images predict must n
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +25,6 @@ from lsemil.inference import engine
 from lsemil.workflows import prediction
 
 TOL = 1e-6
-pytestmark = pytest.mark.slow
-
-
-def lsemil(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd
-  )
-  assert proc.returncode == 0, f"lsemil {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
-  return proc
 
 
 def split_ids(data_dir: Path, split: str) -> list[str]:
@@ -49,7 +38,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, lsemil) -> Path:
   w = tmp_path_factory.mktemp("parity") / "run"
   lsemil(
     "train",
@@ -57,12 +46,11 @@ def workdir(tmp_path_factory) -> Path:
     "configs/smoke.py",
     "--workdir",
     str(w),
-    cwd=Path(__file__).resolve().parents[2],
   )
   return w
 
 
-def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
+def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path, lsemil):
   data = workdir / "data"
   # (b) evaluate, on the test split and on the valid split, of the last checkpoint.
   lsemil(
@@ -142,7 +130,7 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path):
   assert float(probs.std(axis=0).max()) > 1e-4
 
 
-def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path):
+def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path, lsemil):
   """The demo prepares at 256 px: predict must feed those files exactly as evaluate does."""
   prepared = tmp_path / "p256"
   lsemil(
@@ -234,7 +222,7 @@ def test_model_input_is_the_eval_pipeline(workdir):
     engine.model_input(gray.astype(np.float32), config.model.input_size)
 
 
-def test_per_image_csv_columns(workdir, tmp_path):
+def test_per_image_csv_columns(workdir, tmp_path, lsemil):
   lsemil(
     "evaluate",
     "--workdir",

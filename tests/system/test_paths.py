@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
-
-
-def lsemil(*args, cwd, home=None, ok=True) -> subprocess.CompletedProcess:
-  env = dict(os.environ, HOME=str(home or cwd))
-  proc = subprocess.run(
-    [sys.executable, "-m", "lsemil.commands.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
-  )
-  if ok:
-    assert proc.returncode == 0, f"lsemil {' '.join(args)}:\n{proc.stderr[-3000:]}"
-  return proc
 
 
 @pytest.fixture(scope="module")
-def here(tmp_path_factory) -> Path:
+def here(tmp_path_factory, lsemil) -> Path:
   """A user's folder with `configs` beside them, as in a clone; a relative-path run in it."""
   cwd = tmp_path_factory.mktemp("user")
   (cwd / "configs").symlink_to(REPO / "configs")
-  lsemil("train", "--config", "configs/smoke.py", "--workdir", "runs/r0_5", cwd=cwd)
+  lsemil("train", "--config", "configs/smoke.py", "--workdir", "runs/r0_5", cwd=cwd, home=cwd)
   return cwd
 
 
@@ -42,7 +29,7 @@ def test_relative_workdir_trains_and_checkpoints_land_there(here):
   assert not list(w.glob("checkpoints/*.orbax-checkpoint-tmp*"))
 
 
-def test_relative_and_home_paths_in_evaluate_reproduce_predict(here):
+def test_relative_and_home_paths_in_evaluate_reproduce_predict(here, lsemil):
   lsemil(
     "evaluate",
     "--workdir",
@@ -53,6 +40,7 @@ def test_relative_and_home_paths_in_evaluate_reproduce_predict(here):
     "results/eval.json",
     "--no-progress",
     cwd=here,
+    home=here,
   )
   assert (here / "results" / "eval.json").is_file()
   assert (here / "results" / "eval_predictions.csv").is_file()
@@ -81,17 +69,19 @@ def test_relative_and_home_paths_in_evaluate_reproduce_predict(here):
     "results/",
     "--no-progress",
     cwd=here,
+    home=here,
   )
   assert (here / "results" / "table3.md").is_file()
   image = sorted((here / "runs" / "r0_5" / "data" / "images").glob("*.png"))[0]
   rel = os.path.relpath(image, here)
   lsemil(
-    "predict", "--checkpoint", "runs/r0_5", rel, "--out", "predictions", "--no-progress", cwd=here
+    "predict", "--checkpoint", "runs/r0_5", rel, "--out", "predictions", "--no-progress", cwd=here,
+    home=here,
   )
   assert (here / "predictions" / "predictions.csv").is_file()
 
 
-def test_resume_with_another_model_config_is_refused_before_any_write(here):
+def test_resume_with_another_model_config_is_refused_before_any_write(here, lsemil):
   w = here / "runs" / "r0_5"
   from lsemil.training import workdir_lock
 
@@ -103,7 +93,7 @@ def test_resume_with_another_model_config_is_refused_before_any_write(here):
     }
 
   before = files()
-  proc = lsemil(
+  proc = lsemil.run(
     "train",
     "--config",
     "configs/smoke.py",
@@ -112,7 +102,7 @@ def test_resume_with_another_model_config_is_refused_before_any_write(here):
     "--config.model.r0=7",
     "--config.train.num_steps=9",
     cwd=here,
-    ok=False,
+    home=here,
   )
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "model.r0: 5.0 -> 7.0" in proc.stderr and "Traceback" not in proc.stderr

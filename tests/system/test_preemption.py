@@ -19,7 +19,6 @@ from lsemil.inference import engine
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
-pytestmark = pytest.mark.slow
 
 
 def train_cmd(workdir: Path, data: Path) -> list[str]:

@@ -5,7 +5,6 @@ a run naming the step; `init_from` starts from another run's weights."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -58,22 +57,11 @@ _RUN = textwrap.dedent(
 )
 
 
-def _env(cache: Path) -> dict:
-  return dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(cache),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # cheaper CPU compiles; every run shares it
-  )
-
-
-def _run(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
+def _run(lsemil, workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
   args = [str(workdir), str(data_dir), str(num_steps), str(nan_at), str(init_from)]
   proc = subprocess.run(
     [sys.executable, "-c", _RUN, *args],
-    env=_env(cache),
+    env=lsemil.env(cache),
     capture_output=True,
     text=True,
     cwd=REPO,
@@ -84,15 +72,15 @@ def _run(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
   return json.loads(line[len("RESULT ") :]), proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
+def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil):
   """`lsemil train` on the smoke config with no data (it synthesizes W/data), 4 steps;
   then 2 steps + exit + 2 resumed steps elsewhere give bit-identical weights."""
   cache, a = tmp_path / "jax_cache", tmp_path / "a"
   cmd = [sys.executable, "-m", "lsemil.commands.cli", "train", "--config", "configs/smoke.py"]
   cmd += ["--workdir", str(a), "--config.train.num_steps=4"]
   cmd += ["--config.train.eval_every_steps=2", "--config.train.checkpoint_every_steps=1"]
-  proc = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, cwd=REPO, timeout=300)
+  env = lsemil.env(cache)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout + proc.stderr
   assert "synthesizing" in out
@@ -115,9 +103,9 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
 
   # N steps, process exit, N resumed steps == 2N straight, bit for bit.
   b = tmp_path / "b"
-  half, _ = _run(b, a / "data", 2, cache=cache)
+  half, _ = _run(lsemil, b, a / "data", 2, cache=cache)
   assert half["last_step"] == 2
-  resumed, log = _run(b, a / "data", 4, cache=cache)
+  resumed, log = _run(lsemil, b, a / "data", 4, cache=cache)
   assert "resuming from" in log and resumed["last_step"] == 4
   _, _, va, sa, _ = checkpointing.load_inference(a, which="latest")
   _, _, vb, sb, _ = checkpointing.load_inference(b, which="latest")
@@ -135,11 +123,11 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path):
 
   # A NaN batch at step 3 (first resumed step) stops the run naming the step; step 2 stays.
   shutil.copytree(b / "checkpoints" / "2", tmp_path / "c" / "checkpoints" / "2")
-  out, _ = _run(tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
+  out, _ = _run(lsemil, tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
   assert "at step 3" in out["error"] and "step 2" in out["error"]
   assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["2"]
 
   # init_from: a new workdir starts from run a's best weights (fresh optimizer, step 0).
-  out, log = _run(tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
+  out, log = _run(lsemil, tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
   assert f"initialised weights from {a} (step {best['best_step']})" in log
   assert out["last_step"] == 2

@@ -15,7 +15,12 @@ from lsemil.core.errors import ConfigError
 from lsemil.metrics import baselines, localization, overlap
 from lsemil.models import gap_classifier, mil, posthoc
 
+# Cheaper XLA CPU compiles for this module (flax's example tests do the same).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+# The demo-size GAP config (every field from configs/), shrunk.
 TINY = {
+  **configuration.load_config("baseline_gap:size=demo").model.to_dict(),
   "num_classes": 3,
   "input_size": 32,
   "stem_stride": 2,
@@ -25,15 +30,6 @@ TINY = {
   "bottleneck_ratio": 2,
   "arch": "gap",
 }  # level sides 16, 8, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Cheaper XLA CPU compiles for this module (as tests/unit/training/test_trainer.py and flax's tests)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def jit_apply(model):

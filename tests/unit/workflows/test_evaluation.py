@@ -12,8 +12,6 @@ import io
 import json
 import math
 
-import grain
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,7 +22,6 @@ from lsemil.data import nih
 from lsemil.inference import engine
 from lsemil.metrics import classification, overlap
 from lsemil.models import mil
-from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 from lsemil.workflows import evaluation, reproduction
 
@@ -57,22 +54,6 @@ def split_eval(smoke, synth_dir, tmp_path_factory):
   )
   paths = evaluation.write_outputs(run, config, str(synth_dir), out)
   return run, out, paths
-
-
-def write_checkpoint(workdir, config, variables, step: int) -> None:
-  """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
-  model = mil.from_config(config.model)
-  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
-  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  state = state.replace(
-    step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
-  )
-  manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
-  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  metrics_ = {checkpointing.BEST_METRIC: 0.5}
-  checkpointing.save(manager, step, state, it, config=config, meta={}, metrics=metrics_)
-  manager.wait_until_finished()
-  manager.close()
 
 
 def _reject_nan(text):
@@ -207,7 +188,7 @@ def test_figure_cases_cover_different_classes(index):
 
 
 @pytest.fixture
-def runs_at(smoke):
+def runs_at(smoke, write_checkpoint):
   """fn(workdir, r0): a real checkpoint (step 7) of the smoke model with that r0."""
   config, _, variables = smoke
 

@@ -40,6 +40,9 @@ from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 from lsemil.workflows import prediction
 
+# Cheaper XLA CPU compiles for this module (flax's example tests do the same).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 @pytest.fixture(scope="module")
 def smoke(synth_dir, random_variables):
@@ -234,15 +237,6 @@ def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
 # ------------------------------------------------------- predict --boxes and --calibration
 
 LESION = 200  # grey level of the planted lesion; background 20 (saliency 0.78 vs 0.08)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Cheaper XLA CPU compiles for this module (as tests/unit/models/test_posthoc.py)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 class InputIsSaliency(nn.Module):

@@ -18,8 +18,6 @@ import json
 import math
 import re
 
-import grain
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,32 +28,14 @@ from lsemil.data import nih
 from lsemil.metrics import calibration, overlap, significance
 from lsemil.models import mil
 from lsemil.reporting import drawing
-from lsemil.runtime import checkpointing
 from lsemil.training import trainer
 from lsemil.workflows import evaluation, reproduction
 
 N_BOOT = 20
 
 
-def write_checkpoint(workdir, config, variables, step: int) -> None:
-  """A training workdir whose one checkpoint holds `variables` (as `lsemil train` saves)."""
-  model = mil.from_config(config.model)
-  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
-  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  state = state.replace(
-    step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"]
-  )
-  manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
-  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  checkpointing.save(
-    manager, step, state, it, config=config, meta={}, metrics={checkpointing.BEST_METRIC: 0.5}
-  )
-  manager.wait_until_finished()
-  manager.close()
-
-
 @pytest.fixture(scope="module")
-def make_run(synth_dir, random_variables):
+def make_run(synth_dir, random_variables, write_checkpoint):
   """fn(workdir, r0, seed=0, N=None) -> workdir with a random-weight smoke checkpoint."""
 
   def make(workdir, r0, seed=0, n=None):
@@ -329,7 +309,7 @@ def test_parse_figure1():
 
 
 @pytest.fixture(scope="module")
-def runs_by_n(tmp_path_factory, synth_dir, random_variables):
+def runs_by_n(tmp_path_factory, synth_dir, random_variables, write_checkpoint):
   """Random-weight smoke checkpoints at N = 8 and 16 (the smoke input has levels 32/16/8)."""
   tmp = tmp_path_factory.mktemp("fig1")
   out = {}

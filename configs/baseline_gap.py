@@ -32,18 +32,11 @@ MIL_ONLY = (
 
 
 def get_config(arg: str | None = None):
-  items = [s.strip() for s in (arg or "").split(",") if s.strip()]
-  size = "paper"
-  rest = []
-  for item in items:
-    key, _, value = item.partition("=")
-    if key.strip() == "size":
-      size = value.strip()
-    else:
-      rest.append(item)
+  args, rest = configuration.split_arg(arg, size="paper")
+  size = args.size
   if size not in SIZES:
     raise ConfigError(f"configs/baseline_gap.py: size must be one of {SIZES}, got {size!r}")
-  config = configuration.load_config(size, ",".join(rest) or None)
+  config = configuration.load_config(size, rest)
   config.name = f"baseline_gap_{size}"
   m = config.model
   for field in MIL_ONLY:

@@ -12,40 +12,21 @@ GPU or TPU; on a 2-core CPU one step at batch 16 takes tens of seconds.
 Arguments (comma-separated): `r0=` the sharpness prior; `N=` the target saliency
 resolution, the side of the map S (Fig. 1 trains one model per N in {8, 16, 32, 64}; the
 side of some level of the up path); `seed=` the run's seed (init, data order, augmentation),
-e.g. `configs/paper.py:r0=5,N=16,seed=1`.
+e.g. `configs/paper.py:r0=5,N=16,seed=1` (or by name, `paper:r0=5,N=16,seed=1`); a bare
+value is r0 (`paper:5`). Parsed by `lsemil.core.configuration.parse_arg`.
 """
 
 import ml_collections
 
-from lsemil.core.errors import ConfigError
-
-KNOWN_ARGS = ("r0", "N", "seed")
-
-
-def _parse_arg(arg: str | None) -> dict[str, str]:
-  """`r0=5,N=16` -> {'r0': '5', 'N': '16'}; raises ConfigError for a malformed item."""
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ConfigError(f"config argument {item!r} is not of the form key=value")
-    key, value = item.split("=", 1)
-    out[key.strip()] = value.strip()
-  return out
-
-
-def _number(args: dict[str, str], key: str, kind):
-  value = args.pop(key)
-  try:
-    return kind(value)
-  except ValueError:
-    raise ConfigError(f"config argument {key}={value!r} is not {kind.__name__}") from None
+from lsemil.core import configuration
 
 
 def get_model_config() -> ml_collections.ConfigDict:
   """The paper-scale model (Sec 3, Fig. 2); `lsemil info` prints its size."""
   m = ml_collections.ConfigDict()
-  # Which model: mil (lsemil.models.mil, this paper) | gap (lsemil.models.gap_classifier, the post-hoc
-  # CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.models.registry builds either.
+  # Which model: mil (lsemil.models.mil, this paper) | gap (lsemil.models.gap_classifier, the
+  # post-hoc CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.models.registry builds
+  # either.
   m.arch = "mil"
   # 14 NIH findings (lsemil.data.nih.CLASSES).
   m.num_classes = 14
@@ -83,7 +64,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"
   # Rematerialise residual / dense blocks to save accelerator memory.
   m.remat = False
-  # Speed options (lsemil/layers.py): same parameters, same sums up to float rounding;
+  # Speed options (lsemil/models/layers.py): same parameters, same sums up to float rounding;
   # measured in README's benchmark section.
   # BatchNorm: fused (custom VJP saving only its input and float32 mean / inverse std)
   # | flax (nn.BatchNorm; its autodiff keeps float32 intermediates: 222 vs 123 MB/image
@@ -102,16 +83,15 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = _parse_arg(arg)
+  model = get_model_config()
+  # The arguments' defaults are the model's own values: each default is written once.
+  args = configuration.parse_arg(arg, r0=model.r0, N=model.saliency_size, seed=0)
   config = ml_collections.ConfigDict()
   config.name = "paper"
-  config.seed = _number(args, "seed", int) if "seed" in args else 0
-
-  config.model = get_model_config()
-  if "r0" in args:
-    config.model.r0 = _number(args, "r0", float)
-  if "N" in args:
-    config.model.saliency_size = _number(args, "N", int)
+  config.seed = args.seed
+  config.model = model
+  config.model.r0 = args.r0
+  config.model.saliency_size = args.N
 
   config.data = ml_collections.ConfigDict()
   # A prepared folder (`lsemil prepare`, png or tfds) or a raw NIH-layout folder.
@@ -165,7 +145,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.init_from = ""
   # Write checkpoints in the background (orbax async); False blocks at each save.
   config.train.async_checkpoints = True
-
-  if args:
-    raise ConfigError(f"unknown config arguments {sorted(args)}; known: {', '.join(KNOWN_ARGS)}")
   return config

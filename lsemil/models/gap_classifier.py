@@ -97,25 +97,25 @@ def validate(cfg: Any) -> tuple[int, ...]:
 class GlobalAveragePoolingClassifier(nn.Module):
   """Down path + global average pooling + linear head (the Grad-CAM / CAM baseline).
 
-  Fields are the down-path fields of `lsemil.models.mil.MultiResolutionMIL` (documented in
-  configs/paper.py) plus `arch` ('gap').
+  Fields are the down-path fields of `lsemil.models.mil.MultiResolutionMIL` (their values are
+  in configs/paper.py, the only place they are written) plus `arch` ('gap').
   """
 
-  num_classes: int = 14
-  input_size: int = 512
-  stem_stride: int = 2
-  stem_features: int = 32
-  widths: Sequence[int] = (32, 64, 128, 256, 512, 512)
-  blocks_per_level: Sequence[int] = (1, 1, 1, 1, 1, 1)
-  bottleneck_ratio: int = 4
-  norm: str = "batch"
-  group_norm_groups: int = 16
-  dtype: str = "float32"
-  remat: bool = False
-  batch_norm_impl: str = "auto"
-  conv1x1_impl: str = "dot"
-  conv_weight_grad: str = "xla"
-  stem_impl: str = "conv"
+  num_classes: int
+  input_size: int
+  stem_stride: int
+  stem_features: int
+  widths: Sequence[int]
+  blocks_per_level: Sequence[int]
+  bottleneck_ratio: int
+  norm: str
+  group_norm_groups: int
+  dtype: str
+  remat: bool
+  batch_norm_impl: str
+  conv1x1_impl: str
+  conv_weight_grad: str
+  stem_impl: str
   arch: str = ARCH
   # Read by the trainer's LSE-LBA sharpness metric (train._sharpness): not LSE-LBA.
   pooling: ClassVar[str] = "gap"
@@ -147,9 +147,13 @@ def from_config(cfg: Any) -> GlobalAveragePoolingClassifier:
   """Builds the model from `config.model` (a ConfigDict or mapping with arch = 'gap')."""
   fields = {f.name for f in dataclasses.fields(GlobalAveragePoolingClassifier)}
   fields -= {"parent", "name"}
-  unknown = set(cfg.keys()) - fields
+  unknown, missing = set(cfg.keys()) - fields, fields - set(cfg.keys()) - {"arch"}
   if unknown:
     raise ConfigError(f"model config (arch {ARCH!r}): unknown fields {sorted(unknown)}")
+  if missing:
+    raise ConfigError(
+      f"model config (arch {ARCH!r}): missing fields {sorted(missing)} (see configs/paper.py)"
+    )
   values = {k: cfg[k] for k in cfg.keys()}
   for key in ("widths", "blocks_per_level"):
     if key in values:

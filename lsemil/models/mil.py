@@ -147,8 +147,9 @@ def validate(cfg: Any) -> ModelSpec:
     ("conv_weight_grad", CONV_WEIGHT_GRADS),
     ("stem_impl", STEM_IMPLS),
   ):
-    value = cfg[field] if isinstance(cfg, dict) else getattr(cfg, field, choices[0])
-    if value not in choices:
+    # Absent (a model config without the field) is reported by from_config, naming it.
+    value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
+    if value is not None and value not in choices:
       fail(field, f"unknown {value!r}; choose one of {choices}")
   if cfg.norm == "group":
     groups = int(cfg.group_norm_groups)
@@ -253,7 +254,8 @@ def layer_fns(m: Any, train: bool) -> tuple[Any, Any, Any]:
 def down_path(m: Any, x: jax.Array, conv, norm, residual, perturb=None) -> list[jax.Array]:
   """The stem and down path (Sec 3.1); call inside a compact method. Submodules are named
   stem, stem_norm, down<l>, res<l>_<b>; `perturb` (a module's `self.perturb`) wraps each
-  level's output as 'level<l>' (Grad-CAM, `lsemil.models.posthoc`). Returns the levels, fine to coarse."""
+  level's output as 'level<l>' (Grad-CAM, `lsemil.models.posthoc`). Returns the levels, fine
+  to coarse."""
   transform = "none" if m.stem_impl == "conv" else m.stem_impl
   stem = conv(
     m.stem_features, (7, 7), strides=m.stem_stride, input_transform=transform, name="stem"
@@ -274,34 +276,34 @@ def down_path(m: Any, x: jax.Array, conv, norm, residual, perturb=None) -> list[
 class MultiResolutionMIL(nn.Module):
   """Multi-resolution MIL network with LSE-LBA pooling (Sec 3, Fig. 2).
 
-  Build from a config with `from_config(cfg.model)`; fields are documented in
-  configs/paper.py.
+  Build from a config with `from_config(cfg.model)`; the fields, and their values for the
+  paper, are in configs/paper.py (the only place they are written).
   """
 
-  num_classes: int = 14
-  input_size: int = 512
-  stem_stride: int = 2
-  stem_features: int = 32
-  widths: Sequence[int] = (32, 64, 128, 256, 512, 512)
-  blocks_per_level: Sequence[int] = (1, 1, 1, 1, 1, 1)
-  bottleneck_ratio: int = 4
-  dense_layers: int = 4
-  dense_growth: int = 32
-  up_features: int = 128
-  up_convs: int = 2
-  saliency_size: int = 64
-  pooling: str = "lse_lba"
-  r0: float = 5.0
-  per_class_beta: bool = True
-  beta_init: float = 0.0
-  norm: str = "batch"
-  group_norm_groups: int = 16
-  dtype: str = "float32"
-  remat: bool = False
-  batch_norm_impl: str = "auto"
-  conv1x1_impl: str = "dot"
-  conv_weight_grad: str = "xla"
-  stem_impl: str = "conv"
+  num_classes: int
+  input_size: int
+  stem_stride: int
+  stem_features: int
+  widths: Sequence[int]
+  blocks_per_level: Sequence[int]
+  bottleneck_ratio: int
+  dense_layers: int
+  dense_growth: int
+  up_features: int
+  up_convs: int
+  saliency_size: int
+  pooling: str
+  r0: float
+  per_class_beta: bool
+  beta_init: float
+  norm: str
+  group_norm_groups: int
+  dtype: str
+  remat: bool
+  batch_norm_impl: str
+  conv1x1_impl: str
+  conv_weight_grad: str
+  stem_impl: str
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
@@ -370,9 +372,11 @@ def from_config(cfg: Any) -> MultiResolutionMIL:
   values = {k: cfg[k] for k in cfg.keys()}
   if values.pop("arch", "mil") != "mil":
     raise ConfigError("model config: arch is not 'mil'; build it with lsemil.models.registry")
-  unknown = set(values) - fields
+  unknown, missing = set(values) - fields, fields - set(values)
   if unknown:
     raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
+  if missing:
+    raise ConfigError(f"model config: missing fields {sorted(missing)} (see configs/paper.py)")
   for key in ("widths", "blocks_per_level"):
     if key in values:
       values[key] = tuple(int(v) for v in values[key])

@@ -11,17 +11,21 @@ Two architectures share the trainer, the input pipeline and the one inference pa
 
 `config.model.arch` names the architecture. A config without the field is refused, except
 the config stored in a checkpoint written before the field existed (`saved=True`): those runs
-were all MIL runs. `saliency_settings` resolves a run's map source from an explicit choice
+were all MIL runs. A saved config also lacks the model fields added after it was written
+(the speed options of configs/paper.py): they take the paper config's values, which is what
+those runs used. `saliency_settings` resolves a run's map source from an explicit choice
 (`lsemil evaluate --saliency`) or the run's config (MIL -> 'model'; GAP -> its
 `config.saliency.source`), and refuses a source the architecture does not have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
+from lsemil.core import configuration
 from lsemil.core.errors import ConfigError
 from lsemil.models import gap_classifier, mil
 
@@ -55,10 +59,27 @@ def _mil_fields(model_cfg: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: model_cfg[k] for k in model_cfg.keys() if k != "arch"})
 
 
+def _with_later_fields(model_cfg: Any, module: type) -> ml_collections.ConfigDict:
+  """A saved `config.model` with the fields of `module` it lacks as configs/paper.py sets them."""
+  out = ml_collections.ConfigDict({k: model_cfg[k] for k in model_cfg.keys()})
+  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", "arch"}
+  missing = fields - set(out.keys())
+  if missing:
+    paper = configuration.load_config("paper").model
+    for key in sorted(missing & set(paper.keys())):
+      out[key] = paper[key]
+  return out
+
+
 def from_config(model_cfg: Any, *, saved: bool = False):
-  """Builds the run's model from `config.model` (ConfigError naming a bad field)."""
+  """Builds the run's model from `config.model` (ConfigError naming a bad field); a config
+  saved in a checkpoint (`saved`) gets the fields added since from configs/paper.py."""
   if arch_of_config(model_cfg, saved=saved) == GAP:
+    if saved:
+      model_cfg = _with_later_fields(model_cfg, gap_classifier.GlobalAveragePoolingClassifier)
     return gap_classifier.from_config(model_cfg)
+  if saved:
+    model_cfg = _with_later_fields(model_cfg, mil.MultiResolutionMIL)
   return mil.from_config(_mil_fields(model_cfg))
 
 

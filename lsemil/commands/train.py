@@ -1,12 +1,13 @@
 """`lsemil train`: train the multi-resolution MIL model (paper Sec 4.2) into a workdir.
 
   lsemil train --config configs/paper.py:r0=5 --workdir W --data-dir D [--config.x=y ...]
-  lsemil train --config configs/smoke.py --workdir W      # synthesizes W/data, < 1 min on CPU
+  lsemil train --config paper:r0=5 --workdir W --data-dir D   # the same config, by name
+  lsemil train --config smoke --workdir W      # synthesizes W/data, < 1 min on CPU
 
 Thin entry point (flax's main.py): flags, optional jax.distributed start-up, then
-`lsemil.training.trainer.train_and_evaluate` (importable from notebooks and other commands). Any config
-field can be overridden on the command line (`--config.train.batch_size=16`). Running again
-with the same workdir resumes from its latest checkpoint at the exact next batch.
+`lsemil.training.trainer.train_and_evaluate` (importable from notebooks and other commands).
+Any config field can be overridden on the command line (`--config.train.batch_size=16`).
+Running again with the same workdir resumes from its latest checkpoint at the exact next batch.
 
 Multi-host (one process per host): pass --coordinator-address/--num-processes/--process-id,
 or set LSEMIL_MULTIHOST=1 (Cloud TPU: no other argument needed).
@@ -20,7 +21,9 @@ from ml_collections import config_flags
 from lsemil.core import configuration
 from lsemil.core.errors import ConfigError
 
-_USAGE = "lsemil train --config FILE[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
+_USAGE = (
+  "lsemil train --config FILE|NAME[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
+)
 
 
 def _define_flags(argv: list[str]) -> flags.FlagValues:
@@ -29,8 +32,9 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
   config_flags.DEFINE_config_file(
     "config",
     None,
-    "Config file and argument, e.g. configs/paper.py:r0=5 (see configs/). Override any "
-    "field with --config.FIELD=VALUE, e.g. --config.train.batch_size=16.",
+    "Config file or name and argument, e.g. configs/paper.py:r0=5 or paper:r0=5 (see "
+    "configs/). Override any field with --config.FIELD=VALUE, e.g. "
+    "--config.train.batch_size=16.",
     flag_values=fv,
     lock_config=True,
     sys_argv=argv,  # config_flags reads the --config.FIELD overrides from here
@@ -65,6 +69,22 @@ def _normalise(argv: list[str]) -> list[str]:
   return out
 
 
+def _resolve_config_name(argv: list[str]) -> list[str]:
+  """--config paper:r0=5 -> --config <installed lsemil/configs/paper.py>:r0=5 (config_flags
+  reads a file path); a file path stays. ConfigError for an unknown name."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      head, spec = "--config=", arg[len("--config=") :]
+    elif arg == "--config" and i + 1 < len(out):
+      head, spec, i = "", out[i + 1], i + 1
+    else:
+      continue
+    name, sep, config_arg = spec.partition(":")
+    out[i] = head + str(configuration.config_path(name)) + sep + config_arg
+  return out
+
+
 def _help(fv: flags.FlagValues) -> str:
   doc = (__doc__ or "").strip()
   return f"usage: {_USAGE}\n\n{doc}\n\nflags:\n{fv.get_help(include_special_flags=False)}"
@@ -73,10 +93,11 @@ def _help(fv: flags.FlagValues) -> str:
 def parse_flags(argv: list[str]) -> flags.FlagValues:
   """Parses `lsemil train` arguments (without the command names) into a fresh FlagValues.
 
-  Raises flags.Error for bad flags, a bad config file or override, or a missing
-  --config / --workdir.
+  `--config` takes a config file or the name of an installed config (`paper:r0=5`). Raises
+  flags.Error for bad flags, a bad config file or override, or a missing --config /
+  --workdir; ConfigError for an unknown config name.
   """
-  argv = ["lsemil train", *_normalise(argv)]
+  argv = ["lsemil train", *_resolve_config_name(_normalise(argv))]
   fv = _define_flags(argv)
   fv(argv)
   if fv.config is None or not fv.workdir:
@@ -96,17 +117,23 @@ def _missing_config(argv: list[str]) -> str | None:
   spec = _config_spec(argv)
   if spec is None:
     return None
-  path = configuration.config_path(spec.partition(":")[0])
+  try:
+    path = configuration.config_path(spec.partition(":")[0])
+  except ConfigError as e:  # an unknown name: the message lists the available ones
+    return f"--config {spec}: {e}"
   return None if path.is_file() else f"--config {spec}: no config file {path}"
 
 
 def _unknown_override(argv: list[str]) -> str | None:
-  """The first --config.FIELD override that names no field of the config file, as a message."""
+  """The config's own ConfigError (a bad config argument), else the first --config.FIELD
+  override that names no field of the config, as a message."""
   spec = _config_spec(argv)
   if spec is None:
     return None
   try:
     config = configuration.load_config(spec)
+  except ConfigError as e:  # absl would wrap it in the config file's traceback
+    return f"--config {spec}: {e}"
   except Exception:  # noqa: BLE001  (the config file's own error is reported by absl)
     return None
   for arg in argv:
@@ -148,6 +175,7 @@ def main(argv: list[str]) -> int:
 
   import jax
 
+  from lsemil.commands import progress
   from lsemil.core import fileio
   from lsemil.training import trainer
 
@@ -158,5 +186,11 @@ def main(argv: list[str]) -> int:
     jax.local_devices(),
   )
   data_dir = fileio.resolve(fv.data_dir) if fv.data_dir else None
-  trainer.train_and_evaluate(fv.config, fileio.resolve(fv.workdir), data_dir=data_dir)
+  main_process = jax.process_index() == 0
+  with progress.bars(main_process) as bar:
+    result = trainer.train_and_evaluate(
+      fv.config, fileio.resolve(fv.workdir), data_dir=data_dir, progress=bar
+    )
+  if main_process:
+    print(trainer.final_line(result), flush=True)
   return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from lsemil.commands import arguments
+from lsemil.commands import arguments, progress
 from lsemil.core import fileio
 from lsemil.workflows import demonstration
 
@@ -46,15 +46,17 @@ def main(argv: list[str]) -> int:
   )
   args = parser.parse_args(argv)
   r0s = [float(x) for x in args.r0.split(",")] if args.r0 else None
-  demo = demonstration.run_demo(
-    fileio.resolve(args.out),
-    quick=args.quick,
-    r0s=r0s,
-    patients=args.patients,
-    epochs=args.epochs,
-    workers=args.workers,
-    seeds=args.seeds,
-    figure1=args.figure1,
-  )
+  with progress.bars() as bar:
+    demo = demonstration.run_demo(
+      fileio.resolve(args.out),
+      quick=args.quick,
+      r0s=r0s,
+      patients=args.patients,
+      epochs=args.epochs,
+      workers=args.workers,
+      seeds=args.seeds,
+      figure1=args.figure1,
+      progress=bar,
+    )
   print(demonstration.format_summary(demo))
   return 0

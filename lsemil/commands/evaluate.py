@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from lsemil.commands import arguments
-from lsemil.core import fileio
+from lsemil.commands import arguments, progress
+from lsemil.core import fileio, log
 from lsemil.data import nih
 from lsemil.inference import engine
 from lsemil.metrics import calibration
@@ -122,21 +122,22 @@ def main(argv: list[str]) -> int:
       evaluation.workdir_of(path), args.split, None if source == own else source
     )
   level_note = f" at level {level}" if level is not None else ""
-  evaluation.log(
+  log.info(
     f"checkpoint {loaded.checkpoint} (step {loaded.step}); data {data_dir}; saliency "
     f"{source}{level_note}"
   )
-  options = evaluation.EvalOptions(
-    n_boot=args.n_boot,
-    seed=args.seed,
-    taus=tuple(args.taus),
-    progress=not args.no_progress,
-    saliency=source,
-    gradcam_level=level,
-    protocols=not args.no_protocols,
-    calibrate=args.calibrate,
-  )
-  run = evaluation.evaluate_checkpoint(loaded, data_dir, args.split, options)
+  with progress.bars(not args.no_progress) as bar:
+    options = evaluation.EvalOptions(
+      n_boot=args.n_boot,
+      seed=args.seed,
+      taus=tuple(args.taus),
+      progress=bar,
+      saliency=source,
+      gradcam_level=level,
+      protocols=not args.no_protocols,
+      calibrate=args.calibrate,
+    )
+    run = evaluation.evaluate_checkpoint(loaded, data_dir, args.split, options)
   if jax.process_index() == 0:
     paths = evaluation.write_outputs(run, loaded.config, data_dir, out)
     r = run.result

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lsemil.commands import arguments
+from lsemil.commands import arguments, progress
 from lsemil.core import fileio
 from lsemil.core.errors import OutputError
 from lsemil.inference import engine
@@ -115,19 +115,20 @@ def main(argv: list[str]) -> int:
       f"probabilities recalibrated ({calibration['method']}, {args.calibration})", file=sys.stderr
     )
   out = fileio.resolve(args.out)
-  rows, failures = prediction.predict_files(
-    loaded,
-    args.images,
-    out,
-    threshold=args.threshold,
-    batch_size=args.batch_size,
-    progress=not args.no_progress,
-    boxes=args.boxes,
-    box_tau=args.box_tau,
-    calibration=calibration,
-    saliency_source=args.saliency,
-    gradcam_level=args.gradcam_level,
-  )
+  with progress.bars(not args.no_progress) as bar:
+    rows, failures = prediction.predict_files(
+      loaded,
+      args.images,
+      out,
+      threshold=args.threshold,
+      batch_size=args.batch_size,
+      progress=bar,
+      boxes=args.boxes,
+      box_tau=args.box_tau,
+      calibration=calibration,
+      saliency_source=args.saliency,
+      gradcam_level=args.gradcam_level,
+    )
   print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)
   wrote = f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays"

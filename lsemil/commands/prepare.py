@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lsemil.commands import progress
 from lsemil.core import fileio
 from lsemil.data import nih, preparation
 
@@ -46,16 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   out = fileio.resolve(args.out)
-  summary = preparation.prepare(
-    fileio.resolve(args.nih_dir),
-    out,
-    fmt=args.format,
-    size=args.size,
-    on_bad=args.on_bad,
-    workers=args.workers,
-    val_fraction=args.val_fraction,
-    split_seed=args.split_seed,
-  )
+  with progress.bars() as bar:
+    summary = preparation.prepare(
+      fileio.resolve(args.nih_dir),
+      out,
+      fmt=args.format,
+      size=args.size,
+      on_bad=args.on_bad,
+      workers=args.workers,
+      val_fraction=args.val_fraction,
+      split_seed=args.split_seed,
+      progress=bar,
+    )
   for line in summary.lines(args.on_bad):
     print(line, file=sys.stderr)
   print(f"wrote {out}", file=sys.stderr)

@@ -14,7 +14,7 @@ import argparse
 import math
 import re
 
-from lsemil.commands import arguments
+from lsemil.commands import arguments, progress
 from lsemil.core import fileio
 from lsemil.data import nih
 from lsemil.reporting import paper_tables
@@ -162,22 +162,23 @@ def main(argv: list[str]) -> int:
   baselines = [(source, fileio.resolve(path)) for source, path in baselines]
   figure1 = [(n, fileio.resolve(path)) for n, path in figure1]
   out = fileio.resolve(args.out)
-  summary = reproduction.reproduce_runs(
-    runs,
-    args.data_dir and fileio.resolve(args.data_dir),
-    out,
-    split=args.split,
-    which=args.which,
-    classes_taus=classes_taus,
-    n_figure=args.figure_images,
-    n_boot=args.n_boot,
-    force=args.force,
-    progress=not args.no_progress,
-    baselines=baselines,
-    figure1=figure1,
-    html=not args.no_html,
-    calibrate=args.calibrate,
-  )
+  with progress.bars(not args.no_progress) as bar:
+    summary = reproduction.reproduce_runs(
+      runs,
+      args.data_dir and fileio.resolve(args.data_dir),
+      out,
+      split=args.split,
+      which=args.which,
+      classes_taus=classes_taus,
+      n_figure=args.figure_images,
+      n_boot=args.n_boot,
+      force=args.force,
+      progress=bar,
+      baselines=baselines,
+      figure1=figure1,
+      html=not args.no_html,
+      calibrate=args.calibrate,
+    )
   if "tables" in summary:  # process 0
     print(summary["tables"]["table3"])
     figures = ", ".join(summary["figures"]) or "no figures"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lsemil.commands import progress
 from lsemil.core import fileio
 from lsemil.data import phantoms
 
@@ -34,12 +35,14 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.patients < 1:
     parser.error("--patients must be >= 1")
-  out = phantoms.synthesize(
-    fileio.resolve(args.out),
-    patients=args.patients,
-    size=args.size,
-    seed=args.seed,
-    workers=args.workers,
-  )
+  with progress.bars() as bar:
+    out = phantoms.synthesize(
+      fileio.resolve(args.out),
+      patients=args.patients,
+      size=args.size,
+      seed=args.seed,
+      workers=args.workers,
+      progress=bar,
+    )
   print(out)
   return 0

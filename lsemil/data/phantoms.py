@@ -36,14 +36,13 @@ import io
 import json
 import multiprocessing
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import DataError
 from lsemil.data import imageio
 from lsemil.data.nih import BOX_CLASSES, CLASSES, MARKER_NAME, NUM_CLASSES
@@ -680,7 +679,7 @@ def _bbox_csv(specs: Sequence[ImageSpec], boxes: dict[str, dict]) -> bytes:
 
 def synthesize(
   out_dir: str | os.PathLike, *, patients: int = 600, size: int = 512, seed: int = 0,
-  workers: int | None = None, progress: bool = True,
+  workers: int | None = None, progress: log.Progress | None = None,
 ) -> Path:
   """Writes (or completes) a synthetic NIH-layout dataset in `out_dir` and returns its path.
 
@@ -690,10 +689,8 @@ def synthesize(
     size: side of the square images (512 or 1024).
     seed: the dataset seed; each image depends only on it and the image's id.
     workers: processes to render with; None uses up to 2 (the CPU count), 1 renders in-process.
-    progress: show a tqdm bar on stderr.
+    progress: told of each image rendered, as 'synth'.
   """
-  from tqdm import tqdm
-
   if size not in SIZES:
     raise DataError(f"size must be one of {SIZES}, got {size}")
   out = Path(out_dir)
@@ -716,7 +713,9 @@ def synthesize(
   chunk = 8
   tasks = [(specs[i : i + chunk], str(out), size, seed) for i in range(0, len(specs), chunk)]
   boxes: dict[str, dict] = {}
-  bar = tqdm(total=len(specs), desc="synth", unit="img", disable=not progress, file=sys.stderr)
+  done = 0
+  if progress:
+    progress("synth", done, len(specs))
   if workers == 1:
     results = map(_render_chunk, tasks)
     pool = None
@@ -726,9 +725,10 @@ def synthesize(
   try:
     for res in results:
       boxes.update(res)
-      bar.update(len(res))
+      done += len(res)
+      if progress:
+        progress("synth", done, len(specs))
   finally:
-    bar.close()
     if pool is not None:
       pool.shutdown(cancel_futures=True)
 

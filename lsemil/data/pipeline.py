@@ -34,7 +34,6 @@ zero images whose `mask` is False and `row` is -1, so every example is counted e
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 from pathlib import Path
@@ -43,10 +42,10 @@ import cv2
 import grain
 import numpy as np
 
+from lsemil.core import log
 from lsemil.data import imageio, nih
 
 PAPER_SIDE = 512  # translation_px is in pixels of a 512x512 image (Sec 4.2)
-_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- sources
@@ -93,10 +92,9 @@ class ImageSource:
         )
       self.paths = [str(p) for p in paths]
       if self.raw:
-        _log.warning(
-          "%s: reading raw NIH images (decode + resize per step); run `lsemil prepare` once "
-          "for a faster input pipeline",
-          self.data_dir,
+        log.warning(
+          f"{self.data_dir}: reading raw NIH images (decode + resize per step); run "
+          "`lsemil prepare` once for a faster input pipeline"
         )
 
   def _map_tfds(self, marker: dict, index, val_fraction: float, split_seed: int) -> None:

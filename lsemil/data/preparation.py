@@ -28,15 +28,13 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
-from tqdm import tqdm
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import ImageError, OutputError, PrepareError
 from lsemil.data import imageio, nih
 
@@ -239,9 +237,10 @@ def write_images(
   size: int,
   on_bad: str = "error",
   workers: int | None = None,
-  progress: bool = True,
+  progress: log.Progress | None = None,
 ) -> Summary:
-  """Resizes every image of the index into images_dir (parallel, resumable)."""
+  """Resizes every image of the index into images_dir (parallel, resumable); reports each
+  image done to `progress` as 'prepare'."""
   index = nih.open_index(nih_dir, val_fraction=nih.VALID_FRACTION, split_seed=0)
   images_dir.mkdir(parents=True, exist_ok=True)
   summary = Summary(total=len(index), stale_temp_removed=_clean_temp(images_dir))
@@ -265,9 +264,6 @@ def write_images(
     src = index.image_paths[row]
     todo.append((image_id, None if src is None else str(src), str(dst), size))
   workers = (os.cpu_count() or 1) if workers is None else workers
-  bar = tqdm(
-    total=len(todo), desc="prepare", unit="img", disable=not progress or not todo, file=sys.stderr
-  )
   pool = None
   try:
     if workers > 1 and len(todo) > 1:
@@ -275,8 +271,7 @@ def write_images(
       results = pool.imap_unordered(_process_star, todo, chunksize=16)
     else:
       results = map(_process_star, todo)
-    for image_id, src, reason in results:
-      bar.update()
+    for image_id, src, reason in log.tracked(results, progress, "prepare", len(todo)):
       if reason is None:
         summary.written += 1
         continue
@@ -286,7 +281,6 @@ def write_images(
         raise PrepareError(f"{reason} (rerun with --on-bad skip to skip and list bad files)")
       summary.bad[image_id] = reason
   finally:
-    bar.close()
     if pool is not None:
       pool.terminate()
       pool.join()
@@ -322,7 +316,7 @@ def prepare(
   workers: int | None = None,
   val_fraction: float = nih.VALID_FRACTION,
   split_seed: int = 0,
-  progress: bool = True,
+  progress: log.Progress | None = None,
 ) -> Summary:
   """Prepares `nih_dir` into `out` (see the module docstring); returns the summary."""
   nih_dir, out = Path(nih_dir), Path(out)

@@ -55,7 +55,7 @@ from absl import logging
 from etils import epath
 from flax import struct
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, DataError, Interrupted, NonFiniteLossError
 from lsemil.data import nih, pipeline
 from lsemil.inference import engine
@@ -276,7 +276,7 @@ def check_resume_config(workdir: epath.Path, config: ml_collections.ConfigDict) 
     )
 
 
-def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None, note) -> str:
+def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None) -> str:
   """--data-dir, else config.data.data_dir, else (config.data.synth_patients > 0) a
   synthetic dataset written into W/data once."""
   data_dir = data_dir or config.data.data_dir
@@ -299,7 +299,7 @@ def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None, note) ->
     )
   if not (out / nih.MARKER_NAME).exists():
     if jax.process_index() == 0:
-      note(f"no --data-dir: synthesizing {patients} patients into {out} (data.synth_patients)")
+      log.info(f"no --data-dir: synthesizing {patients} patients into {out} (data.synth_patients)")
       phantoms.synthesize(out, patients=patients, size=nih.PREPARED_SIZE, seed=0, workers=1)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -398,7 +398,7 @@ class StopRequests:
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint at the next step boundary", self.signal)
+    log.warning(f"{self.signal} received: saving a checkpoint at the next step boundary")
 
   def __enter__(self) -> StopRequests:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -431,19 +431,21 @@ class Run:
   abstract: TrainState
   state_sharding: Any
   is_main: bool
-  note: Any  # fn(message): log, and print on process 0
+  progress: log.Progress | None = None  # told of each step as 'train'
 
   @property
   def log_every(self) -> int:
     return max(1, int(self.config.train.log_every_steps))
 
 
-def setup(config, workdir: epath.Path, data_dir: str | None, note) -> Run:
+def setup(
+  config, workdir: epath.Path, data_dir: str | None, progress: log.Progress | None = None
+) -> Run:
   """Checks a resume's config, resolves the data, builds mesh, model and optimizer."""
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may resolve
   check_resume_config(workdir, config)
   is_main = jax.process_index() == 0
-  config.data.data_dir = resolve_data_dir(config, workdir, data_dir, note)
+  config.data.data_dir = resolve_data_dir(config, workdir, data_dir)
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(config.data.data_dir, config)
   mesh = sharding.create_mesh()
@@ -463,7 +465,7 @@ def setup(config, workdir: epath.Path, data_dir: str | None, note) -> Run:
     abstract=abstract,
     state_sharding=state_sh,
     is_main=is_main,
-    note=note,
+    progress=progress,
   )
 
 
@@ -481,7 +483,7 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
     )
     state, saved = checkpointing.restore(manager, latest, abstract_sh, train_iter)
     meta.update({k: v for k, v in saved.items() if k != "num_steps"})
-    run.note(
+    log.info(
       f"resuming from {checkpointing.checkpoint_dir(run.workdir) / str(latest)} (step {latest})"
     )
     return state, meta
@@ -495,9 +497,9 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
         loaded.variables.get("batch_stats", {}), run.state_sharding.batch_stats
       ),
     )
-    run.note(f"initialised weights from {init_from} (step {loaded.step}); optimizer from scratch")
+    log.info(f"initialised weights from {init_from} (step {loaded.step}); optimizer from scratch")
   else:
-    run.note("training from scratch")
+    log.info("training from scratch")
   return state, meta
 
 
@@ -505,8 +507,8 @@ class MetricWindow:
   """Step metrics fetched in batches (no per-step host sync): their mean is logged, a
   non-finite loss stops the run naming the step, and images/s is measured between flushes."""
 
-  def __init__(self, run: Run, writer, bar) -> None:
-    self.run, self.writer, self.bar = run, writer, bar
+  def __init__(self, run: Run, writer) -> None:
+    self.run, self.writer = run, writer
     self.pending: list[tuple[int, dict]] = []
     self.last_saved: int | None = None
     self.restart()
@@ -536,7 +538,9 @@ class MetricWindow:
     mean["images_per_s"] = self.steps * int(self.run.config.train.batch_size) / max(dt, 1e-9)
     mean["epoch"] = step / self.run.steps_per_epoch
     self.writer.write(step, mean, kind="train")
-    self.bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{mean['images_per_s']:.1f}")
+    if self.run.progress:
+      status = f"loss={mean['loss']:.4f}, img_s={mean['images_per_s']:.1f}"
+      self.run.progress("train", step, self.run.num_steps, status)
     self.restart()
 
 
@@ -579,22 +583,22 @@ class Validator:
         )
       engine.write_split_predictions(run.workdir / VALIDATION_PREDICTIONS, self._index, preds)
     auc_s = "n/a" if auc is None else f"{auc:.4f}"
-    run.note(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
+    log.info(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
     if meta["stopped_early"]:
-      run.note(
+      log.info(
         f"early stopping at step {step}: no improvement in {run.config.train.patience} evaluations"
       )
     return eval_metrics
 
 
-def train_loop(run: Run, state, meta, manager, train_iter, writer, bar, stops) -> TrainState:
+def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> TrainState:
   """Steps from the state's step to `run.num_steps`: log, validate, checkpoint; stops early
   (Sec 4.2) or on a stop request after saving (raises `Interrupted`)."""
   start = int(jax.device_get(state.step))
   p_train_step = make_train_step(run.model, run.tx, run.mesh, run.state_sharding)
   batch_sh = sharding.batch_sharding(run.mesh)
   validator = Validator(run, state)
-  window = MetricWindow(run, writer, bar)
+  window = MetricWindow(run, writer)
   window.last_saved = manager.latest_step()
   for step in range(start + 1, run.num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -607,7 +611,8 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, bar, stops) -
     if step == start + 1:
       jax.block_until_ready(state)
       logging.info("first step (compile) took %.1fs", time.perf_counter() - window.start)
-    bar.update(1)
+    if run.progress:
+      run.progress("train", step, run.num_steps)
     is_eval = step % run.eval_every == 0 or step == run.num_steps
     stop = stops.signal is not None
     save = is_eval or manager.should_save(step) or stop  # should_save: every process, every step
@@ -665,7 +670,8 @@ def _result(run: Run, manager, meta: dict) -> dict[str, Any]:
   }
 
 
-def _final_line(result: dict) -> str:
+def final_line(result: dict) -> str:
+  """The one-line outcome of a run (`lsemil train` prints it)."""
   if result["best_step"] is None:
     return f"no evaluated checkpoint in {result['checkpoint_dir']}"
   auc = result["best_val_mean_auc"]
@@ -677,7 +683,11 @@ def _final_line(result: dict) -> str:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, data_dir: str | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  data_dir: str | None = None,
+  progress: log.Progress | None = None,
 ) -> dict[str, Any]:
   """Trains `config` into `workdir` (resuming from its latest checkpoint) and validates.
 
@@ -686,23 +696,16 @@ def train_and_evaluate(
   its best checkpoint reported. Returns dict(best_step, best_val_mean_auc, best_checkpoint,
   last_step, num_steps, stopped_early, workdir, checkpoint_dir, metrics_file, config_file,
   data_dir), also written to W/result.json. Raises ConfigError / DataError before compiling,
-  NonFiniteLossError, and Interrupted after saving on SIGTERM / SIGINT.
+  NonFiniteLossError, and Interrupted after saving on SIGTERM / SIGINT. Notes go to
+  `lsemil.core.log`; `progress` is told of each step as 'train' (loss and images/s as its
+  status), on every process.
   """
-  from tqdm.auto import tqdm
-
-  bar = None
-
-  def note(msg: str) -> None:
-    logging.info("%s", msg)
-    if jax.process_index() == 0:
-      (bar.write if bar is not None else print)(msg)
-
   validate_config(config)
   workdir = epath.Path(fileio.resolve(workdir))
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
-    run = setup(config, workdir, data_dir, note)
+    run = setup(config, workdir, data_dir, progress)
     t = run.config.train
     manager = checkpointing.create_manager(
       run.workdir,
@@ -721,7 +724,7 @@ def train_and_evaluate(
       start = int(jax.device_get(state.step))
       if start >= run.num_steps or meta["stopped_early"]:
         why = "stopped early" if meta["stopped_early"] else f"reached step {start}"
-        note(f"{run.workdir}: already finished ({why}); nothing to do")
+        log.info(f"{run.workdir}: already finished ({why}); nothing to do")
       else:
         if run.is_main:
           fileio.write_text(
@@ -730,9 +733,8 @@ def train_and_evaluate(
         writer = metric_writer.MetricWriter(run.workdir, enabled=run.is_main, resume_step=start)
         if start == 0:
           writer.write_text("config", run.config.to_json_best_effort(indent=2))
-        bar = tqdm(
-          total=run.num_steps, initial=start, desc="train", unit="step", disable=not run.is_main
-        )
+        if progress:
+          progress("train", start, run.num_steps)
         logging.info(
           "training steps %d..%d: %d steps/epoch, eval every %d, %d processes, %d devices",
           start + 1,
@@ -744,10 +746,8 @@ def train_and_evaluate(
         )
         try:
           with StopRequests() as stops, jax.set_mesh(run.mesh):
-            train_loop(run, state, meta, manager, train_iter, writer, bar, stops)
+            train_loop(run, state, meta, manager, train_iter, writer, stops)
         finally:
-          bar.close()
-          bar = None
           writer.close()
       manager.wait_until_finished()
       result = _result(run, manager, meta)
@@ -756,5 +756,4 @@ def train_and_evaluate(
       manager.close()
   if run.is_main:
     fileio.write_json(run.workdir / "result.json", result, indent=2)
-  note(_final_line(result))
   return result

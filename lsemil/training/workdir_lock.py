@@ -34,9 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from absl import logging
-
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import OutputError, UserError, WorkdirBusyError
 
 LOCK_FILE = ".lsemil_train.lock"
@@ -174,9 +172,9 @@ class _GcsLock:
         generation = self._write(self.holder, int(blob.generation))
       except self._gexc.PreconditionFailed:
         continue  # another run took it over first
-      logging.warning(
-        "%s: took over a stale lock (%s, no heartbeat for %.0f s)",
-        self.workdir, theirs.describe() if theirs else "unknown holder", age,
+      holder = theirs.describe() if theirs else "unknown holder"
+      log.warning(
+        f"{self.workdir}: took over a stale lock ({holder}, no heartbeat for {age:.0f} s)"
       )
       return generation
     raise _busy(self.workdir, None, ", the lock object keeps changing")
@@ -188,10 +186,10 @@ class _GcsLock:
         self.generation = self._write(beat, self.generation)
       except (self._gexc.PreconditionFailed, self._gexc.NotFound):
         self.lost = True
-        logging.error("%s: lost the workdir lock (taken over as stale)", self.path)
+        log.warning(f"{self.path}: lost the workdir lock (taken over as stale)")
         return
       except Exception as e:  # a transient network error: the next beat retries
-        logging.warning("%s: lock heartbeat failed: %s", self.path, e)
+        log.warning(f"{self.path}: lock heartbeat failed: {e}")
 
   def release(self) -> None:
     self._stop.set()

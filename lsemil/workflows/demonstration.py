@@ -30,11 +30,10 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.data import nih
 from lsemil.reporting.paper_tables import mean_sd as report_mean_sd
 from lsemil.workflows import lanes
@@ -54,10 +53,6 @@ QUICK = {"patients": 240, "r0": (5.0,), "n_boot": 200, "auc_bar": 0.75, "gap": F
 PREPARE_SIZE = 256
 FIGURE1_N = (8, 16, 32, 64)  # target resolutions of Figure 1 (sides of the demo's levels)
 FIGURE1_R0 = 5.0
-
-
-def _say(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
 
 
 def _r0_label(r0: float) -> str:
@@ -107,24 +102,25 @@ def _lanes_note() -> str:
   )
 
 
-def _train_all(jobs) -> dict[str, dict]:
+def _train_all(jobs, progress: log.Progress | None = None) -> dict[str, dict]:
   """Trains every job: side by side, one core each, on a CPU (`lsemil.workflows.lanes`); one
   after another in this process on an accelerator. Returns each job's result by key."""
   if _on_cpu():
-    return lanes.run(jobs, say=_say)
+    return lanes.run(jobs)
   from lsemil.core import configuration
   from lsemil.training import trainer
 
   results = {}
   for job in jobs:
-    _say(f"  train {job.config} -> {job.workdir}")
+    log.info(f"  train {job.config} -> {job.workdir}")
     config = configuration.load_config(job.config)
     if job.epochs:
       config.train.num_epochs = int(job.epochs)
     t0 = time.perf_counter()
     results[job.key] = trainer.train_and_evaluate(
-      config, str(job.workdir), data_dir=str(job.data_dir)
+      config, str(job.workdir), data_dir=str(job.data_dir), progress=progress
     )
+    log.info(trainer.final_line(results[job.key]))
     results[job.key]["seconds"] = time.perf_counter() - t0
   return results
 
@@ -139,11 +135,13 @@ def run_demo(
   workers: int | None = None,
   seeds: int = 1,
   figure1: bool = False,
+  progress: log.Progress | None = None,
 ) -> dict:
   """Runs the demo into `out` and returns the summary dict (also DIR/results/...json).
 
   seeds: runs per r0 (seeds 0..seeds-1; Table 3 then shows mean ± sd, spread.md each seed);
   figure1: also train the r0 = 5 models at N = 8, 16, 64 and draw the paper's Figure 1.
+  Steps are reported through `lsemil.core.log`, long loops to `progress`.
   """
   from lsemil.data import phantoms, preparation
   from lsemil.workflows import reproduction
@@ -158,14 +156,18 @@ def run_demo(
   timings: dict[str, float] = {}
   start = time.perf_counter()
 
-  _say(f"[1/4] synthetic NIH-layout dataset ({patients} patients) -> {out / 'nih'}")
+  log.info(f"[1/4] synthetic NIH-layout dataset ({patients} patients) -> {out / 'nih'}")
   t0 = time.perf_counter()
-  phantoms.synthesize(out / "nih", patients=patients, size=512, seed=0, workers=workers)
+  phantoms.synthesize(
+    out / "nih", patients=patients, size=512, seed=0, workers=workers, progress=progress
+  )
   timings["synth_s"] = time.perf_counter() - t0
 
-  _say(f"[2/4] prepare to {PREPARE_SIZE} px (the real release's path) -> {data}")
+  log.info(f"[2/4] prepare to {PREPARE_SIZE} px (the real release's path) -> {data}")
   t0 = time.perf_counter()
-  preparation.prepare(out / "nih", data, size=PREPARE_SIZE, workers=workers)
+  preparation.prepare(
+    out / "nih", data, size=PREPARE_SIZE, workers=workers, progress=progress
+  )
   timings["prepare_s"] = time.perf_counter() - t0
 
   plan_runs = [(r0, seed) for seed in range(seeds) for r0 in r0s]
@@ -193,14 +195,14 @@ def run_demo(
       lanes.Job(f"train_N{n}_s", f"demo:r0={FIGURE1_R0:g},N={n}", workdir, data, epochs)
     )
     fig1.append((n, workdir))
-  _say(f"[3/4] train {len(jobs)} runs, {_lanes_note()}")
+  log.info(f"[3/4] train {len(jobs)} runs, {_lanes_note()}")
   t0 = time.perf_counter()
-  results = _train_all(jobs)
+  results = _train_all(jobs, progress)
   timings["train_s"] = time.perf_counter() - t0
   timings.update({key: result["seconds"] for key, result in results.items()})
   runs = [(label, r0, seed, workdir, results[key]) for label, r0, seed, workdir, key in runs]
 
-  _say(
+  log.info(
     f"[4/4] evaluate on the test split and reproduce the tables and figures -> {out / 'results'}"
   )
   t0 = time.perf_counter()
@@ -212,6 +214,7 @@ def run_demo(
     baselines=baselines,
     figure1=fig1,
     calibrate="temperature",
+    progress=progress,
   )
   timings["reproduce_s"] = time.perf_counter() - t0
   timings["total_s"] = time.perf_counter() - start

@@ -46,16 +46,14 @@ import dataclasses
 import io
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
-from tqdm import tqdm
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, DataError, OutputError
 from lsemil.data import nih, pipeline
 from lsemil.inference import engine
@@ -149,10 +147,6 @@ def figure_cases(index: nih.NihIndex, split: str, n: int = FIGURE_CASES) -> list
   return [(r, k) for _, k, r in sorted(chosen)]
 
 
-def log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- localization
 
 
@@ -163,7 +157,7 @@ def localization_metrics(
   *,
   taus: Sequence[float] = DEFAULT_TAUS,
   ts: Sequence[float] = DEFAULT_TS,
-  progress: bool = False,
+  progress: log.Progress | None = None,
 ) -> dict:
   """DICE, uniform-map DICE and IoBB / IoU accuracy per box class from kept saliency maps.
 
@@ -179,7 +173,7 @@ def localization_metrics(
   best: dict[str, dict[int, list[list[np.ndarray]]]] = {"iobb": {}, "iou": {}}
   n_boxes: dict[int, int] = {}
   todo = [(r, k, b) for r, cs in cases.items() if r in saliency for k, b in cs]
-  for r, k, boxes in tqdm(todo, desc="localization", disable=not progress, file=sys.stderr):
+  for r, k, boxes in log.tracked(todo, progress, "localization"):
     s = np.asarray(saliency[r][..., k], dtype=np.float64)
     s512 = overlap.resize_saliency(s, EVAL_SIZE)
     mask = overlap.boxes_to_mask(boxes, EVAL_SIZE, box_space)
@@ -228,7 +222,7 @@ class EvalOptions:
   ts: tuple[float, ...] = DEFAULT_TS  # T(IoBB) / T(IoU) thresholds
   n_figure: int = FIGURE_CASES  # Figure 1/3 candidates whose per-level maps are kept
   keep_saliency_for: tuple[int, ...] | None = None  # rows; None = the split's box images
-  progress: bool = True
+  progress: log.Progress | None = None  # a command's bars (`lsemil.commands.progress`)
   # Saliency source ('model' | 'gradcam' | 'cam') and Grad-CAM level; None = the run's config
   # (`registry.saliency_settings`). Used by `evaluate_checkpoint`.
   saliency: str | None = None
@@ -300,25 +294,24 @@ class EvalRun:
 
 
 def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
-  """The split's predictions through the one inference path, with a progress bar and the
+  """The split's predictions through the one inference path, reported to `progress`, and the
   steady-state images/s (the first batch, which compiles, excluded)."""
   split_rows = pipeline.split_rows(config, data_dir, split)
   batches = engine.predict_split(
     predictor, config, data_dir, split, saliency_rows=keep, level_rows=fig_rows
   )
-  bar = tqdm(
-    total=len(split_rows),
-    desc=f"evaluate {split}",
-    unit="img",
-    disable=not progress,
-    file=sys.stderr,
-  )
+  stage, total, done = f"evaluate {split}", len(split_rows), 0
+  if progress:
+    progress(stage, 0, total)
   t0 = time.perf_counter()
   timing = {"first": None, "after_first": 0}
 
   def counted():
+    nonlocal done
     for b in batches:
-      bar.update(len(b.rows))
+      done += len(b.rows)
+      if progress:
+        progress(stage, done, total)
       if timing["first"] is None:
         timing["first"] = time.perf_counter()
       else:
@@ -326,7 +319,6 @@ def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
       yield b
 
   preds = engine.collect(counted(), split_rows, f"{data_dir} split {split!r}")
-  bar.close()
   t_end = time.perf_counter()
   seconds = t_end - t0
   steady = t_end - timing["first"] if timing["first"] is not None else 0.0
@@ -392,7 +384,9 @@ def evaluate_split(
   preds, seconds, ips = _predict(
     predictor, config, data_dir, split, keep, [r for r, _ in fig], options.progress
   )
-  log(f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)")
+  log.info(
+    f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)"
+  )
   cases = box_cases(index, preds.saliency)
   loc = localization_metrics(
     preds.saliency,
@@ -451,7 +445,7 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
     n_boot=options.n_boot,
     seed=options.seed,
   )
-  log(
+  log.info(
     f"localization protocols over {sum(len(c) for c in cases.values())} cases in "
     f"{time.perf_counter() - t0:.1f} s"
   )
@@ -478,7 +472,7 @@ def calibration_results(predictor, config, data_dir, preds, options: EvalOptions
     calibration.apply(params, preds.probs), preds.labels, nih.CLASSES
   )
   fitted.update(method=options.calibrate, fit_split="valid", fit_images=int(len(valid.rows)))
-  log(
+  log.info(
     f"{options.calibrate} calibration fitted on {len(valid.rows)} valid images: ECE "
     f"{raw['ece_overall']:.4f} -> {fitted['ece_overall']:.4f}"
   )

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lsemil.core import configuration
+from lsemil.core import configuration, log
 from lsemil.core.errors import EXIT_PREEMPTED, Interrupted, OutputError
 
 _STOP_GRACE_S = 300  # a stopped run finishes its step and writes its checkpoint first
@@ -147,7 +147,7 @@ def run(
   jobs: Sequence[Job],
   *,
   cores: Sequence[int] | None = None,
-  say: Callable[[str], None] = print,
+  say: Callable[[str], None] = log.info,
   progress_s: float = 60.0,
 ) -> dict[str, dict]:
   """Trains `jobs` (in the given order, a free core taking the next) and returns, per job key,

@@ -23,16 +23,14 @@ recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the C
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, UserError
 from lsemil.data import dicom, imageio, pipeline
 from lsemil.data.nih import CLASSES
@@ -84,17 +82,19 @@ class Inputs(NamedTuple):
   shapes: list[tuple[int, int]]  # (H, W) of each decoded file, before any resizing
 
 
-def read_inputs(paths: Sequence[str], input_size: int, progress: bool = False):
+def read_inputs(paths: Sequence[str], input_size: int, progress: log.Progress | None = None):
   """(model inputs uint8 (n, S, S, 1), their prepared 512 px images, indices of `paths`
   read, failures [(path, message)]): every file on its own, a bad one never stops the rest."""
   return tuple(read_files(paths, input_size, progress))[:4]
 
 
-def read_files(paths: Sequence[str], input_size: int, progress: bool = False) -> Inputs:
-  """`read_inputs` plus each decoded file's own (H, W), as an `Inputs`."""
+def read_files(
+  paths: Sequence[str], input_size: int, progress: log.Progress | None = None
+) -> Inputs:
+  """`read_inputs` plus each decoded file's own (H, W), as an `Inputs`; a file that cannot
+  be read is reported through `log.warning` and listed in `failures`."""
   inputs, prepared, ok, failures, shapes = [], [], [], [], []
-  bar = tqdm(total=len(paths), desc="read", unit="img", disable=not progress, file=sys.stderr)
-  for i, path in enumerate(paths):
+  for i, path in log.tracked(enumerate(paths), progress, "read", len(paths)):
     try:
       gray = read_image(path)
       got = (pipeline.prepared_image(gray), engine.model_input(gray, input_size))
@@ -105,9 +105,7 @@ def read_files(paths: Sequence[str], input_size: int, progress: bool = False) ->
     except (UserError, OSError, ValueError, cv2.error) as e:
       msg = str(e) if str(path) in str(e) else f"{path}: {e}"
       failures.append((str(path), msg))
-      print(f"lsemil predict: {msg}", file=sys.stderr, flush=True)
-    bar.update(1)
-  bar.close()
+      log.warning(msg)
   s = int(input_size)
   images = np.stack(inputs) if inputs else np.zeros((0, s, s, 1), np.uint8)
   return Inputs(images, prepared, ok, failures, shapes)
@@ -120,7 +118,7 @@ def predict_files(
   *,
   threshold: float = 0.5,
   batch_size: int = 16,
-  progress: bool = True,
+  progress: log.Progress | None = None,
   boxes: bool = False,
   box_tau: float = 0.5,
   calibration: Mapping | None = None,

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from lsemil.core import fileio, tables
+from lsemil.core import fileio, log, tables
 from lsemil.core.errors import UserError
 from lsemil.data import nih
 from lsemil.inference import engine
@@ -96,9 +96,11 @@ def _arch(config) -> str:
   return str(config.model.get("arch", "mil"))
 
 
-def _options(n_boot: int, progress: bool, source: str, calibrate) -> evaluation.EvalOptions:
+def _options(n_boot: int, progress, source: str, calibrate) -> evaluation.EvalOptions:
   """EvalOptions for a map source (and a recalibration fitted on the valid split)."""
-  return evaluation.EvalOptions(n_boot=n_boot, progress=progress, saliency=source, calibrate=calibrate)
+  return evaluation.EvalOptions(
+    n_boot=n_boot, progress=progress, saliency=source, calibrate=calibrate
+  )
 
 
 def output_for(workdir, split: str, source: str, config) -> Any:
@@ -117,7 +119,7 @@ def load_or_evaluate(
   which: str = "best",
   n_boot: int = evaluation.DEFAULT_N_BOOT,
   force: bool = False,
-  progress: bool = True,
+  progress: log.Progress | None = None,
   source: str | None = None,
   calibrate: str | None = None,
 ) -> tuple[dict, dict | None, Any]:
@@ -146,10 +148,10 @@ def load_or_evaluate(
     needs = ("protocols",) + (("calibration_fitted",) if calibrate else ())
     kw = {"step": loaded.step, "split": split, "data_dir": data_dir, "needs": needs}
     if evaluation.matches(result, saliency=source, **kw):
-      evaluation.log(f"{workdir}: reusing {out} (step {loaded.step})")
+      log.info(f"{workdir}: reusing {out} (step {loaded.step})")
       return dict(result, saliency_source=source), evaluation.load_saliency(sal_path), loaded.config
   options = _options(n_boot, progress, source, calibrate)
-  evaluation.log(f"{workdir}: evaluating step {loaded.step} on {split!r} of {data_dir} ({source})")
+  log.info(f"{workdir}: evaluating step {loaded.step} on {split!r} of {data_dir} ({source})")
   run = evaluation.evaluate_checkpoint(loaded, data_dir, split, options)
   run.result.which = which
   result = dict(run.result.to_dict(), saliency_source=source)
@@ -158,7 +160,7 @@ def load_or_evaluate(
   try:
     evaluation.write_outputs(run, loaded.config, data_dir, out)
   except OSError as e:
-    evaluation.log(f"warning: could not store the evaluation in {out} ({e})")
+    log.warning(f"could not store the evaluation in {out} ({e})")
     return result, None, loaded.config
   result = dict(run.result.to_dict(), saliency_source=source)  # now with the file names
   return result, evaluation.load_saliency(sal_path), loaded.config
@@ -777,7 +779,7 @@ def reproduce_runs(
   n_figure: int = evaluation.FIGURE_CASES,
   n_boot: int = evaluation.DEFAULT_N_BOOT,
   force: bool = False,
-  progress: bool = True,
+  progress: log.Progress | None = None,
   baselines: Sequence[tuple[str, Any]] = (),
   figure1: Sequence[tuple[int, Any]] = (),
   html: bool = True,

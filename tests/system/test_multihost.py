@@ -136,9 +136,9 @@ def _launch(lsemil, workdir, data_dir, num_steps, dump_steps, outs, *, cache, np
   for pid, (rc, stdout, stderr) in enumerate(logs):
     assert rc == 0, f"process {pid} of {nproc} exited {rc}:\n{stdout[-2000:]}\n{stderr[-5000:]}"
   results = []
-  for _, stdout, _ in logs:
+  for _, stdout, stderr in logs:
     line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-    results.append(dict(json.loads(line[len("RESULT ") :]), stdout=stdout))
+    results.append(dict(json.loads(line[len("RESULT ") :]), stdout=stdout, stderr=stderr))
   return results
 
 
@@ -208,7 +208,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir, lsemil):
     assert {"config.json", "result.json", "validation_predictions.csv"} <= set(writes[0]), writes
     assert results[0]["writer_enabled"] == [True] and results[1]["writer_enabled"] == [False]
     started = f"resuming from {w / 'checkpoints' / str(N)}" if launch else "training from scratch"
-    assert started in results[0]["stdout"]
+    assert started in results[0]["stdout"] + results[0]["stderr"]  # lsemil.core.log
 
     # The checkpoint both processes saved restores in another (single) process.
     _, _, variables, step, _ = checkpointing.load_inference(w, which="latest")

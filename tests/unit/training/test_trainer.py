@@ -130,7 +130,7 @@ def test_missing_dataset_is_a_clear_error_unless_synthesized(tmp_path):
   with pytest.raises(DataError, match="--data-dir"):
     trainer.train_and_evaluate(config, tmp_path / "w")
   with pytest.raises(DataError, match="local disk"):
-    trainer.resolve_data_dir(config, tmp_path / "w", "gs://bucket/data", print)
+    trainer.resolve_data_dir(config, tmp_path / "w", "gs://bucket/data")
 
 
 def test_resume_with_another_config_is_refused_naming_the_fields(tmp_path):

@@ -150,7 +150,7 @@ def predict_files(
   out = predictor.predict_images(inputs.images, batch_size, saliency=want_maps)
   all_probs = np.asarray(out.get("probs", np.zeros((0, len(CLASSES)))), np.float64)
   if calibration is not None:
-    all_probs = calibration.apply(calibration, all_probs)
+    all_probs = _recalibrate(calibration, all_probs)
   out_path = Path(fileio.resolve(out_dir)) if out_dir is not None else None
   if out_path is not None:
     out_path.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,11 @@ def _box_key(paths: Sequence[str], i: int, stems: Sequence[str]) -> str:
   """The file name (the CSV's image_id); the unique output stem where two inputs share it."""
   names = [Path(p).name for p in paths]
   return names[i] if names.count(names[i]) == 1 else f"{stems[i]}{Path(paths[i]).suffix}"
+
+
+def _recalibrate(params: Mapping, probs: np.ndarray) -> np.ndarray:
+  # `predict_files` has a `calibration` argument, which hides the module there.
+  return calibration.apply(params, probs)
 
 
 def _check_calibration(params: Mapping) -> None:

@@ -114,7 +114,8 @@ def test_evaluate_gradcam_and_cam_write_the_protocols(evaluations, gap_workdir, 
   for image_id in pg:
     np.testing.assert_array_equal(pg[image_id], pc[image_id])
   maps = {
-    s: evaluation.load_saliency(gap_workdir / e["saliency_file"])["maps"] for s, e in evaluations.items()
+    s: evaluation.load_saliency(gap_workdir / e["saliency_file"])["maps"]
+    for s, e in evaluations.items()
   }
   assert sorted(maps["cam"]) == box_rows
   differ = False

@@ -129,7 +129,9 @@ def test_seed_changes_the_dataset():
 
 
 def test_resume_restores_missing_files_and_refuses_other_settings(tmp_path):
-  out = phantoms.synthesize(tmp_path / "d", patients=2, size=SIZE, seed=5, workers=1, progress=False)
+  out = phantoms.synthesize(
+    tmp_path / "d", patients=2, size=SIZE, seed=5, workers=1, progress=False
+  )
   images = sorted((out / "images").iterdir())
   victim, kept = images[0], images[-1]
   original = victim.read_bytes()
@@ -198,7 +200,9 @@ def test_cli(tmp_path, capsys):
 
 
 def test_loader_checks_apply_to_synthetic_boxes(tmp_path):
-  out = phantoms.synthesize(tmp_path / "d", patients=6, size=SIZE, seed=2, workers=1, progress=False)
+  out = phantoms.synthesize(
+    tmp_path / "d", patients=6, size=SIZE, seed=2, workers=1, progress=False
+  )
   bbox = out / "BBox_List_2017.csv"
   lines = bbox.read_text().splitlines()
   assert len(lines) > 1

@@ -119,7 +119,8 @@ def test_tfds_source_with_other_split_seed_maps_rows(dirs):
 def test_train_batches_shape_range_and_formats_equal(dirs):
   _, png, tf = dirs
   config = make_config()
-  a, b = _take(pipeline.make_train_iter(config, png), 3), _take(pipeline.make_train_iter(config, tf), 3)
+  a = _take(pipeline.make_train_iter(config, png), 3)
+  b = _take(pipeline.make_train_iter(config, tf), 3)
   for x, y in zip(a, b, strict=True):
     assert x["image"].shape == (4, 64, 64, 1) and x["image"].dtype == np.uint8
     assert x["labels"].shape == (4, 14) and x["labels"].dtype == np.float32

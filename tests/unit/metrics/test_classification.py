@@ -14,7 +14,9 @@ from lsemil.metrics import classification
 
 def test_roc_auc_hand_case_with_tie():
   # pos scores {0.8, 0.4}, neg {0.4, 0.1}: pairs (0.8>0.4, 0.8>0.1, 0.4=0.4 -> 1/2, 0.4>0.1)
-  assert classification.roc_auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4, abs=1e-12)
+  assert classification.roc_auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(
+    3.5 / 4, abs=1e-12
+  )
   assert classification.roc_auc([0, 1], [0.3, 0.3]) == 0.5
   assert classification.roc_auc([1, 0], [0.1, 0.9]) == 0.0
 

@@ -142,7 +142,9 @@ def test_wang_counts_match_metrics_localization_hits():
   for seed in range(5):
     s = scipy.ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 1.5)
     s = localization.minmax(s)
-    found, fp = localization.wang_counts(s, ranges, localization.DEFAULT_TAUS, localization.DEFAULT_TS, SIZE)
+    found, fp = localization.wang_counts(
+      s, ranges, localization.DEFAULT_TAUS, localization.DEFAULT_TS, SIZE
+    )
     for i, tau in enumerate(localization.DEFAULT_TAUS):
       hits = overlap.localization_hits(s, boxes, tau, SIZE, SPACE)
       n_pred = len(overlap.predicted_boxes(s, tau, SIZE))
@@ -171,7 +173,9 @@ def test_otsu_equals_skimage():
     np.array([[0.0, 1.0], [1.0, 1.0]]),
   ]
   for im in images:
-    assert localization.otsu_threshold(im) == pytest.approx(float(skimage.filters.threshold_otsu(im)))
+    assert localization.otsu_threshold(im) == pytest.approx(
+      float(skimage.filters.threshold_otsu(im))
+    )
   assert localization.otsu_threshold(np.full((4, 4), 0.3)) == 0.3
 
 
@@ -281,7 +285,12 @@ def test_result_is_strict_json_and_complete():
   )
   json.dumps(res, allow_nan=False)
   protocols = {"dice", "miou_otsu", "miou_tuned", "hit_rate", "energy", "auprc"}
-  protocols |= {f"{w}_{k}@{t:g}" for w in ("acc", "afp") for k in localization.KINDS for t in localization.DEFAULT_TS}
+  protocols |= {
+    f"{w}_{k}@{t:g}"
+    for w in ("acc", "afp")
+    for k in localization.KINDS
+    for t in localization.DEFAULT_TS
+  }
   assert set(res) == protocols | {"settings"}
   assert res["settings"]["n_cases"] == {"A": 12}
 

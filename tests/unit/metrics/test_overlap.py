@@ -99,7 +99,9 @@ def test_mean_box_dice_and_uniform_baseline():
   cases = [(s, [(0, 0, 4, 4)]), (s, [(4, 4, 4, 4)])]  # exact hit (1) and disjoint (0)
   assert overlap.mean_box_dice(cases, size=8, source_size=8) == pytest.approx(0.5)
   # both boxes cover 16 of 64 pixels: best constant DICE sqrt(1/4) each
-  assert overlap.mean_uniform_dice([b for _, b in cases], size=8, source_size=8) == pytest.approx(0.5)
+  assert overlap.mean_uniform_dice([b for _, b in cases], size=8, source_size=8) == pytest.approx(
+    0.5
+  )
   assert overlap.mean_uniform_dice([[(0, 0, 4, 4)]], 1.0, 8, 8) == pytest.approx(32 / 80)
   assert np.isnan(overlap.mean_box_dice([])) and np.isnan(overlap.mean_uniform_dice([]))
 

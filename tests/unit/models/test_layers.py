@@ -1,4 +1,4 @@
-"""lsemil.models.layers against flax: BatchNorm (forward, gradients, running statistics) and Conv."""
+"""lsemil.models.layers against flax: BatchNorm (forward, gradients, running stats) and Conv."""
 
 from __future__ import annotations
 

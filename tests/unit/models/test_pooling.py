@@ -1,4 +1,4 @@
-"""Tests of lsemil.models.pooling: the LSE-LBA claims of Sec 3.5 and the other MIL poolings of Sec 3.4.
+"""lsemil.models.pooling: the LSE-LBA claims of Sec 3.5 and the other MIL poolings of Sec 3.4.
 
 Oracles are float64 NumPy/SciPy evaluations of the paper's formulas. Bounds that hold in exact
 arithmetic are checked with a float32 rounding slack of TOL.
@@ -329,7 +329,9 @@ def test_naive_forms_underflow_at_512_where_stable_forms_match_float64():
   np.testing.assert_allclose(_np(pooling.generalized_mean(small, r)), gm64, rtol=1e-4)
   # LSE-LBA with the same sharpness needs no S^r at all.
   beta = np.log(r - 10.0)
-  np.testing.assert_allclose(_np(pooling.lse_lba(small, beta, 10.0)), _oracle_lse(small, r), rtol=1e-4)
+  np.testing.assert_allclose(
+    _np(pooling.lse_lba(small, beta, 10.0)), _oracle_lse(small, r), rtol=1e-4
+  )
 
   # Noisy-OR's negative-label term log(1 - NOR): prod(1 - S) underflows, the log is -inf.
   mid = jnp.asarray(rng.uniform(1e-3, 0.5, (n, n, 1)).astype(np.float32))
@@ -388,7 +390,9 @@ def test_generalized_mean_matches_float64_oracle(size):
   # S = 0 entries count as 0 (the log floor is far below anything that matters).
   s[: size // 2] = 0.0
   np.testing.assert_allclose(
-    _np(pooling.generalized_mean(s, 2.0)), _oracle_gm(s[size // 2 :], 2.0) * 0.5 ** (1 / 2.0), rtol=1e-5
+    _np(pooling.generalized_mean(s, 2.0)),
+    _oracle_gm(s[size // 2 :], 2.0) * 0.5 ** (1 / 2.0),
+    rtol=1e-5,
   )
 
 
@@ -403,7 +407,9 @@ def test_max_and_mean_are_exact():
   s = (np.random.default_rng(10).integers(0, 9, (32, 16, 3)) / 8).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(pooling.max_pool(s)), s.max(axis=SPATIAL))
   # k/8 values sum exactly in float32, so the mean is exact too.
-  np.testing.assert_array_equal(np.asarray(pooling.mean_pool(s)), s.astype(np.float64).mean(SPATIAL))
+  np.testing.assert_array_equal(
+    np.asarray(pooling.mean_pool(s)), s.astype(np.float64).mean(SPATIAL)
+  )
 
 
 @pytest.mark.parametrize("name", sorted(ALL_POOLS))
@@ -477,7 +483,9 @@ def test_beta_vector_broadcast_matches_scalar_and_per_class_slices():
       np.testing.assert_allclose(
         vec[..., k], _lse_lba(s[..., k : k + 1], betas_[k], r0)[..., 0], rtol=1e-6
       )
-    np.testing.assert_allclose(pooling.sharpness(betas_, r0), r0 + np.exp(np.asarray(betas_)), rtol=1e-6)
+    np.testing.assert_allclose(
+      pooling.sharpness(betas_, r0), r0 + np.exp(np.asarray(betas_)), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("r0", [0.0, 5.0, 10.0])

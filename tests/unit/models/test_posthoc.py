@@ -1,5 +1,6 @@
-"""lsemil.models.posthoc and lsemil.models.gap_classifier: CAM and Grad-CAM against direct computations on a tiny
-GAP model, the forward contract, the trainer's call, the config, and the model-free sources."""
+"""lsemil.models.posthoc and lsemil.models.gap_classifier: CAM and Grad-CAM against direct
+computations on a tiny GAP model, the forward contract, the trainer's call, the config, and
+the model-free sources."""
 
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def test_forward_contract_and_predict_fn(tiny):
 
 
 def test_the_trainers_apply_trains_it(tiny):
-  # lsemil.training.trainer calls model.apply(..., train=True, mutable=['batch_stats']) and reads 'probs'.
+  # The trainer calls model.apply(..., train=True, mutable=['batch_stats']) and reads 'probs'.
   model, variables, images = tiny
   labels = jnp.asarray(np.eye(3)[[0, 2]], jnp.float32)
 

@@ -1,6 +1,6 @@
-"""lsemil.reporting.html_page and lsemil.reporting.plots: Markdown conversion, figures, thumbnails, and the
-report loaded from disk (file://) in headless Chromium: no console errors, every image loads,
-the gallery holds one card per box image and sorts / filters in the browser."""
+"""lsemil.reporting.html_page and lsemil.reporting.plots: Markdown conversion, figures,
+thumbnails, and the report loaded from disk (file://) in headless Chromium: no console errors,
+every image loads, the gallery holds one card per box image and sorts / filters in the browser."""
 
 from __future__ import annotations
 
@@ -138,7 +138,9 @@ def figure_pngs(tmp_path_factory):
   runs = [("r0=5", probs[0]), ("r0=10", probs[1])]
   plots.roc_curves(src / "roc.png", y, runs)
   plots.reliability_diagrams(src / "rel.png", y, runs)
-  md, _ = paper_tables.table3([{"label": lb, "auc": classification.per_class_auc(y, p)} for lb, p in runs])
+  md, _ = paper_tables.table3(
+    [{"label": lb, "auc": classification.per_class_auc(y, p)} for lb, p in runs]
+  )
   return src, md
 
 

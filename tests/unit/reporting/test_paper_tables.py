@@ -1,4 +1,4 @@
-"""Tests of lsemil.reporting.paper_tables: the paper's Tables 1-3 as markdown/CSV and Figures 1/3 as PNGs."""
+"""lsemil.reporting.paper_tables and drawing: Tables 1-3 as markdown/CSV, Figures 1/3 as PNGs."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_table3_layout_bold_paper_and_nan():
     lo, hi = runs[best]["auc_lo"][cls], runs[best]["auc_hi"][cls]
     assert f"[{lo:.3f}, {hi:.3f}]" in cells[best]
     # paper columns verbatim and never bold
-    assert body[k][1] == paper_tables._P3_AUC["[3]"][cls] and body[k][2] == paper_tables._P3_AUC["r0=0"][cls]
+    assert body[k][1] == paper_tables._P3_AUC["[3]"][cls]
+    assert body[k][2] == paper_tables._P3_AUC["r0=0"][cls]
   for k, cls in enumerate(BOX_CLASSES):
     vals = [runs[i]["dice"][cls] for i in range(3)]
     cells = [body[k][j] for j in ours_dice]
@@ -272,7 +273,9 @@ def test_figure1_and_overlay(tmp_path):
   assert fig.axes[1].get_title() == "level 4 (4x4)"
   w, h = _png(tmp_path / "fig1.png")
   assert w > 4 * h and h >= 100
-  fig = drawing.overlay_png(tmp_path / "o.png", img, levels[0][1], "Nodule 0.91", boxes=[(0, 0, 9, 9)])
+  fig = drawing.overlay_png(
+    tmp_path / "o.png", img, levels[0][1], "Nodule 0.91", boxes=[(0, 0, 9, 9)]
+  )
   assert len(fig.axes) == 1 and fig.axes[0].get_title() == "Nodule 0.91"
   assert len(fig.axes[0].patches) == 1
   w, h = _png(tmp_path / "o.png")

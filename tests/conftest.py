@@ -12,7 +12,8 @@ that needs an absent item skips with a reason naming the variable. A fresh clone
 | `paper_md` | `LSEMIL_PAPER_MD` | `../shared/reference/paper.md` |
 
 Helpers shared by several test modules are fixtures too (`write_nih_folder`,
-`phantom_image`, `random_variables`, `write_checkpoint`, `fast_compiles`; the `lsemil`
+`phantom_image`, `random_variables`, `write_checkpoint`, `fast_compiles`, `report_inputs`,
+the real NIH index `nih` and its expected counts `nih_expected`; the `lsemil`
 subprocess runner of tests/system/conftest.py), never imports of another test module.
 """
 
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -72,6 +74,26 @@ def nih_metadata_dir() -> Path:
   """The real NIH ChestX-ray14 metadata folder (CSV and list files, no images)."""
   return external_path(
     "LSEMIL_NIH_METADATA", SHARED / "data" / "nih_metadata", must_hold="Data_Entry_2017*.csv*"
+  )
+
+
+@pytest.fixture(scope="session")
+def nih(nih_metadata_dir):
+  """The NihIndex of the real NIH metadata (lsemil.data.nih.load_index), loaded once."""
+  from lsemil.data.nih import load_index
+
+  return load_index(nih_metadata_dir)
+
+
+@pytest.fixture(scope="session")
+def nih_expected() -> SimpleNamespace:
+  """The expected counts on the real Data_Entry_2017_v2020.csv: `test_positives` (per class,
+  in NIH order) and `boxes` (per box class)."""
+  return SimpleNamespace(
+    test_positives=[3279, 1069, 4658, 6112, 1748, 1623, 555, 2665, 1815, 925, 1093, 435, 1143,
+                    86],
+    boxes={"Atelectasis": 180, "Cardiomegaly": 146, "Effusion": 153, "Infiltration": 123,
+           "Mass": 85, "Nodule": 79, "Pneumonia": 120, "Pneumothorax": 98},
   )
 
 
@@ -213,6 +235,49 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _fake_xray(rng, n=96) -> np.ndarray:
+  yy, xx = np.mgrid[0:n, 0:n] / n
+  return np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 4) + 0.1 * rng.random((n, n))
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory):
+  """fn(n_items=5) -> {tables, figures, gallery}, keywords of html_page.write_report:
+  a Table 3 in Markdown and a raw HTML table, real ROC and reliability PNGs (made once for the
+  module), and `n_items` gallery items (fake X-rays, random saliency of two runs)."""
+  from lsemil.metrics import classification
+  from lsemil.reporting import html_page, paper_tables, plots
+
+  src = tmp_path_factory.mktemp("src")
+  rng = np.random.default_rng(0)
+  y = rng.random((120, 14)) < 0.25
+  probs = [1 / (1 + np.exp(-(2 * y + rng.normal(size=y.shape) - 2))) for _ in range(2)]
+  runs = [("r0=5", probs[0]), ("r0=10", probs[1])]
+  plots.roc_curves(src / "roc.png", y, runs)
+  plots.reliability_diagrams(src / "rel.png", y, runs)
+  md, _ = paper_tables.table3(
+    [{"label": lb, "auc": classification.per_class_auc(y, p)} for lb, p in runs]
+  )
+
+  def make(n_items: int = 5):
+    rng = np.random.default_rng(0)
+    classes = ["Mass", "Nodule", "Atelectasis", "Mass", "Pneumonia", "Effusion", "Nodule"]
+    gallery = []
+    for i in range(n_items):
+      boxes = [[100 + 60 * i, 200, 300, 250]]
+      sal = {lb: rng.random((8, 8)) for lb in ("r0=5", "r0=10")}
+      gallery.append(
+        html_page.gallery_item(
+          _fake_xray(rng), boxes, classes[i % len(classes)], sal, size=96, caption=f"img{i}.png"
+        )
+      )
+    tables = [("Table 3", md + "\nBold: best of our runs.\n"), ("Raw", "<p id='raw'>x</p>")]
+    figures = [("ROC curves", src / "roc.png"), ("Reliability", src / "rel.png")]
+    return {"tables": tables, "figures": figures, "gallery": gallery}
+
+  return make
 
 
 @pytest.fixture(scope="session")

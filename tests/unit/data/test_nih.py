@@ -1,15 +1,14 @@
-"""Tests of the NIH index, its splits and Table 1 (lsemil.data.nih, lsemil.data.statistics).
+"""Tests of the NIH index and its splits (lsemil.data.nih; Table 1 is in
+tests/unit/reporting/test_paper_tables.py).
 
-Paper Section 4.1 and Table 1: the real-metadata numbers, the patient-wise splits, and the
+Paper Section 4.1: the real-metadata numbers, the patient-wise splits, and the
 errors raised on bad input (each naming the file and line).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gzip
-import io
 import json
 import re
 import shutil
@@ -19,7 +18,6 @@ import pytest
 
 from lsemil.commands import cli
 from lsemil.core.errors import DataWarning
-from lsemil.data import statistics
 from lsemil.data.nih import (
   CLASSES,
   FALLBACK_TEST_FRACTION,
@@ -27,18 +25,6 @@ from lsemil.data.nih import (
   DataError,
   load_index,
 )
-from lsemil.reporting import paper_tables
-
-# The expected counts on Data_Entry_2017_v2020.csv (test positives in NIH order).
-NIH_TEST_POSITIVES = [3279, 1069, 4658, 6112, 1748, 1623, 555, 2665, 1815, 925, 1093, 435, 1143,
-                      86]
-NIH_BOXES = {"Atelectasis": 180, "Cardiomegaly": 146, "Effusion": 153, "Infiltration": 123,
-             "Mass": 85, "Nodule": 79, "Pneumonia": 120, "Pneumothorax": 98}
-
-
-@pytest.fixture(scope="module")
-def nih(nih_metadata_dir):
-  return load_index(nih_metadata_dir)
 
 
 def _assert_patient_wise(index):
@@ -67,14 +53,14 @@ def test_real_validation_is_a_quarter_of_train_val_patients(nih):
   assert len(nih.patients("valid")) == round(VALID_FRACTION * tv)
 
 
-def test_real_test_positives_and_boxes(nih):
-  assert nih.labels[nih.rows("test")].sum(axis=0).tolist() == NIH_TEST_POSITIVES
+def test_real_test_positives_and_boxes(nih, nih_expected):
+  assert nih.labels[nih.rows("test")].sum(axis=0).tolist() == nih_expected.test_positives
   assert len(nih.box_rows) == 984
   box_images = np.unique(nih.box_rows)
   assert len(box_images) == 880
   assert set(nih.splits[box_images].tolist()) == {"test"}
   counts = np.bincount(nih.box_classes, minlength=len(CLASSES))
-  assert {CLASSES[k]: int(counts[k]) for k in range(8)} == NIH_BOXES
+  assert {CLASSES[k]: int(counts[k]) for k in range(8)} == nih_expected.boxes
   assert counts[8:].sum() == 0
   assert nih.warnings == ()
 
@@ -87,26 +73,6 @@ def test_real_index_is_immutable(nih):
   assert nih.row(nih.image_ids[123]) == 123
 
 
-def test_real_table1_and_formats(nih):
-  t = statistics.table1(nih)
-  assert [t["classes"][c]["test"] for c in CLASSES] == NIH_TEST_POSITIVES
-  assert {c: t["classes"][c]["bbox"] for c in NIH_BOXES} == NIH_BOXES
-  assert t["images"]["all"] == 112_120 and t["boxes"] == 984 and t["box_images"] == 880
-  for c in CLASSES:
-    row = t["classes"][c]
-    k = CLASSES.index(c)
-    assert row["train"] + row["valid"] + row["test"] == int(nih.labels[:, k].sum())
-  md = paper_tables.format_table1(nih, "md")
-  # Ours and the paper's side by side, e.g. the Nodule row carries both 1,623 and 615.
-  nodule = next(line for line in md.splitlines() if line.startswith("| Nodule"))
-  assert "1,623" in nodule and "| 615 |" in nodule and "188" in md
-  rows = list(csv.DictReader(io.StringIO(paper_tables.format_table1(nih, "csv"))))
-  assert [int(r["test"]) for r in rows] == NIH_TEST_POSITIVES
-  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in paper_tables.PAPER_TABLE1.values()]
-  js = json.loads(paper_tables.format_table1(nih, "json"))
-  assert js["classes"] == t["classes"] and js["paper"]["Hernia"]["train"] == 105
-
-
 def test_stats_cli(nih_metadata_dir, tmp_path, capsys):
   assert cli.main(["stats", "--nih-dir", str(nih_metadata_dir), "--format", "csv"]) == 0
   out = capsys.readouterr().out
@@ -116,11 +82,6 @@ def test_stats_cli(nih_metadata_dir, tmp_path, capsys):
   assert cli.main(["stats", "--nih-dir", str(tmp_path / "absent")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("lsemil stats: ") and "absent" in err[0]
-
-
-def test_paper_table1_constant():
-  assert tuple(paper_tables.PAPER_TABLE1) == CLASSES
-  assert sum(v[3] for v in paper_tables.PAPER_TABLE1.values() if v[3]) == 984
 
 
 # --------------------------------------------------------------------------- small tmp folders

@@ -1,16 +1,12 @@
 """lsemil.reporting.html_page and lsemil.reporting.plots: Markdown conversion, figures,
-thumbnails, and the report loaded from disk (file://) in headless Chromium: no console errors,
-every image loads, the gallery holds one card per box image and sorts / filters in the browser."""
+thumbnails, and the report's structure (self-contained, embedded or linked images). The report
+in headless Chromium is tested in tests/system/test_html_page_browser.py."""
 
 from __future__ import annotations
 
-import html
 import io
-import json
 import os
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -123,45 +119,6 @@ def test_thumbnail():
 # The report (structure, without a browser)
 
 
-def _fake_xray(rng, n=96) -> np.ndarray:
-  yy, xx = np.mgrid[0:n, 0:n] / n
-  return np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 4) + 0.1 * rng.random((n, n))
-
-
-@pytest.fixture(scope="module")
-def figure_pngs(tmp_path_factory):
-  """Real ROC and reliability PNGs and a Table 3 in Markdown, made once for the module."""
-  src = tmp_path_factory.mktemp("src")
-  rng = np.random.default_rng(0)
-  y = rng.random((120, 14)) < 0.25
-  probs = [1 / (1 + np.exp(-(2 * y + rng.normal(size=y.shape) - 2))) for _ in range(2)]
-  runs = [("r0=5", probs[0]), ("r0=10", probs[1])]
-  plots.roc_curves(src / "roc.png", y, runs)
-  plots.reliability_diagrams(src / "rel.png", y, runs)
-  md, _ = paper_tables.table3(
-    [{"label": lb, "auc": classification.per_class_auc(y, p)} for lb, p in runs]
-  )
-  return src, md
-
-
-def _inputs(figure_pngs, n_items=5):
-  src, md = figure_pngs
-  rng = np.random.default_rng(0)
-  classes = ["Mass", "Nodule", "Atelectasis", "Mass", "Pneumonia", "Effusion", "Nodule"]
-  gallery = []
-  for i in range(n_items):
-    boxes = [[100 + 60 * i, 200, 300, 250]]
-    sal = {lb: rng.random((8, 8)) for lb in ("r0=5", "r0=10")}
-    gallery.append(
-      html_page.gallery_item(
-        _fake_xray(rng), boxes, classes[i % len(classes)], sal, size=96, caption=f"img{i}.png"
-      )
-    )
-  tables = [("Table 3", md + "\nBold: best of our runs.\n"), ("Raw", "<p id='raw'>x</p>")]
-  figures = [("ROC curves", src / "roc.png"), ("Reliability", src / "rel.png")]
-  return tables, figures, gallery
-
-
 class _Tags(HTMLParser):
   def __init__(self):
     super().__init__()
@@ -178,16 +135,8 @@ def _parse(path) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.parametrize("embed", [True, False])
-def test_write_report_is_self_contained(tmp_path, figure_pngs, embed):
-  tables, figures, gallery = _inputs(figure_pngs)
-  out = html_page.write_report(
-    tmp_path / "results",
-    title="t <1>",
-    tables=tables,
-    figures=figures,
-    gallery=gallery,
-    embed=embed,
-  )
+def test_write_report_is_self_contained(tmp_path, report_inputs, embed):
+  out = html_page.write_report(tmp_path / "results", title="t <1>", embed=embed, **report_inputs())
   assert Path(out) == tmp_path / "results" / "index.html"
   text = Path(out).read_text()
   tags = _parse(out)
@@ -209,8 +158,8 @@ def test_write_report_is_self_contained(tmp_path, figure_pngs, embed):
   assert "<title>t &lt;1&gt;</title>" in text and "<p id='raw'>x</p>" in text
 
 
-def test_write_report_auto_embed_and_links_beside(tmp_path, figure_pngs, monkeypatch):
-  _, _, gallery = _inputs(figure_pngs, n_items=1)
+def test_write_report_auto_embed_and_links_beside(tmp_path, report_inputs, monkeypatch):
+  gallery = report_inputs(n_items=1)["gallery"]
   res = tmp_path / "res"
   plots.roc_curves(
     res / "roc.png", np.array([[1], [0]]), [("a", np.array([[0.6], [0.4]]))], ["Mass"]
@@ -226,144 +175,3 @@ def test_write_report_auto_embed_and_links_beside(tmp_path, figure_pngs, monkeyp
   srcs = [a["src"] for t, a in _parse(out) if t == "img"]
   assert srcs[0] == "roc.png"  # already beside the page: linked where it is
   assert all(s.startswith(html_page.ASSETS + "/") for s in srcs[1:])
-
-
-# ----------------------------------------------------------------------------------------------
-# The report in a real browser
-
-
-def _chromium() -> str | None:
-  for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-    if path := shutil.which(name):
-      return path
-  return None
-
-
-# Injected first into <head> of a copy of the page: records errors (including failed image
-# loads, via the capture phase) and console.error, then after load checks every image,
-# exercises the gallery's controls, and writes the findings into the DOM as JSON.
-_PROBE = """<script>
-window.__errs=[];
-window.addEventListener('error',function(e){
-  var t=e.target;window.__errs.push(t&&t.tagName?('load failed: '+t.tagName+' '+(t.src||'')
-    .slice(0,60)):('error: '+e.message));},true);
-var __ce=console.error;console.error=function(){
-  window.__errs.push('console.error: '+Array.prototype.join.call(arguments,' '));
-  __ce.apply(console,arguments);};
-window.addEventListener('load',function(){setTimeout(function(){
-  var r={errors:window.__errs},imgs=Array.prototype.slice.call(document.images);
-  r.images=imgs.length;
-  r.broken=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);})
-    .map(function(i){return i.src.slice(0,60);});
-  var items=function(){return Array.prototype.slice.call(
-    document.querySelectorAll('.gallery-item'));};
-  r.gallery=items().length;
-  var cnt=document.getElementById('gallery-count');r.count_text=cnt?cnt.textContent:null;
-  var s=document.getElementById('gallery-sort'),c=document.getElementById('gallery-class');
-  if(s){
-    s.value='dice:0:desc';s.dispatchEvent(new Event('change'));
-    r.dice0_desc=items().map(function(e){return parseFloat(e.dataset.dice0);});
-    s.value='dice:1:asc';s.dispatchEvent(new Event('change'));
-    r.dice1_asc=items().map(function(e){return parseFloat(e.dataset.dice1);});
-    s.value='class';s.dispatchEvent(new Event('change'));
-    r.by_class=items().map(function(e){return e.dataset.cls;});
-    c.value='Mass';c.dispatchEvent(new Event('change'));
-    r.mass_visible=items().filter(function(e){return e.style.display!=='none';}).length;
-    r.mass_count_text=cnt.textContent;
-  }
-  var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(r);
-  document.body.appendChild(pre);},0);});
-</script>"""
-
-
-def _chromium_run(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-  cmd = [
-    exe,
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-extensions",
-    f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    *args,
-  ]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def _probe(exe: str, page: Path, tmp_path: Path) -> dict:
-  probe = page.with_name("_probe_" + page.name)  # beside it: relative image paths resolve
-  probe.write_text(page.read_text().replace("<head>", "<head>\n" + _PROBE, 1))
-  out = _chromium_run(exe, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
-  m = re.search(r'<pre id="probe">(.*?)</pre>', out.stdout, re.S)
-  assert m, f"no probe result; chromium rc {out.returncode}: {out.stderr[-2000:]}"
-  return json.loads(html.unescape(m.group(1)))
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-  exe = _chromium()
-  if exe is None:
-    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run does)")
-  try:
-    v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    pytest.skip(f"{exe} cannot be run: {e}")
-  if v.returncode != 0:
-    pytest.skip(f"{exe} --version failed: {v.stderr.strip()[:200]}")
-  return exe
-
-
-@pytest.mark.parametrize("embed", [True, False])
-def test_report_in_chromium(chromium, tmp_path, figure_pngs, embed):
-  tables, figures, gallery = _inputs(figure_pngs, n_items=7)
-  page = Path(
-    html_page.write_report(
-      tmp_path / "results",
-      title="lsemil report",
-      tables=tables,
-      figures=figures,
-      gallery=gallery,
-      embed=embed,
-    )
-  )
-  r = _probe(chromium, page, tmp_path)
-  assert r["errors"] == []
-  assert r["images"] == 2 + 7 * 3 and r["broken"] == []
-  assert r["gallery"] == 7 and r["count_text"] == "7 of 7 images"
-  d0 = [g["runs"][0]["dice"] for g in gallery]
-  d1 = [g["runs"][1]["dice"] for g in gallery]
-  np.testing.assert_allclose(r["dice0_desc"], sorted(d0, reverse=True))
-  np.testing.assert_allclose(r["dice1_asc"], sorted(d1))
-  assert r["by_class"] == sorted(g["cls"] for g in gallery)
-  n_mass = sum(g["cls"] == "Mass" for g in gallery)
-  assert r["mass_visible"] == n_mass == 2 and r["mass_count_text"] == "2 of 7 images"
-  if embed:  # a screenshot of the page itself, not the probe copy
-    shot = tmp_path / "screenshot.png"
-    _chromium_run(
-      chromium,
-      tmp_path,
-      "--window-size=1280,2200",
-      "--hide-scrollbars",
-      f"--screenshot={shot}",
-      page.as_uri(),
-    )
-    assert _png_size(shot) == (1280, 2200)
-    px = np.asarray(Image.open(shot).convert("L"))
-    assert px.std() > 10  # not a blank page
-    if keep := os.environ.get("LSEMIL_KEEP_SCREENSHOT"):
-      shutil.copy(shot, keep)
-
-
-def test_probe_catches_errors(chromium, tmp_path):
-  # The probe must be able to fail: a missing image, a script error and console.error.
-  page = tmp_path / "bad.html"
-  page.write_text(
-    "<!DOCTYPE html><html><head><title>x</title></head><body>"
-    '<img src="missing.png"><script>console.error("boom");undefinedFn();</script>'
-    "</body></html>"
-  )
-  r = _probe(chromium, page, tmp_path)
-  assert len(r["broken"]) == 1 and r["gallery"] == 0
-  text = " | ".join(r["errors"])
-  assert "load failed: IMG" in text and "console.error: boom" in text and "undefinedFn" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lsemil.data import statistics
 from lsemil.data.nih import BOX_CLASSES, CLASSES
 from lsemil.reporting import drawing, paper_tables
 
@@ -228,6 +230,31 @@ def test_table1_from_stats_dict():
   assert int(parsed[0]["train"]) == 10000 and int(parsed[0]["paper_bbox"]) == 180
   assert parsed[-1]["paper_bbox"] == "" and int(parsed[-1]["bbox"]) == 0
   assert paper_tables.table1(stats["classes"]) == (md, text)  # the bare classes dict works too
+
+
+def test_real_table1_and_formats(nih, nih_expected):
+  t = statistics.table1(nih)
+  assert [t["classes"][c]["test"] for c in CLASSES] == nih_expected.test_positives
+  assert {c: t["classes"][c]["bbox"] for c in nih_expected.boxes} == nih_expected.boxes
+  assert t["images"]["all"] == 112_120 and t["boxes"] == 984 and t["box_images"] == 880
+  for c in CLASSES:
+    row = t["classes"][c]
+    k = CLASSES.index(c)
+    assert row["train"] + row["valid"] + row["test"] == int(nih.labels[:, k].sum())
+  md = paper_tables.format_table1(nih, "md")
+  # Ours and the paper's side by side, e.g. the Nodule row carries both 1,623 and 615.
+  nodule = next(line for line in md.splitlines() if line.startswith("| Nodule"))
+  assert "1,623" in nodule and "| 615 |" in nodule and "188" in md
+  rows = list(csv.DictReader(io.StringIO(paper_tables.format_table1(nih, "csv"))))
+  assert [int(r["test"]) for r in rows] == nih_expected.test_positives
+  assert [int(r["paper_test"]) for r in rows] == [v[2] for v in paper_tables.PAPER_TABLE1.values()]
+  js = json.loads(paper_tables.format_table1(nih, "json"))
+  assert js["classes"] == t["classes"] and js["paper"]["Hernia"]["train"] == 105
+
+
+def test_paper_table1_constant():
+  assert tuple(paper_tables.PAPER_TABLE1) == CLASSES
+  assert sum(v[3] for v in paper_tables.PAPER_TABLE1.values() if v[3]) == 984
 
 
 # ------------------------------------------------------------------------------ figures

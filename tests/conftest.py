@@ -13,14 +13,17 @@ that needs an absent item skips with a reason naming the variable. A fresh clone
 
 Helpers shared by several test modules are fixtures too (`write_nih_folder`,
 `phantom_image`, `random_variables`, `write_checkpoint`, `fast_compiles`, `report_inputs`,
-the real NIH index `nih` and its expected counts `nih_expected`; the `lsemil`
-subprocess runner of tests/system/conftest.py), never imports of another test module.
+`script_result`, the real NIH index `nih` and its expected counts `nih_expected`; the
+`lsemil` subprocess runner of tests/system/conftest.py), never imports of another test module.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -199,11 +202,11 @@ def _write_checkpoint(workdir, config, variables, step: int) -> None:
   import grain
   import jax
 
-  from lsemil.models import mil
+  from lsemil.models import registry
   from lsemil.runtime import checkpointing
   from lsemil.training import trainer
 
-  model = mil.from_config(config.model)
+  model = registry.from_config(config.model, saved=True)  # MIL or GAP, as the config says
   abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   state = state.replace(
@@ -278,6 +281,24 @@ def report_inputs(tmp_path_factory):
     return {"tables": tables, "figures": figures, "gallery": gallery}
 
   return make
+
+
+def _script_result(code: str, *args, env: dict, timeout: float = 300) -> tuple[dict, str]:
+  """`python -c code *args` in the repository root, which must exit 0: the JSON its last
+  `RESULT ` line prints, and its whole output."""
+  argv = [sys.executable, "-c", code, *map(str, args)]
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO_ROOT,
+                        timeout=timeout)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT ") :]), proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def script_result():
+  """fn(code, *args, env, timeout=300) -> (result, output): runs a driver script `python -c
+  code *args` (it prints `RESULT <json>`) in the repository root; it must exit 0."""
+  return _script_result
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 
 import cv2
-import grain
-import jax
 import numpy as np
 import pytest
 
@@ -26,8 +24,6 @@ from lsemil.inference import engine
 from lsemil.metrics import calibration
 from lsemil.models import registry
 from lsemil.reporting import paper_tables
-from lsemil.runtime import checkpointing
-from lsemil.training import trainer
 from lsemil.workflows import evaluation, prediction
 
 # Cheaper XLA CPU compiles for this module (flax's example tests do the same).
@@ -162,22 +158,10 @@ def test_calibration_fit_then_predict_applies_it(evaluations, gap_workdir, synth
       assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h
 
 
-def _mil_workdir(root, random_variables):
+def _mil_workdir(root, random_variables, write_checkpoint):
   config = configuration.load_config("smoke")
   model = registry.from_config(config.model, saved=True)  # with or without model.arch
-  variables = random_variables(model, seed=2)
-  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
-  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  state = state.replace(
-    step=np.int32(1), params=variables["params"], batch_stats=variables["batch_stats"]
-  )
-  manager = checkpointing.create_manager(root, keep=1, async_save=False)
-  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  checkpointing.save(
-    manager, 1, state, it, config=config, meta={}, metrics={checkpointing.BEST_METRIC: 0.5}
-  )
-  manager.wait_until_finished()
-  manager.close()
+  write_checkpoint(root, config, random_variables(model, seed=2), 1)
   return root
 
 
@@ -188,9 +172,9 @@ def _one_error(capsys) -> str:
 
 
 def test_sources_refused_by_the_other_architecture(
-  gap_workdir, synth_dir, tmp_path, random_variables, capsys
+  gap_workdir, synth_dir, tmp_path, random_variables, write_checkpoint, capsys
 ):
-  mil = _mil_workdir(tmp_path / "mil", random_variables)
+  mil = _mil_workdir(tmp_path / "mil", random_variables, write_checkpoint)
   base = ["--data-dir", str(synth_dir), "--no-progress"]
   assert cli.main(["evaluate", "--workdir", str(mil), "--saliency", "gradcam", *base]) == 1
   msg = _one_error(capsys)

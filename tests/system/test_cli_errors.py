@@ -19,31 +19,20 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
   return proc.stderr
 
 
-def test_unknown_config_field_names_the_section_and_field(tmp_path, lsemil):
-  err = one_error_line(
-    lsemil.run(
-      "train",
-      "--config",
-      "configs/smoke.py",
-      "--workdir",
-      str(tmp_path / "w"),
-      "--config.train.nope=1",
-    )
+def _train_error(lsemil, tmp_path, *overrides: str) -> str:
+  """The one error line of `lsemil train` on the smoke config with these overrides."""
+  return one_error_line(
+    lsemil.run("train", "--config", "configs/smoke.py", "--workdir", tmp_path / "w", *overrides)
   )
+
+
+def test_unknown_config_field_names_the_section_and_field(tmp_path, lsemil):
+  err = _train_error(lsemil, tmp_path, "--config.train.nope=1")
   assert "--config.train.nope" in err and "train has no field 'nope'" in err
 
 
 def test_val_fraction_zero_fails_early_naming_the_field(tmp_path, lsemil):
-  err = one_error_line(
-    lsemil.run(
-      "train",
-      "--config",
-      "configs/smoke.py",
-      "--workdir",
-      str(tmp_path / "w"),
-      "--config.data.val_fraction=0",
-    )
-  )
+  err = _train_error(lsemil, tmp_path, "--config.data.val_fraction=0")
   assert "data.val_fraction" in err
   assert not (tmp_path / "w").exists()  # refused before anything was written
 

@@ -253,6 +253,21 @@ def _same_images(a: Path, b: Path) -> None:
     )
 
 
+def _kill_at_thirds(lsemil, out: Path, n: int, *args) -> list[int]:
+  """`lsemil *args --out out --workers 2` (which writes n images to out/images) started three
+  times, SIGKILLed once 1, n/3 and 2n/3 images are there (unless it ends first): the image
+  counts at the kills."""
+  kills = []
+  for at in (1, n // 3, 2 * n // 3):
+    proc = _popen(lsemil, *args, "--out", out, "--workers", 2)
+    if _wait_for(lambda at=at: _count_pngs(out / "images") >= at, proc):
+      _kill_group(proc)
+      kills.append(_count_pngs(out / "images"))
+    else:
+      proc.wait()
+  return kills
+
+
 def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path, lsemil):
   from lsemil.data.phantoms import synthesize
 
@@ -262,14 +277,7 @@ def test_prepare_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path,
   clean = lsemil.run("prepare", *args, "--out", tmp_path / "clean", "--workers", 1)
   assert clean.returncode == 0, clean.stderr[-2000:]
   out = tmp_path / "out"
-  kills = []
-  for at in (1, n // 3, 2 * n // 3):
-    proc = _popen(lsemil, "prepare", *args, "--out", out, "--workers", 2)
-    if _wait_for(lambda at=at: _count_pngs(out / "images") >= at, proc):
-      _kill_group(proc)
-      kills.append(_count_pngs(out / "images"))
-    else:
-      proc.wait()
+  kills = _kill_at_thirds(lsemil, out, n, "prepare", *args)
   assert kills and max(kills) < n  # really killed mid-run
   print(f"prepare SIGKILLed with {kills} of {n} images written")
   assert not (out / nih.MARKER_NAME).exists()
@@ -287,14 +295,7 @@ def test_synth_killed_at_several_moments_then_rerun_equals_clean_run(tmp_path, l
   assert clean.returncode == 0, clean.stderr[-2000:]
   n = _count_pngs(tmp_path / "clean" / "images")
   out = tmp_path / "out"
-  kills = []
-  for at in (1, n // 3, 2 * n // 3):
-    proc = _popen(lsemil, "synth", *args, "--out", out, "--workers", 2)
-    if _wait_for(lambda at=at: _count_pngs(out / "images") >= at, proc):
-      _kill_group(proc)
-      kills.append(_count_pngs(out / "images"))
-    else:
-      proc.wait()
+  kills = _kill_at_thirds(lsemil, out, n, "synth", *args)
   assert kills and max(kills) < n
   print(f"synth SIGKILLed with {kills} of {n} images written")
   rerun = lsemil.run("synth", *args, "--out", out, "--workers", 2)

@@ -37,69 +37,38 @@ def max_diff(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(a[i] - b[i]))) for i in b)
 
 
+def evaluate(lsemil, workdir: Path, out: Path, *args) -> dict:
+  """`lsemil evaluate` of the last checkpoint (no bootstrap) into `out`: its per-image CSV."""
+  lsemil("evaluate", "--workdir", workdir, "--which", "latest", "--n-boot", "0", "--out", out,
+         "--no-progress", *args)  # fmt: skip
+  return engine.read_predictions_csv(out.with_name(out.stem + "_predictions.csv"))
+
+
+def predict(lsemil, workdir: Path, out: Path, files: list[str], *args) -> dict:
+  """`lsemil predict` of the last checkpoint on `files` into `out`: its predictions CSV."""
+  lsemil("predict", "--checkpoint", workdir, "--which", "latest", "--out", out, "--no-progress",
+         *args, *files)  # fmt: skip
+  return engine.read_predictions_csv(out / "predictions.csv")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, lsemil) -> Path:
   w = tmp_path_factory.mktemp("parity") / "run"
-  lsemil(
-    "train",
-    "--config",
-    "configs/smoke.py",
-    "--workdir",
-    str(w),
-  )
+  lsemil("train", "--config", "configs/smoke.py", "--workdir", w)
   return w
 
 
 def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path, lsemil):
   data = workdir / "data"
   # (b) evaluate, on the test split and on the valid split, of the last checkpoint.
-  lsemil(
-    "evaluate",
-    "--workdir",
-    str(workdir),
-    "--which",
-    "latest",
-    "--n-boot",
-    "0",
-    "--out",
-    str(tmp_path / "test.json"),
-    "--no-progress",
-  )
-  lsemil(
-    "evaluate",
-    "--workdir",
-    str(workdir),
-    "--which",
-    "latest",
-    "--n-boot",
-    "0",
-    "--split",
-    "valid",
-    "--out",
-    str(tmp_path / "valid.json"),
-    "--no-progress",
-  )
-  ev_test = engine.read_predictions_csv(tmp_path / "test_predictions.csv")
-  ev_valid = engine.read_predictions_csv(tmp_path / "valid_predictions.csv")
+  ev_test = evaluate(lsemil, workdir, tmp_path / "test.json")
+  ev_valid = evaluate(lsemil, workdir, tmp_path / "valid.json", "--split", "valid")
   assert sorted(ev_test) == sorted(split_ids(data, "test"))
   assert sorted(ev_valid) == sorted(split_ids(data, "valid"))
 
   # (a) predict on the test images' own files.
   files = [str(data / "images" / i) for i in sorted(ev_test)]
-  lsemil(
-    "predict",
-    "--checkpoint",
-    str(workdir),
-    "--which",
-    "latest",
-    "--out",
-    str(tmp_path / "pred"),
-    "--batch-size",
-    "5",
-    "--no-progress",
-    *files,
-  )
-  pred = engine.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  pred = predict(lsemil, workdir, tmp_path / "pred", files, "--batch-size", "5")
   assert len(pred) == len(files)
   assert max_diff(ev_test, pred) < TOL
 
@@ -109,20 +78,8 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path, lsemil):
   assert max_diff(ev_valid, val) < TOL
 
   # (d) reproduce: its evaluation of the run writes the same per-image CSV.
-  lsemil(
-    "reproduce",
-    "--run",
-    f"r0=5:{workdir}",
-    "--which",
-    "latest",
-    "--n-boot",
-    "0",
-    "--figure-images",
-    "1",
-    "--out",
-    str(tmp_path / "results"),
-    "--no-progress",
-  )
+  lsemil("reproduce", "--run", f"r0=5:{workdir}", "--which", "latest", "--n-boot", "0",
+         "--figure-images", "1", "--out", tmp_path / "results", "--no-progress")  # fmt: skip
   rep = engine.read_predictions_csv(workdir / "evaluation_test_predictions.csv")
   assert max_diff(ev_test, rep) < TOL
   # The probabilities are not all alike (a constant model would pass the checks above).
@@ -133,46 +90,12 @@ def test_predict_evaluate_reproduce_validation_agree(workdir, tmp_path, lsemil):
 def test_predict_matches_evaluate_on_a_256px_prepared_dataset(workdir, tmp_path, lsemil):
   """The demo prepares at 256 px: predict must feed those files exactly as evaluate does."""
   prepared = tmp_path / "p256"
-  lsemil(
-    "prepare",
-    "--nih-dir",
-    str(workdir / "data"),
-    "--out",
-    str(prepared),
-    "--size",
-    "256",
-    "--workers",
-    "1",
-  )
-  lsemil(
-    "evaluate",
-    "--workdir",
-    str(workdir),
-    "--which",
-    "latest",
-    "--n-boot",
-    "0",
-    "--data-dir",
-    str(prepared),
-    "--out",
-    str(tmp_path / "e.json"),
-    "--no-progress",
-  )
-  ev = engine.read_predictions_csv(tmp_path / "e_predictions.csv")
+  lsemil("prepare", "--nih-dir", workdir / "data", "--out", prepared, "--size", "256",
+         "--workers", "1")  # fmt: skip
+  ev = evaluate(lsemil, workdir, tmp_path / "e.json", "--data-dir", prepared)
   files = [str(prepared / "images" / i) for i in sorted(ev)]
   assert imageio.read_gray(files[0]).shape == (256, 256)
-  lsemil(
-    "predict",
-    "--checkpoint",
-    str(workdir),
-    "--which",
-    "latest",
-    "--out",
-    str(tmp_path / "pred"),
-    "--no-progress",
-    *files,
-  )
-  pred = engine.read_predictions_csv(tmp_path / "pred" / "predictions.csv")
+  pred = predict(lsemil, workdir, tmp_path / "pred", files)
   assert max_diff(ev, pred) < TOL
 
 
@@ -223,18 +146,7 @@ def test_model_input_is_the_eval_pipeline(workdir):
 
 
 def test_per_image_csv_columns(workdir, tmp_path, lsemil):
-  lsemil(
-    "evaluate",
-    "--workdir",
-    str(workdir),
-    "--which",
-    "latest",
-    "--n-boot",
-    "0",
-    "--out",
-    str(tmp_path / "t.json"),
-    "--no-progress",
-  )
+  evaluate(lsemil, workdir, tmp_path / "t.json")
   with open(tmp_path / "t_predictions.csv") as f:
     header = next(csv.reader(f))
   assert header == ["image_id", "patient_id", *nih.CLASSES]

@@ -30,47 +30,15 @@ def test_relative_workdir_trains_and_checkpoints_land_there(here):
 
 
 def test_relative_and_home_paths_in_evaluate_reproduce_predict(here, lsemil):
-  lsemil(
-    "evaluate",
-    "--workdir",
-    "runs/r0_5",
-    "--n-boot",
-    "0",
-    "--out",
-    "results/eval.json",
-    "--no-progress",
-    cwd=here,
-    home=here,
-  )
+  lsemil("evaluate", "--workdir", "runs/r0_5", "--n-boot", "0", "--out", "results/eval.json",
+         "--no-progress", cwd=here, home=here)  # fmt: skip
   assert (here / "results" / "eval.json").is_file()
   assert (here / "results" / "eval_predictions.csv").is_file()
-  lsemil(
-    "evaluate",
-    "--checkpoint",
-    "~/runs/r0_5/checkpoints/6",
-    "--n-boot",
-    "0",
-    "--out",
-    "~/results/home.json",
-    "--no-progress",
-    cwd=REPO,
-    home=here,
-  )
+  lsemil("evaluate", "--checkpoint", "~/runs/r0_5/checkpoints/6", "--n-boot", "0", "--out",
+         "~/results/home.json", "--no-progress", cwd=REPO, home=here)  # fmt: skip
   assert (here / "results" / "home.json").is_file()
-  lsemil(
-    "reproduce",
-    "--run",
-    "r0=5:runs/r0_5",
-    "--n-boot",
-    "0",
-    "--figure-images",
-    "1",
-    "--out",
-    "results/",
-    "--no-progress",
-    cwd=here,
-    home=here,
-  )
+  lsemil("reproduce", "--run", "r0=5:runs/r0_5", "--n-boot", "0", "--figure-images", "1", "--out",
+         "results/", "--no-progress", cwd=here, home=here)  # fmt: skip
   assert (here / "results" / "table3.md").is_file()
   image = sorted((here / "runs" / "r0_5" / "data" / "images").glob("*.png"))[0]
   rel = os.path.relpath(image, here)

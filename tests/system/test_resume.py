@@ -57,22 +57,19 @@ _RUN = textwrap.dedent(
 )
 
 
-def _run(lsemil, workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
-  args = [str(workdir), str(data_dir), str(num_steps), str(nan_at), str(init_from)]
-  proc = subprocess.run(
-    [sys.executable, "-c", _RUN, *args],
-    env=lsemil.env(cache),
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT ") :]), proc.stdout + proc.stderr
+@pytest.fixture
+def run(script_result, lsemil):
+  """fn(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from="") -> (result, output):
+  `_RUN` in a subprocess."""
+
+  def run(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
+    args = [workdir, data_dir, num_steps, nan_at, init_from]
+    return script_result(_RUN, *args, env=lsemil.env(cache))
+
+  return run
 
 
-def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil):
+def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil, run):
   """`lsemil train` on the smoke config with no data (it synthesizes W/data), 4 steps;
   then 2 steps + exit + 2 resumed steps elsewhere give bit-identical weights."""
   cache, a = tmp_path / "jax_cache", tmp_path / "a"
@@ -103,9 +100,9 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil):
 
   # N steps, process exit, N resumed steps == 2N straight, bit for bit.
   b = tmp_path / "b"
-  half, _ = _run(lsemil, b, a / "data", 2, cache=cache)
+  half, _ = run(b, a / "data", 2, cache=cache)
   assert half["last_step"] == 2
-  resumed, log = _run(lsemil, b, a / "data", 4, cache=cache)
+  resumed, log = run(b, a / "data", 4, cache=cache)
   assert "resuming from" in log and resumed["last_step"] == 4
   _, _, va, sa, _ = checkpointing.load_inference(a, which="latest")
   _, _, vb, sb, _ = checkpointing.load_inference(b, which="latest")
@@ -123,11 +120,11 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil):
 
   # A NaN batch at step 3 (first resumed step) stops the run naming the step; step 2 stays.
   shutil.copytree(b / "checkpoints" / "2", tmp_path / "c" / "checkpoints" / "2")
-  out, _ = _run(lsemil, tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
+  out, _ = run(tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
   assert "at step 3" in out["error"] and "step 2" in out["error"]
   assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["2"]
 
   # init_from: a new workdir starts from run a's best weights (fresh optimizer, step 0).
-  out, log = _run(lsemil, tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
+  out, log = run(tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
   assert f"initialised weights from {a} (step {best['best_step']})" in log
   assert out["last_step"] == 2

@@ -239,28 +239,24 @@ def test_duplicate_id(tmp_path):
   _expect(_write(tmp_path, rows=rows), "Data_Entry_2017_v2020.csv", 9, "duplicate", "line 3")
 
 
+_ENTRY, _BBOX = "Data_Entry_2017_v2020.csv", "BBox_List_2017.csv"
+# (file, old text, new text, the line the error names, words in the error)
+_MALFORMED = [
+  (_ENTRY, _entry(*ROWS[4]), "00000004_000.png", 6, ["malformed"]),
+  (_ENTRY, ",5,40,M", ",five,40,M", 8, ["Patient ID", "five"]),
+  (_ENTRY, ",3,40,M", ",33,40,M", 5, ["does not match"]),
+  (_ENTRY, "Patient ID", "Patient", 1, ["Patient ID"]),
+  (_BBOX, BBOX_HEADER, "Image Index,Finding Label", 1, ["expected header"]),
+  (_BBOX, ",300,150", ",300", 2, ["malformed"]),
+  (_BBOX, "300,150", "300,wide", 2, ["not numbers"]),
+]
+
+
 def test_malformed_rows(tmp_path):
-  d = _write(tmp_path)
-  _edit(d, "Data_Entry_2017_v2020.csv", lambda t: t.replace(_entry(*ROWS[4]), "00000004_000.png"))
-  _expect(d, "Data_Entry_2017_v2020.csv", 6, "malformed")
-  d = _write(tmp_path)
-  _edit(d, "Data_Entry_2017_v2020.csv", lambda t: t.replace(",5,40,M", ",five,40,M"))
-  _expect(d, "Data_Entry_2017_v2020.csv", 8, "Patient ID", "five")
-  d = _write(tmp_path)
-  _edit(d, "Data_Entry_2017_v2020.csv", lambda t: t.replace(",3,40,M", ",33,40,M"))
-  _expect(d, "Data_Entry_2017_v2020.csv", 5, "does not match")
-  d = _write(tmp_path)
-  _edit(d, "Data_Entry_2017_v2020.csv", lambda t: t.replace("Patient ID", "Patient"))
-  _expect(d, "Data_Entry_2017_v2020.csv", 1, "Patient ID")
-  d = _write(tmp_path)
-  _edit(d, "BBox_List_2017.csv", lambda t: t.replace(BBOX_HEADER, "Image Index,Finding Label"))
-  _expect(d, "BBox_List_2017.csv", 1, "expected header")
-  d = _write(tmp_path)
-  _edit(d, "BBox_List_2017.csv", lambda t: t.replace(",300,150", ",300"))
-  _expect(d, "BBox_List_2017.csv", 2, "malformed")
-  d = _write(tmp_path)
-  _edit(d, "BBox_List_2017.csv", lambda t: t.replace("300,150", "300,wide"))
-  _expect(d, "BBox_List_2017.csv", 2, "not numbers")
+  for name, old, new, line, words in _MALFORMED:
+    d = _write(tmp_path)
+    _edit(d, name, lambda t, old=old, new=new: t.replace(old, new))
+    _expect(d, name, line, *words)
 
 
 def test_box_errors(tmp_path):

@@ -8,10 +8,7 @@ so it does not depend on how (or whether) the test session's JAX was initialised
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -103,7 +100,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_one_step_same_on_1_and_8_devices_fsdp_and_bf16():
+def test_one_step_same_on_1_and_8_devices_fsdp_and_bf16(script_result):
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
@@ -111,17 +108,7 @@ def test_one_step_same_on_1_and_8_devices_fsdp_and_bf16():
     # Cheaper CPU compiles (flax's tests do the same); both sides of each comparison share it.
     JAX_DISABLE_MOST_OPTIMIZATIONS="1",
   )
-  proc = subprocess.run(
-    [sys.executable, "-c", _SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-  out = json.loads(line[len("RESULT ") :])
+  out, _ = script_result(_SCRIPT, env=env)
   for name in ("dp8", "fsdp8"):
     assert out[name]["loss"] == pytest.approx(out["loss_1"], rel=1e-5, abs=1e-5), out
     assert out[name]["max_diff"] < 1e-5, out

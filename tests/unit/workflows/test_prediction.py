@@ -21,8 +21,6 @@ import io
 import json
 
 import cv2
-import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,8 +34,6 @@ from lsemil.data.nih import CLASSES
 from lsemil.inference import engine
 from lsemil.metrics import calibration, localization
 from lsemil.models import mil, registry
-from lsemil.runtime import checkpointing
-from lsemil.training import trainer
 from lsemil.workflows import prediction
 
 # Cheaper XLA CPU compiles for this module (flax's example tests do the same).
@@ -55,21 +51,10 @@ def smoke(synth_dir, random_variables):
 
 
 @pytest.fixture(scope="module")
-def workdir(smoke, tmp_path_factory):
+def workdir(smoke, tmp_path_factory, write_checkpoint):
   """A training workdir holding `smoke`'s weights as its one checkpoint (step 4)."""
-  config, model, variables = smoke.config, smoke.model, smoke.variables
-  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
-  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  state = state.replace(
-    step=np.int32(4), params=variables["params"], batch_stats=variables["batch_stats"]
-  )
   w = tmp_path_factory.mktemp("run") / "w"
-  manager = checkpointing.create_manager(w, keep=1, async_save=False)
-  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  metrics = {checkpointing.BEST_METRIC: 0.5}
-  checkpointing.save(manager, 4, state, it, config=config, meta={}, metrics=metrics)
-  manager.wait_until_finished()
-  manager.close()
+  write_checkpoint(w, smoke.config, smoke.variables, 4)
   return w
 
 
@@ -312,24 +297,12 @@ def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_workdir(random_variables, tmp_path_factory):
+def smoke_workdir(random_variables, tmp_path_factory, write_checkpoint):
   """A training workdir with random smoke weights as its one checkpoint (step 2)."""
   config = configuration.load_config("smoke")
   model = registry.from_config(config.model, saved=True)  # with or without model.arch
-  variables = random_variables(model, seed=3)
-  abstract = trainer.abstract_state(model, trainer.create_optimizer(config), 0)
-  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  state = state.replace(
-    step=np.int32(2), params=variables["params"], batch_stats=variables["batch_stats"]
-  )
   w = tmp_path_factory.mktemp("boxes") / "w"
-  manager = checkpointing.create_manager(w, keep=1, async_save=False)
-  it = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  checkpointing.save(
-    manager, 2, state, it, config=config, meta={}, metrics={checkpointing.BEST_METRIC: 0.5}
-  )
-  manager.wait_until_finished()
-  manager.close()
+  write_checkpoint(w, config, random_variables(model, seed=3), 2)
   return w
 
 

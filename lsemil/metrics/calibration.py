@@ -55,6 +55,18 @@ def _pairs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
 # Measures
 
 
+def _named_columns(probs, labels, classes):
+  """(p, y, class names) of (N, K) probabilities and labels; ValueError on another shape or a
+  wrong number of names (default names class_0 ...)."""
+  p, y = _pairs(probs, labels)
+  if p.ndim != 2:
+    raise ValueError(f"probs must be (N, K), got {p.shape}")
+  names = list(classes) if classes is not None else [f"class_{k}" for k in range(p.shape[1])]
+  if len(names) != p.shape[1]:
+    raise ValueError(f"{len(names)} class names for {p.shape[1]} columns")
+  return p, y, names
+
+
 def bin_index(probs, n_bins: int = N_BINS) -> np.ndarray:
   """Equal-mass bin of each probability of a 1-D vector: bin = floor((r - 1) n_bins / N).
 
@@ -117,12 +129,7 @@ def calibration_metrics(
    'reliability': {'confidence', 'frequency', 'count': lists of n_bins}, 'n_bins': n_bins};
   overall values pool every (image, class) prediction into one set (not a mean of classes).
   """
-  p, y = _pairs(probs, labels)
-  if p.ndim != 2:
-    raise ValueError(f"probs must be (N, K), got {p.shape}")
-  names = list(classes) if classes is not None else [f"class_{k}" for k in range(p.shape[1])]
-  if len(names) != p.shape[1]:
-    raise ValueError(f"{len(names)} class names for {p.shape[1]} columns")
+  p, y, names = _named_columns(probs, labels, classes)
   rel = reliability(p, y, n_bins)
   return {
     "ece": {c: ece(p[:, k], y[:, k], n_bins) for k, c in enumerate(names)},
@@ -223,12 +230,7 @@ def fit(method: str, probs, labels, classes: Sequence[str] | None = None) -> dic
   {'method': 'platt', 'classes': [...], 'a': [K], 'b': [K]}, plus 'num_images' (N) and
   'num_positives' ([K]) of the fit. Store it (e.g. fileio.write_json) and `apply` it later.
   """
-  p, y = _pairs(probs, labels)
-  if p.ndim != 2:
-    raise ValueError(f"probs must be (N, K), got {p.shape}")
-  names = list(classes) if classes is not None else [f"class_{k}" for k in range(p.shape[1])]
-  if len(names) != p.shape[1]:
-    raise ValueError(f"{len(names)} class names for {p.shape[1]} columns")
+  p, y, names = _named_columns(probs, labels, classes)
   out: dict = {"method": method, "classes": names}
   if method == "temperature":
     out["temperature"] = fit_temperature(p, y)

@@ -211,12 +211,7 @@ def box_overlaps(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
   Boxes are int [c0, r0, c1, r1) pixel ranges (`overlap.predicted_boxes`, `gt_ranges`); the
   per-ground-truth maximum is `overlap.localization_hits`.
   """
-  g, p = gt[:, None, :], pred[None, :, :]
-  iw = np.clip(np.minimum(g[..., 2], p[..., 2]) - np.maximum(g[..., 0], p[..., 0]), 0, None)
-  ih = np.clip(np.minimum(g[..., 3], p[..., 3]) - np.maximum(g[..., 1], p[..., 1]), 0, None)
-  inter = (iw * ih).astype(np.float64)
-  area_g = ((g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])).astype(np.float64)
-  area_p = ((p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1])).astype(np.float64)
+  inter, area_g, area_p = overlap.box_pair_areas(gt, pred)
   union = area_g + area_p - inter
   with np.errstate(invalid="ignore", divide="ignore"):
     iobb = np.where(area_p > 0, inter / area_p, 0.0)

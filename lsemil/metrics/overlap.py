@@ -168,6 +168,18 @@ def predicted_boxes(saliency, tau: float, size: int = 512, method: str = "neares
   ).reshape(-1, 4)
 
 
+def box_pair_areas(gt: np.ndarray, pred: np.ndarray):
+  """Of int [c0, r0, c1, r1) boxes: the intersection of every (ground-truth, predicted) pair,
+  (Mg, Mp), the ground-truth areas, (Mg, 1), and the predicted areas, (1, Mp); float64."""
+  g, p = gt[:, None, :], pred[None, :, :]
+  iw = np.clip(np.minimum(g[..., 2], p[..., 2]) - np.maximum(g[..., 0], p[..., 0]), 0, None)
+  ih = np.clip(np.minimum(g[..., 3], p[..., 3]) - np.maximum(g[..., 1], p[..., 1]), 0, None)
+  inter = (iw * ih).astype(np.float64)
+  area_g = ((g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])).astype(np.float64)
+  area_p = ((p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1])).astype(np.float64)
+  return inter, area_g, area_p
+
+
 def localization_hits(
   saliency,
   gt_boxes,
@@ -189,12 +201,7 @@ def localization_hits(
   if len(pred) == 0 or len(gt) == 0:
     z = np.zeros(len(gt))
     return {"iobb": z, "iou": z.copy()}
-  g, p = gt[:, None, :], pred[None, :, :]
-  iw = np.clip(np.minimum(g[..., 2], p[..., 2]) - np.maximum(g[..., 0], p[..., 0]), 0, None)
-  ih = np.clip(np.minimum(g[..., 3], p[..., 3]) - np.maximum(g[..., 1], p[..., 1]), 0, None)
-  inter = (iw * ih).astype(np.float64)
-  area_g = ((g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])).astype(np.float64)
-  area_p = ((p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1])).astype(np.float64)
+  inter, area_g, area_p = box_pair_areas(gt, pred)
   iobb = inter / area_p
   union = area_g + area_p - inter
   with np.errstate(invalid="ignore", divide="ignore"):

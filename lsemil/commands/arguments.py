@@ -39,3 +39,8 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
   return _whole_number(text, 0)
+
+
+def add_which(parser: argparse.ArgumentParser, help: str) -> None:
+  """--which best|latest (default best): which checkpoint of a workdir a command reads."""
+  parser.add_argument("--which", choices=("best", "latest"), default="best", help=help)

@@ -39,11 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument(
     "--checkpoint", help="a workdir, its checkpoints/ folder or one step folder W/checkpoints/N"
   )
-  p.add_argument(
-    "--which",
-    choices=("best", "latest"),
-    default="best",
-    help="checkpoint of a workdir: best validation mean AUC or latest (default best)",
+  arguments.add_which(
+    p, "checkpoint of a workdir: best validation mean AUC or latest (default best)"
   )
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the run's config)")
   p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")

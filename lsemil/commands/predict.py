@@ -57,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=0.5,
     help="probability at or above which a class gets an overlay (default 0.5)",
   )
-  p.add_argument(
-    "--which",
-    choices=("best", "latest"),
-    default="best",
-    help="checkpoint of a workdir (default best validation mean AUC)",
-  )
+  arguments.add_which(p, "checkpoint of a workdir (default best validation mean AUC)")
   p.add_argument(
     "--batch-size", type=arguments.positive_int, default=16, help="images per forward (16)"
   )

@@ -105,12 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the first run)")
   p.add_argument("--out", required=True, help="output folder R")
   p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
-  p.add_argument(
-    "--which",
-    choices=("best", "latest"),
-    default="best",
-    help="checkpoint of each run (default best validation mean AUC)",
-  )
+  arguments.add_which(p, "checkpoint of each run (default best validation mean AUC)")
   p.add_argument(
     "--tau",
     action="append",

@@ -62,6 +62,18 @@ def mean_auc(aucs) -> tuple[float, list[int]]:
   return float(np.nanmean(a)), missing
 
 
+def percentile_interval(boot: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+  """The (1 - alpha) percentile interval (lo, hi) of each column of bootstrap values (B, M),
+  NaN draws left out; NaN where a column has none."""
+  lo = np.full(boot.shape[1], np.nan)
+  hi = np.full(boot.shape[1], np.nan)
+  for m in range(boot.shape[1]):
+    b = boot[:, m][~np.isnan(boot[:, m])]
+    if b.size:
+      lo[m], hi[m] = np.percentile(b, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+  return lo, hi
+
+
 def _bootstrap_aucs(labels, scores, patient_ids, counts) -> np.ndarray:
   """AUC of each class under each resample of patients: counts (B, P) -> (B, K).
 
@@ -133,11 +145,5 @@ def bootstrap_auc_ci(
     counts = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=b)
     aucs.append(_bootstrap_aucs(y, s, pids, counts))
   aucs = np.concatenate(aucs, axis=0)
-  lo = np.full(s.shape[1], np.nan)
-  hi = np.full(s.shape[1], np.nan)
-  for k in range(s.shape[1]):
-    a = aucs[:, k][~np.isnan(aucs[:, k])]
-    if a.size:
-      lo[k], hi[k] = np.percentile(a, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  return lo, hi
+  return percentile_interval(aucs, alpha)
 

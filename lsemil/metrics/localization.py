@@ -64,7 +64,7 @@ import scipy.sparse
 
 from lsemil.core import fileio
 from lsemil.data import nih
-from lsemil.metrics import overlap
+from lsemil.metrics import classification, overlap
 
 EVAL_SIZE = 512  # the paper's evaluation grid (Sec 4.2)
 DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -417,17 +417,7 @@ def _ratio_ci(num, den, pid, n_pat, counts, alpha):
       return value, np.full_like(value, np.nan), np.full_like(value, np.nan)
     bn, bd = counts @ pn, counts @ pd
     boot = np.where(bd > 0, bn / bd, np.nan)
-  return (value, *_percentiles(boot, alpha))
-
-
-def _percentiles(boot: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-  lo = np.full(boot.shape[1], np.nan)
-  hi = np.full(boot.shape[1], np.nan)
-  for m in range(boot.shape[1]):
-    b = boot[:, m][~np.isnan(boot[:, m])]
-    if b.size:
-      lo[m], hi[m] = np.percentile(b, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  return lo, hi
+  return (value, *classification.percentile_interval(boot, alpha))
 
 
 def _auprc_ci(aps, pid, n_pat, counts, alpha):
@@ -453,7 +443,7 @@ def _auprc_ci(aps, pid, n_pat, counts, alpha):
       for i in range(0, len(counts), chunk)
     ]
   )
-  lo, hi = _percentiles(boot[:, None], alpha)
+  lo, hi = classification.percentile_interval(boot[:, None], alpha)
   return value, float(lo[0]), float(hi[0]), base, n_pix
 
 

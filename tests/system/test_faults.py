@@ -564,14 +564,14 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
     _kill_group(proc)
     complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     killed_during.append((caught, complete))
-  assert any(caught for caught, _ in killed_during), "no save was ever caught in progress"
+  assert any(caught for caught, _ in killed_during), f"no save was ever caught in progress: {killed_during}"
   print(f"train SIGKILLed while writing / with complete: {killed_during}")
   last_complete = killed_during[-1][1][-1] if killed_during[-1][1] else None
   rerun = lsemil.run(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),
                cache=jax_cache)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   if last_complete is not None:
-    assert f"resuming from {ckpts / str(last_complete)} (step {last_complete})" in rerun.stdout
+    assert f"resuming from {ckpts / str(last_complete)} (step {last_complete})" in rerun.stderr
   (sa, va), (sb, vb) = _params(straight), _params(w)
   assert sa == sb == 6
   for x, y in zip(va, vb, strict=True):

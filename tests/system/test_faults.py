@@ -564,7 +564,8 @@ def test_sigkill_during_async_checkpoint_write_resumes_from_last_complete(
     _kill_group(proc)
     complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     killed_during.append((caught, complete))
-  assert any(caught for caught, _ in killed_during), f"no save was ever caught in progress: {killed_during}"
+  caught_any = any(caught for caught, _ in killed_during)
+  assert caught_any, f"no save was ever caught in progress: {killed_during}"
   print(f"train SIGKILLed while writing / with complete: {killed_during}")
   last_complete = killed_during[-1][1][-1] if killed_during[-1][1] else None
   rerun = lsemil.run(*_train_args(w, synth_dir, "--config.train.checkpoint_every_steps=1"),

@@ -55,12 +55,22 @@ def _not_read_only_notice(record) -> bool:
   return "is read only" not in message and "did not provide metrics" not in message
 
 
+_save_failed = False  # set once a save failed with an OS error (reported as an OutputError)
+
+
 def _not_reported_save_failure(record) -> bool:
   # Orbax logs a failed background save with its traceback, once per thread that sees it;
   # the failure is raised as one OutputError (`_Manager`), so those logs are dropped (only
-  # those of an OS error: anything else keeps its traceback).
+  # those of an OS error: anything else keeps its traceback). After such a failure the
+  # process exits while orbax's metadata thread still runs; its "cannot schedule new futures
+  # after interpreter shutdown" is that exit, not a second failure.
   exc = record.exc_info[1] if record.exc_info else None
-  return exc is None or _errno_of(exc) is None
+  if exc is None:
+    return "cannot schedule new futures after interpreter shutdown" not in record.getMessage() \
+      or not _save_failed
+  if _save_failed and isinstance(exc, RuntimeError) and "after interpreter shutdown" in str(exc):
+    return False
+  return _errno_of(exc) is None
 
 
 logging.get_absl_logger().addFilter(_not_read_only_notice)
@@ -195,6 +205,8 @@ class _Manager(ocp.CheckpointManager):
       if id(e) in reported and again_ok:
         return  # already raised once (orbax re-raises a failed async save on every wait)
       reported.add(id(e))
+      global _save_failed
+      _save_failed = True
       m = _STEP_IN_PATH.search(str(e))
       failed = int(m.group(1)) if m else step
       if failed is None:  # an asynchronous failure: the save in flight was the latest one

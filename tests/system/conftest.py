@@ -12,8 +12,11 @@ its own and a number of host devices).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,13 @@ class Lsemil:
   """Runs the `lsemil` command line in subprocesses (see the module docstring)."""
 
   repo = REPO
-  argv = (sys.executable, "-m", "lsemil.commands.cli")
+
+  def __init__(self, venv_dir: Path | None = None):
+    """The source tree's lsemil; with `venv_dir`, the `lsemil` entry point installed there."""
+    self.venv = venv_dir
+    self.executable = str(venv_dir / "bin" / "python") if venv_dir else sys.executable
+    source_cli = (sys.executable, "-m", "lsemil.commands.cli")
+    self.argv = (str(venv_dir / "bin" / "lsemil"),) if venv_dir else source_cli
 
   @staticmethod
   def env(cache: Path | None = None, *, devices: int | None = None, **extra: str) -> dict:
@@ -84,7 +93,7 @@ class Lsemil:
     """`python -c code *args` started like `popen` (a driver script of a test)."""
     kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} | kwargs
     env = env if env is not None else self.env(cache)
-    argv = [sys.executable, "-c", code, *map(str, args)]
+    argv = [self.executable, "-c", code, *map(str, args)]
     return subprocess.Popen(argv, cwd=cwd, env=env, **kwargs)
 
 
@@ -92,3 +101,36 @@ class Lsemil:
 def lsemil() -> Lsemil:
   """Runs the `lsemil` CLI (and driver scripts) in subprocesses: see `Lsemil`."""
   return Lsemil()
+
+
+# What the build reads (pyproject.toml names README.md as the readme); copied so that the
+# build writes its build/ and egg-info into a temporary folder, not into the source tree.
+SOURCES = ("pyproject.toml", "README.md", "lsemil", "configs")
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Lsemil:
+  """A fresh virtualenv V with a regular (non-editable) install of the source, returned:
+  `pip --python V/bin/python install --no-deps --no-build-isolation --no-index SRC`. V gets
+  the test environment's packages through a .pth line (its dependencies, not its editable
+  lsemil: .pth files are not read from a folder a .pth adds), so nothing is downloaded. Run
+  `V/bin/lsemil` (the installed entry point) from any directory: the returned `Lsemil` does."""
+  tmp_path = tmp_path_factory.mktemp("install")
+  src, venv_dir = tmp_path / "src", tmp_path / "venv"
+  src.mkdir()
+  for name in SOURCES:
+    path = REPO / name
+    if path.is_dir():
+      shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+      shutil.copy2(path, src / name)
+  venv.create(venv_dir, with_pip=False)
+  python = venv_dir / "bin" / "python"
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  Path(site, "_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"]
+  pip += ["--no-build-isolation", "--no-index", "--quiet", str(src)]
+  proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+  return Lsemil(venv_dir)

@@ -1,24 +1,18 @@
 """A regular (non-editable) install runs from any directory: the configs ship with the package.
 
-`pip install --no-deps --no-build-isolation --target T` of the source (offline: the build
-backend, setuptools, is the test environment's), then `lsemil` with PYTHONPATH=T from an
-empty directory: `lsemil` and `lsemil.configs` import from T, not from the source tree, and
-`info --config paper:r0=5`, `train --config smoke` and `train --config paper:r0=5` (shrunk to
-one step of the smoke model by --config.* overrides) find their configs by name.
+`pip install` (not editable) of the source into a fresh virtualenv V (the `installed` fixture
+of conftest.py), then V's `lsemil` entry point from an empty directory: `lsemil` and
+`lsemil.configs` import from V, not from the source tree, and `info --config paper:r0=5`,
+`train --config smoke` and `train --config paper:r0=5` (shrunk to one step of the smoke model
+by --config.* overrides) find their configs by name. `tests/system/test_demo.py` runs
+`lsemil demo --quick` through the same install.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-# What the build reads (pyproject.toml names README.md as the readme); copied so that the
-# build writes its build/ and egg-info into a temporary folder, not into the source tree.
-SOURCES = ("pyproject.toml", "README.md", "lsemil", "configs")
 # The smoke config's model (configs/demo.py and configs/smoke.py) as overrides of the paper's.
 SMOKE_MODEL = {
   "input_size": "64",
@@ -34,27 +28,12 @@ SMOKE_MODEL = {
 }
 
 
-def _install(tmp_path: Path) -> Path:
-  src, target = tmp_path / "src", tmp_path / "T"
-  src.mkdir()
-  for name in SOURCES:
-    path = REPO / name
-    if path.is_dir():
-      shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-      shutil.copy2(path, src / name)
-  pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
-  pip += ["--no-index", "--quiet", "--target", str(target), str(src)]
-  proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-  return target
 
-
-def test_regular_install_runs_named_configs_from_an_empty_directory(tmp_path, lsemil):
-  target = _install(tmp_path)
+def test_regular_install_runs_named_configs_from_an_empty_directory(tmp_path, installed):
+  lsemil, target = installed, installed.venv
   empty = tmp_path / "empty"
   empty.mkdir()
-  env = lsemil.env(PYTHONPATH=str(target))
+  env = lsemil.env()
 
   where = lsemil.python(
     "import lsemil, lsemil.configs\n"

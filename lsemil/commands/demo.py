@@ -15,11 +15,11 @@ from lsemil.workflows import demonstration
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
     prog="lsemil demo",
-    description="Synthesize a NIH-layout dataset, prepare it, train r0 = 0, 5, 10 with "
-    "configs/demo.py and the Grad-CAM baseline (configs/baseline_gap.py:size=demo), "
-    "evaluate and reproduce the paper's tables and figures, Table 4 and an HTML report, "
-    "on a CPU (about 14 minutes on 2 cores; on a CPU the runs train side by side, one core "
-    "each, logging to WORKDIR/train.log).",
+    description="""
+    Synthesize a NIH-layout dataset, prepare it, train r0 = 0, 5, 10 with configs/demo.py and the
+    Grad-CAM baseline (configs/baseline_gap.py:size=demo), evaluate and reproduce the paper's
+    tables and figures, Table 4 and an HTML report, on a CPU (about 14 minutes on 2 cores; on a CPU
+    the runs train side by side, one core each, logging to WORKDIR/train.log).""",
   )
   parser.add_argument("--out", default="lsemil_demo", help="output folder (default ./lsemil_demo)")
   parser.add_argument(
@@ -48,15 +48,9 @@ def main(argv: list[str]) -> int:
   r0s = [float(x) for x in args.r0.split(",")] if args.r0 else None
   with progress.bars() as bar:
     demo = demonstration.run_demo(
-      fileio.resolve(args.out),
-      quick=args.quick,
-      r0s=r0s,
-      patients=args.patients,
-      epochs=args.epochs,
-      workers=args.workers,
-      seeds=args.seeds,
-      figure1=args.figure1,
+      fileio.resolve(args.out), quick=args.quick, r0s=r0s, patients=args.patients,
+      epochs=args.epochs, workers=args.workers, seeds=args.seeds, figure1=args.figure1,
       progress=bar,
-    )
+    )  # fmt: skip
   print(demonstration.format_summary(demo))
   return 0

@@ -35,10 +35,11 @@ def _probability(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil predict",
-    description="Per-class probabilities and saliency overlays (Yao et al. 2018, Sec 3.6) for "
-    "PNG / JPEG / DICOM chest X-rays. Prints a table; writes DIR/predictions.csv and "
-    "DIR/<image>_<class>.png for each class at or above --threshold. Exit status 1 if any file "
-    "could not be read (the others still complete).",
+    description="""
+    Per-class probabilities and saliency overlays (Yao et al. 2018, Sec 3.6) for PNG / JPEG / DICOM
+    chest X-rays. Prints a table; writes DIR/predictions.csv and DIR/<image>_<class>.png for each
+    class at or above --threshold. Exit status 1 if any file could not be read (the others still
+    complete).""",
   )
   p.add_argument(
     "--checkpoint",
@@ -112,18 +113,10 @@ def main(argv: list[str]) -> int:
   out = fileio.resolve(args.out)
   with progress.bars(not args.no_progress) as bar:
     rows, failures = prediction.predict_files(
-      loaded,
-      args.images,
-      out,
-      threshold=args.threshold,
-      batch_size=args.batch_size,
-      progress=bar,
-      boxes=args.boxes,
-      box_tau=args.box_tau,
-      calibration=calibration,
-      saliency_source=args.saliency,
-      gradcam_level=args.gradcam_level,
-    )
+      loaded, args.images, out, threshold=args.threshold, batch_size=args.batch_size,
+      progress=bar, boxes=args.boxes, box_tau=args.box_tau, calibration=calibration,
+      saliency_source=args.saliency, gradcam_level=args.gradcam_level,
+    )  # fmt: skip
   print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)
   wrote = f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays"

@@ -49,16 +49,10 @@ def main(argv: list[str]) -> int:
   out = fileio.resolve(args.out)
   with progress.bars() as bar:
     summary = preparation.prepare(
-      fileio.resolve(args.nih_dir),
-      out,
-      fmt=args.format,
-      size=args.size,
-      on_bad=args.on_bad,
-      workers=args.workers,
-      val_fraction=args.val_fraction,
-      split_seed=args.split_seed,
+      fileio.resolve(args.nih_dir), out, fmt=args.format, size=args.size, on_bad=args.on_bad,
+      workers=args.workers, val_fraction=args.val_fraction, split_seed=args.split_seed,
       progress=bar,
-    )
+    )  # fmt: skip
   for line in summary.lines(args.on_bad):
     print(line, file=sys.stderr)
   print(f"wrote {out}", file=sys.stderr)

@@ -73,10 +73,11 @@ def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil reproduce",
-    description="Tables 1-3 and Figures 1 and 3 of Yao et al. 2018 from trained runs, in the "
-    "paper's layout beside the paper's numbers, with significance tests, spread over seeds, "
-    "calibration, Table 4 (weak-localization protocols against baselines) and a "
-    "self-contained index.html (Markdown + CSV, PNG, summary.json).",
+    description="""
+    Tables 1-3 and Figures 1 and 3 of Yao et al. 2018 from trained runs, in the paper's layout
+    beside the paper's numbers, with significance tests, spread over seeds, calibration, Table 4
+    (weak-localization protocols against baselines) and a self-contained index.html (Markdown +
+    CSV, PNG, summary.json).""",
   )
   p.add_argument(
     "--run",

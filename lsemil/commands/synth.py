@@ -13,10 +13,10 @@ def main(argv: list[str]) -> int:
   """`lsemil synth`: write a synthetic dataset in the NIH ChestX-ray14 layout."""
   parser = argparse.ArgumentParser(
     prog="lsemil synth",
-    description="Write deterministic phantom chest radiographs with planted findings of the 14 "
-    "NIH classes, in the exact NIH ChestX-ray14 layout (images/, Data_Entry_2017_v2020.csv, "
-    "BBox_List_2017.csv, train_val_list.txt, test_list.txt). Re-running completes an "
-    "interrupted run.",
+    description="""
+    Write deterministic phantom chest radiographs with planted findings of the 14 NIH classes, in
+    the exact NIH ChestX-ray14 layout (images/, Data_Entry_2017_v2020.csv, BBox_List_2017.csv,
+    train_val_list.txt, test_list.txt). Re-running completes an interrupted run.""",
   )
   parser.add_argument("--out", required=True, help="dataset folder to write")
   parser.add_argument(

@@ -17,8 +17,6 @@ Build from `config.model` with `from_config` (configs/baseline_gap.py: `arch = '
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -94,30 +92,15 @@ def validate(cfg: Any) -> tuple[int, ...]:
   return sides
 
 
-class GlobalAveragePoolingClassifier(nn.Module):
+class GlobalAveragePoolingClassifier(mil.Backbone):
   """Down path + global average pooling + linear head (the Grad-CAM / CAM baseline).
 
-  Fields are the down-path fields of `lsemil.models.mil.MultiResolutionMIL` (their values are
-  in configs/paper.py, the only place they are written) plus `arch` ('gap').
+  Fields are those of `lsemil.models.mil.Backbone`, shared with the MIL model (their values
+  are in configs/paper.py, the only place they are written), plus `arch` ('gap').
   """
 
-  num_classes: int
-  input_size: int
-  stem_stride: int
-  stem_features: int
-  widths: Sequence[int]
-  blocks_per_level: Sequence[int]
-  bottleneck_ratio: int
-  norm: str
-  group_norm_groups: int
-  dtype: str
-  remat: bool
-  batch_norm_impl: str
-  conv1x1_impl: str
-  conv_weight_grad: str
-  stem_impl: str
   arch: str = ARCH
-  # Read by the trainer's LSE-LBA sharpness metric (train._sharpness): not LSE-LBA.
+  # Read by the trainer's LSE-LBA sharpness metric (`lsemil.training.trainer`): not LSE-LBA.
   pooling: ClassVar[str] = "gap"
 
   @nn.compact
@@ -145,19 +128,8 @@ class GlobalAveragePoolingClassifier(nn.Module):
 
 def from_config(cfg: Any) -> GlobalAveragePoolingClassifier:
   """Builds the model from `config.model` (a ConfigDict or mapping with arch = 'gap')."""
-  fields = {f.name for f in dataclasses.fields(GlobalAveragePoolingClassifier)}
-  fields -= {"parent", "name"}
-  unknown, missing = set(cfg.keys()) - fields, fields - set(cfg.keys()) - {"arch"}
-  if unknown:
-    raise ConfigError(f"model config (arch {ARCH!r}): unknown fields {sorted(unknown)}")
-  if missing:
-    raise ConfigError(
-      f"model config (arch {ARCH!r}): missing fields {sorted(missing)} (see configs/paper.py)"
-    )
-  values = {k: cfg[k] for k in cfg.keys()}
-  for key in ("widths", "blocks_per_level"):
-    if key in values:
-      values[key] = tuple(int(v) for v in values[key])
-  model = GlobalAveragePoolingClassifier(**values)
+  what = f"model config (arch {ARCH!r})"
+  values = mil.fields_from_config(GlobalAveragePoolingClassifier, cfg, what)
+  model = GlobalAveragePoolingClassifier(**values, arch=cfg.get("arch", ARCH))
   validate(model)
   return model

@@ -273,12 +273,9 @@ def down_path(m: Any, x: jax.Array, conv, norm, residual, perturb=None) -> list[
   return levels
 
 
-class MultiResolutionMIL(nn.Module):
-  """Multi-resolution MIL network with LSE-LBA pooling (Sec 3, Fig. 2).
-
-  Build from a config with `from_config(cfg.model)`; the fields, and their values for the
-  paper, are in configs/paper.py (the only place they are written).
-  """
+class Backbone(nn.Module):
+  """The fields of the stem and down path (Sec 3.1): what the MIL model and the GAP baseline
+  (`lsemil.models.gap_classifier`) share. Their values are in configs/paper.py."""
 
   num_classes: int
   input_size: int
@@ -287,6 +284,24 @@ class MultiResolutionMIL(nn.Module):
   widths: Sequence[int]
   blocks_per_level: Sequence[int]
   bottleneck_ratio: int
+  norm: str
+  group_norm_groups: int
+  dtype: str
+  remat: bool
+  batch_norm_impl: str
+  conv1x1_impl: str
+  conv_weight_grad: str
+  stem_impl: str
+
+
+class MultiResolutionMIL(Backbone):
+  """Multi-resolution MIL network with LSE-LBA pooling (Sec 3, Fig. 2).
+
+  Build from a config with `from_config(cfg.model)`; the fields, and their values for the
+  paper, are in configs/paper.py (the only place they are written). Beyond the `Backbone`:
+  the horizontal flow (Sec 3.2), the up path (Sec 3.3) and the MIL pooling (Sec 3.4-3.5).
+  """
+
   dense_layers: int
   dense_growth: int
   up_features: int
@@ -296,14 +311,6 @@ class MultiResolutionMIL(nn.Module):
   r0: float
   per_class_beta: bool
   beta_init: float
-  norm: str
-  group_norm_groups: int
-  dtype: str
-  remat: bool
-  batch_norm_impl: str
-  conv1x1_impl: str
-  conv_weight_grad: str
-  stem_impl: str
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
@@ -366,21 +373,26 @@ def resolve_weight_grad(choice: str) -> str:
   return "gemm" if jax.default_backend() == "cpu" else "xla"
 
 
-def from_config(cfg: Any) -> MultiResolutionMIL:
-  """Builds the model from `config.model` (a ConfigDict or a mapping of the fields)."""
-  fields = {f.name for f in dataclasses.fields(MultiResolutionMIL)} - {"parent", "name"}
-  values = {k: cfg[k] for k in cfg.keys()}
-  if values.pop("arch", "mil") != "mil":
-    raise ConfigError("model config: arch is not 'mil'; build it with lsemil.models.registry")
+def fields_from_config(cls: type[Backbone], cfg: Any, what: str) -> dict[str, Any]:
+  """The constructor arguments of `cls` from a model config (a ConfigDict or a mapping):
+  every field given, none unknown (`arch` aside); ConfigError naming them otherwise."""
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "arch"}
+  values = {k: cfg[k] for k in cfg.keys() if k != "arch"}
   unknown, missing = set(values) - fields, fields - set(values)
   if unknown:
-    raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
+    raise ConfigError(f"{what}: unknown fields {sorted(unknown)}")
   if missing:
-    raise ConfigError(f"model config: missing fields {sorted(missing)} (see configs/paper.py)")
+    raise ConfigError(f"{what}: missing fields {sorted(missing)} (see configs/paper.py)")
   for key in ("widths", "blocks_per_level"):
-    if key in values:
-      values[key] = tuple(int(v) for v in values[key])
-  model = MultiResolutionMIL(**values)
+    values[key] = tuple(int(v) for v in values[key])
+  return values
+
+
+def from_config(cfg: Any) -> MultiResolutionMIL:
+  """Builds the model from `config.model` (a ConfigDict or a mapping of the fields)."""
+  if cfg.get("arch", "mil") != "mil":
+    raise ConfigError("model config: arch is not 'mil'; build it with lsemil.models.registry")
+  model = MultiResolutionMIL(**fields_from_config(MultiResolutionMIL, cfg, "model config"))
   validate(model)
   return model
 

@@ -40,7 +40,8 @@ PANEL_INCHES = 2.5
 DPI = 100
 
 
-def _grey(image) -> np.ndarray:
+def grey_image(image) -> np.ndarray:
+  """An (H, W) or (H, W, 1) image as an (H, W) float64 array (ValueError for other shapes)."""
   img = np.asarray(image, dtype=np.float64)
   if img.ndim == 3 and img.shape[-1] == 1:
     img = img[..., 0]
@@ -50,7 +51,7 @@ def _grey(image) -> np.ndarray:
 
 
 def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: str = "jet"):
-  img = _grey(image)
+  img = grey_image(image)
   h, w = img.shape
   ax.imshow(img, cmap="gray", interpolation="bilinear")
   if saliency is not None:
@@ -100,7 +101,7 @@ def figure3(path, cases: Sequence[Figure3Case], runs: Sequence[str] | None = Non
   fig = Figure(figsize=(PANEL_INCHES * n_cols, PANEL_INCHES * len(cases)), layout="constrained")
   axes = fig.subplots(len(cases), n_cols, squeeze=False)
   for row, case in zip(axes, cases, strict=True):
-    img = _grey(case["image"])
+    img = grey_image(case["image"])
     src = case.get("source_size", ORIGINAL_SIZE)
     boxes = case.get("boxes", [])
     finding = display_class(case.get("finding", ""))
@@ -139,7 +140,7 @@ def figure1(
   """
   fig = Figure(figsize=(PANEL_INCHES * (1 + len(levels)), PANEL_INCHES), layout="constrained")
   axes = fig.subplots(1, 1 + len(levels), squeeze=False)[0]
-  img = _grey(image)
+  img = grey_image(image)
   _show(axes[0], img, title=title)
   if boxes is not None:
     _draw_boxes(axes[0], boxes, img.shape[0], source_size)
@@ -157,6 +158,6 @@ def overlay_png(
   ax = fig.subplots()
   _show(ax, image, saliency, title=title)
   if boxes is not None:
-    _draw_boxes(ax, boxes, _grey(image).shape[0], source_size)
+    _draw_boxes(ax, boxes, grey_image(image).shape[0], source_size)
   return _save(fig, path)
 

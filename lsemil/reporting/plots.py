@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from lsemil.core import fileio
 from lsemil.data.nih import CLASSES, ORIGINAL_SIZE
 from lsemil.metrics import calibration, classification
-from lsemil.reporting import paper_tables
+from lsemil.reporting import drawing, paper_tables
 
 PANEL_INCHES = 2.6
 DPI = 100
@@ -167,11 +167,7 @@ def reliability_diagrams(
 
 
 def _to_unit(image) -> np.ndarray:
-  img = np.asarray(image, dtype=np.float64)
-  if img.ndim == 3 and img.shape[-1] == 1:
-    img = img[..., 0]
-  if img.ndim != 2:
-    raise ValueError(f"image must be (H, W) or (H, W, 1), got {img.shape}")
+  img = drawing.grey_image(image)
   lo, hi = float(img.min()), float(img.max())
   return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 

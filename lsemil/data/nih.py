@@ -327,6 +327,7 @@ def _read_bbox(path: Path, row_of: Mapping[str, int], box_space: int, csv_name: 
       f"{path}:1: expected header 'Image Index,Finding Label,Bbox [x,y,w,h],,,', got {header}"
     )
   brows, bclasses, bxywh, blines = [], [], [], []
+  first_line: dict[tuple, int] = {}
   for lineno, fields in rows:
     if len(fields) != 6:
       raise DataError(
@@ -350,6 +351,11 @@ def _read_bbox(path: Path, row_of: Mapping[str, int], box_space: int, csv_name: 
         f"{path}:{lineno}: box x={x:g} y={y:g} w={w:g} h={h:g} lies outside the "
         f"{box_space}x{box_space} image"
       )
+    key = (image_id, label, x, y, w, h)
+    if key in first_line:
+      # The real file has no repeated box; a repeat would be counted twice in every protocol.
+      raise DataError(f"{path}:{lineno}: duplicate box, the same as line {first_line[key]}")
+    first_line[key] = lineno
     brows.append(row_of[image_id])
     bclasses.append(CLASS_INDEX[label])
     bxywh.append((x, y, w, h))

@@ -353,7 +353,8 @@ def write_report(
     ("figures", "Figures", figures),
     ("gallery", "Gallery", gallery),
   ]
-  body.append("<nav>" + "".join(f'<a href="#{i}">{t}</a>' for i, t, x in nav if x) + "</nav>")
+  links = "".join(f'<a href="#{i}-section">{t}</a>' for i, t, x in nav if x)
+  body.append(f"<nav>{links}</nav>")
   if tables:
     body.append('<h2 id="tables-section">Tables</h2>')
     for caption, content in tables:

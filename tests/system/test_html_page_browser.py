@@ -1,7 +1,8 @@
 """The HTML report (lsemil.reporting.html_page) loaded from disk (file://) in headless Chromium.
 
 A probe script injected into a copy of the page records console errors and failed loads, checks
-that every image loads (naturalWidth > 0) and drives the gallery's sort and class filter.
+that every image loads (naturalWidth > 0), clicks every in-page link (its target id must exist)
+and drives the gallery's sort and class filter.
 
 The report of html_page.write_report: no errors, every image loads, one gallery card per box
 image, the gallery sorts and filters in the browser, and (embedded) a screenshot is not blank.
@@ -83,6 +84,11 @@ window.addEventListener('load',function(){setTimeout(function(){
     r.mass_visible=items().filter(function(e){return e.style.display!=='none';}).length;
     r.mass_count_text=cnt.textContent;
   }
+  var links=Array.prototype.slice.call(document.querySelectorAll('a[href^="#"]'));
+  r.links=links.length;
+  r.dead_links=links.filter(function(a){a.click();
+    return !document.getElementById(decodeURIComponent(location.hash.slice(1)));})
+    .map(function(a){return a.getAttribute('href');});
   var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(r);
   document.body.appendChild(pre);},0);});
 </script>"""
@@ -144,6 +150,7 @@ def test_reproduce_index_html_in_chromium(chromium, trained, tmp_path, synth_dir
   assert r["broken"] == [] and r["images"] == len(summary["figures"]) + n_cases * 3
   assert r["gallery"] == n_cases and r["count_text"] == f"{n_cases} of {n_cases} images"
   assert r["tables"] >= 6  # Tables 1, 2, 3, spread, calibration, 4 (and the sweep)
+  assert r["links"] >= 3 and r["dead_links"] == []  # the nav: tables, figures, gallery
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +167,7 @@ def test_report_in_chromium(chromium, tmp_path, report_inputs, embed):
   r = _probe(chromium, page, tmp_path)
   assert r["errors"] == []
   assert r["images"] == 2 + 7 * 3 and r["broken"] == []
+  assert r["links"] == 3 and r["dead_links"] == []  # the nav: tables, figures, gallery
   assert r["gallery"] == 7 and r["count_text"] == "7 of 7 images"
   d0 = [g["runs"][0]["dice"] for g in gallery]
   d1 = [g["runs"][1]["dice"] for g in gallery]
@@ -187,10 +195,12 @@ def test_probe_catches_errors(chromium, tmp_path):
   page = tmp_path / "bad.html"
   page.write_text(
     "<!DOCTYPE html><html><head><title>x</title></head><body>"
+    '<a href="#nowhere">x</a><p id="here"><a href="#here">y</a></p>'
     '<img src="missing.png"><script>console.error("boom");undefinedFn();</script>'
     "</body></html>"
   )
   r = _probe(chromium, page, tmp_path)
   assert len(r["broken"]) == 1 and r["gallery"] == 0
+  assert r["links"] == 2 and r["dead_links"] == ["#nowhere"]
   text = " | ".join(r["errors"])
   assert "load failed: IMG" in text and "console.error: boom" in text and "undefinedFn" in text

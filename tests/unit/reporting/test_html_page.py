@@ -158,6 +158,13 @@ def test_write_report_is_self_contained(tmp_path, report_inputs, embed):
   assert "<title>t &lt;1&gt;</title>" in text and "<p id='raw'>x</p>" in text
 
 
+def test_every_in_page_link_has_its_target(tmp_path, report_inputs):
+  tags = _parse(html_page.write_report(tmp_path / "r", title="t", **report_inputs(n_items=2)))
+  targets = [a["href"][1:] for t, a in tags if t == "a" and a.get("href", "").startswith("#")]
+  ids = {a["id"] for _, a in tags if "id" in a}
+  assert len(targets) == 3 and [t for t in targets if t not in ids] == []
+
+
 def test_write_report_auto_embed_and_links_beside(tmp_path, report_inputs, monkeypatch):
   gallery = report_inputs(n_items=1)["gallery"]
   res = tmp_path / "res"

@@ -12,9 +12,10 @@ that needs an absent item skips with a reason naming the variable. A fresh clone
 | `paper_md` | `LSEMIL_PAPER_MD` | `../shared/reference/paper.md` |
 
 Helpers shared by several test modules are fixtures too (`write_nih_folder`,
-`phantom_image`, `random_variables`, `write_checkpoint`, `fast_compiles`, `report_inputs`,
-`script_result`, the real NIH index `nih` and its expected counts `nih_expected`; the
-`lsemil` subprocess runner of tests/system/conftest.py), never imports of another test module.
+`phantom_image`, `random_variables`, `write_checkpoint`, `write_dicom`, `fast_compiles`,
+`report_inputs`, `script_result`, the real NIH index `nih` and its expected counts
+`nih_expected`; the `lsemil` subprocess runner of tests/system/conftest.py), never imports of
+another test module.
 """
 
 from __future__ import annotations
@@ -305,6 +306,42 @@ def script_result():
 def random_variables():
   """fn(model, seed=0) -> {'params', 'batch_stats'?}: random weights, no init compile."""
   return _random_variables
+
+
+def _write_dicom(path, raw, *, photometric="MONOCHROME2", shape=None, **elements) -> Path:
+  """`raw` (uint8 / uint16, (H, W) or (frames, H, W)) as a DICOM file (explicit VR little
+  endian); `shape` = (rows, columns) claimed in the header instead of raw's; `elements`
+  (keyword=value, None for a zero-length element) are set last."""
+  pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+  raw = np.asarray(raw)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+  ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = "DX", 1, photometric
+  ds.Rows, ds.Columns = shape or raw.shape[-2:]
+  if raw.ndim == 3:
+    ds.NumberOfFrames = raw.shape[0]
+  bits = 8 * raw.dtype.itemsize
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+  for key, value in elements.items():
+    setattr(ds, key, value)
+  ds.PixelData = raw.astype(raw.dtype.newbyteorder("<")).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+  return Path(path)
+
+
+@pytest.fixture(scope="session")
+def write_dicom():
+  """fn(path, raw, *, photometric='MONOCHROME2', shape=None, **elements) -> path: a DICOM
+  file of `raw` (needs pydicom: skips without it)."""
+  return _write_dicom
 
 
 # --------------------------------------------------------------------------- GCS server

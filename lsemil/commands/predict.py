@@ -2,7 +2,7 @@
 
   lsemil predict --checkpoint C IMG [IMG ...] [--out DIR] [--threshold 0.5]
                  [--boxes [--box-tau 0.5]] [--calibration F_calibration.json]
-                 [--saliency model|gradcam|cam] [--gradcam-level L]
+                 [--saliency model|gradcam|cam] [--gradcam-level L] [--multiframe first|refuse]
 
 C is a training workdir (its best checkpoint), its checkpoints/ folder or one step folder,
 local or gs://. See `lsemil.workflows.prediction` for what is computed and written.
@@ -17,6 +17,7 @@ from pathlib import Path
 from lsemil.commands import arguments, progress
 from lsemil.core import fileio
 from lsemil.core.errors import OutputError
+from lsemil.data import dicom
 from lsemil.inference import engine
 from lsemil.models import registry
 from lsemil.workflows import prediction
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="down-path level of Grad-CAM (default: the run's config, else -1 = the coarsest)",
   )
+  p.add_argument(
+    "--multiframe",
+    choices=dicom.MULTIFRAME,
+    default="first",
+    help="a multi-frame DICOM: 'first' predicts its first frame with a warning naming the file "
+    "and its frame count (default), 'refuse' skips it as an unreadable file",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -116,6 +124,7 @@ def main(argv: list[str]) -> int:
       loaded, args.images, out, threshold=args.threshold, batch_size=args.batch_size,
       progress=bar, boxes=args.boxes, box_tau=args.box_tau, calibration=calibration,
       saliency_source=args.saliency, gradcam_level=args.gradcam_level,
+      multiframe=args.multiframe,
     )  # fmt: skip
   print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)

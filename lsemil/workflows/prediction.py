@@ -58,10 +58,11 @@ SHORT_NAMES = {
 }
 
 
-def read_image(path: str | Path) -> np.ndarray:
-  """Any supported file -> uint8 (H, W) grey; raises ImageError naming the file."""
+def read_image(path: str | Path, multiframe: str = "first") -> np.ndarray:
+  """Any supported file -> uint8 (H, W) grey; raises ImageError naming the file.
+  `multiframe`: a multi-frame DICOM's 'first' frame (with a warning) or 'refuse'."""
   if dicom.is_dicom(path):
-    return dicom.read_dicom(path)
+    return dicom.read_dicom(path, multiframe)
   return imageio.read_gray(path)
 
 
@@ -89,14 +90,18 @@ def read_inputs(paths: Sequence[str], input_size: int, progress: log.Progress | 
 
 
 def read_files(
-  paths: Sequence[str], input_size: int, progress: log.Progress | None = None
+  paths: Sequence[str],
+  input_size: int,
+  progress: log.Progress | None = None,
+  multiframe: str = "first",
 ) -> Inputs:
   """`read_inputs` plus each decoded file's own (H, W), as an `Inputs`; a file that cannot
-  be read is reported through `log.warning` and listed in `failures`."""
+  be read is reported through `log.warning` and listed in `failures` (`multiframe`: see
+  `read_image`)."""
   inputs, prepared, ok, failures, shapes = [], [], [], [], []
   for i, path in log.tracked(enumerate(paths), progress, "read", len(paths)):
     try:
-      gray = read_image(path)
+      gray = read_image(path, multiframe)
       got = (pipeline.prepared_image(gray), engine.model_input(gray, input_size))
       prepared.append(got[0])
       inputs.append(got[1])
@@ -125,6 +130,7 @@ def predict_files(
   saliency_source: str | None = None,
   gradcam_level: int | None = None,
   overlays: bool = True,
+  multiframe: str = "first",
 ) -> tuple[list[dict], list[tuple[str, str]]]:
   """Predicts every readable file; returns (rows, failures).
 
@@ -135,6 +141,7 @@ def predict_files(
   p >= threshold; `overlays=False` skips them), predictions.csv and, with `boxes`,
   boxes.json are written there. `calibration`: parameters of `calibration.fit` applied to
   the probabilities first. `saliency_source` / `gradcam_level`: None = the run's config.
+  `multiframe`: a multi-frame DICOM's 'first' frame (with a warning) or 'refuse' (a failure).
   """
   from lsemil.reporting import drawing
 
@@ -142,7 +149,7 @@ def predict_files(
     _check_calibration(calibration)
   source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
-  inputs = read_files(paths, loaded.model.input_size, progress)
+  inputs = read_files(paths, loaded.model.input_size, progress, multiframe)
   predictor = engine.Predictor(
     loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
   )

@@ -134,8 +134,10 @@ def read_dicom(path: str | Path, multiframe: str = "first") -> np.ndarray:
     raise ImageError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from None
   try:
     return _to_gray8(arr, ds, path, apply_color_lut)
-  except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-    raise ImageError(f"{path}: unsupported DICOM ({e})") from None
+  except ImageError:
+    raise
+  except Exception as e:  # malformed LUTs, palettes, values: the file's fault, not lsemil's
+    raise ImageError(f"{path}: unsupported DICOM ({type(e).__name__}: {e})") from None
 
 
 def _to_gray8(arr: np.ndarray, ds, path: Path, apply_color_lut) -> np.ndarray:

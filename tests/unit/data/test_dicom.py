@@ -92,6 +92,9 @@ def test_palette_color_is_the_palettes_luma(write_dicom, tmp_path):
   # Luma 0.299 R + 0.587 G + 0.114 B (imageio.to_gray8's rule) of 16-bit colours, to 8 bits.
   np.testing.assert_array_equal(img[0, ::10], [76, 150, 29, 255, 0])
   assert img.shape == idx.shape
+  bare = write_dicom(tmp_path / "bare.dcm", idx, photometric="PALETTE COLOR")  # no palette
+  with pytest.raises(ImageError, match=r"bare\.dcm: unsupported DICOM"):
+    dicom.read_dicom(bare)
 
 
 def test_size_guards_from_the_header_before_decoding(write_dicom, tmp_path, monkeypatch):

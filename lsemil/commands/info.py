@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
   from lsemil.core import configuration
 
   config = configuration.load_config(args.config)  # a bad config fails before any output
+  configuration.check_finite(config)
 
   import jax
 

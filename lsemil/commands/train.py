@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
   argv = _normalise(argv)
   try:
     fv = parse_flags(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+  except (flags.Error, AttributeError, KeyError, ValueError, OSError, SyntaxError) as e:
     # config_flags reports an unknown --config.FIELD as AttributeError / KeyError naming only
     # the last key, a bad file as OSError: say which field of which file.
     msg = " ".join((_missing_config(argv) or _unknown_override(argv) or str(e)).split())

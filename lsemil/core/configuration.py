@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import math
 import pathlib
 from typing import Any
 
@@ -56,10 +57,28 @@ def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
   module_name = f"_lsemil_config_{path.stem}"
   loader_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(loader_spec)
-  loader_spec.loader.exec_module(module)
+  try:
+    loader_spec.loader.exec_module(module)
+  except SyntaxError as e:  # IndentationError too; the traceback says no more than this
+    where = f"{e.filename or path}:{e.lineno}" if e.lineno else str(path)
+    raise ConfigError(f"{where}: syntax error in config file: {e.msg}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} has no get_config(arg) function")
   return module.get_config(arg or None)
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+  """ConfigError naming the first float field (at any depth, tuples too) that is nan or inf:
+  `nan < 0` is False, so range checks alone let it through to fail after compiling."""
+  items = config.items() if hasattr(config, "items") else ()
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      check_finite(value, name + ".")
+      continue
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"config {name}={value} is not finite: give a finite number")
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:

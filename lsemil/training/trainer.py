@@ -55,7 +55,7 @@ from absl import logging
 from etils import epath
 from flax import struct
 
-from lsemil.core import fileio, log
+from lsemil.core import configuration, fileio, log
 from lsemil.core.errors import ConfigError, DataError, Interrupted, NonFiniteLossError
 from lsemil.data import nih, pipeline
 from lsemil.inference import engine
@@ -204,6 +204,7 @@ RESUME_FIELDS = ("seed", "model", "data.val_fraction", "data.split_seed", "train
 
 def validate_config(config: ml_collections.ConfigDict) -> mil.ModelSpec:
   """Raises ConfigError naming the field, before any data is read or anything compiles."""
+  configuration.check_finite(config)
   spec = registry.validate(config.model)
   t, d = config.train, config.data
   try:

@@ -17,6 +17,11 @@ Plain INTER_AREA is faster still but differs by up to ~8/255 on NIH images.
 Files that are refused (`ImageError`, naming the file; `lsemil prepare --on-bad skip` skips
 and lists them, `--on-bad error` stops at the first):
 
+- anything but a regular file (a FIFO, a device such as /dev/zero, a folder, a socket), from
+  its `stat` before it is opened: a FIFO would block forever, a device never ends;
+- a file larger than `MAX_FILE_BYTES` (160 MB), from its size before it is read: a
+  `MAX_PIXELS` image of 16-bit grey stored uncompressed (80 MB, a raw DICOM or a stored PNG)
+  twice over, room for headers, metadata and colour; a 6 GB (sparse) file is never read;
 - an empty (0-byte), unreadable (e.g. a symlink loop), truncated or corrupt file;
 - more than `MAX_PIXELS` (40 megapixels, e.g. 6324 x 6324; NIH images are 1 Mpx and the
   largest radiographs about 18 Mpx), read from the PNG header (or, for other formats, PIL's
@@ -29,6 +34,7 @@ and lists them, `--on-bad error` stops at the first):
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -44,6 +50,10 @@ cv2.setNumThreads(1)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PIXELS = 40_000_000  # refused above this many pixels, before decoding
 MIN_SIDE = 32  # refused when the width or height is smaller
+MAX_FILE_BYTES = 2 * 2 * MAX_PIXELS  # refused above this size, before reading (docstring)
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"),
+                (stat.S_ISSOCK, "a socket"))
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
           b"MM\x00*": "TIFF", b"RIFF": "RIFF/WebP", b"DICM": "DICOM"}
 
@@ -95,6 +105,26 @@ def check_size(width: int, height: int, name: str) -> None:
     )
   if min(width, height) < MIN_SIDE:
     raise ImageError(f"{name}: {width}x{height} pixels, smaller than {MIN_SIDE} px a side")
+
+
+def check_file(path: str | os.PathLike) -> int:
+  """The size of `path`, a regular file of at most MAX_FILE_BYTES; else ImageError naming it.
+  Only `stat`ed, never opened (opening a FIFO blocks until a writer comes)."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    raise ImageError(f"{path}: file not found") from None
+  except OSError as e:  # a symlink loop, a name too long, no permission
+    raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+  if not stat.S_ISREG(st.st_mode):
+    what = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "unknown type")
+    raise ImageError(f"{path}: not a regular file ({what}); not read")
+  if st.st_size > MAX_FILE_BYTES:
+    raise ImageError(
+      f"{path}: {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,} bytes "
+      "(lsemil.data.imageio.MAX_FILE_BYTES); not read"
+    )
+  return st.st_size
 
 
 def _kind(data: bytes) -> str:
@@ -149,27 +179,35 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
   the module docstring applies, size limits before decoding.
   """
   path = Path(path)
+  check_file(path)
   try:
-    data = path.read_bytes()
-  except FileNotFoundError:
-    raise ImageError(f"{path}: file not found") from None
-  except OSError as e:  # a folder, a symlink loop, a name too long, no permission
+    with open(path, "rb") as f:
+      head = f.read(140)  # the PNG IHDR; byte 132 past a DICOM preamble, for the message
+      if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 26:
+        check_size(*png_header(head, str(path))[:2], str(path))  # before the rest is read
+      elif head and not head.startswith(PNG_SIGNATURE) and path.suffix.lower() != ".png":
+        _check_header_size(f, str(path))
+        f.seek(len(head))
+      data = head + f.read(MAX_FILE_BYTES + 1 - len(head))
+  except OSError as e:  # a name too long, no permission, an I/O error
     raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
   if not data:
     raise ImageError(f"{path}: empty file (0 bytes)")
+  if len(data) > MAX_FILE_BYTES:  # grew after its stat
+    raise ImageError(f"{path}: above the limit of {MAX_FILE_BYTES:,} bytes; not read")
   if data.startswith(PNG_SIGNATURE):
     return decode_png(data, str(path))
   if path.suffix.lower() == ".png":
     raise ImageError(f"{path}: named .png but not a PNG file (content: {_kind(data)})")
-  _check_header_size(data, str(path))
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if img is None:
     raise ImageError(f"{path}: not a readable image")
   return to_gray8(img, str(path))
 
 
-def _check_header_size(data: bytes, name: str) -> None:
-  """check_size from a non-PNG file's header (PIL parses headers lazily, decoding nothing)."""
+def _check_header_size(source, name: str) -> None:
+  """check_size from a non-PNG file's header (PIL parses headers lazily, decoding nothing);
+  `source`: the file's bytes or its open binary file (only the header is read)."""
   import io
   import warnings
 
@@ -178,7 +216,8 @@ def _check_header_size(data: bytes, name: str) -> None:
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(io.BytesIO(data)) as im:
+      src = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+      with Image.open(src) as im:
         width, height = im.size
   except Image.DecompressionBombError:
     raise ImageError(f"{name}: above PIL's decompression-bomb limit; not decoded") from None

@@ -23,6 +23,7 @@ recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the C
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -61,6 +62,7 @@ SHORT_NAMES = {
 def read_image(path: str | Path, multiframe: str = "first") -> np.ndarray:
   """Any supported file -> uint8 (H, W) grey; raises ImageError naming the file.
   `multiframe`: a multi-frame DICOM's 'first' frame (with a warning) or 'refuse'."""
+  imageio.check_file(path)  # a regular file of a sane size, before anything opens it
   if dicom.is_dicom(path):
     return dicom.read_dicom(path, multiframe)
   return imageio.read_gray(path)
@@ -69,7 +71,7 @@ def read_image(path: str | Path, multiframe: str = "first") -> np.ndarray:
 def _output_stems(paths: Sequence[str]) -> list[str]:
   """File stems made unique (a numbered prefix where two inputs share a stem)."""
   stems = [Path(p).stem or "image" for p in paths]
-  dup = {s for s in stems if stems.count(s) > 1}
+  dup = {s for s, n in Counter(stems).items() if n > 1}
   return [f"{i:03d}_{s}" if s in dup else s for i, s in enumerate(stems)]
 
 
@@ -100,20 +102,29 @@ def read_files(
   `read_image`)."""
   inputs, prepared, ok, failures, shapes = [], [], [], [], []
   for i, path in log.tracked(enumerate(paths), progress, "read", len(paths)):
-    try:
-      gray = read_image(path, multiframe)
-      got = (pipeline.prepared_image(gray), engine.model_input(gray, input_size))
-      prepared.append(got[0])
-      inputs.append(got[1])
-      shapes.append((int(gray.shape[0]), int(gray.shape[1])))
+    got = _read_one(path, input_size, multiframe, True, failures)
+    if got is not None:
+      inputs.append(got[0])
+      prepared.append(got[1])
+      shapes.append(got[2])
       ok.append(i)
-    except (UserError, OSError, ValueError, cv2.error) as e:
-      msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-      failures.append((str(path), msg))
-      log.warning(msg)
   s = int(input_size)
   images = np.stack(inputs) if inputs else np.zeros((0, s, s, 1), np.uint8)
   return Inputs(images, prepared, ok, failures, shapes)
+
+
+def _read_one(path, input_size: int, multiframe: str, want_prepared: bool, failures: list):
+  """(model input, prepared image or None, (H, W)) of one file; None for a file that cannot
+  be read, which is appended to `failures` as (path, message) and logged."""
+  try:
+    gray = read_image(path, multiframe)
+    prepared = pipeline.prepared_image(gray) if want_prepared else None
+    return engine.model_input(gray, input_size), prepared, (int(gray.shape[0]), int(gray.shape[1]))
+  except (UserError, OSError, ValueError, cv2.error) as e:
+    msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+    failures.append((str(path), msg))
+    log.warning(msg)
+    return None
 
 
 def predict_files(
@@ -142,6 +153,10 @@ def predict_files(
   boxes.json are written there. `calibration`: parameters of `calibration.fit` applied to
   the probabilities first. `saliency_source` / `gradcam_level`: None = the run's config.
   `multiframe`: a multi-frame DICOM's 'first' frame (with a warning) or 'refuse' (a failure).
+
+  The files stream through in batches of `batch_size`: no decoded image outlives its batch,
+  and predictions.csv gets its header first, then each batch's rows, flushed, so a run
+  killed part way keeps every finished batch (a valid CSV prefix).
   """
   from lsemil.reporting import drawing
 
@@ -149,54 +164,82 @@ def predict_files(
     _check_calibration(calibration)
   source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
-  inputs = read_files(paths, loaded.model.input_size, progress, multiframe)
   predictor = engine.Predictor(
     loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
   )
   want_maps = boxes or (out_dir is not None and overlays)
-  out = predictor.predict_images(inputs.images, batch_size, saliency=want_maps)
-  all_probs = np.asarray(out.get("probs", np.zeros((0, len(CLASSES)))), np.float64)
-  if calibration is not None:
-    all_probs = _recalibrate(calibration, all_probs)
   out_path = Path(fileio.resolve(out_dir)) if out_dir is not None else None
   if out_path is not None:
     out_path.mkdir(parents=True, exist_ok=True)
   stems = _output_stems(paths)
-  rows, boxes_json = [], {}
-  for j, i in enumerate(inputs.ok):
-    probs = all_probs[j]
-    row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
-    row["overlays"] = []
-    if boxes:
-      row["boxes"] = {}
-    for k, cls in enumerate(CLASSES):
-      if probs[k] < threshold:
-        continue
+  names = Counter(Path(p).name for p in paths)
+  rows, failures, boxes_json = [], [], {}
+
+  def run(batch: list, table) -> None:
+    """Predicts one batch [(index, model input, prepared, (H, W))]; rows, overlays, CSV."""
+    out = predictor.predict_images(
+      np.stack([b[1] for b in batch]), len(batch), saliency=want_maps
+    )
+    all_probs = np.asarray(out["probs"], np.float64)
+    if calibration is not None:
+      all_probs = _recalibrate(calibration, all_probs)
+    new = []
+    for j, (i, _, prepared, shape) in enumerate(batch):
+      probs = all_probs[j]
+      row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
+      row["overlays"] = []
       if boxes:
-        row["boxes"][cls] = localization.boxes_from_map(
-          out["saliency"][j, ..., k], box_tau, inputs.shapes[j]
-        )
-      if out_path is not None and overlays:
-        name = f"{stems[i]}_{cls}.png"
-        title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
-        drawing.overlay_png(
-          out_path / name, inputs.prepared[j], out["saliency"][j, ..., k], title=title
-        )
-        row["overlays"].append(name)
-    if boxes:
-      boxes_json[_box_key(paths, i, stems)] = row["boxes"]
-    rows.append(row)
-  if out_path is not None:
-    fileio.write_text(out_path / "predictions.csv", to_csv(rows, threshold))
-    if boxes:
-      fileio.write_json(out_path / BOXES_FILE, boxes_json)
-  return rows, list(inputs.failures)
+        row["boxes"] = {}
+      for k, cls in enumerate(CLASSES):
+        if not probs[k] >= threshold:  # NaN never passes
+          continue
+        if boxes:
+          row["boxes"][cls] = localization.boxes_from_map(
+            out["saliency"][j, ..., k], box_tau, shape
+          )
+        if out_path is not None and overlays:
+          name = f"{stems[i]}_{cls}.png"
+          title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
+          drawing.overlay_png(out_path / name, prepared, out["saliency"][j, ..., k], title=title)
+          row["overlays"].append(name)
+      if boxes:
+        boxes_json[_box_key(paths, i, stems, names)] = row["boxes"]
+      new.append(row)
+    if table is not None:
+      table.write(to_csv(new, threshold).split("\n", 1)[1])  # the rows, not the header
+      table.flush()
+    rows.extend(new)
+
+  size, batch_size = loaded.model.input_size, max(1, int(batch_size))
+  keep_prepared = out_path is not None and overlays
+  table = open(out_path / "predictions.csv", "w") if out_path is not None else None  # noqa: SIM115
+  try:
+    if table is not None:
+      table.write(to_csv([], threshold))
+      table.flush()
+    pending = []
+    for i, path in log.tracked(enumerate(paths), progress, "predict", len(paths)):
+      got = _read_one(path, size, multiframe, keep_prepared, failures)
+      if got is not None:
+        pending.append((i, *got))
+      if len(pending) == batch_size:
+        run(pending, table)
+        pending = []
+    if pending:
+      run(pending, table)
+  finally:
+    if table is not None:
+      table.close()
+  if out_path is not None and boxes:
+    fileio.write_json(out_path / BOXES_FILE, boxes_json)
+  return rows, failures
 
 
-def _box_key(paths: Sequence[str], i: int, stems: Sequence[str]) -> str:
-  """The file name (the CSV's image_id); the unique output stem where two inputs share it."""
-  names = [Path(p).name for p in paths]
-  return names[i] if names.count(names[i]) == 1 else f"{stems[i]}{Path(paths[i]).suffix}"
+def _box_key(paths: Sequence[str], i: int, stems: Sequence[str], names: Counter) -> str:
+  """The file name (the CSV's image_id); the unique output stem where two inputs share it
+  (`names`: how many inputs have each file name)."""
+  name = Path(paths[i]).name
+  return name if names[name] == 1 else f"{stems[i]}{Path(paths[i]).suffix}"
 
 
 def _recalibrate(params: Mapping, probs: np.ndarray) -> np.ndarray:

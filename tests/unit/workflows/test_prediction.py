@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import weakref
 
 import cv2
 import jax.numpy as jnp
@@ -389,3 +390,27 @@ def test_small_map_scoring_equals_the_full_grid():
         np.testing.assert_allclose(fast[k], v, rtol=0, atol=1e-12, err_msg=f"{k} map {i}")
   with pytest.raises(ValueError, match="replication"):
     localization.score_case(np.zeros((12, 12)), case, 512.0, cfg, blocks=True)
+
+
+def test_predict_files_streams_its_inputs(smoke, files, tmp_path, monkeypatch):
+  """No decoded image outlives its batch: memory stays flat however many files are given."""
+  live, peak = [], [0]
+
+  def counting(fn):
+    def wrapper(*args, **kwargs):
+      got = fn(*args, **kwargs)
+      peak[0] = max(peak[0], sum(ref() is not None for ref in live))
+      live.append(weakref.ref(got))
+      return got
+
+    return wrapper
+
+  monkeypatch.setattr(engine, "model_input", counting(engine.model_input))
+  monkeypatch.setattr(pipeline, "prepared_image", counting(pipeline.prepared_image))
+  paths = [str(files["png"])] * 24
+  rows, failures = prediction.predict_files(
+    smoke, paths, tmp_path / "P", threshold=1.0, batch_size=2, progress=False
+  )
+  assert len(rows) == 24 and not failures and len(live) >= 24
+  assert peak[0] <= 8, peak[0]  # a batch or two of model inputs (and prepared images)
+  assert len(list(csv.DictReader((tmp_path / "P" / "predictions.csv").open()))) == 24

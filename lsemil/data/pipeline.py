@@ -290,7 +290,7 @@ class Augment(grain.transforms.RandomMap):
       )
     else:
       image = warp(element["image"], s)
-    return {"image": image, "labels": element["labels"]}
+    return {"image": image, "labels": element["labels"], "row": np.int32(element["row"])}
 
 
 class _EvalElement(grain.transforms.Map):
@@ -397,7 +397,8 @@ def train_dataset(
 
 
 def make_train_iter(config, data_dir, *, process_index: int = 0, process_count: int = 1):
-  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) u8, labels=(B, 14) f32)."""
+  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) u8, labels=(B, 14) f32,
+  row=(B,) int32 index rows)."""
   return iter(
     train_dataset(config, data_dir, process_index=process_index, process_count=process_count)
   )

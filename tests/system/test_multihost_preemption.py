@@ -1,9 +1,11 @@
 """Multi-host preemption: two `lsemil train` processes on 127.0.0.1 both get SIGTERM; jax's
 preemption sync point makes both save the SAME step and exit 75; a relaunch resumes to the
-end with the same params in both processes' view as an uninterrupted single-process run."""
+end with the same params in both processes' view as an uninterrupted single-process run, having
+trained on exactly the same examples in the same order (each step's index rows, per process)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import pytest
 
 from lsemil.core.errors import EXIT_PREEMPTED
 from lsemil.inference import engine
+from lsemil.training.trainer import ROWS_LOG_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -44,11 +47,19 @@ def _launch(lsemil, workdir: Path, data: Path) -> list[subprocess.Popen]:
     subprocess.Popen(
       _cmd(workdir, data, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}"),
-      cwd=REPO, env=lsemil.env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      cwd=REPO, env=lsemil.env(devices=4, **ROWS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True,
     )
     for i in range(2)
   ]  # fmt: skip
+
+
+ROWS = {ROWS_LOG_ENV: "1"}  # each process logs the index rows of every step it trains on
+
+
+def _rows(workdir: Path, process: int) -> list[tuple[int, list[int]]]:
+  lines = (workdir / f"train_rows.{process}.jsonl").read_text().splitlines()
+  return [(r["step"], r["rows"]) for r in map(json.loads, lines)]
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -78,10 +89,16 @@ def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_di
   errs = [p.communicate(timeout=900)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
   ref = tmp_path / "ref"
-  proc = subprocess.run(_cmd(ref, synth_dir), cwd=REPO, env=lsemil.env(devices=8),
+  proc = subprocess.run(_cmd(ref, synth_dir), cwd=REPO, env=lsemil.env(devices=8, **ROWS),
                         capture_output=True,
                         text=True)  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Not one batch lost or repeated across the preemption: the interrupted + resumed run trained
+  # on exactly the uninterrupted run's examples, step by step; process p holds every other one.
+  want = _rows(ref, 0)
+  assert [s for s, _ in want] == list(range(1, STEPS + 1))
+  for p in (0, 1):
+    assert _rows(w, p) == [(s, rows[p::2]) for s, rows in want], f"process {p}, saved {saved}"
   import jax
 
   a = jax.tree.leaves(engine.load(w / "checkpoints" / str(STEPS)).variables)

@@ -260,32 +260,21 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
 
 def check_resume_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose checkpoints were written with another model, seed,
-  split or batch size (before anything in the workdir is touched). Each step's own saved
-  config is compared too: config.json may be edited, deleted, or not match a step folder
-  copied in from another run."""
+  split or batch size (before anything in the workdir is touched)."""
   path = workdir / CONFIG_FILE
-  if not checkpointing.checkpoint_dir(workdir).exists():
+  if not (checkpointing.checkpoint_dir(workdir).exists() and path.exists()):
     return
-  advice = ". Use a new --workdir, or the workdir's own config."
-  if path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from None
-    diff = config_differences(saved, config)
-    if diff:
-      raise ConfigError(
-        f"{workdir} holds checkpoints of a run with another config; it differs in "
-        + "; ".join(diff)
-        + advice
-      )
-  for step, saved in sorted(checkpointing.step_configs(workdir).items(), reverse=True):
-    diff = config_differences(saved, config)
-    if diff:
-      raise ConfigError(
-        f"{checkpointing.checkpoint_dir(workdir) / str(step)}: checkpoint step {step} was "
-        "saved with another config; it differs in " + "; ".join(diff) + advice
-      )
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from None
+  diff = config_differences(saved, config)
+  if diff:
+    raise ConfigError(
+      f"{workdir} holds checkpoints of a run with another config; it differs in "
+      + "; ".join(diff)
+      + ". Use a new --workdir, or the workdir's own config."
+    )
 
 
 def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None) -> str:
@@ -486,14 +475,14 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
   (an earlier run's best weights, fresh optimizer), else from scratch."""
   meta = {"num_steps": run.num_steps, "best_step": None, "best_val_mean_auc": None}
   meta.update(evals_since_best=0, stopped_early=False, last_eval=None)
-  abstract_sh = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    run.abstract,
-    run.state_sharding,
-  )
-  restored = checkpointing.restore_latest(manager, abstract_sh, train_iter)  # skips damaged
-  if restored is not None:
-    latest, state, saved = restored
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract_sh = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      run.abstract,
+      run.state_sharding,
+    )
+    state, saved = checkpointing.restore(manager, latest, abstract_sh, train_iter)
     meta.update({k: v for k, v in saved.items() if k != "num_steps"})
     log.info(
       f"resuming from {checkpointing.checkpoint_dir(run.workdir) / str(latest)} (step {latest})"

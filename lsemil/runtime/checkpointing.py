@@ -9,6 +9,7 @@ this is the only module that imports orbax. Layout of a workdir:
   W/checkpoints/<step>/config/      the resolved config (JSON)
   W/checkpoints/<step>/meta/        progress: epoch, evaluation history, early stopping
   W/checkpoints/<step>/metrics/     {'val_mean_auc'} on evaluation steps (orbax's own)
+  W/checkpoints/<step>/checksums/   crc32 per weight array, verified on every load (integrity)
 
 Weights and optimizer state are separate items so that `load_inference` reads only the
 weights. Saves are asynchronous (device -> host copy blocks, the write runs in the
@@ -44,8 +45,9 @@ from absl import logging
 from etils import epath
 
 from lsemil.core import fileio
-from lsemil.core.errors import OutputError
+from lsemil.core.errors import CheckpointError, OutputError
 from lsemil.models import mil, registry
+from lsemil.runtime import integrity
 
 
 def _not_read_only_notice(record) -> bool:
@@ -314,6 +316,7 @@ def save(
     train_iter=grain.checkpoint.CheckpointSave(train_iter),
     config=ocp.args.JsonSave(config.to_dict()),
     meta=ocp.args.JsonSave(meta),
+    **{integrity.ITEM: ocp.args.JsonSave(integrity.checksums(_model_item(state)))},
   )
   manager.save(int(step), args=args, metrics=metrics, force=True)
 
@@ -342,12 +345,46 @@ def restore(
     step=opt["step"],
     rng=opt["rng"],
   )
+  integrity.verify(manager.directory / str(step), model, _stored_checksums(manager, step))
   return state, dict(out["meta"])
+
+
+def _stored_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The step's `integrity.checksums` at save time; None for a step saved before them."""
+  if not (epath.Path(manager.directory) / str(step) / integrity.ITEM).exists():
+    return None
+  args = ocp.args.Composite(**{integrity.ITEM: ocp.args.JsonRestore()})
+  try:
+    return dict(manager.restore(int(step), args=args)[integrity.ITEM])
+  except Exception as e:  # orbax raises ValueError, KeyError, OSError, ...
+    where = epath.Path(manager.directory) / str(step) / integrity.ITEM
+    raise CheckpointError(f"{where}: unreadable checksums: {type(e).__name__}: {e}") from e
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   args = ocp.args.Composite(meta=ocp.args.JsonRestore())
   return dict(manager.restore(int(step), args=args)["meta"])
+
+
+def step_configs(workdir: str | epath.Path) -> dict[int, dict]:
+  """The config each complete step of a workdir was saved with (its own config/ item), read
+  without a manager for writing (nothing is removed). A step whose config cannot be read is
+  left out: restoring it fails on its own, naming the file."""
+  root = checkpoint_dir(workdir)
+  _fresh_listing(root)
+  if not root.is_dir():
+    return {}
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  manager = ocp.CheckpointManager(root, options=options)
+  out = {}
+  try:
+    for step in manager.all_steps():
+      with contextlib.suppress(Exception):  # orbax raises ValueError, KeyError, OSError, ...
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        out[int(step)] = dict(manager.restore(int(step), args=args)["config"])
+  finally:
+    manager.close()
+  return out
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -419,6 +456,7 @@ def load_inference(
         model=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
       ),
     )["model"]
+    integrity.verify(root / str(step), variables, _stored_checksums(manager, step))
   finally:
     manager.close()
   meta = dict(head["meta"])

@@ -260,21 +260,32 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
 
 def check_resume_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose checkpoints were written with another model, seed,
-  split or batch size (before anything in the workdir is touched)."""
+  split or batch size (before anything in the workdir is touched). Each step's own saved
+  config is compared too: config.json may be edited, deleted, or not match a step folder
+  copied in from another run."""
   path = workdir / CONFIG_FILE
-  if not (checkpointing.checkpoint_dir(workdir).exists() and path.exists()):
+  if not checkpointing.checkpoint_dir(workdir).exists():
     return
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from None
-  diff = config_differences(saved, config)
-  if diff:
-    raise ConfigError(
-      f"{workdir} holds checkpoints of a run with another config; it differs in "
-      + "; ".join(diff)
-      + ". Use a new --workdir, or the workdir's own config."
-    )
+  advice = ". Use a new --workdir, or the workdir's own config."
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from None
+    diff = config_differences(saved, config)
+    if diff:
+      raise ConfigError(
+        f"{workdir} holds checkpoints of a run with another config; it differs in "
+        + "; ".join(diff)
+        + advice
+      )
+  for step, saved in sorted(checkpointing.step_configs(workdir).items(), reverse=True):
+    diff = config_differences(saved, config)
+    if diff:
+      raise ConfigError(
+        f"{checkpointing.checkpoint_dir(workdir) / str(step)}: checkpoint step {step} was "
+        "saved with another config; it differs in " + "; ".join(diff) + advice
+      )
 
 
 def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None) -> str:
@@ -504,17 +515,6 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
   return state, meta
 
 
-ROWS_LOG_ENV = "LSEMIL_TRAIN_ROWS_LOG"  # "1": W/train_rows.<process>.jsonl, for tests
-
-
-def _rows_log(run: Run) -> epath.Path | None:
-  """When ROWS_LOG_ENV is "1", the file to which each step appends the index rows it trains
-  on (this process's part) as a JSON line {step, rows}: the proof tests compare."""
-  if os.environ.get(ROWS_LOG_ENV) != "1":
-    return None
-  return run.workdir / f"train_rows.{jax.process_index()}.jsonl"
-
-
 class MetricWindow:
   """Step metrics fetched in batches (no per-step host sync): their mean is logged, a
   non-finite loss stops the run naming the step, and images/s is measured between flushes."""
@@ -612,13 +612,9 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> Tra
   validator = Validator(run, state)
   window = MetricWindow(run, writer)
   window.last_saved = manager.latest_step()
-  rows_log = _rows_log(run)
   for step in range(start + 1, run.num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       local = next(train_iter)
-      if rows_log is not None:
-        with rows_log.open("a") as f:
-          f.write(json.dumps({"step": step, "rows": local["row"].tolist()}) + "\n")
       batch = sharding.global_batch(
         {"image": np.asarray(local["image"]), "labels": np.asarray(local["labels"])}, batch_sh
       )

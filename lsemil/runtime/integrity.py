@@ -50,7 +50,7 @@ def checksums(tree: Any) -> dict:
 def verify(step_dir: Any, tree: Any, stored: dict | None) -> None:
   """Raises CheckpointError naming the step and the first non-finite parameter, or the first
   whose bytes differ from `stored` (`checksums` at save time; None: not checked, a note)."""
-  step = getattr(step_dir, "name", step_dir)
+  step = str(step_dir).rstrip("/").rsplit("/", 1)[-1]  # W/checkpoints/<step>, gs:// too
   leaves = [(path, _host(x)) for path, x in _leaves(tree)]
   for path, a in leaves:
     if a is not None and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():

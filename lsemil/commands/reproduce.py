@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import unicodedata
 
 from lsemil.commands import arguments, progress
 from lsemil.core import fileio
@@ -28,7 +29,16 @@ def parse_run(spec: str) -> tuple[str, float | None, str]:
   """'r0=5:W' -> ('r0=5', 5.0, 'W'); 'name:W' -> ('name', None, 'W'); 'W' -> ('W', None, 'W')."""
   label, sep, path = spec.partition(":")
   if not sep or "/" in label or not path or path.startswith("//"):
-    return spec, None, spec  # a bare path (also gs://...)
+    label, path = spec, spec  # a bare path (also gs://...) is its own label
+  # The label is a Markdown table cell, a heading of index.html and a matplotlib title.
+  bad = "".join(sorted({c for c in label if c == "|" or unicodedata.category(c)[0] == "C"}))
+  if bad:
+    raise argparse.ArgumentTypeError(
+      f"--run {spec!r}: the label {label!r} holds {bad!r}; a label may hold any printable "
+      "characters but '|' (no newline, tab or other control character)"
+    )
+  if path == spec:
+    return spec, None, spec
   m = _R0_LABEL.match(label)
   r0 = float(m.group(1)) if m else None
   if r0 is not None and not math.isfinite(r0):

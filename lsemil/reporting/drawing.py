@@ -50,6 +50,12 @@ def grey_image(image) -> np.ndarray:
   return img
 
 
+def literal(text) -> str:
+  """`text` shown as written by matplotlib: a run label such as '$\\foo$' would be parsed as
+  mathtext (and crash the figure after the whole evaluation)."""
+  return str(text).replace("$", r"\$")
+
+
 def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: str = "jet"):
   img = grey_image(image)
   h, w = img.shape
@@ -65,7 +71,7 @@ def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: s
       interpolation="nearest",
       extent=(-0.5, w - 0.5, h - 0.5, -0.5),
     )
-  ax.set_title(title, fontsize=8)
+  ax.set_title(literal(title), fontsize=8)
   ax.set_xticks([])
   ax.set_yticks([])
 

@@ -92,7 +92,7 @@ def roc_curves(
       fpr, tpr = roc_curve(y[:, k], np.asarray(probs)[:, k])
       if fpr.size:
         auc = classification.roc_auc(y[:, k], np.asarray(probs)[:, k])
-        ax.plot(fpr, tpr, lw=1.1, color=f"C{i}", label=f"{label} {auc:.3f}")
+        ax.plot(fpr, tpr, lw=1.1, color=f"C{i}", label=f"{drawing.literal(label)} {auc:.3f}")
     ax.set_title(paper_tables.display_class(name) + ("" if ax.lines[1:] else " (n/a)"), fontsize=9)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -153,7 +153,7 @@ def reliability_diagrams(
         color=color,
         label=f"{name} ECE {e:.3f}",
       )
-    ax.set_title(str(label), fontsize=9)
+    ax.set_title(drawing.literal(label), fontsize=9)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")

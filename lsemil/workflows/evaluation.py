@@ -376,6 +376,8 @@ def evaluate_split(
 
   index = open_index(config, data_dir)
   split_rows = index.rows(split)
+  if not len(split_rows):  # else every metric is nan over 0 images, written as a result
+    raise DataError(f"the {split} split of {data_dir} is empty: no images to evaluate")
   if options.keep_saliency_for is None:
     keep = set(np.unique(index.box_rows).tolist()) & set(split_rows.tolist())
   else:

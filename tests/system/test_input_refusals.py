@@ -16,11 +16,15 @@ METADATA = (
 )
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+def one_error_line(proc: subprocess.CompletedProcess, *, alone: bool = True) -> str:
+  """The error line (the last; with `alone`, the only line) of a command that failed with a
+  UserError."""
   assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-  return proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 or not alone, proc.stderr[-2000:]
+  assert lines[-1].startswith("lsemil "), proc.stderr[-2000:]
+  return lines[-1]
 
 
 def _metadata_copy(synth_dir: Path, out: Path) -> Path:
@@ -76,3 +80,54 @@ def test_bad_config_argument_is_one_line(tmp_path, lsemil, command):
   args = ("--workdir", tmp_path / "w") if command == "train" else ()
   err = one_error_line(lsemil.run(command, "--config", "configs/smoke.py:bogusarg", *args))
   assert "config argument r0='bogusarg' is not float" in err
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory, synth_dir, random_variables, write_checkpoint) -> Path:
+  """A workdir with one checkpoint of the smoke model (random weights, no training)."""
+  from lsemil.core import configuration
+  from lsemil.models import registry
+
+  config = configuration.load_config("smoke")
+  config.data.data_dir = str(synth_dir)
+  workdir = tmp_path_factory.mktemp("smoke") / "w"
+  write_checkpoint(workdir, config, random_variables(registry.from_config(config.model)), 7)
+  return workdir
+
+
+def test_empty_split_is_refused_before_any_result_is_written(tmp_path, synth_dir, smoke_workdir,
+                                                             lsemil):  # fmt: skip
+  d = _metadata_copy(synth_dir, tmp_path / "nih")
+  shutil.copy2(synth_dir / "lsemil_dataset.json", d)
+  (d / "images").symlink_to(synth_dir / "images")
+  test = (d / "test_list.txt").read_text()
+  with (d / "train_val_list.txt").open("a") as f:
+    f.write("\n" + test)
+  (d / "test_list.txt").write_text("")
+  out = tmp_path / "out"
+  proc = lsemil.run("evaluate", "--workdir", smoke_workdir, "--data-dir", d,
+                    "--out", out / "e.json", "--no-progress")  # fmt: skip
+  err = one_error_line(proc, alone=False)  # after the log line naming the checkpoint
+  assert "the test split of" in err and str(d) in err and "empty" in err
+  assert not out.exists() and not list(smoke_workdir.glob("evaluation*"))
+
+
+@pytest.mark.parametrize("label", ["a|b", "a\nb", "tab\there", "x\x1b[31m"])
+def test_report_breaking_run_label_is_refused_before_any_work(tmp_path, smoke_workdir, lsemil,
+                                                              label):  # fmt: skip
+  out = tmp_path / "R"
+  proc = lsemil.run("reproduce", "--run", f"{label}:{smoke_workdir}", "--out", out)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert f"the label {label!r} holds" in proc.stderr and "any printable" in proc.stderr
+  assert not out.exists() and not list(smoke_workdir.glob("evaluation*"))
+
+
+def test_mathtext_run_label_is_drawn_as_written(tmp_path, smoke_workdir, lsemil):
+  out, w = tmp_path / "R", tmp_path / "w"
+  shutil.copytree(smoke_workdir, w)  # reproduce stores its evaluation in the workdir
+  label = r"$\foo$"
+  lsemil("reproduce", "--run", f"{label}:{w}", "--out", out, "--n-boot", 0,
+         "--figure-images", 2, "--no-progress", "--force")  # fmt: skip
+  assert f"AUC {label} (ours)" in (out / "table3.md").read_text()
+  for png in ("figure3.png", "roc_curves.png"):
+    assert (out / png).stat().st_size > 0

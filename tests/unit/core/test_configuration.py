@@ -55,3 +55,18 @@ def test_config_names_and_paths():
     configuration.load_config("paper", "r0=0,N=16"),
   )
   assert a.to_dict() == b.to_dict() and (a.model.r0, a.model.saliency_size) == (0.0, 16)
+
+
+def test_check_finite_walks_every_float_field():
+  config = configuration.load_config("smoke")
+  configuration.check_finite(config)  # the shipped configs are finite
+  for field, value in [("train.learning_rate", float("inf")), ("data.val_fraction", float("nan"))]:
+    c = config.copy_and_resolve_references()
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ConfigError, match=rf"config {field}=(inf|nan) is not finite"):
+      configuration.check_finite(c)
+  c = config.copy_and_resolve_references()
+  c.model.widths = (8.0, float("-inf"))  # a float inside a tuple
+  with pytest.raises(ConfigError, match=r"config model.widths=\(8.0, -inf\) is not finite"):
+    configuration.check_finite(c)

@@ -31,8 +31,12 @@ import contextlib
 import logging as std_logging
 import math
 import os
+import pathlib
 import re
+import shutil
 import sys
+import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -44,7 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from lsemil.core import fileio
+from lsemil.core import fileio, log
 from lsemil.core.errors import CheckpointError, OutputError
 from lsemil.models import mil, registry
 from lsemil.runtime import integrity
@@ -361,6 +365,42 @@ def _stored_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
     raise CheckpointError(f"{where}: unreadable checksums: {type(e).__name__}: {e}") from e
 
 
+DAMAGED_MARK = ".damaged"  # suffix of a step folder moved aside on resume (never listed)
+
+
+def restore_latest(
+  manager: ocp.CheckpointManager, abstract_state: Any, train_iter: Any
+) -> tuple[int, Any, dict] | None:
+  """`restore` of the newest step that restores: (step, state, meta); None without steps.
+
+  A damaged newer step is skipped with a warning naming it and why, and moved aside to
+  `<step>.damaged` (kept for inspection, never deleted) so that training can save that step
+  again; every step damaged is one CheckpointError.
+  """
+  damaged: dict[int, CheckpointError] = {}
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, meta = restore(manager, step, abstract_state, train_iter)
+    except Exception as e:  # orbax and tensorstore raise ValueError, KeyError, OSError, ...
+      damaged[step] = _unreadable(epath.Path(manager.directory) / str(step), "", e)
+      log.warning(f"cannot resume from checkpoint step {step}, trying an older one: "
+                  f"{damaged[step]}")
+      continue
+    for bad in damaged if jax.process_index() == 0 else ():
+      folder = epath.Path(manager.directory) / str(bad)
+      folder.rename(folder.parent / f"{bad}{DAMAGED_MARK}-{int(time.time())}")
+      log.warning(f"moved damaged checkpoint step {bad} aside to {folder}{DAMAGED_MARK}-*")
+    if damaged:
+      manager.reload()
+    return step, state, meta
+  if damaged:
+    raise CheckpointError(
+      f"{manager.directory}: no intact checkpoint to resume from (damaged steps: "
+      f"{', '.join(map(str, sorted(damaged)))}); newest: {damaged[max(damaged)]}"
+    )
+  return None
+
+
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   args = ocp.args.Composite(meta=ocp.args.JsonRestore())
   return dict(manager.restore(int(step), args=args)["meta"])
@@ -414,6 +454,187 @@ def _locate(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
   )
 
 
+READ_ATTEMPTS = 20  # listings a reader tries while training's retention removes its steps
+
+
+def _unreadable(step_dir: epath.Path, item: str, e: BaseException) -> CheckpointError:
+  """One line naming the step, the item's file and orbax's (or tensorstore's) reason."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [tensorstore_spec=")[0]
+  if len(text) > 400:
+    text = text[:400] + "..."
+  where = step_dir / item / ("metadata" if item in ("config", "meta") else "")
+  return CheckpointError(
+    f"{str(where).rstrip('/')}: checkpoint step {step_dir.name} is unreadable: "
+    f"{type(e).__name__}: {text}"
+  )
+
+
+def _restore_item(manager, step_dir: epath.Path, item: str, args) -> Any:
+  try:
+    return manager.restore(int(step_dir.name), args=ocp.args.Composite(**{item: args}))[item]
+  except Exception as e:  # orbax and tensorstore raise ValueError, KeyError, OSError, ...
+    raise _unreadable(step_dir, item, e) from e
+
+
+def _read_step(manager, step_dir: epath.Path):
+  """(config, model, variables, meta) of one step, or a CheckpointError naming the file."""
+  head = {
+    item: _restore_item(manager, step_dir, item, ocp.args.JsonRestore())
+    for item in ("config", "meta")
+  }
+  try:
+    config = ml_collections.ConfigDict(dict(head["config"]))
+    model = registry.from_config(config.model, saved=True)
+    abstract = jax.eval_shape(lambda: mil.init_variables(model, jax.random.key(0)))
+  except Exception as e:  # a config that is JSON but not one of ours
+    raise _unreadable(step_dir, "config", e) from e
+  abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
+  variables = dict(_restore_item(manager, step_dir, "model", args))
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(abstract)}
+  got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree.leaves_with_path(variables)}
+  for key in sorted(set(want) | set(got)):
+    if want.get(key) != got.get(key):
+      raise CheckpointError(
+        f"{step_dir / 'model'}: checkpoint step {step_dir.name} does not match its config "
+        f"{step_dir / 'config' / 'metadata'}: {key} is stored as {got.get(key)}, the config "
+        f"builds {want.get(key)}"
+      )
+  integrity.verify(step_dir, variables, _stored_checksums(manager, int(step_dir.name)))
+  return config, model, variables, dict(head["meta"])
+
+
+def _snapshot(step_dir: epath.Path) -> pathlib.Path | None:
+  """Hard links of a local step folder's files in a private folder beside `checkpoints/`,
+  returned (it holds the step as `<step>/`): a training's retention that removes the step
+  while it is read removes only names, and the reader keeps the files. None where links
+  cannot be made (gs://, a read-only workdir, another file system): the caller reads the
+  step in place and retries. FileNotFoundError when the step is removed while linked."""
+  if fileio.is_remote(step_dir):
+    return None
+  src = pathlib.Path(str(step_dir))
+  try:
+    held = pathlib.Path(tempfile.mkdtemp(prefix=".lsemil-read-", dir=src.parent.parent))
+  except OSError:
+    return None
+
+  def fail(e: OSError):
+    raise e
+
+  try:
+    for here, _, files in os.walk(src, onerror=fail):
+      out = held / src.name / os.path.relpath(here, src)
+      out.mkdir(parents=True, exist_ok=True)
+      for name in files:
+        os.link(os.path.join(here, name), out / name)
+  except FileNotFoundError:
+    shutil.rmtree(held, ignore_errors=True)
+    raise
+  except OSError:  # links not allowed here: read in place
+    shutil.rmtree(held, ignore_errors=True)
+    return None
+  return held
+
+
+def _read_held(manager, root: epath.Path, step: int, options):
+  """`_read_step` of `root/step` through a hard-linked snapshot where one can be made (see
+  `_snapshot`); errors name the step's own folder."""
+  step_dir = root / str(step)
+  try:
+    held = _snapshot(step_dir)
+  except FileNotFoundError as e:
+    raise _unreadable(step_dir, "", e) from e
+  if held is None:
+    return _read_step(manager, step_dir)
+  try:
+    snapshot = ocp.CheckpointManager(epath.Path(held), options=options)
+    try:
+      return _read_step(snapshot, step_dir)
+    finally:
+      snapshot.close()
+  finally:
+    shutil.rmtree(held, ignore_errors=True)
+
+
+def _candidates(manager, which: str) -> list[int]:
+  """Steps to try in order: 'latest' newest first; 'best' by validation AUC, then newest."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if which == "latest":
+    return steps
+  metrics = {}
+  for s in steps:
+    with contextlib.suppress(Exception):  # unreadable metrics rank as unevaluated
+      if (m := manager.metrics(s)) is not None:
+        metrics[s] = _metric(m)
+  ranked = sorted(metrics, key=lambda s: (metrics[s], s), reverse=True)
+  return ranked + [s for s in steps if s not in metrics]
+
+
+def _warn_skipped(root: epath.Path, damaged: dict, which: str) -> None:
+  listed = set(ocp.step.checkpoint_steps(root)) if damaged else set()
+  for step in sorted(damaged, reverse=True):
+    if step in listed:  # still there: damaged, not removed by a training's retention
+      log.warning(f"skipped damaged checkpoint step {step} (--which {which}): {damaged[step]}")
+
+
+def _read_newest_intact(root: epath.Path, which: str):
+  """(step, (config, model, variables, meta)) of the first intact step of `_candidates`.
+
+  Training may remove a listed step before it is read (retention): the steps are listed
+  again, up to READ_ATTEMPTS times. A step that is still there but unreadable is skipped
+  with a warning naming it and why; nothing is deleted.
+  """
+  damaged: dict[int, CheckpointError] = {}
+  last, seen = "changed while read", False
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  for _ in range(READ_ATTEMPTS):
+    _fresh_listing(root)
+    try:  # listing reads each step's metadata, which retention may remove meanwhile
+      manager = ocp.CheckpointManager(root, options=options)
+    except Exception as e:
+      last = f"{type(e).__name__}: {e}"
+      time.sleep(0.05)
+      continue
+    try:
+      for step in [s for s in _candidates(manager, which) if s not in damaged]:
+        try:
+          read = _read_held(manager, root, step, options)
+        except CheckpointError as e:
+          damaged[step] = e
+          continue
+        _warn_skipped(root, damaged, which)
+        return step, read
+    except Exception as e:  # a listing or metrics file removed meanwhile: list again
+      last = f"{type(e).__name__}: {e}"
+    finally:
+      with contextlib.suppress(Exception):
+        manager.close()
+    # A step removed while being read (retention) is not damaged: forget it and list again.
+    _fresh_listing(root)
+    listed = set(ocp.step.checkpoint_steps(root))
+    damaged = {s: e for s, e in damaged.items() if s in listed}
+    seen = seen or bool(listed)
+    if not listed and partial_step_dirs(root):  # a save in flight: its step is coming
+      time.sleep(0.05)
+      continue
+    if listed <= set(damaged) and (listed or not seen):
+      break
+    time.sleep(0.05)
+  else:
+    raise CheckpointError(
+      f"{root}: the checkpoints were removed while being read, {READ_ATTEMPTS} times in a row "
+      f"(a training with a small keep_checkpoints); try again ({last})"
+    )
+  if damaged:
+    newest = max(damaged)
+    raise CheckpointError(
+      f"{root}: no intact checkpoint (damaged steps: {', '.join(map(str, sorted(damaged)))}); "
+      f"newest: {damaged[newest]}"
+    )
+  raise FileNotFoundError(f"{root}: no checkpoints")
+
+
 def load_inference(
   path: str | epath.Path, *, which: str = "best"
 ) -> tuple[ml_collections.ConfigDict, mil.MultiResolutionMIL, dict, int, dict]:
@@ -425,6 +646,12 @@ def load_inference(
     which: for a workdir, 'best' (highest validation mean AUC; the latest when no
       checkpoint was evaluated) or 'latest'. Ignored for a step folder.
 
+  A damaged step of a workdir (a truncated or missing file, bad JSON, a config that does not
+  match the stored shapes) is skipped with a warning for the next one (`_read_newest_intact`),
+  and a step removed by a running training while being read is retried; a damaged step
+  folder asked for by path, or a workdir with no intact step, is one CheckpointError naming
+  the step and the file.
+
   Returns:
     (config, model, variables, step, info): `variables` = {'params', 'batch_stats'?} as
     numpy arrays on the host, ready for `model.apply`; info has 'checkpoint' (the step
@@ -434,36 +661,19 @@ def load_inference(
   if which not in ("best", "latest"):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   root, step = _locate(epath.Path(path), which)
-  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  manager = ocp.CheckpointManager(root, options=options)
-  try:
-    if step is None:
-      step = best_step(manager) if which == "best" else None
-      step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{root}: no checkpoints")
-    head = manager.restore(
-      step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-    )
-    config = ml_collections.ConfigDict(dict(head["config"]))
-    model = registry.from_config(config.model, saved=True)
-    abstract = jax.eval_shape(lambda: mil.init_variables(model, jax.random.key(0)))
-    abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    variables = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
-      ),
-    )["model"]
-    integrity.verify(root / str(step), variables, _stored_checksums(manager, step))
-  finally:
-    manager.close()
-  meta = dict(head["meta"])
+  if step is None:
+    step, (config, model, variables, meta) = _read_newest_intact(root, which)
+  else:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    manager = ocp.CheckpointManager(root, options=options)
+    try:
+      config, model, variables, meta = _read_step(manager, root / str(step))
+    finally:
+      manager.close()
   info = {"checkpoint": str(root / str(step)), "which": which, "step": int(step)}
   last = meta.get("last_eval") or {}
   if int(last.get("step", -1)) == int(step):
     info["val_mean_auc"] = last.get("val_mean_auc")
     info["val_per_class_auc"] = last.get("val_per_class_auc")
   logging.info("loaded %s (step %d)", info["checkpoint"], step)
-  return config, model, dict(variables), int(step), info
+  return config, model, variables, int(step), info

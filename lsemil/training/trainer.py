@@ -486,14 +486,14 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
   (an earlier run's best weights, fresh optimizer), else from scratch."""
   meta = {"num_steps": run.num_steps, "best_step": None, "best_val_mean_auc": None}
   meta.update(evals_since_best=0, stopped_early=False, last_eval=None)
-  latest = manager.latest_step()
-  if latest is not None:
-    abstract_sh = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      run.abstract,
-      run.state_sharding,
-    )
-    state, saved = checkpointing.restore(manager, latest, abstract_sh, train_iter)
+  abstract_sh = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    run.abstract,
+    run.state_sharding,
+  )
+  restored = checkpointing.restore_latest(manager, abstract_sh, train_iter)  # skips damaged
+  if restored is not None:
+    latest, state, saved = restored
     meta.update({k: v for k, v in saved.items() if k != "num_steps"})
     log.info(
       f"resuming from {checkpointing.checkpoint_dir(run.workdir) / str(latest)} (step {latest})"
@@ -513,6 +513,17 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
   else:
     log.info("training from scratch")
   return state, meta
+
+
+ROWS_LOG_ENV = "LSEMIL_TRAIN_ROWS_LOG"  # "1": W/train_rows.<process>.jsonl, for tests
+
+
+def _rows_log(run: Run) -> epath.Path | None:
+  """When ROWS_LOG_ENV is "1", the file to which each step appends the index rows it trains
+  on (this process's part) as a JSON line {step, rows}: the proof tests compare."""
+  if os.environ.get(ROWS_LOG_ENV) != "1":
+    return None
+  return run.workdir / f"train_rows.{jax.process_index()}.jsonl"
 
 
 class MetricWindow:
@@ -612,9 +623,13 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> Tra
   validator = Validator(run, state)
   window = MetricWindow(run, writer)
   window.last_saved = manager.latest_step()
+  rows_log = _rows_log(run)
   for step in range(start + 1, run.num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       local = next(train_iter)
+      if rows_log is not None:
+        with rows_log.open("a") as f:
+          f.write(json.dumps({"step": step, "rows": local["row"].tolist()}) + "\n")
       batch = sharding.global_batch(
         {"image": np.asarray(local["image"]), "labels": np.asarray(local["labels"])}, batch_sh
       )

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="down-path level of Grad-CAM (default: the run's config, else -1 = the coarsest)",
   )
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument(
     "--multiframe",
     choices=dicom.MULTIFRAME,
@@ -103,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     help="a multi-frame DICOM: 'first' predicts its first frame with a warning naming the file "
     "and its frame count (default), 'refuse' skips it as an unreadable file",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 

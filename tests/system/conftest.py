@@ -83,6 +83,17 @@ class Lsemil:
     assert proc.returncode == 0, f"lsemil {shown} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
 
+  @staticmethod
+  def one_error(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The one error line `lsemil <command>: ...` of a run that failed with exit status 1
+    and no traceback (asserted), returned."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith(f"lsemil {command}:")]
+    assert len(errors) == 1, out[-3000:]
+    return errors[0]
+
   def popen(self, *args, cwd=REPO, cache=None, env=None, **kwargs) -> subprocess.Popen:
     """`lsemil *args` started; stdout and stderr piped as text unless `kwargs` say otherwise."""
     kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} | kwargs

@@ -64,15 +64,6 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
   return w
 
 
-def _one_error(proc: subprocess.CompletedProcess, command: str) -> str:
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 1, out[-3000:]
-  assert "Traceback" not in out, out[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith(f"lsemil {command}:")]
-  assert len(errors) == 1, out[-3000:]
-  return errors[0]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_predict_latest_skips_a_damaged_newest_step(tmp_path, trained, synth_dir, kind, lsemil):
   w = _copy(trained, tmp_path)
@@ -84,7 +75,7 @@ def test_predict_latest_skips_a_damaged_newest_step(tmp_path, trained, synth_dir
   assert "skipped damaged checkpoint step 6" in proc.stderr, proc.stderr[-3000:]
   assert f"{w}/checkpoints/5" in proc.stdout + proc.stderr
   # The damaged step asked for by path: one line naming the step and the file.
-  line = _one_error(
+  line = lsemil.one_error(
     lsemil.run("predict", "--checkpoint", w / "checkpoints" / "6", image, cwd=tmp_path),
     "predict",
   )
@@ -97,7 +88,7 @@ def test_every_step_damaged_is_one_error(tmp_path, trained, synth_dir, lsemil):
   for step in range(1, 7):
     damage(w / "checkpoints" / str(step), "truncated")
   image = next((synth_dir / "images").glob("*.png"))
-  line = _one_error(
+  line = lsemil.one_error(
     lsemil.run("predict", "--checkpoint", w, "--which", "latest", image, cwd=tmp_path),
     "predict",
   )

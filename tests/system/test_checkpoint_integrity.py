@@ -74,15 +74,6 @@ def _steps(w: Path) -> list[Path]:
                 key=lambda p: int(p.name))
 
 
-def _one_error(proc, command: str) -> str:
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 1, out[-3000:]
-  assert "Traceback" not in out, out[-3000:]
-  errors = [x for x in proc.stderr.splitlines() if x.startswith(f"lsemil {command}:")]
-  assert len(errors) == 1, out[-3000:]
-  return errors[0]
-
-
 @pytest.mark.parametrize("kind", ["nan", "finite"])
 def test_damaged_weight_is_refused_naming_step_and_parameter(
   run, kind, synth_dir, jax_cache, lsemil, tmp_path
@@ -93,12 +84,12 @@ def test_damaged_weight_is_refused_naming_step_and_parameter(
   image = sorted((Path(synth_dir) / "images").glob("*.png"))[0]
   out = tmp_path / "pred"
   proc = lsemil.run("predict", "--checkpoint", run, image, "--out", out, cache=jax_cache)
-  line = _one_error(proc, "predict")
+  line = lsemil.one_error(proc, "predict")
   assert f"step {step.name}" in line and named[step.name] in line, line
   assert ("non-finite" if kind == "nan" else "checksum") in line, line
   assert not list(out.glob("*.png"))
   proc = lsemil.run("evaluate", "--checkpoint", step, "--n-boot", "10", cache=jax_cache)
-  line = _one_error(proc, "evaluate")
+  line = lsemil.one_error(proc, "evaluate")
   assert f"step {step.name}" in line and named[step.name] in line, line
 
 
@@ -122,7 +113,7 @@ def _resume(lsemil, w, synth_dir, jax_cache, *extra):
   before = _files(w)
   proc = lsemil.run(*_train_args(w, synth_dir, f"--config.train.num_steps={STEPS + 3}", *extra),
                     cache=jax_cache)
-  line = _one_error(proc, "train")
+  line = lsemil.one_error(proc, "train")
   assert _files(w) == before  # refused before anything is written
   return line
 

@@ -167,38 +167,17 @@ def test_cli_exit_status_and_table(smoke, workdir, files, tmp_path, capsys):
   assert err[-1].startswith("lsemil predict: ") and str(tmp_path / "none") in err[-1]
 
 
-def _write_dicom(path, raw, *, photometric="MONOCHROME1", window=(1000.0, 2000.0)):
-  pydicom = pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Modality = "DX"
-  ds.Rows, ds.Columns = raw.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = photometric
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-  ds.RescaleSlope, ds.RescaleIntercept = 2, -100
-  if window is not None:
-    ds.WindowCenter, ds.WindowWidth = window
-  ds.PixelData = raw.astype("<u2").tobytes()
-  ds.save_as(path, enforce_file_format=True)
-  assert pydicom.dcmread(path).PhotometricInterpretation == photometric
+# A 12-bit X-ray as a modality stores it: rescaled (slope 2, intercept -100).
+XRAY_ELEMENTS = {"BitsStored": 12, "HighBit": 11, "RescaleSlope": 2, "RescaleIntercept": -100}
 
 
-def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
+def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path, write_dicom):
   rng = np.random.default_rng(0)
   raw = rng.integers(0, 4096, size=(96, 80)).astype(np.uint16)
   raw[0, 0], raw[0, 1] = 0, 4095
   path = tmp_path / "xray.dcm"
-  _write_dicom(path, raw)
+  window = {"WindowCenter": 1000.0, "WindowWidth": 2000.0}
+  write_dicom(path, raw, photometric="MONOCHROME1", **window, **XRAY_ELEMENTS)
   img = dicom.read_dicom(path)
   x = raw.astype(np.float64) * 2 - 100  # modality rescale
   y = np.clip((x - 999.5) / 1999.0 + 0.5, 0, 1)  # DICOM linear window c=1000, w=2000
@@ -208,7 +187,7 @@ def test_dicom_monochrome1_rescale_window_and_predict(smoke, tmp_path):
   assert img[0, 0] == 255 and img[0, 1] == 0  # low raw = bright in MONOCHROME1
   # Without a window: min-max; MONOCHROME2 is not inverted. Detection by the DICM magic.
   plain = tmp_path / "plain.bin"
-  _write_dicom(plain, raw, photometric="MONOCHROME2", window=None)
+  write_dicom(plain, raw, **XRAY_ELEMENTS)
   assert dicom.is_dicom(plain)
   img2 = prediction.read_image(plain)
   np.testing.assert_array_equal(img2, np.rint(raw / 4095.0 * 255).astype(np.uint8))

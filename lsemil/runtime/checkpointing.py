@@ -86,6 +86,17 @@ logging.get_absl_logger().addFilter(_not_reported_save_failure)
 std_logging.getLogger("asyncio").addFilter(_not_reported_save_failure)
 
 
+def _not_other_reads_of_a_reported_step(record) -> bool:
+  # The same for a damaged step's restore (`_unreadable`): its other reads' tasks end with
+  # errors naming that step's folder, which asyncio logs as never retrieved.
+  exc = record.exc_info[1] if record.exc_info else None
+  text = str(exc) if exc is not None else record.getMessage()
+  return not any(folder in text for folder in _reported_reads)
+
+
+std_logging.getLogger("asyncio").addFilter(_not_other_reads_of_a_reported_step)
+
+
 def _late_callback_into_a_closed_loop(exc: BaseException, tb) -> bool:
   # After a failed save, orbax's save thread has closed its event loop while tensorstore's
   # other writes of that save still finish; their completion callbacks then raise
@@ -96,6 +107,17 @@ def _late_callback_into_a_closed_loop(exc: BaseException, tb) -> bool:
     return False
   frames = traceback.extract_tb(tb)
   return bool(frames) and frames[0].name == "call_soon_threadsafe"
+
+
+_reported_reads: set[str] = set()  # step folders reported unreadable (a CheckpointError)
+
+
+def _other_reads_of_a_reported_step(obj) -> bool:
+  # A step that fails to restore is reported once (`_unreadable`); orbax's other array reads
+  # of that step end with the same error in coroutines nobody awaits any more, which Python
+  # prints as "Exception ignored in: <coroutine ...>" when it collects them.
+  code = getattr(obj, "cr_code", None)
+  return bool(_reported_reads) and code is not None and "orbax" in code.co_filename
 
 
 def _install_excepthook() -> None:
@@ -109,7 +131,9 @@ def _install_excepthook() -> None:
   previous_unraisable = sys.unraisablehook
 
   def unraisable(args):
-    if not _late_callback_into_a_closed_loop(args.exc_value, args.exc_traceback):
+    if not _late_callback_into_a_closed_loop(args.exc_value, args.exc_traceback) and not (
+      _other_reads_of_a_reported_step(args.object)
+    ):
       previous_unraisable(args)
 
   sys.unraisablehook = unraisable
@@ -459,6 +483,7 @@ READ_ATTEMPTS = 20  # listings a reader tries while training's retention removes
 
 def _unreadable(step_dir: epath.Path, item: str, e: BaseException) -> CheckpointError:
   """One line naming the step, the item's file and orbax's (or tensorstore's) reason."""
+  _reported_reads.add(str(step_dir).rstrip("/") + "/")  # "/": step 6 is not step 60
   text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [tensorstore_spec=")[0]
   if len(text) > 400:
     text = text[:400] + "..."

@@ -25,6 +25,7 @@ import cv2
 import ml_collections
 import numpy as np
 
+from lsemil.core import configuration
 from lsemil.data import pipeline
 
 
@@ -55,23 +56,12 @@ def raw_decode_rate(paths: list[str], n: int, workers: int) -> float:
 
 
 def make_config(input_size: int, batch: int, workers: int) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict({"input_size": input_size})
-  c.train = ml_collections.ConfigDict({"batch_size": batch, "eval_batch_size": batch})
-  c.data = ml_collections.ConfigDict(
-    {
-      "val_fraction": 0.25,
-      "split_seed": 0,
-      "augment": True,
-      "rotation_deg": 25.0,
-      "translation_px": 50.0,
-      "zoom_range": (0.75, 1.25),
-      "read_threads": 0,
-      "worker_count": workers,
-      "prefetch_buffer_size": 4,
-    }
-  )
+  """The paper config (configs/paper.py states every default) at this size, batch and workers."""
+  c = configuration.load_config("paper")
+  c.model.input_size = input_size
+  c.train.batch_size = c.train.eval_batch_size = batch
+  c.data.worker_count = workers
+  c.data.prefetch_buffer_size = 4
   return c
 
 

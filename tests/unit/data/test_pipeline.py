@@ -7,27 +7,15 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lsemil.core import configuration
 from lsemil.data import nih, pipeline, preparation
 
 
 def make_config(**data) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict({"input_size": 64})
-  c.train = ml_collections.ConfigDict({"batch_size": 4, "eval_batch_size": 6})
-  c.data = ml_collections.ConfigDict(
-    {
-      "val_fraction": 0.25,
-      "split_seed": 0,
-      "augment": True,
-      "rotation_deg": 25.0,
-      "translation_px": 50.0,
-      "zoom_range": (0.75, 1.25),
-      "read_threads": 0,
-      "worker_count": 0,
-      "prefetch_buffer_size": 2,
-    }
-  )
+  """The paper config's data section (configs/paper.py states every default), 64 px, batch 4."""
+  c = configuration.load_config("paper")
+  c.model.input_size = 64
+  c.train.batch_size, c.train.eval_batch_size = 4, 6
   c.data.update(data)
   return c
 

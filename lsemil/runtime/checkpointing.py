@@ -28,6 +28,7 @@ skips both kinds when listing steps, and a manager created for training removes 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import math
 import os
@@ -438,16 +439,12 @@ def step_configs(workdir: str | epath.Path) -> dict[int, dict]:
   _fresh_listing(root)
   if not root.is_dir():
     return {}
-  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  manager = ocp.CheckpointManager(root, options=options)
+  # The config item's JSON file read directly: no manager, so no multi-host barrier (a
+  # manager per process here mismatched orbax's root-metadata sync in a multi-host resume).
   out = {}
-  try:
-    for step in manager.all_steps():
-      with contextlib.suppress(Exception):  # orbax raises ValueError, KeyError, OSError, ...
-        args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        out[int(step)] = dict(manager.restore(int(step), args=args)["config"])
-  finally:
-    manager.close()
+  for step in ocp.step.checkpoint_steps(root):
+    with contextlib.suppress(Exception):  # unreadable: restoring it fails on its own
+      out[int(step)] = dict(json.loads((root / str(step) / "config" / "metadata").read_text()))
   return out
 
 

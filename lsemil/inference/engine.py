@@ -101,6 +101,13 @@ def _forward(variables, images, *, model, saliency: bool, levels: bool) -> dict:
   return keep
 
 
+def jitted_forward(model, mesh: jax.sharding.Mesh, *, saliency: bool, levels: bool) -> Callable:
+  """The MIL model's forward of `Predictor` (uint8 images in, outputs replicated), jitted
+  on `mesh`: what validation, evaluate and predict run; `lsemil aot` compiles it too."""
+  fwd = functools.partial(_forward, model=model, saliency=saliency, levels=levels)
+  return jax.jit(fwd, out_shardings=sharding.replicated(mesh))
+
+
 def _posthoc_forward(variables, images, *, model, source, level, saliency, levels) -> dict:
   """The GAP model's forward with Grad-CAM / CAM maps (`posthoc.forward`, the same contract)."""
   _check_input(images)
@@ -155,16 +162,16 @@ class Predictor:
     key = (bool(saliency), bool(levels))
     if key not in self._fns:
       if self.saliency_source == "model":
-        fwd = functools.partial(_forward, model=self.model, saliency=key[0], levels=key[1])
-      else:
-        fwd = functools.partial(
-          _posthoc_forward,
-          model=self.model,
-          source=self.saliency_source,
-          level=self.gradcam_level,
-          saliency=key[0],
-          levels=key[1],
-        )
+        self._fns[key] = jitted_forward(self.model, self.mesh, saliency=key[0], levels=key[1])
+        return self._fns[key]
+      fwd = functools.partial(
+        _posthoc_forward,
+        model=self.model,
+        source=self.saliency_source,
+        level=self.gradcam_level,
+        saliency=key[0],
+        levels=key[1],
+      )
       self._fns[key] = jax.jit(fwd, out_shardings=sharding.replicated(self.mesh))
     return self._fns[key]
 

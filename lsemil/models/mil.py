@@ -359,18 +359,22 @@ class MultiResolutionMIL(Backbone):
     return {"probs": pool(saliency), "saliency": saliency, "saliency_levels": saliency_levels}
 
 
-def resolve_batch_norm(choice: str) -> str:
-  """'auto' -> 'flax' on CPU backends (faster there in float32, measured), else 'fused'."""
+def resolve_batch_norm(choice: str, platform: str | None = None) -> str:
+  """'auto' -> 'flax' on CPU backends (faster there in float32, measured), else 'fused'.
+
+  `platform`: the backend the program is compiled for; default `jax.default_backend()`
+  (a TPU program compiled ahead of time on a CPU host passes 'tpu')."""
   if choice != "auto":
     return choice
-  return "flax" if jax.default_backend() == "cpu" else "fused"
+  return "flax" if (platform or jax.default_backend()) == "cpu" else "fused"
 
 
-def resolve_weight_grad(choice: str) -> str:
-  """'auto' -> 'gemm' on CPU backends (where it measured faster), else 'xla'."""
+def resolve_weight_grad(choice: str, platform: str | None = None) -> str:
+  """'auto' -> 'gemm' on CPU backends (where it measured faster), else 'xla'; `platform`
+  as in `resolve_batch_norm`."""
   if choice != "auto":
     return choice
-  return "gemm" if jax.default_backend() == "cpu" else "xla"
+  return "gemm" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 def fields_from_config(cls: type[Backbone], cfg: Any, what: str) -> dict[str, Any]:

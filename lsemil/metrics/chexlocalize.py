@@ -1,0 +1,223 @@
+"""cheXlocalize's localization protocols as its official code computes them (host numpy, cv2).
+
+Saporta et al. 2022 (Nature Machine Intelligence), github.com/rajpurkarlab/cheXlocalize; each
+function names the official file and function it follows step by step:
+
+- `resize`: the map bilinearly resized to the image's (H, W) (heatmap_to_segmentation.py
+  `pkl_to_mask`, eval.py `get_map`: torch F.interpolate, mode='bilinear',
+  align_corners=False). Here cv2.resize INTER_LINEAR in float64: the same half-pixel source
+  coordinates with edge clamping, no antialiasing (tested against the formula). One deviation:
+  a constant map stays exactly constant (bilinear weights leave ~1e-16 of rounding noise that
+  min-max scaling would blow up into a mask), so it predicts nothing under every resize.
+- `otsu_segmentation` (heatmap_to_segmentation.py `cam_to_segmentation`, threshold=NaN): the
+  map min-max scaled, `np.uint8(255 * mask)` (truncation), cv2 Otsu (foreground uint8 > T),
+  then every `cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)` contour of more than one point
+  drawn as a filled PIL polygon: holes are filled, one-pixel blobs are dropped.
+- `threshold_segmentation` (same function, a given threshold): scaled map > threshold.
+- `iou` (eval.py `calculate_iou`): true_pos_only: NaN unless both masks are non-empty;
+  otherwise NaN only when both are empty.
+- `hit` (eval.py `get_hitrates`): 1 when the first `np.argmax` pixel of the resized map lies in
+  the ground truth, NaN when the ground truth is empty, else 0.
+- `tune_threshold` (tune_heatmap_threshold.py `tune_threshold`): the grid
+  `np.arange(0.2, .8, .1)` (0.2 .. 0.8, 7 values), the true-positive-only mIoU (nanmean) per
+  value, the first maximum as Python's `list.index(max(list))` picks it. The chosen value is
+  written rounded to one decimal and applied so (`APPLIED_GRID`).
+- `cutoff_ious`, `tune_cutoff` (tune_probability_threshold.py `compute_miou`,
+  `find_threshold`; heatmap_to_segmentation.py `heatmap_to_mask`): Otsu masks blanked unless
+  prob > c while tuning, all-images IoU, mIoU rounded to 3 decimals, grid `np.arange(0, .9, .1)`
+  (the official code starts Lung Lesion's at 0.1), the first maximum (pandas idxmax); the
+  chosen cutoff, rounded to one decimal, blanks a mask when prob < c (kept: prob >= c).
+- `bootstrap` (eval.py `bootstrap_metric`, `compute_cis`): 1,000 replicates drawing the rows
+  (images) with `np.random.choice(n, n, replace=True)` after `np.random.seed(seed)`, every
+  column's replicate value its NaN-skipping mean; reported: the mean of the replicates and the
+  95% interval from the sorted replicates at 0-based indices int(0.025 * 1000) - 1 = 24 and
+  int(0.975 * 1000) - 1 = 974 (the official code rounds these to 3 decimals; we do not).
+
+Precision: the official code computes in torch float32; this module in float64, so a pixel
+whose 255 * scaled value lies within float32 rounding of an integer may truncate differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw
+
+from lsemil.core.errors import DataError
+
+# tune_heatmap_threshold: np.arange(0.2, .8, .1) = 0.2, 0.30000000000000004, .., 0.8000000000000003
+TUNING_GRID: tuple[float, ...] = tuple(float(t) for t in np.arange(0.2, 0.8, 0.1))
+APPLIED_GRID: tuple[float, ...] = tuple(round(t, 1) for t in TUNING_GRID)  # its CSV's values
+CUTOFF_GRID: tuple[float, ...] = tuple(float(c) for c in np.arange(0, 0.9, 0.1))
+N_REPLICATES = 1000
+CONFIDENCE = 0.05
+
+
+def check_finite(values, name) -> np.ndarray:
+  """values as float64; a NaN or infinite value is a DataError naming `name` (an image)."""
+  v = np.asarray(values, dtype=np.float64)
+  if not np.all(np.isfinite(v)):
+    raise DataError(f"{name}: {int((~np.isfinite(v)).sum())} non-finite value(s)")
+  return v
+
+
+def resize(saliency, hw: Sequence[int], name="map") -> np.ndarray:
+  """An (h, w) map bilinearly resized to hw = (H, W), float64 (F.interpolate,
+  align_corners=False); a constant map stays exactly constant."""
+  s = check_finite(saliency, name)
+  if s.ndim != 2:
+    raise ValueError(f"{name}: a saliency map must be 2-D, got shape {s.shape}")
+  h_out, w_out = (int(v) for v in hw)
+  lo, hi = s.min(), s.max()
+  if lo == hi:
+    return np.full((h_out, w_out), lo)
+  return cv2.resize(np.ascontiguousarray(s), (w_out, h_out), interpolation=cv2.INTER_LINEAR)
+
+
+def scaled(s_resized) -> np.ndarray:
+  """cam_to_segmentation's normalization: (s - min) / max(s - min); constant -> all zeros
+  (the official 0 / 0 = NaN predicts nothing either way)."""
+  mask = np.asarray(s_resized, dtype=np.float64)
+  mask = mask - mask.min()
+  top = mask.max()
+  return mask / top if top > 0 else np.zeros_like(mask)
+
+
+def otsu_segmentation(s_resized) -> np.ndarray:
+  """cam_to_segmentation with threshold=NaN: boolean (H, W) mask."""
+  mask = np.uint8(255 * scaled(s_resized))
+  thresh = cv2.threshold(mask, 0, float(mask.max()), cv2.THRESH_OTSU)[1]
+  cnts = cv2.findContours(thresh, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+  cnts = cnts[0] if len(cnts) == 2 else cnts[1]
+  out = Image.new("1", (mask.shape[1], mask.shape[0]))
+  draw = ImageDraw.Draw(out)
+  for cnt in cnts:
+    if len(cnt) > 1:
+      draw.polygon([(int(p[0][0]), int(p[0][1])) for p in cnt], outline=1, fill=1)
+  return np.array(out, dtype=bool)
+
+
+def threshold_segmentation(s_resized, threshold: float) -> np.ndarray:
+  """cam_to_segmentation with a threshold: scaled map > threshold."""
+  return scaled(s_resized) > threshold
+
+
+def iou(pred, gt, true_pos_only: bool = True) -> float:
+  """eval.py calculate_iou: |P and G| / |P or G|; NaN as described in the module docstring."""
+  p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+  n_p, n_g = int(p.sum()), int(g.sum())
+  union = int((p | g).sum())
+  if (n_p == 0 or n_g == 0) if true_pos_only else union == 0:
+    return float("nan")
+  return int((p & g).sum()) / union
+
+
+def threshold_ious(m, gt, thresholds) -> np.ndarray:
+  """True-positive-only `iou(m > t, gt)` for each t, from counts (m: the scaled map)."""
+  g = np.asarray(gt, bool)
+  inside, n_g = m[g], int(g.sum())
+  out = []
+  for t in thresholds:
+    n_p, inter = int(np.count_nonzero(m > t)), int(np.count_nonzero(inside > t))
+    out.append(inter / (n_p + n_g - inter) if n_p and n_g else float("nan"))
+  return np.array(out)
+
+
+def hit(s_resized, gt) -> float:
+  """eval.py get_hitrates: the first argmax pixel in gt -> 1; else NaN for an empty gt, 0."""
+  s = np.asarray(s_resized)
+  g = np.asarray(gt)
+  r, c = np.unravel_index(np.argmax(s, axis=None), s.shape)
+  if g[r, c] == 1:
+    return 1.0
+  return float("nan") if g.sum() == 0 else 0.0
+
+
+def _py_first_max(values) -> int:
+  """`values.index(max(values))` of a Python list: a NaN first element wins (max never
+  replaces it), later NaNs are skipped."""
+  v = [float(x) for x in values]
+  best = 0
+  for i in range(1, len(v)):
+    if v[i] > v[best]:
+      best = i
+  return best
+
+
+def _nanmean(a, axis=0) -> np.ndarray:
+  """np.nanmean without the all-NaN warning (NaN there, as the official code gets)."""
+  a = np.asarray(a, dtype=np.float64)
+  ok = ~np.isnan(a)
+  n = ok.sum(axis)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(n > 0, np.where(ok, a, 0.0).sum(axis) / n, np.nan)
+
+
+def tune_threshold(ious) -> int:
+  """Index into TUNING_GRID: ious (images, grid) true-positive-only IoUs (NaN allowed)."""
+  return _py_first_max(_nanmean(ious, 0))
+
+
+def cutoff_ious(iou_all, gt_any, probs, cutoffs=CUTOFF_GRID, tuning: bool = True):
+  """(images, cutoffs) all-images IoUs with the Otsu mask blanked below each cutoff.
+
+  iou_all: `iou(otsu, gt, true_pos_only=False)` per image; gt_any: the ground truth is
+  non-empty; tuning: kept when prob > c (tune_probability_threshold.compute_miou), else kept
+  when prob >= c (heatmap_to_segmentation.pkl_to_mask). A blanked mask scores 0 against a
+  non-empty ground truth and NaN against an empty one.
+  """
+  p = np.asarray(probs, np.float64)[:, None]
+  c = np.asarray(cutoffs, np.float64)[None, :]
+  keep = p > c if tuning else p >= c
+  blank = np.where(np.asarray(gt_any, bool), 0.0, np.nan)[:, None]
+  return np.where(keep, np.asarray(iou_all, np.float64)[:, None], blank)
+
+
+def tune_cutoff(ious) -> int | None:
+  """Index of the chosen cutoff: mIoU rounded to 3 decimals, first maximum skipping NaN
+  (pandas idxmax); None when every mIoU is NaN."""
+  m = np.round(_nanmean(ious, 0), 3)
+  return None if np.all(np.isnan(m)) else int(np.nanargmax(m))
+
+
+def bootstrap(values, n_replicates: int = N_REPLICATES, seed: int = 0, confidence=CONFIDENCE):
+  """eval.py bootstrap_metric + compute_cis over the rows of values (images, columns).
+
+  Returns (mean, lower, upper, replicates): the first three (columns,), replicates
+  (n_replicates, columns); NaN where a column has no value.
+  """
+  v = np.asarray(values, dtype=np.float64)
+  v = v[:, None] if v.ndim == 1 else v
+  n = len(v)
+  rng = np.random.RandomState(seed)  # the legacy stream np.random.seed + np.random.choice use
+  reps = np.empty((n_replicates, v.shape[1]))
+  for r in range(n_replicates):
+    reps[r] = _nanmean(v[rng.choice(n, size=n, replace=True)], 0)
+  ordered = np.sort(reps, axis=0)  # NaN last, as pandas sort_values
+  lower = ordered[int(confidence / 2 * n_replicates) - 1]
+  upper = ordered[int((1 - confidence / 2) * n_replicates) - 1]
+  return _nanmean(reps, 0), lower, upper, reps
+
+
+def case_scores(s_native, gt, name="map", grid: Sequence[float] = TUNING_GRID) -> dict:
+  """Per-image quantities of one (image, class): s_native the model's map, gt the (H, W)
+  ground-truth mask at the image's size.
+
+  'iou_otsu' (true-positive-only), 'iou_otsu_all' (all-images), 'iou_grid' and
+  'iou_applied' (true-positive-only at TUNING_GRID and at its rounded APPLIED_GRID), 'hit',
+  'gt_any'.
+  """
+  g = np.asarray(gt, bool)
+  s = resize(s_native, g.shape, name)
+  otsu = otsu_segmentation(s)
+  m = scaled(s)
+  return {
+    "iou_otsu": iou(otsu, g, True),
+    "iou_otsu_all": iou(otsu, g, False),
+    "iou_grid": threshold_ious(m, g, grid),
+    "iou_applied": threshold_ious(m, g, [round(t, 1) for t in grid]),
+    "hit": hit(s, g),
+    "gt_any": bool(g.any()),
+  }

@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage
 
 from lsemil.core.errors import DataError
-from lsemil.metrics import chexlocalize as cx
+from lsemil.metrics import chexlocalize
 
 
 def half_pixel_resize(s, h_out, w_out):
@@ -65,7 +65,9 @@ def test_resize_is_the_half_pixel_formula_up_and_down_non_square():
   rng = np.random.default_rng(1)
   for shape, hw in [((4, 6), (30, 50)), ((7, 5), (64, 33)), ((12, 16), (5, 7))]:
     s = rng.random(shape)
-    np.testing.assert_allclose(cx.resize(s, hw), half_pixel_resize(s, *hw), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+      chexlocalize.resize(s, hw), half_pixel_resize(s, *hw), rtol=0, atol=1e-13
+    )
 
 
 def test_ring_hole_is_filled_and_single_pixel_dropped():
@@ -73,14 +75,16 @@ def test_ring_hole_is_filled_and_single_pixel_dropped():
   s[4:14, 6:16] = 1.0
   s[7:11, 9:13] = 0.0  # the ring's hole (16 pixels)
   s[17, 20] = 1.0  # a lone hot pixel
-  got = cx.otsu_segmentation(s)
+  got = chexlocalize.otsu_segmentation(s)
   want = np.zeros_like(got)
   want[4:14, 6:16] = True
   np.testing.assert_array_equal(got, want)
   ring = s > 0.5
   ring[17, 20] = False
-  assert cx.iou(got, ring) == pytest.approx(84 / 100)
-  assert cx.iou(s > 0.5, ring) == pytest.approx(84 / 85)  # the plain threshold keeps the pixel
+  assert chexlocalize.iou(got, ring) == pytest.approx(84 / 100)
+  assert chexlocalize.iou(s > 0.5, ring) == pytest.approx(
+    84 / 85
+  )  # the plain threshold keeps the pixel
 
 
 def test_first_argmax_tie_and_plateau():
@@ -88,28 +92,28 @@ def test_first_argmax_tie_and_plateau():
   s[2, 3] = s[5, 1] = 1.0
   g = np.zeros((6, 8))
   g[5, 1] = 1
-  assert cx.hit(s, g) == 0.0  # the first maximum in C order is (2, 3)
+  assert chexlocalize.hit(s, g) == 0.0  # the first maximum in C order is (2, 3)
   g[2, 3] = 1
-  assert cx.hit(s, g) == 1.0
+  assert chexlocalize.hit(s, g) == 1.0
   s = np.zeros((6, 8))
   s[1:4, 2:5] = 0.7  # plateau: the first pixel is (1, 2)
   g = np.zeros((6, 8))
   g[1, 2] = 1
-  assert cx.hit(s, g) == 1.0
+  assert chexlocalize.hit(s, g) == 1.0
   g[1, 2], g[2:4, 2:5] = 0, 1  # 6 of 9 plateau pixels, not the first
-  assert cx.hit(s, g) == 0.0
-  assert math.isnan(cx.hit(s, np.zeros((6, 8))))
+  assert chexlocalize.hit(s, g) == 0.0
+  assert math.isnan(chexlocalize.hit(s, np.zeros((6, 8))))
 
 
 @pytest.mark.parametrize("hw", [(37, 53), (7, 9), (3, 2)])
 def test_constant_map_predicts_nothing(hw):
   s = np.full((7, 9), 0.3)
-  r = cx.resize(s, hw)
+  r = chexlocalize.resize(s, hw)
   assert np.all(r == 0.3)
-  assert not cx.otsu_segmentation(r).any()
+  assert not chexlocalize.otsu_segmentation(r).any()
   g = np.zeros(hw)
   g[1:, 1:] = 1
-  got = cx.case_scores(s, g)
+  got = chexlocalize.case_scores(s, g)
   assert math.isnan(got["iou_otsu"]) and got["iou_otsu_all"] == 0.0
   assert np.all(np.isnan(got["iou_grid"]))
   assert got["hit"] == 0.0  # the first pixel (0, 0) is outside
@@ -117,23 +121,25 @@ def test_constant_map_predicts_nothing(hw):
 
 def test_iou_edge_cases():
   e, p = np.zeros((3, 3)), np.eye(3)
-  assert math.isnan(cx.iou(e, e, True)) and math.isnan(cx.iou(e, e, False))
-  assert math.isnan(cx.iou(e, p, True)) and cx.iou(e, p, False) == 0.0
-  assert math.isnan(cx.iou(p, e, True)) and cx.iou(p, e, False) == 0.0
-  assert cx.iou(p, np.ones((3, 3))) == pytest.approx(1 / 3)
+  assert math.isnan(chexlocalize.iou(e, e, True)) and math.isnan(chexlocalize.iou(e, e, False))
+  assert math.isnan(chexlocalize.iou(e, p, True)) and chexlocalize.iou(e, p, False) == 0.0
+  assert math.isnan(chexlocalize.iou(p, e, True)) and chexlocalize.iou(p, e, False) == 0.0
+  assert chexlocalize.iou(p, np.ones((3, 3))) == pytest.approx(1 / 3)
 
 
 def test_non_finite_map_names_the_image():
   s = np.ones((4, 4))
   s[1, 1] = np.nan
   with pytest.raises(DataError, match="img_7"):
-    cx.resize(s, (8, 8), "img_7")
+    chexlocalize.resize(s, (8, 8), "img_7")
 
 
 def test_grids_are_the_official_aranges():
-  assert len(cx.TUNING_GRID) == 7 and cx.TUNING_GRID[-1] > 0.8  # 0.8000000000000003
-  assert cx.APPLIED_GRID == (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-  assert cx.CUTOFF_GRID[0] == 0.0 and len(cx.CUTOFF_GRID) == 9
+  assert (
+    len(chexlocalize.TUNING_GRID) == 7 and chexlocalize.TUNING_GRID[-1] > 0.8
+  )  # 0.8000000000000003
+  assert chexlocalize.APPLIED_GRID == (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+  assert chexlocalize.CUTOFF_GRID[0] == 0.0 and len(chexlocalize.CUTOFF_GRID) == 9
 
 
 def test_random_maps_match_an_independent_reimplementation():
@@ -147,13 +153,15 @@ def test_random_maps_match_an_independent_reimplementation():
     g[r0 : r0 + rng.integers(2, hh // 2), c0 : c0 + rng.integers(2, ww // 2)] = True
     ref = half_pixel_resize(s, hh, ww)
     pred = official_otsu(ref)
-    got = cx.case_scores(s, g, name=f"map {i}")
-    np.testing.assert_array_equal(cx.otsu_segmentation(cx.resize(s, (hh, ww))), pred)
+    got = chexlocalize.case_scores(s, g, name=f"map {i}")
+    np.testing.assert_array_equal(
+      chexlocalize.otsu_segmentation(chexlocalize.resize(s, (hh, ww))), pred
+    )
     inter, union = (pred & g).sum(), (pred | g).sum()
     want = inter / union if pred.any() else np.nan
     np.testing.assert_allclose(got["iou_otsu"], want, rtol=0, atol=1e-9)
     m = (ref - ref.min()) / (ref.max() - ref.min())
-    for t, v in zip(cx.TUNING_GRID, got["iou_grid"], strict=True):
+    for t, v in zip(chexlocalize.TUNING_GRID, got["iou_grid"], strict=True):
       p = m > t
       np.testing.assert_allclose(v, (p & g).sum() / (p | g).sum() if p.any() else np.nan, atol=1e-9)
     first = np.unravel_index(np.argmax(ref), ref.shape)
@@ -163,31 +171,31 @@ def test_random_maps_match_an_independent_reimplementation():
 def test_tune_threshold_is_list_index_of_max():
   ious = np.array([[0.1, 0.3, 0.3, np.nan], [np.nan, 0.5, 0.5, np.nan]])
   mious = [np.nanmean(c) if not np.all(np.isnan(c)) else np.nan for c in ious.T]
-  assert cx.tune_threshold(ious) == mious.index(max(mious)) == 1
+  assert chexlocalize.tune_threshold(ious) == mious.index(max(mious)) == 1
   ious = np.array([[np.nan, 0.9], [np.nan, 0.9]])
-  assert cx.tune_threshold(ious) == 0  # a leading NaN wins in Python's max
+  assert chexlocalize.tune_threshold(ious) == 0  # a leading NaN wins in Python's max
 
 
 def test_cutoff_tuned_with_gt_applied_with_ge():
   iou_all = np.array([0.6, 0.2, 0.4, 0.5])
   gt_any = np.array([True, False, True, True])
   probs = np.array([0.3, 0.3, 0.1, 0.8])
-  tuned = cx.cutoff_ious(iou_all, gt_any, probs, (0.0, 0.3), tuning=True)
-  applied = cx.cutoff_ious(iou_all, gt_any, probs, (0.0, 0.3), tuning=False)
+  tuned = chexlocalize.cutoff_ious(iou_all, gt_any, probs, (0.0, 0.3), tuning=True)
+  applied = chexlocalize.cutoff_ious(iou_all, gt_any, probs, (0.0, 0.3), tuning=False)
   # prob 0.3 at cutoff 0.3: blanked while tuning (>), kept when applied (>=)
   np.testing.assert_array_equal(tuned[:, 1], [0.0, np.nan, 0.0, 0.5])
   np.testing.assert_array_equal(applied[:, 1], [0.6, 0.2, 0.0, 0.5])
   # mIoU 0.425 vs 0.167: the first cutoff; rounding to 3 decimals makes near-ties ties
-  assert cx.tune_cutoff(tuned) == 0
-  assert cx.tune_cutoff(np.array([[0.1001, 0.1004]])) == 0
-  assert cx.tune_cutoff(np.array([[np.nan, 0.1]])) == 1
+  assert chexlocalize.tune_cutoff(tuned) == 0
+  assert chexlocalize.tune_cutoff(np.array([[0.1001, 0.1004]])) == 0
+  assert chexlocalize.tune_cutoff(np.array([[np.nan, 0.1]])) == 1
 
 
 def test_bootstrap_is_eval_py():
   rng = np.random.default_rng(3)
   v = rng.random((23, 3))
   v[rng.random(v.shape) < 0.3] = np.nan
-  mean, lo, hi, reps = cx.bootstrap(v, n_replicates=200, seed=5)
+  mean, lo, hi, reps = chexlocalize.bootstrap(v, n_replicates=200, seed=5)
   np.random.seed(5)  # eval.py: np.random.seed(args.seed) then np.random.choice per replicate
   want = []
   for _ in range(200):

@@ -221,3 +221,77 @@ def case_scores(s_native, gt, name="map", grid: Sequence[float] = TUNING_GRID) -
     "hit": hit(s, g),
     "gt_any": bool(g.any()),
   }
+
+
+# ----------------------------------------------------------------------------------------------
+# A split's results: eval.py's table of images x classes, bootstrapped
+
+
+def _summary(values, n_cases, n_replicates: int, seed: int, extra) -> list[dict]:
+  """One entry per column of values (images, classes): eval.py's reported mean and interval."""
+  point = _nanmean(values, 0) if len(values) else np.full(values.shape[1], np.nan)
+  if n_replicates > 0 and len(values):
+    mean, lo, hi, _ = bootstrap(values, n_replicates, seed)
+  else:
+    mean, lo, hi = point, np.full_like(point, np.nan), np.full_like(point, np.nan)
+  return [
+    {
+      "value": float(mean[j]),
+      "lo": float(lo[j]),
+      "hi": float(hi[j]),
+      "point": float(point[j]),
+      "n": int(n_cases[j]),
+      "n_pairs": int((~np.isnan(values[:, j])).sum()),
+      **extra[j],
+    }
+    for j in range(values.shape[1])
+  ]
+
+
+def split_results(cases, n_replicates: int = N_REPLICATES, seed: int = 0) -> dict:
+  """The three protocols of a split: {'chexlocalize_miou_otsu' | 'chexlocalize_miou_tuned' |
+  'chexlocalize_hit_rate': {class: entry}} plus 'per_image'.
+
+  cases: (image key, class, tuning: bool, `case_scores` result) per (image, class) with a
+  non-empty ground truth. As eval.py's table, rows are the images (sorted by key), columns the
+  classes, NaN where an image has no case of the class or the IoU is undefined; the replicates
+  draw rows, jointly for all classes. Otsu and hit rate use every image; the tuned threshold
+  (`tune_threshold` on the tuning images' IoUs) is reported on the other images. Entry:
+  'value' (mean of the replicates), 'lo', 'hi', 'point' (the table's nanmean), 'n' (cases),
+  'n_pairs' (defined IoUs), and for the tuned protocol 'threshold' (None: no tuning case).
+  """
+  images = sorted({c[0] for c in cases})
+  classes = list(dict.fromkeys(c[1] for c in cases))
+  row = {im: i for i, im in enumerate(images)}
+  col = {k: j for j, k in enumerate(classes)}
+  shape = (len(images), len(classes))
+  otsu, hits, tuned = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+  tuning = np.zeros(len(images), bool)
+  grids: dict = {k: [] for k in classes}
+  n_all, n_rep = np.zeros(len(classes), np.int64), np.zeros(len(classes), np.int64)
+  for im, k, tune, sc in cases:
+    i, j = row[im], col[k]
+    otsu[i, j], hits[i, j], tuning[i] = sc["iou_otsu"], sc["hit"], bool(tune)
+    n_all[j] += 1
+    n_rep[j] += not tune
+    if tune:
+      grids[k].append(sc["iou_grid"])
+  choice = {k: tune_threshold(np.array(g)) if g else None for k, g in grids.items()}
+  for im, k, tune, sc in cases:
+    if not tune and choice[k] is not None:
+      tuned[row[im], col[k]] = sc["iou_applied"][choice[k]]
+  report = tuned[~tuning]
+  none = [{}] * len(classes)
+  thr = [
+    {"threshold": None if choice[k] is None else APPLIED_GRID[choice[k]], "n_tune": len(grids[k])}
+    for k in classes
+  ]
+  out = {
+    "chexlocalize_miou_otsu": _summary(otsu, n_all, n_replicates, seed, none),
+    "chexlocalize_miou_tuned": _summary(report, n_rep, n_replicates, seed, thr),
+    "chexlocalize_hit_rate": _summary(hits, n_all, n_replicates, seed, none),
+  }
+  result = {p: dict(zip(classes, e, strict=True)) for p, e in out.items()}
+  result["per_image"] = {"images": images, "classes": classes, "iou_otsu": otsu, "hit": hits,
+                         "iou_tuned": tuned}  # fmt: skip
+  return result

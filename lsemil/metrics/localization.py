@@ -18,20 +18,28 @@ Protocols (`score_all`; keys of its result):
   ground-truth box at T. Each carries 'by_tau', the whole tau sweep over all cases (the
   paper's Table 2 shows how much tau matters); the headline value is at the tau that maximizes
   the accuracy on the tuning half, reported on the reporting half.
-- 'miou_otsu', 'miou_tuned' (cheXlocalize, Saporta et al. 2022): S min-max scaled to [0, 1]
-  (a constant map scales to 0, i.e. predicts nothing) and binarized as S > t, t Otsu's
-  threshold of the scaled map (`otsu_threshold`, equal to skimage.filters.threshold_otsu) or
-  a per-class t in `MIOU_THRESHOLDS` that maximizes the mIoU on the tuning half, reported on
-  the reporting half. IoU per case; 'value' is the mean over cases whose predicted mask is
+- 'chexlocalize_miou_otsu', 'chexlocalize_miou_tuned', 'chexlocalize_hit_rate': cheXlocalize's
+  protocols as its official code computes them (`lsemil.metrics.chexlocalize`): the map
+  bilinearly resized to the box_space x box_space image, uint8 Otsu with contour filling or the
+  threshold 0.2..0.8 tuned on the tuning half (reported on the other half), true-positive-only
+  IoU, the first argmax pixel; value = the mean of eval.py's image-level bootstrap replicates
+  (`n_boot` of them, seeded with `seed`), 'point' the plain mean.
+- 'miou_otsu_float', 'miou_tuned' (lsemil's earlier cheXlocalize-style variants): S min-max
+  scaled to [0, 1] on the `size` grid (a constant map scales to 0, i.e. predicts nothing) and
+  binarized as S > t, t the float Otsu threshold of the scaled map (`otsu_threshold`, equal to
+  skimage.filters.threshold_otsu; no uint8 step, no contour filling) or a per-class t in
+  `MIOU_THRESHOLDS` (0.2..0.7) that maximizes the mIoU on the tuning half, reported on the
+  reporting half. IoU per case; 'value' is the mean over cases whose predicted mask is
   non-empty (cheXlocalize's true_pos_only default; G is never empty here), 'empty0' the mean
   with empty predictions counted as IoU 0. With `prob_cutoffs`, 'miou_otsu_cutoff' and
   'miou_tuned_cutoff' also blank the mask of a case whose class probability is below a
   per-class cutoff that maximizes the 'empty0' mIoU on the tuning half (cheXlocalize tunes its
   probability cutoff on that mean). On box images only, blanking can only lower 'empty0';
   the cutoff matters when the caller's cases include images without that finding.
-- 'hit_rate' (pointing game): the argmax pixel of S lies in G. Ties at the maximum count
-  fractionally (|argmax set in G| / |argmax set|, the expected hit of a random pick: a
-  constant map scores the box's area fraction); an all-zero map points nowhere (0).
+- 'hit_rate_expected' (pointing game, lsemil's variant): the argmax pixel of S lies in G. Ties
+  at the maximum count fractionally (|argmax set in G| / |argmax set|, the expected hit of a
+  random pick: a constant map scores the box's area fraction); an all-zero map points nowhere
+  (0).
 - 'energy' (energy-based pointing game, Wang et al. 2020 Score-CAM): sum(S G) / sum(S); 0 for
   an all-zero map.
 - 'auprc': average precision of the pixel scores against G pooled over all pixels of all
@@ -64,12 +72,12 @@ import scipy.sparse
 
 from lsemil.core import fileio
 from lsemil.data import nih
-from lsemil.metrics import classification, overlap
+from lsemil.metrics import chexlocalize, classification, overlap
 
 EVAL_SIZE = 512  # the paper's evaluation grid (Sec 4.2)
 DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)  # T(IoBB) / T(IoU), Wang et al.
-MIOU_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # cheXlocalize's grid
+MIOU_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # not 0.8: miou_tuned
 PROB_CUTOFFS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # cheXlocalize
 AP_LEVELS = 2**16
 KINDS = ("iobb", "iou")
@@ -563,10 +571,10 @@ def _class_results(scores: list[dict], cases: list[Case], cfg: dict, k: int) -> 
   out: dict[str, dict] = {}
   c, d = got["dice_constant"], got["dice"]
   out["dice"] = _entry(*d, n=n, constant=c[0], constant_lo=c[1], constant_hi=c[2])
-  out["hit_rate"] = _entry(*got["hit"], n=n)
+  out["hit_rate_expected"] = _entry(*got["hit"], n=n)
   out["energy"] = _entry(*got["energy"], n=n)
   m0 = got["miou0"]
-  out["miou_otsu"] = _entry(
+  out["miou_otsu_float"] = _entry(
     *got["miou"],
     n=n,
     n_pairs=int(a.pred_otsu.sum()),
@@ -731,23 +739,38 @@ def score_all(
     "alpha": float(alpha),
     "method": method,
   }
-  by_class: dict[int, tuple[list, list]] = {}
+  by_class: dict[int, tuple[list, list, list]] = {}
   missing = 0
+  names = list(class_names) if class_names is not None else list(nih.CLASSES)
+  side = int(round(box_space))  # the image the boxes' pixels refer to
   for c in cases:
     case = c if isinstance(c, Case) else Case(*c)
     s = _case_map(maps, case)
     if s is None:
       missing += 1
       continue
-    got = by_class.setdefault(case.cls, ([], []))
+    got = by_class.setdefault(case.cls, ([], [], []))
+    gt = overlap.boxes_to_mask(case.boxes, side, box_space) > 0
+    # first: a non-finite map is an error naming the case, not a NaN score
+    got[2].append(chexlocalize.case_scores(s, gt, f"row {case.row}, class {names[case.cls]}"))
     got[0].append(score_case(s, case, box_space, cfg))
     got[1].append(case)
-  names = list(class_names) if class_names is not None else list(nih.CLASSES)
   result: dict[str, Any] = {}
   for k in sorted(by_class):
-    scores, cs = by_class[k]
+    scores, cs, _ = by_class[k]
     for proto, entry in _class_results(scores, cs, cfg, k).items():
       result.setdefault(proto, {})[names[k]] = entry
+  official = chexlocalize.split_results(
+    [
+      (c.row, names[k], tuning_half(c.patient), sc)
+      for k in sorted(by_class)
+      for c, sc in zip(by_class[k][1], by_class[k][2], strict=True)
+    ],
+    cfg["n_boot"],
+    cfg["seed"],
+  )
+  official.pop("per_image")
+  result.update(official)
   result["settings"] = {
     **{key: cfg[key] for key in cfg},
     "box_space": float(box_space),

@@ -569,15 +569,16 @@ def table3(runs: Sequence[RunResult], significance: Mapping | None = None) -> tu
 # Table 4
 
 
-# Table 4's default columns: `lsemil.metrics.localization.score_all` protocols.
+# Table 4's default columns: `lsemil.metrics.localization.score_all` protocols (cheXlocalize's
+# exactly as its official code computes them, `lsemil.metrics.chexlocalize`).
 TABLE4_PROTOCOLS: tuple[str, ...] = (
   "dice",
   "acc_iobb@0.5",
   "afp_iobb@0.5",
   "acc_iou@0.25",
-  "miou_otsu",
-  "miou_tuned",
-  "hit_rate",
+  "chexlocalize_miou_otsu",
+  "chexlocalize_miou_tuned",
+  "chexlocalize_hit_rate",
   "energy",
   "auprc",
 )

@@ -22,9 +22,10 @@ paper's tables):
 - R/calibration.md/.csv and R/reliability.png: ECE (15 equal-mass bins) and Brier score of
   every run, raw and, where the evaluation holds a fit, recalibrated; reliability diagrams;
 - R/table4.md/.csv: classes x protocols (`lsemil.metrics.localization.score_all`: DICE, Wang et al.
-  accuracy / AFP, cheXlocalize mIoU, pointing games, pixel AUPRC) with patient-bootstrap
-  intervals, for each label's first run, each baseline (Grad-CAM / CAM of a GAP run), the
-  best constant map and the centre prior; best in bold (`paper_tables.table4_rows`);
+  accuracy / AFP, cheXlocalize's mIoU and hit rate as its official code computes them, energy,
+  pixel AUPRC) with patient-bootstrap intervals (cheXlocalize's: its image bootstrap), for
+  each label's first run, each baseline (Grad-CAM / CAM of a GAP run), the best constant map
+  and the centre prior; best in bold (`paper_tables.table4_rows`);
 - R/roc_curves.png: per class, every run's ROC curve;
 - R/figure3.png: test images with boxes, each run's saliency and DICE (Sec 4.4, Fig. 3);
 - R/figure1.png (with --figure1): the paper's Figure 1, one image and class, each model's
@@ -628,9 +629,11 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
   texts["table4"] = _write(
     out_dir, "table4", (t4["markdown"], t4["csv"]),
     "**Table 4.** Weak localization by protocol (`lsemil.metrics.localization`): value (95% "
-    "patient-bootstrap interval); best source per class and protocol in bold (lowest for "
-    "afp_*). Sources: each label's first run, the GAP baselines' Grad-CAM / CAM, the best "
-    "constant map (an oracle of the box area) and a centre prior." + note,
+    "patient-bootstrap interval; chexlocalize_*: cheXlocalize's eval.py, the mean of its "
+    "image-bootstrap replicates and their 2.5/97.5% points); best source per class and "
+    "protocol in bold (lowest for afp_*). Sources: each label's first run, the GAP "
+    "baselines' Grad-CAM / CAM, the best constant map (an oracle of the box area) and a "
+    "centre prior." + note,
   )  # fmt: skip
   return texts, data, dice_by_run, calib
 

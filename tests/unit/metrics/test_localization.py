@@ -16,7 +16,8 @@ import scipy.ndimage
 import skimage.filters
 import sklearn.metrics
 
-from lsemil.metrics import localization, overlap
+from lsemil.core.errors import DataError
+from lsemil.metrics import chexlocalize, localization, overlap
 from lsemil.reporting import paper_tables
 
 SIZE, SPACE = 16, 32
@@ -63,8 +64,8 @@ def test_exact_hit_map():
   for t in localization.DEFAULT_TS:
     assert v[f"acc_iobb@{t:g}"] == 1.0 and v[f"acc_iou@{t:g}"] == 1.0
     assert v[f"afp_iobb@{t:g}"] == 0.0 and v[f"afp_iou@{t:g}"] == 0.0
-  assert v["miou_otsu"] == 1.0 and v["miou_tuned"] == 1.0
-  assert v["hit_rate"] == 1.0 and v["energy"] == 1.0 and v["auprc"] == pytest.approx(1.0)
+  assert v["miou_otsu_float"] == 1.0 and v["miou_tuned"] == 1.0
+  assert v["hit_rate_expected"] == 1.0 and v["energy"] == 1.0 and v["auprc"] == pytest.approx(1.0)
 
 
 def test_map_off_by_one_pixel():
@@ -75,9 +76,9 @@ def test_map_off_by_one_pixel():
   assert v["acc_iobb@0.5"] == 1.0 and v["acc_iobb@0.75"] == 1.0 and v["acc_iobb@0.9"] == 0.0
   assert v["acc_iou@0.5"] == 1.0 and v["acc_iou@0.75"] == 0.0
   assert v["afp_iobb@0.75"] == 0.0 and v["afp_iobb@0.9"] == 1.0 and v["afp_iou@0.75"] == 1.0
-  assert v["miou_otsu"] == pytest.approx(9 / 15) and v["miou_tuned"] == pytest.approx(9 / 15)
-  assert res["miou_otsu"]["A"]["empty0"] == pytest.approx(9 / 15)
-  assert v["hit_rate"] == pytest.approx(9 / 12)  # ties: 9 of the 12 maxima inside
+  assert v["miou_otsu_float"] == pytest.approx(9 / 15) and v["miou_tuned"] == pytest.approx(9 / 15)
+  assert res["miou_otsu_float"]["A"]["empty0"] == pytest.approx(9 / 15)
+  assert v["hit_rate_expected"] == pytest.approx(9 / 12)  # ties: 9 of the 12 maxima inside
   assert v["energy"] == pytest.approx(9 / 12)
   # AP: threshold 1 -> recall 9/12 at precision 9/12; threshold 0 -> the rest at 12/256.
   assert v["auprc"] == pytest.approx(0.75 * 0.75 + 0.25 * 12 / 256)
@@ -91,7 +92,7 @@ def test_map_off_by_one_pixel():
 def test_transposed_map_misses():
   # The same box with x and y swapped (rows 5..8, columns 2..4) overlaps G in no pixel.
   v = values(score(grid_mask((5, 9), (2, 5)), [BOX]))
-  assert v["dice"] == 0.0 and v["hit_rate"] == 0.0 and v["acc_iobb@0.1"] == 0.0
+  assert v["dice"] == 0.0 and v["hit_rate_expected"] == 0.0 and v["acc_iobb@0.1"] == 0.0
 
 
 def test_empty_map():
@@ -99,10 +100,12 @@ def test_empty_map():
   v = values(res)
   assert v["dice"] == 0.0
   assert v["acc_iobb@0.1"] == 0.0 and v["afp_iobb@0.1"] == 0.0
-  assert v["miou_otsu"] is None  # no non-empty prediction to average
-  assert res["miou_otsu"]["A"]["empty0"] == 0.0 and res["miou_otsu"]["A"]["n_pairs"] == 0
+  assert v["miou_otsu_float"] is None  # no non-empty prediction to average
+  assert (
+    res["miou_otsu_float"]["A"]["empty0"] == 0.0 and res["miou_otsu_float"]["A"]["n_pairs"] == 0
+  )
   assert res["miou_tuned"]["A"]["empty0"] == 0.0
-  assert v["hit_rate"] == 0.0 and v["energy"] == 0.0
+  assert v["hit_rate_expected"] == 0.0 and v["energy"] == 0.0
   assert v["auprc"] == pytest.approx(12 / 256)  # one tie group: precision = base rate
   assert v["dice"] < res["dice"]["A"]["constant"] == pytest.approx(np.sqrt(12 / 256))
 
@@ -116,8 +119,8 @@ def test_two_boxes_one_found():
   for t in localization.DEFAULT_TS:
     assert v[f"acc_iobb@{t:g}"] == 0.5 and v[f"afp_iobb@{t:g}"] == 0.0
   assert res["acc_iobb@0.5"]["A"]["n_boxes"] == 2  # the reporting case's boxes
-  assert v["miou_otsu"] == pytest.approx(6 / 26)
-  assert v["hit_rate"] == 1.0 and v["energy"] == 1.0
+  assert v["miou_otsu_float"] == pytest.approx(6 / 26)
+  assert v["hit_rate_expected"] == 1.0 and v["energy"] == 1.0
   assert v["auprc"] == pytest.approx(6 / 26 + 20 / 26 * 26 / 256)
   # A map with both boxes finds both; a third blob far away is one false positive.
   s2 = s + grid_mask((9, 14), (10, 14)) + grid_mask((12, 15), (0, 2))
@@ -233,6 +236,7 @@ def graded_cases(n_patients: int, seed: int, poison=None):
 
 def tuned_choices(res):
   keep = ("miou_tuned", "miou_otsu_cutoff", "miou_tuned_cutoff", "acc_iobb@0.5", "acc_iou@0.25")
+  keep += ("chexlocalize_miou_tuned",)
   return {k: {f: res[k]["A"].get(f) for f in ("threshold", "cutoff", "tau")} for k in keep}
 
 
@@ -259,11 +263,51 @@ def test_tuning_never_sees_the_reporting_half():
   assert clean["miou_tuned"]["A"]["value"] == pytest.approx(np.mean(ious))
 
 
+def test_chexlocalize_protocols_are_eval_py_tables():
+  # Per case: the official steps at the 32 x 32 image; the table of rows x one class, the tuned
+  # threshold and eval.py's bootstrap written out here.
+  cases, maps = graded_cases(30, 8)
+  res = localization.score_all(cases, maps, SPACE, size=SIZE, n_boot=50, seed=4, class_names=["A"])
+  rows = sorted(cases, key=lambda c: c.row)
+  tune = np.array([localization.tuning_half(c.patient) for c in rows])
+  otsu, hits, grid, applied = [], [], [], []
+  for c in rows:
+    g = overlap.boxes_to_mask(c.boxes, SPACE, SPACE) > 0
+    s = chexlocalize.resize(maps[(c.row, 0)], (SPACE, SPACE))
+    otsu.append(chexlocalize.iou(chexlocalize.otsu_segmentation(s), g))
+    hits.append(float(g.flat[np.argmax(s)]))
+    m = (s - s.min()) / (s - s.min()).max()
+    grid.append([chexlocalize.iou(m > t, g) for t in np.arange(0.2, 0.8, 0.1)])
+    applied.append([chexlocalize.iou(m > t, g) for t in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)])
+  mious = list(np.nanmean(np.array(grid)[tune], axis=0))
+  best = mious.index(max(mious))
+  tuned = np.array(applied)[~tune, best]
+
+  def eval_py(v):
+    np.random.seed(4)
+    reps = sorted(np.nanmean(v[np.random.choice(len(v), len(v))]) for _ in range(50))
+    return np.mean(reps), reps[int(0.025 * 50) - 1], reps[int(0.975 * 50) - 1]
+
+  for name, v in [("miou_otsu", otsu), ("hit_rate", hits), ("miou_tuned", tuned)]:
+    e = res[f"chexlocalize_{name}"]["A"]
+    assert e["point"] == pytest.approx(np.nanmean(v), abs=1e-12), name
+    assert (e["value"], e["lo"], e["hi"]) == pytest.approx(eval_py(np.array(v)), abs=1e-12)
+  assert res["chexlocalize_miou_tuned"]["A"]["threshold"] == round(0.2 + 0.1 * best, 1)
+  assert res["chexlocalize_miou_tuned"]["A"]["n"] == int((~tune).sum())
+
+
+def test_non_finite_map_is_an_error_naming_the_case():
+  s = grid_mask((2, 5), (5, 9))
+  s[0, 0] = np.nan
+  with pytest.raises(DataError, match="row 0, class A"):
+    score(s, [BOX])
+
+
 def test_bootstrap_resamples_patients():
   cases, maps = graded_cases(40, 5)
   kw = {"size": SIZE, "n_boot": 200, "class_names": ["A"], "seed": 3}
   res = localization.score_all(cases, maps, SPACE, **kw)
-  for p in ("dice", "hit_rate", "energy", "auprc", "miou_otsu"):
+  for p in ("dice", "hit_rate_expected", "energy", "auprc", "miou_otsu_float"):
     e = res[p]["A"]
     assert e["lo"] <= e["value"] <= e["hi"] and e["lo"] < e["hi"], p
   assert localization.score_all(cases, maps, SPACE, **kw) == res  # seeded
@@ -284,7 +328,8 @@ def test_result_is_strict_json_and_complete():
     class_names=["A"],
   )
   json.dumps(res, allow_nan=False)
-  protocols = {"dice", "miou_otsu", "miou_tuned", "hit_rate", "energy", "auprc"}
+  protocols = {"dice", "miou_otsu_float", "miou_tuned", "hit_rate_expected", "energy", "auprc"}
+  protocols |= {"chexlocalize_miou_otsu", "chexlocalize_miou_tuned", "chexlocalize_hit_rate"}
   protocols |= {
     f"{w}_{k}@{t:g}"
     for w in ("acc", "afp")
@@ -320,12 +365,12 @@ def test_table4_bolds_the_best_when_a_source_lacks_the_protocol():
   shifted = score(grid_mask((2, 5), (6, 10)), [BOX])
   lacking = {"dice": shifted["dice"]}  # like the constant map, which has no mIoU
   t = paper_tables.table4_rows({"model": good, "shifted": shifted, "constant": lacking},
-                      protocols=("dice", "miou_otsu"))  # fmt: skip
+                      protocols=("dice", "miou_otsu_float"))  # fmt: skip
   rows = {(r["class"], r["source"]): r for r in t["rows"]}
   for cls in ("A", "mean"):
-    assert rows[(cls, "model")]["miou_otsu"]["best"], cls
-    assert not rows[(cls, "shifted")]["miou_otsu"]["best"]
-    assert not rows[(cls, "constant")]["miou_otsu"]["best"]
+    assert rows[(cls, "model")]["miou_otsu_float"]["best"], cls
+    assert not rows[(cls, "shifted")]["miou_otsu_float"]["best"]
+    assert not rows[(cls, "constant")]["miou_otsu_float"]["best"]
 
 
 def test_boxes_from_map_returns_a_planted_lesion_in_image_pixels():

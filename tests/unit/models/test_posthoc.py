@@ -217,6 +217,6 @@ def test_constant_maps_are_the_uniform_dice_oracle():
   res = localization.score_all(cases, maps, 32, size=16, n_boot=0, class_names=["A", "B"])
   assert res["dice"]["B"]["value"] == pytest.approx(overlap.uniform_dice(g))
   assert res["dice"]["B"]["value"] == pytest.approx(res["dice"]["B"]["constant"])
-  assert res["hit_rate"]["B"]["value"] == pytest.approx(12 / 256)  # ties everywhere
+  assert res["hit_rate_expected"]["B"]["value"] == pytest.approx(12 / 256)  # ties everywhere
   centre = baselines.centre_prior_maps(cases, 8)
   assert set(centre) == {(0, 1), (1, 1)} and centre[(0, 1)].shape == (8, 8)

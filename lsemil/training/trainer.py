@@ -519,11 +519,19 @@ ROWS_LOG_ENV = "LSEMIL_TRAIN_ROWS_LOG"  # "1": W/train_rows.<process>.jsonl, for
 
 
 def _rows_log(run: Run) -> epath.Path | None:
-  """When ROWS_LOG_ENV is "1", the file to which each step appends the index rows it trains
-  on (this process's part) as a JSON line {step, rows}: the proof tests compare."""
+  """When ROWS_LOG_ENV is "1", the file to which each step appends what it trains on (this
+  process's part) as a JSON line {step, rows, sums}: the index rows, and each augmented
+  image's pixel sum, so a test sees a repeated, lost or differently augmented example."""
   if os.environ.get(ROWS_LOG_ENV) != "1":
     return None
   return run.workdir / f"train_rows.{jax.process_index()}.jsonl"
+
+
+def _log_rows(path: epath.Path, step: int, local: dict) -> None:
+  sums = np.asarray(local["image"], np.int64).reshape(len(local["row"]), -1).sum(1)
+  with path.open("a") as f:
+    f.write(json.dumps({"step": step, "rows": local["row"].tolist(), "sums": sums.tolist()}))
+    f.write("\n")
 
 
 class MetricWindow:
@@ -628,8 +636,7 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> Tra
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       local = next(train_iter)
       if rows_log is not None:
-        with rows_log.open("a") as f:
-          f.write(json.dumps({"step": step, "rows": local["row"].tolist()}) + "\n")
+        _log_rows(rows_log, step, local)
       batch = sharding.global_batch(
         {"image": np.asarray(local["image"]), "labels": np.asarray(local["labels"])}, batch_sh
       )

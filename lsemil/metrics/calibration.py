@@ -5,7 +5,7 @@ Measures, per class and overall (pooled over the 14 classes: every (image, class
 binary prediction):
   * `ece` - expected calibration error over 15 equal-mass bins (Nixon et al. 2019, "Measuring
     calibration in deep learning": equal-count bins, so sparse confidence regions do not get
-    empty or tiny bins);
+    empty or tiny bins), binned as sklearn's calibration_curve(strategy='quantile');
   * `brier` - mean squared error of the probability, (p - y)^2;
   * `reliability` - the reliability-diagram data: per bin the mean confidence, the observed
     frequency of positives and the count;
@@ -48,6 +48,8 @@ def _pairs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
   y = np.asarray(labels, dtype=np.float64)
   if p.shape != y.shape:
     raise ValueError(f"probs {p.shape} and labels {y.shape} differ")
+  if not np.all(np.isfinite(p)):
+    raise ValueError(f"{int((~np.isfinite(p)).sum())} non-finite probabilities")
   return p, (y > 0).astype(np.float64)
 
 
@@ -68,17 +70,20 @@ def _named_columns(probs, labels, classes):
 
 
 def bin_index(probs, n_bins: int = N_BINS) -> np.ndarray:
-  """Equal-mass bin of each probability of a 1-D vector: bin = floor((r - 1) n_bins / N).
+  """Equal-mass bin of each probability of a 1-D vector, as sklearn's
+  `calibration_curve(strategy='quantile')` (sklearn/calibration.py): edges
+  `np.percentile(p, linspace(0, 1, n_bins + 1) * 100)`, bin = `np.searchsorted(edges[1:-1], p)`
+  (an edge value goes to the lower bin).
 
-  r is the mid-rank (1-based) of the probability, so bins hold N / n_bins predictions each
-  (sizes differ by at most one) and tied probabilities always share a bin (a tie group goes to
-  the bin of its mid-rank), which makes the binning independent of the input order.
+  Bins hold about N / n_bins predictions each (exactly when the percentiles fall between
+  distinct values); tied probabilities always share a bin, so the binning does not depend on
+  the input order.
   """
   p = np.asarray(probs, dtype=np.float64).ravel()
   if p.size == 0:
     return np.zeros(0, dtype=np.int64)
-  r = scipy.stats.rankdata(p)
-  return np.minimum(((r - 1) * n_bins / p.size).astype(np.int64), n_bins - 1)
+  edges = np.percentile(p, np.linspace(0, 1, n_bins + 1) * 100)
+  return np.searchsorted(edges[1:-1], p).astype(np.int64)
 
 
 def reliability(probs, labels, n_bins: int = N_BINS) -> dict[str, np.ndarray]:

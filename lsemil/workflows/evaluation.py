@@ -331,6 +331,21 @@ def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
   return preds, seconds, ips
 
 
+def check_finite(index: nih.NihIndex, preds) -> None:
+  """A NaN or infinite probability or kept saliency value is a DataError naming the image
+  (else a NaN probability would make its class's AUC silently undefined)."""
+  bad = ~np.isfinite(np.asarray(preds.probs, np.float64))
+  if bad.any():
+    i, k = (int(v) for v in np.argwhere(bad)[0])
+    raise DataError(
+      f"image {index.image_ids[int(preds.rows[i])]}: the probability of {nih.CLASSES[k]} is "
+      f"{preds.probs[i, k]} ({int(bad.any(1).sum())} image(s) with a non-finite probability)"
+    )
+  for r, m in preds.saliency.items():
+    if not np.all(np.isfinite(m)):
+      raise DataError(f"image {index.image_ids[int(r)]}: its saliency map has non-finite values")
+
+
 def classification_metrics(index: nih.NihIndex, preds, n_boot: int, seed: int) -> dict:
   """Per-class AUC with 95% patient-bootstrap intervals and the mean AUC (Sec 4.3)."""
   labels = np.asarray(index.labels, np.float64)[preds.rows]
@@ -389,6 +404,7 @@ def evaluate_split(
   log.info(
     f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)"
   )
+  check_finite(index, preds)
   cases = box_cases(index, preds.saliency)
   loc = localization_metrics(
     preds.saliency,
@@ -468,6 +484,7 @@ def calibration_results(predictor, config, data_dir, preds, options: EvalOptions
   valid = engine.collect(
     engine.predict_split(predictor, config, data_dir, "valid"), rows, f"{data_dir} valid"
   )
+  check_finite(open_index(config, data_dir), valid)
   params = calibration.fit(options.calibrate, valid.probs, valid.labels, nih.CLASSES)
   params["fit_split"] = "valid"
   fitted = calibration.calibration_metrics(

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import sklearn.calibration
 
 from lsemil.core import fileio
 from lsemil.core.errors import ConfigError
@@ -22,6 +23,31 @@ def test_equal_mass_bins():
   assert len(set(b[p == 0.5].tolist())) == 1
   perm = np.random.default_rng(0).permutation(p.size)
   np.testing.assert_array_equal(calibration.bin_index(p[perm], 5), b[perm])
+
+
+def test_bins_are_sklearn_quantile_calibration_curve():
+  # Every N from 16 to 60 (not only multiples of 15), with ties: the reliability data of the
+  # non-empty bins is sklearn's calibration_curve(strategy='quantile'), ECE its weighted gap.
+  rng = np.random.default_rng(2)
+  for n in range(16, 61):
+    p = rng.random(n)
+    if n % 3 == 0:
+      p = np.round(p, 1)  # ties, and bins left empty
+    y = rng.random(n) < p
+    true, pred = sklearn.calibration.calibration_curve(y, p, n_bins=15, strategy="quantile")
+    r = calibration.reliability(p, y)
+    used = r["count"] > 0
+    np.testing.assert_allclose(r["confidence"][used], pred, rtol=0, atol=1e-12, err_msg=str(n))
+    np.testing.assert_allclose(r["frequency"][used], true, rtol=0, atol=1e-12, err_msg=str(n))
+    edges = np.percentile(p, np.linspace(0, 1, 16) * 100)  # sklearn's expression
+    count = np.bincount(np.searchsorted(edges[1:-1], p), minlength=15)[used]
+    want = (count * np.abs(pred - true)).sum() / n
+    assert calibration.ece(p, y) == pytest.approx(want, abs=1e-12), n
+
+
+def test_non_finite_probability_is_an_error():
+  with pytest.raises(ValueError, match="non-finite"):
+    calibration.ece(np.array([0.2, np.nan, 0.4]), np.array([0, 1, 0]))
 
 
 def test_perfectly_calibrated_has_zero_ece():

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 
 from lsemil.commands import cli, reproduce
 from lsemil.core import configuration
+from lsemil.core.errors import DataError
 from lsemil.data import nih
 from lsemil.inference import engine
 from lsemil.metrics import classification, overlap
@@ -338,3 +340,20 @@ def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   by_file = engine.read_predictions_csv(tmp_path / "P" / "predictions.csv")[img.name]
   by_split = engine.read_predictions_csv(w / "evaluation_test_predictions.csv")[img.name]
   np.testing.assert_allclose(by_file, by_split, atol=1e-5)
+
+
+def test_non_finite_probability_or_map_names_the_image():
+  index = types.SimpleNamespace(image_ids=("a.png", "b.png", "c.png"))
+  probs = np.full((2, nih.NUM_CLASSES), 0.5, np.float32)
+  ok = {2: np.zeros((4, 4, nih.NUM_CLASSES), np.float32)}
+  evaluation.check_finite(
+    index, types.SimpleNamespace(rows=np.array([0, 2]), probs=probs, saliency=ok)
+  )
+  probs[1, 3] = np.nan
+  bad = types.SimpleNamespace(rows=np.array([0, 2]), probs=probs, saliency=ok)
+  with pytest.raises(DataError, match=f"image c.png: the probability of {nih.CLASSES[3]} is nan"):
+    evaluation.check_finite(index, bad)
+  probs[1, 3] = 0.5
+  ok[2][1, 1, 0] = np.inf
+  with pytest.raises(DataError, match="image c.png: its saliency map"):
+    evaluation.check_finite(index, bad)

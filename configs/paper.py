@@ -11,7 +11,9 @@ GPU or TPU; on a 2-core CPU one step at batch 16 takes tens of seconds.
 
 Arguments (comma-separated): `r0=` the sharpness prior; `N=` the target saliency
 resolution, the side of the map S (Fig. 1 trains one model per N in {8, 16, 32, 64}; the
-side of some level of the up path); `seed=` the run's seed (init, data order, augmentation),
+side of some level of the up path); `seed=` the run's seed (init, data order, augmentation);
+`dtype=` the compute dtype, float32 or bfloat16 (params and Adam moments stay float32):
+the TPU scripts train with `dtype=bfloat16`, the MXU's native input type;
 e.g. `configs/paper.py:r0=5,N=16,seed=1` (or by name, `paper:r0=5,N=16,seed=1`); a bare
 value is r0 (`paper:5`). Parsed by `lsemil.core.configuration.parse_arg`.
 """
@@ -85,13 +87,16 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model = get_model_config()
   # The arguments' defaults are the model's own values: each default is written once.
-  args = configuration.parse_arg(arg, r0=model.r0, N=model.saliency_size, seed=0)
+  args = configuration.parse_arg(
+    arg, r0=model.r0, N=model.saliency_size, seed=0, dtype=model.dtype
+  )
   config = ml_collections.ConfigDict()
   config.name = "paper"
   config.seed = args.seed
   config.model = model
   config.model.r0 = args.r0
   config.model.saliency_size = args.N
+  config.model.dtype = args.dtype
 
   config.data = ml_collections.ConfigDict()
   # A prepared folder (`lsemil prepare`, png or tfds) or a raw NIH-layout folder.

@@ -16,6 +16,12 @@
 #                     copy of the data (required by stage_data.sh to a bucket, train.sh and
 #                     reproduce.sh)
 #   CONFIG            config for `lsemil train`          default configs/paper.py:r0=5
+#   DTYPE             compute dtype of `lsemil train` (--config.model.dtype; params and
+#                     Adam moments stay float32): bfloat16, the MXU's input type, or
+#                     float32 (configs/paper.py's, which a run started before this setting
+#                     used: resume such a run with DTYPE=float32)     default bfloat16
+#   AOT_TOPOLOGY      `lsemil aot --topology` of the preflight       default from
+#                     ACCELERATOR_TYPE (v5litepod-16 -> v5e:4x4, v4-32 -> v4:2x2x4, ...)
 #   STAMP             suffix shared by the runs of one experiment  default: now, %Y%m%d-%H%M
 #   RUN_NAME          run name, derived from CONFIG     default e.g. paper-r0-5
 #   WORKDIR           workdir of the run      default gs://$BUCKET/lsemil/$RUN_NAME-$STAMP
@@ -105,6 +111,34 @@ default_runtime_version() {
   esac
 }
 
+# The `lsemil aot --topology` name of an accelerator type: v5litepod-16 -> v5e:4x4,
+# v6e-8 -> v6e:2x4, v4-32 -> v4:2x2x4, v5p-8 -> v5p:2x2x1 (v4 and v5p types count
+# TensorCores, two per chip); empty for a type not listed here (set AOT_TOPOLOGY).
+aot_topology() {
+  local gen="${1%-*}" n="${1##*-}" chips
+  [[ "${n}" =~ ^[0-9]+$ ]] || return 0
+  case "${gen}" in
+    v5litepod | v5e) gen=v5e chips="${n}" ;;
+    v6e) chips="${n}" ;;
+    v4 | v5p) chips=$((n / 2)) ;;
+    *) return 0 ;;
+  esac
+  if [[ "${gen}" == v4 || "${gen}" == v5p ]]; then
+    case "${chips}" in
+      4) echo "${gen}:2x2x1" ;; 8) echo "${gen}:2x2x2" ;; 16) echo "${gen}:2x2x4" ;;
+      32) echo "${gen}:2x4x4" ;; 64) echo "${gen}:4x4x4" ;; 128) echo "${gen}:4x4x8" ;;
+      *) ;;
+    esac
+  else
+    case "${chips}" in
+      1) echo "${gen}:1x1" ;; 4) echo "${gen}:2x2" ;; 8) echo "${gen}:2x4" ;;
+      16) echo "${gen}:4x4" ;; 32) echo "${gen}:4x8" ;; 64) echo "${gen}:8x8" ;;
+      128) echo "${gen}:8x16" ;; 256) echo "${gen}:16x16" ;;
+      *) ;;
+    esac
+  fi
+}
+
 # Replace every character but [A-Za-z0-9_.-] with "-": a name safe in paths and commands.
 safe_name() {
   printf '%s' "${1//[^A-Za-z0-9_.-]/-}"
@@ -124,6 +158,11 @@ TPU_NAME="${TPU_NAME:-lsemil-tpu}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-$(default_runtime_version "${ACCELERATOR_TYPE}")}"
 CONFIG="${CONFIG:-configs/paper.py:r0=5}"
+DTYPE="${DTYPE:-bfloat16}"
+case "${DTYPE}" in
+  bfloat16 | float32) ;;
+  *) die "DTYPE must be bfloat16 or float32, got '${DTYPE}'" ;;
+esac
 # Computed once here, on this machine, so every worker gets the very same workdir.
 STAMP="${STAMP:-$(date +%Y%m%d-%H%M)}"
 RUN_NAME="${RUN_NAME:-$(run_name_from_config "${CONFIG}")}"

@@ -20,6 +20,7 @@
 #                             (must be on gs://: all hosts write one run)
 #   DATA_DIR                  the dataset on each worker's local disk (stage_data.sh
 #                             STAGE_TO=workers puts it there)  default ~/lsemil-data/$DATASET_NAME
+#   DTYPE                     compute dtype (--config.model.dtype)     default bfloat16
 #   TRAIN_ARGS                more `lsemil train` flags, a shell fragment appended as is,
 #                             e.g. '--config.train.batch_size=64'           default unset
 #   ZONE, TPU_NAME, REMOTE_REPO, REMOTE_VENV, REMOTE_LOG_DIR   see common.sh
@@ -42,7 +43,8 @@ name="$(safe_name "train-$(basename "${WORKDIR}")")"
 job="cd $(rquote "${REMOTE_REPO}") && . $(rquote "${REMOTE_VENV}")/bin/activate"
 job+=" && export LSEMIL_MULTIHOST=1"
 job+=" && lsemil train --config $(quote "${CONFIG}") --workdir $(quote "${WORKDIR}")"
-job+=" --data-dir $(rquote "${DATA_DIR}")${TRAIN_ARGS:+ ${TRAIN_ARGS}}"
+job+=" --data-dir $(rquote "${DATA_DIR}") --config.model.dtype=$(quote "${DTYPE}")"
+job+="${TRAIN_ARGS:+ ${TRAIN_ARGS}}"
 # Keep the exit status of the run, then copy this worker's log next to the checkpoints.
 log_file="$(rquote "${REMOTE_LOG_DIR}/${name}.log")"
 logs_url="$(quote "${WORKDIR}/logs/")"

@@ -1,7 +1,7 @@
 """`lsemil aot`: compile the train and eval steps for a TPU topology here, before renting it.
 
   lsemil aot --config paper:r0=5,dtype=bfloat16 --topology v5e:2x2 --per-chip-batch 32
-  lsemil aot --config paper:dtype=bfloat16 --topology v5e:4x4 --max-batch --json aot.json
+  lsemil aot --config paper --dtype bfloat16 --topology v5e:4x4 --max-batch --json aot.json
 
 Needs jax[tpu] on this host (`pip install -e '.[tpu]'`, no TPU): libtpu compiles for the
 topology's chips exactly as on the slice (lsemil.training.compilation). Prints the mesh, the
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     "--topology",
     required=True,
     help="TPU generation and chip grid: v4:2x2x2, v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:2x2, ...",
+  )
+  parser.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    help="compute dtype, as `lsemil train --config.model.dtype` (default: the config's; "
+    "params stay float32; tpu_scripts train in bfloat16)",
   )
   batch = parser.add_mutually_exclusive_group()
   batch.add_argument(
@@ -156,6 +162,8 @@ def main(argv: list[str]) -> int:
   from lsemil.runtime import accelerators
 
   config = configuration.load_config(args.config)
+  if args.dtype:
+    config.model.dtype = args.dtype
   configuration.check_finite(config)
   chip, _ = accelerators.parse_topology(args.topology)
   devices = accelerators.topology_devices(args.topology, args.num_slices)

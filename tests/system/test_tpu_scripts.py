@@ -70,6 +70,10 @@ SETTINGS = [
   "REPRODUCE_WORKER",
   "DETACH",
   "LSEMIL_MULTIHOST",
+  "DTYPE",
+  "PREFLIGHT",
+  "AOT_TOPOLOGY",
+  "AOT_ARGS",
 ]
 
 BASE = {"PROJECT": "my-project", "BUCKET": "my-bucket", "STAMP": "exp1"}
@@ -264,10 +268,60 @@ def test_train_one_ssh_carries_config_and_workdir(fake):
     "gs://my-bucket/lsemil/paper-r0-10-exp1",
     "--data-dir",
     "~/lsemil-data/nih-512",  # the worker's local copy; the worker's shell expands ~/
+    "--config.model.dtype=bfloat16",  # DTYPE: TPU runs compute in bf16, params float32
     "--config.train.batch_size=64",
   ]
   assert " --data-dir ~/lsemil-data/nih-512" in job  # the tilde is left unquoted
   assert log == "~/lsemil-logs/train-paper-r0-10-exp1.log"
+
+
+def _fake_lsemil(fake, rc: int) -> None:
+  """An `lsemil` on the fake PATH that logs its argv beside gcloud's and exits `rc`."""
+  text = LOGGER.format(python=sys.executable, var="FAKE_GCLOUD_LOG") + f"sys.exit({rc})\n"
+  _write_exe(fake["bin"] / "lsemil", text)
+
+
+PREFLIGHT = {
+  "PREFLIGHT": "1",
+  "ACCELERATOR_TYPE": "v5litepod-16",
+  "AOT_ARGS": "--per-chip-batch 32",
+}
+AOT_ARGV = ["lsemil", "aot", "--config", "configs/paper.py:r0=5", "--dtype", "bfloat16",
+            "--topology", "v5e:4x4", "--per-chip-batch", "32"]  # fmt: skip
+
+
+def test_preflight_compiles_before_renting(fake):
+  _fake_lsemil(fake, 0)
+  proc, _, calls = run_script(fake, "create.sh", _settings(fake, PREFLIGHT), dry_run=False)
+  assert proc.returncode == 0, proc.stderr
+  assert calls[0] == AOT_ARGV and _is_tpu_vm(calls[1], "create") and len(calls) == 2
+  proc, printed, calls = run_script(fake, "create.sh", _settings(fake, PREFLIGHT), dry_run=True)
+  assert proc.returncode == 0 and calls == [] and printed[0] == AOT_ARGV
+
+
+def test_preflight_stops_when_it_does_not_fit(fake):
+  _fake_lsemil(fake, 1)
+  proc, _, calls = run_script(fake, "create.sh", _settings(fake, PREFLIGHT), dry_run=False)
+  assert proc.returncode != 0 and calls == [AOT_ARGV]  # nothing rented
+  assert (
+    "does not fit on v5litepod-16 (v5e:4x4" in proc.stderr and "nothing was created" in proc.stderr
+  )
+  env = _settings(fake, {**PREFLIGHT, "ACCELERATOR_TYPE": "v5litepod-3"})
+  proc, _, calls = run_script(fake, "create.sh", env, dry_run=False)
+  assert proc.returncode != 0 and "AOT_TOPOLOGY" in proc.stderr and calls == []
+
+
+@pytest.mark.parametrize(
+  "accel,topology",
+  [("v5litepod-16", "v5e:4x4"), ("v6e-8", "v6e:2x4"), ("v4-32", "v4:2x2x4"),
+   ("v5p-8", "v5p:2x2x1"), ("v4-8", "v4:2x2x1"), ("v3-8", "")],
+)  # fmt: skip
+def test_aot_topology_of_accelerator_type(accel, topology):
+  proc = subprocess.run(
+    ["bash", "-c", 'source "$0"; aot_topology "$1"', str(SCRIPTS_DIR / "common.sh"), accel],
+    capture_output=True, text=True, timeout=10, env={**os.environ, "DRY_RUN": "0"},
+  )  # fmt: skip
+  assert proc.returncode == 0 and proc.stdout.strip() == topology, proc.stderr
 
 
 def test_train_requires_gcs_workdir(fake):
@@ -534,6 +588,7 @@ def test_train_remote_command_runs_detached_on_a_worker(fake):
     workdir,
     "--data-dir",
     str(home / "lsemil-data" / "nih-512"),  # ~/ expanded by the worker's shell
+    "--config.model.dtype=bfloat16",
   ]
   assert got["multihost"] == "1"
   assert got["sid"] != os.getsid(0)  # its own session: no SIGHUP when ssh goes

@@ -87,7 +87,11 @@ def scaled(s_resized) -> np.ndarray:
 
 def otsu_segmentation(s_resized) -> np.ndarray:
   """cam_to_segmentation with threshold=NaN: boolean (H, W) mask."""
-  mask = np.uint8(255 * scaled(s_resized))
+  return _otsu_of_scaled(scaled(s_resized))
+
+
+def _otsu_of_scaled(m) -> np.ndarray:
+  mask = np.uint8(255 * m)
   thresh = cv2.threshold(mask, 0, float(mask.max()), cv2.THRESH_OTSU)[1]
   cnts = cv2.findContours(thresh, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
   cnts = cnts[0] if len(cnts) == 2 else cnts[1]
@@ -95,7 +99,7 @@ def otsu_segmentation(s_resized) -> np.ndarray:
   draw = ImageDraw.Draw(out)
   for cnt in cnts:
     if len(cnt) > 1:
-      draw.polygon([(int(p[0][0]), int(p[0][1])) for p in cnt], outline=1, fill=1)
+      draw.polygon(cnt.reshape(-1).tolist(), outline=1, fill=1)  # [x0, y0, x1, y1, ...]
   return np.array(out, dtype=bool)
 
 
@@ -211,8 +215,8 @@ def case_scores(s_native, gt, name="map", grid: Sequence[float] = TUNING_GRID) -
   """
   g = np.asarray(gt, bool)
   s = resize(s_native, g.shape, name)
-  otsu = otsu_segmentation(s)
   m = scaled(s)
+  otsu = _otsu_of_scaled(m)
   return {
     "iou_otsu": iou(otsu, g, True),
     "iou_otsu_all": iou(otsu, g, False),

@@ -252,50 +252,80 @@ def _summary(values, n_cases, n_replicates: int, seed: int, extra) -> list[dict]
   ]
 
 
-def split_results(cases, n_replicates: int = N_REPLICATES, seed: int = 0) -> dict:
-  """The three protocols of a split: {'chexlocalize_miou_otsu' | 'chexlocalize_miou_tuned' |
-  'chexlocalize_hit_rate': {class: entry}} plus 'per_image'.
+def split_results(
+  cases, n_replicates: int = N_REPLICATES, seed: int = 0, all_images: bool = False
+) -> dict:
+  """cheXlocalize's protocols of a split: {protocol: {class: entry}} plus 'per_image'.
 
-  cases: (image key, class, tuning: bool, `case_scores` result) per (image, class) with a
-  non-empty ground truth. As eval.py's table, rows are the images (sorted by key), columns the
-  classes, NaN where an image has no case of the class or the IoU is undefined; the replicates
-  draw rows, jointly for all classes. Otsu and hit rate use every image; the tuned threshold
-  (`tune_threshold` on the tuning images' IoUs) is reported on the other images. Entry:
-  'value' (mean of the replicates), 'lo', 'hi', 'point' (the table's nanmean), 'n' (cases),
-  'n_pairs' (defined IoUs), and for the tuned protocol 'threshold' (None: no tuning case).
+  cases: (image key, class, tuning: bool, `case_scores` result[, probability]) per (image,
+  class). As eval.py's table, rows are the images (sorted by key), columns the classes, NaN
+  where an image has no case of the class or the value is undefined (e.g. an empty ground
+  truth); the replicates draw rows, jointly for all classes. Protocols:
+  'chexlocalize_miou_otsu' and 'chexlocalize_hit_rate' over every image;
+  'chexlocalize_miou_tuned': the threshold tuned on the tuning images (`tune_threshold`),
+  reported on the others. With all_images (the cases include images without the finding):
+  'chexlocalize_miou_otsu_all' (eval.py true_pos_only=False) and, where the cases carry
+  probabilities, 'chexlocalize_miou_otsu_cutoff' (the cutoff tuned on the tuning images,
+  `tune_cutoff`, reported on the others). Entry: 'value' (mean of the replicates), 'lo',
+  'hi', 'point' (the table's nanmean), 'n' (cases), 'n_pairs' (defined values), and
+  'threshold' / 'cutoff' (None: nothing to tune on) where tuned.
   """
   images = sorted({c[0] for c in cases})
   classes = list(dict.fromkeys(c[1] for c in cases))
   row = {im: i for i, im in enumerate(images)}
   col = {k: j for j, k in enumerate(classes)}
   shape = (len(images), len(classes))
-  otsu, hits, tuned = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+  table = {key: np.full(shape, np.nan) for key in ("otsu", "otsu_all", "hit", "tuned", "cut")}
   tuning = np.zeros(len(images), bool)
-  grids: dict = {k: [] for k in classes}
-  n_all, n_rep = np.zeros(len(classes), np.int64), np.zeros(len(classes), np.int64)
-  for im, k, tune, sc in cases:
+  by_class: dict = {k: ([], []) for k in classes}  # (tuning cases, reporting cases)
+  for c in cases:
+    im, k, tune, sc = c[:4]
     i, j = row[im], col[k]
-    otsu[i, j], hits[i, j], tuning[i] = sc["iou_otsu"], sc["hit"], bool(tune)
-    n_all[j] += 1
-    n_rep[j] += not tune
-    if tune:
-      grids[k].append(sc["iou_grid"])
-  choice = {k: tune_threshold(np.array(g)) if g else None for k, g in grids.items()}
-  for im, k, tune, sc in cases:
-    if not tune and choice[k] is not None:
-      tuned[row[im], col[k]] = sc["iou_applied"][choice[k]]
-  report = tuned[~tuning]
+    table["otsu"][i, j], table["hit"][i, j] = sc["iou_otsu"], sc["hit"]
+    table["otsu_all"][i, j] = sc["iou_otsu_all"]
+    tuning[i] = bool(tune)
+    prob = c[4] if len(c) > 4 and c[4] is not None else np.nan
+    by_class[k][0 if tune else 1].append((i, sc, float(prob)))
+  thr, cut = [], []
+  for k, (tune_cases, report_cases) in by_class.items():
+    j = col[k]
+    t = tune_threshold([sc["iou_grid"] for _, sc, _ in tune_cases]) if tune_cases else None
+    thr.append({"threshold": None if t is None else APPLIED_GRID[t], "n_tune": len(tune_cases)})
+    for i, sc, _ in report_cases:
+      table["tuned"][i, j] = np.nan if t is None else sc["iou_applied"][t]
+    probs = [p for _, _, p in tune_cases + report_cases]
+    c_i = None
+    if all_images and tune_cases and not np.any(np.isnan(probs)):
+      c_i = tune_cutoff(_cutoff_table(tune_cases, CUTOFF_GRID, True))
+    cut.append({"cutoff": None if c_i is None else round(CUTOFF_GRID[c_i], 1)})
+    if c_i is not None and report_cases:
+      rows = [i for i, _, _ in report_cases]
+      table["cut"][rows, j] = _cutoff_table(report_cases, [cut[-1]["cutoff"]], False)[:, 0]
+  n_all = np.array([len(a) + len(b) for a, b in by_class.values()], np.int64)
+  n_rep = np.array([len(b) for _, b in by_class.values()], np.int64)
   none = [{}] * len(classes)
-  thr = [
-    {"threshold": None if choice[k] is None else APPLIED_GRID[choice[k]], "n_tune": len(grids[k])}
-    for k in classes
-  ]
   out = {
-    "chexlocalize_miou_otsu": _summary(otsu, n_all, n_replicates, seed, none),
-    "chexlocalize_miou_tuned": _summary(report, n_rep, n_replicates, seed, thr),
-    "chexlocalize_hit_rate": _summary(hits, n_all, n_replicates, seed, none),
+    "chexlocalize_miou_otsu": _summary(table["otsu"], n_all, n_replicates, seed, none),
+    "chexlocalize_miou_tuned": _summary(table["tuned"][~tuning], n_rep, n_replicates, seed, thr),
+    "chexlocalize_hit_rate": _summary(table["hit"], n_all, n_replicates, seed, none),
   }
+  if all_images:
+    out["chexlocalize_miou_otsu_all"] = _summary(table["otsu_all"], n_all, n_replicates, seed, none)
+    if any(e["cutoff"] is not None for e in cut):
+      out["chexlocalize_miou_otsu_cutoff"] = _summary(
+        table["cut"][~tuning], n_rep, n_replicates, seed, cut
+      )
   result = {p: dict(zip(classes, e, strict=True)) for p, e in out.items()}
-  result["per_image"] = {"images": images, "classes": classes, "iou_otsu": otsu, "hit": hits,
-                         "iou_tuned": tuned}  # fmt: skip
+  result["per_image"] = {"images": images, "classes": classes, "tuning": tuning, **table}
   return result
+
+
+def _cutoff_table(cases, cutoffs, tuning: bool) -> np.ndarray:
+  """`cutoff_ious` of (row, case_scores, probability) cases."""
+  return cutoff_ious(
+    [sc["iou_otsu_all"] for _, sc, _ in cases],
+    [sc["gt_any"] for _, sc, _ in cases],
+    [p for _, _, p in cases],
+    cutoffs,
+    tuning,
+  )

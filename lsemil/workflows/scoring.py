@@ -1,0 +1,179 @@
+"""Scoring any model's saliency maps with cheXlocalize's protocols (`lsemil score`).
+
+Inputs:
+- maps (`read_maps`): an .npz holding image_ids (N) strings, classes (C) strings, maps
+  (N, C, h, w) floats (any range: the protocols min-max scale each map), optionally probs
+  (N, C), image_sizes (N, 2) as (height, width) of the original images (default: the maps'
+  own h, w) and patient_ids (N) (the key of the tuning split; default: the image ids).
+- boxes (`read_boxes`): a CSV with the header image_id,class,x,y,w,h, boxes in the original
+  image's pixels, x the column; a pixel is inside when its centre lies in the half-open box
+  (`lsemil.metrics.overlap`'s rule at scale 1).
+
+Scored (`score`): every image of the npz for every class with a box in the CSV, through
+`lsemil.metrics.chexlocalize` (cheXlocalize's official steps; an image without a box of the
+class is a negative: NaN in the true-positive-only protocols, counted by the all-images ones).
+The tuning half is `lsemil.metrics.localization.tuning_half` of the patient (or image) id, as
+in `lsemil evaluate`.
+
+Outputs (`write_outputs`): scores.csv (protocol,class,value,ci_low,ci_high,n), scores.json
+({protocol: {class: entry}, 'settings'}, strict JSON) and optionally per_image.csv
+(image_id,class,tuning,iou_otsu,iou_otsu_all,iou_tuned,iou_cutoff,hit).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+
+import numpy as np
+
+from lsemil.core import fileio, tables
+from lsemil.core.errors import DataError
+from lsemil.metrics import chexlocalize, localization
+
+BOX_HEADER = ("image_id", "class", "x", "y", "w", "h")
+PER_IMAGE = ("otsu", "otsu_all", "tuned", "cut", "hit")  # chexlocalize per_image tables
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSet:
+  """The contents of a maps .npz (see the module docstring)."""
+
+  image_ids: tuple[str, ...]
+  classes: tuple[str, ...]
+  maps: np.ndarray  # (N, C, h, w)
+  probs: np.ndarray | None  # (N, C)
+  image_sizes: np.ndarray  # (N, 2) height, width
+  patient_ids: tuple[str, ...]
+
+
+def read_maps(path: str | os.PathLike) -> MapSet:
+  """The maps .npz; a DataError names the file and the field at fault."""
+  path = fileio.as_path(path)
+  try:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
+      fields = {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: not a readable .npz ({e})") from e
+  for key in ("image_ids", "classes", "maps"):
+    if key not in fields:
+      raise DataError(f"{path}: no {key!r} array (has {sorted(fields)})")
+  ids = tuple(str(v) for v in fields["image_ids"])
+  classes = tuple(str(v) for v in fields["classes"])
+  maps = fields["maps"]
+  n, c = len(ids), len(classes)
+  if maps.ndim != 4 or maps.shape[:2] != (n, c):
+    raise DataError(f"{path}: maps must be (N={n}, C={c}, h, w), got {maps.shape}")
+  probs = fields.get("probs")
+  if probs is not None:
+    probs = np.asarray(probs, np.float64)
+    if probs.shape != (n, c):
+      raise DataError(f"{path}: probs must be (N={n}, C={c}), got {probs.shape}")
+    bad = np.argwhere(~np.isfinite(probs))
+    if len(bad):
+      i, k = bad[0]
+      raise DataError(f"{path}: image {ids[i]}: the probability of {classes[k]} is {probs[i, k]}")
+  sizes = fields.get("image_sizes")
+  sizes = np.tile(maps.shape[2:], (n, 1)) if sizes is None else np.asarray(sizes)
+  if sizes.shape != (n, 2) or (sizes < 1).any():
+    raise DataError(f"{path}: image_sizes must be (N={n}, 2) positive (height, width)")
+  patients = fields.get("patient_ids")
+  patients = ids if patients is None else tuple(str(v) for v in patients)
+  if len(patients) != n:
+    raise DataError(f"{path}: patient_ids must hold N={n} values, got {len(patients)}")
+  return MapSet(ids, classes, maps, probs, sizes.astype(np.int64), patients)
+
+
+def read_boxes(path: str | os.PathLike, maps: MapSet) -> dict[tuple[str, str], list]:
+  """{(image_id, class): [(x, y, w, h), ...]} of the boxes CSV; a DataError names the line of
+  a bad row, an unknown image or class, or a box outside its image."""
+  path = fileio.as_path(path)
+  rows = list(csv.reader(io.StringIO(path.read_text())))
+  if not rows or tuple(v.strip() for v in rows[0]) != BOX_HEADER:
+    raise DataError(f"{path}: the header must be {','.join(BOX_HEADER)}")
+  where = {im: i for i, im in enumerate(maps.image_ids)}
+  out: dict[tuple[str, str], list] = {}
+  for line, r in enumerate(rows[1:], start=2):
+    if not r:
+      continue
+    try:
+      im, cls, *xywh = (v.strip() for v in r)
+      x, y, w, h = (float(v) for v in xywh)
+    except ValueError as e:
+      raise DataError(f"{path} line {line}: expected {','.join(BOX_HEADER)} ({e})") from e
+    if im not in where or cls not in maps.classes:
+      raise DataError(f"{path} line {line}: image {im!r} or class {cls!r} is not in the maps")
+    hgt, wid = maps.image_sizes[where[im]]
+    if not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0 or x < 0 or y < 0:
+      raise DataError(f"{path} line {line}: a box needs finite x, y >= 0 and w, h > 0")
+    if x + w > wid or y + h > hgt:
+      raise DataError(f"{path} line {line}: the box leaves the {wid}x{hgt} image {im}")
+    out.setdefault((im, cls), []).append((x, y, w, h))
+  return out
+
+
+def boxes_mask(boxes, hw) -> np.ndarray:
+  """Boolean (H, W) union of boxes (x, y, w, h) in image pixels: column j is inside when
+  x <= j + 0.5 < x + w (rows likewise)."""
+  mask = np.zeros(tuple(int(v) for v in hw), bool)
+  for x, y, w, h in boxes:
+    c0, c1 = math.ceil(x - 0.5), math.ceil(x + w - 0.5)
+    r0, r1 = math.ceil(y - 0.5), math.ceil(y + h - 0.5)
+    mask[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
+  return mask
+
+
+def score(maps: MapSet, boxes: dict, n_boot: int = chexlocalize.N_REPLICATES, seed: int = 0):
+  """`chexlocalize.split_results` (all_images) of every image for every class with a box."""
+  classes = [k for k in maps.classes if any(cls == k for _, cls in boxes)]
+  cases = []
+  for i, im in enumerate(maps.image_ids):
+    tune = localization.tuning_half(maps.patient_ids[i])
+    for k in classes:
+      j = maps.classes.index(k)
+      gt = boxes_mask(boxes.get((im, k), ()), maps.image_sizes[i])
+      sc = chexlocalize.case_scores(maps.maps[i, j], gt, f"image {im}, class {k}")
+      prob = None if maps.probs is None else float(maps.probs[i, j])
+      cases.append((im, k, tune, sc, prob))
+  result = chexlocalize.split_results(cases, n_boot, seed, all_images=True)
+  result["settings"] = {
+    "n_boot": int(n_boot),
+    "seed": int(seed),
+    "n_images": len(maps.image_ids),
+    "classes": classes,
+    "tuning": "the tuning half: first byte of sha256(str(patient id)) even",
+  }
+  return result
+
+
+def write_outputs(result: dict, out_dir, per_image: bool = False) -> list:
+  """scores.csv, scores.json and (per_image) per_image.csv in out_dir; their paths."""
+  out = fileio.as_path(out_dir)
+  protocols = {k: v for k, v in result.items() if k.startswith("chexlocalize_")}
+  rows = [
+    [p, c, *(_num(e[key]) for key in ("value", "lo", "hi")), e["n"]]
+    for p, by_cls in protocols.items()
+    for c, e in by_cls.items()
+  ]
+  header = ["protocol", "class", "value", "ci_low", "ci_high", "n"]
+  paths = [out / "scores.csv", out / "scores.json"]
+  fileio.write_text(paths[0], tables.csv_text(header, rows))
+  fileio.write_json(paths[1], {**protocols, "settings": result["settings"]})
+  if per_image:
+    t = result["per_image"]
+    body = [
+      [im, c, int(t["tuning"][i]), *(_num(t[key][i, j]) for key in PER_IMAGE)]
+      for i, im in enumerate(t["images"])
+      for j, c in enumerate(t["classes"])
+    ]
+    names = ["iou_otsu", "iou_otsu_all", "iou_tuned", "iou_cutoff", "hit"]
+    paths.append(out / "per_image.csv")
+    fileio.write_text(paths[2], tables.csv_text(["image_id", "class", "tuning", *names], body))
+  return paths
+
+
+def _num(v) -> str:
+  return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.10g}"

@@ -1,0 +1,90 @@
+"""lsemil.workflows.scoring: the boxes' pixels on a non-square image, the inputs' errors, and the
+all-images protocols (true_pos_only=False, the probability cutoff) on a small map set."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lsemil.core.errors import DataError
+from lsemil.metrics import chexlocalize, localization
+from lsemil.workflows import scoring
+
+
+def map_set(n=40, seed=0, probs=True) -> scoring.MapSet:
+  rng = np.random.default_rng(seed)
+  maps = rng.random((n, 1, 6, 9)).astype(np.float32)
+  p = rng.random((n, 1)) if probs else None
+  ids = tuple(f"img{i:03d}" for i in range(n))
+  return scoring.MapSet(ids, ("Mass",), maps, p, np.tile([30, 45], (n, 1)), ids)
+
+
+def test_boxes_mask_pixel_centres_non_square():
+  # columns with 1.2 <= j + 0.5 < 3.2: 1, 2; rows with 0.4 <= i + 0.5 < 3.5: 0, 1, 2
+  m = scoring.boxes_mask([(1.2, 0.4, 2.0, 3.1)], (5, 8))
+  want = np.zeros((5, 8), bool)
+  want[0:3, 1:3] = True
+  np.testing.assert_array_equal(m, want)
+  assert scoring.boxes_mask([], (3, 4)).shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+  "text, match",
+  [
+    ("image,class,x,y,w,h\n", "header"),
+    ("image_id,class,x,y,w,h\nimg000,Mass,1,2,3\n", "line 2"),
+    ("image_id,class,x,y,w,h\nimg000,Mass,1,2,3,4\nnope,Mass,1,2,3,4\n", "line 3: image 'nope'"),
+    ("image_id,class,x,y,w,h\nimg001,Mass,40,2,6,4\n", "line 2: the box leaves the 45x30"),
+    ("image_id,class,x,y,w,h\nimg001,Mass,4,2,0,4\n", "line 2: a box needs"),
+  ],
+)
+def test_box_csv_errors_name_the_line(tmp_path, text, match):
+  path = tmp_path / "boxes.csv"
+  path.write_text(text)
+  with pytest.raises(DataError, match=match):
+    scoring.read_boxes(path, map_set(3))
+
+
+def test_all_images_protocols_and_cutoff():
+  ms = map_set()
+  rng = np.random.default_rng(1)
+  boxes = {(im, "Mass"): [(10.0, 5.0, 20.0, 12.0)] for im in ms.image_ids if rng.random() < 0.5}
+  res = scoring.score(ms, boxes, n_boot=0)
+  tune = np.array([localization.tuning_half(im) for im in ms.image_ids])
+  iou_all, gt_any = [], []
+  for i, im in enumerate(ms.image_ids):
+    g = scoring.boxes_mask(boxes.get((im, "Mass"), ()), (30, 45))
+    pred = chexlocalize.otsu_segmentation(chexlocalize.resize(ms.maps[i, 0], (30, 45)))
+    iou_all.append(chexlocalize.iou(pred, g, true_pos_only=False))
+    gt_any.append(g.any())
+  iou_all, gt_any = np.array(iou_all), np.array(gt_any)
+  e = res["chexlocalize_miou_otsu_all"]["Mass"]
+  assert e["point"] == pytest.approx(np.nanmean(iou_all), abs=1e-12) and e["n"] == 40
+  # the cutoff: tuned on the tuning half with prob > c, mIoU rounded to 3 decimals
+  p = ms.probs[:, 0]
+  mious = []
+  for c in np.arange(0, 0.9, 0.1):
+    v = np.where(p[tune] > c, iou_all[tune], np.where(gt_any[tune], 0.0, np.nan))
+    mious.append(round(float(np.nanmean(v)), 3))
+  best = round(float(np.arange(0, 0.9, 0.1)[int(np.nanargmax(mious))]), 1)
+  cut = res["chexlocalize_miou_otsu_cutoff"]["Mass"]
+  assert cut["cutoff"] == best
+  r = ~tune
+  v = np.where(p[r] >= best, iou_all[r], np.where(gt_any[r], 0.0, np.nan))
+  assert cut["point"] == pytest.approx(np.nanmean(v), abs=1e-12)
+  # images without a box are NaN in the true-positive-only protocols
+  assert res["chexlocalize_hit_rate"]["Mass"]["n_pairs"] == int(gt_any.sum())
+  assert res["chexlocalize_miou_otsu"]["Mass"]["n_pairs"] <= int(gt_any.sum())
+
+
+def test_without_probabilities_no_cutoff_and_non_finite_map_names_the_image():
+  ms = map_set(6, probs=False)
+  res = scoring.score(ms, {("img001", "Mass"): [(1.0, 1.0, 9.0, 9.0)]}, n_boot=0)
+  assert "chexlocalize_miou_otsu_cutoff" not in res and not math.isnan(
+    res["chexlocalize_miou_otsu_all"]["Mass"]["point"]
+  )
+  ms.maps[4, 0, 2, 2] = np.inf
+  with pytest.raises(DataError, match="image img004, class Mass"):
+    scoring.score(ms, {("img001", "Mass"): [(1.0, 1.0, 9.0, 9.0)]}, n_boot=0)

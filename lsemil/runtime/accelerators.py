@@ -12,7 +12,8 @@ This module holds what the compiler does not know:
   `optimal_seconds` is negative for TPU programs compiled this way);
 - `collectives`: the cross-device operations of a compiled program's HLO text;
 - `quiet_libtpu`: on a host without TPU chips, the settings that keep libtpu from
-  querying the GCE metadata server and printing errors whenever jax starts.
+  querying the GCE metadata server and printing errors whenever jax starts, and from
+  refusing a second process.
 
 Only `topology_devices` imports jax (inside the function): `lsemil.commands.cli` calls
 `quiet_libtpu` before any command and stays fast.
@@ -105,6 +106,9 @@ _QUIET = {
   "TPU_SKIP_MDS_QUERY": "1",  # no GCE metadata server off Google Cloud
   "TPU_WORKER_HOSTNAMES": "localhost",
   "TPU_ACCELERATOR_TYPE": "v5litepod-1",  # the local host's bounds; topologies are explicit
+  # libtpu lets one process per host hold it (/tmp/libtpu_lockfile); with no chip to share,
+  # compile-only processes (pytest workers, two `lsemil aot`) may load it side by side.
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
 }
 
 

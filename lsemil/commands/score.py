@@ -29,17 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     "and hit rate of saliency maps against boxes, step by step as its official code, with "
     "its image-bootstrap mean and 95 percent interval.",
   )
-  p.add_argument("--maps", required=True, help="the maps .npz (see `lsemil score --help`)")
+  p.add_argument(
+    "--maps",
+    required=True,
+    help=".npz: image_ids (N), classes (C), maps (N, C, h, w); optional probs (N, C), "
+    "image_sizes (N, 2) height, width, patient_ids (N)",
+  )
   p.add_argument("--boxes", required=True, help="CSV image_id,class,x,y,w,h (image pixels)")
   p.add_argument("--out", default=".", help="output folder (default: the current one)")
-  p.add_argument("--per-image", action="store_true", help="also write per_image.csv")
+  p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as eval.py)")
   p.add_argument(
     "--n-boot",
     type=arguments.nonnegative_int,
     default=chexlocalize.N_REPLICATES,
     help=f"bootstrap replicates (default {chexlocalize.N_REPLICATES}, as eval.py; 0 = none)",
   )
-  p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as eval.py)")
+  p.add_argument("--per-image", action="store_true", help="also write per_image.csv")
   return p
 
 

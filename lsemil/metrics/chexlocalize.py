@@ -267,8 +267,9 @@ def split_results(
   'chexlocalize_miou_otsu_all' (eval.py true_pos_only=False) and, where the cases carry
   probabilities, 'chexlocalize_miou_otsu_cutoff' (the cutoff tuned on the tuning images,
   `tune_cutoff`, reported on the others). Entry: 'value' (mean of the replicates), 'lo',
-  'hi', 'point' (the table's nanmean), 'n' (cases), 'n_pairs' (defined values), and
-  'threshold' / 'cutoff' (None: nothing to tune on) where tuned.
+  'hi', 'point' (the table's nanmean), 'n' (the images with the finding; for the all-images
+  protocols every image), 'n_pairs' (defined values), and 'threshold' / 'cutoff' (None:
+  nothing to tune on) where tuned.
   """
   images = sorted({c[0] for c in cases})
   classes = list(dict.fromkeys(c[1] for c in cases))
@@ -290,7 +291,7 @@ def split_results(
   for k, (tune_cases, report_cases) in by_class.items():
     j = col[k]
     t = tune_threshold([sc["iou_grid"] for _, sc, _ in tune_cases]) if tune_cases else None
-    thr.append({"threshold": None if t is None else APPLIED_GRID[t], "n_tune": len(tune_cases)})
+    thr.append({"threshold": None if t is None else APPLIED_GRID[t], "n_tune": _n_pos(tune_cases)})
     for i, sc, _ in report_cases:
       table["tuned"][i, j] = np.nan if t is None else sc["iou_applied"][t]
     probs = [p for _, _, p in tune_cases + report_cases]
@@ -301,23 +302,30 @@ def split_results(
     if c_i is not None and report_cases:
       rows = [i for i, _, _ in report_cases]
       table["cut"][rows, j] = _cutoff_table(report_cases, [cut[-1]["cutoff"]], False)[:, 0]
+  # n: the images with the finding (all images for the all-images protocols)
+  n_pos = np.array([_n_pos(a) + _n_pos(b) for a, b in by_class.values()], np.int64)
+  n_rep = np.array([_n_pos(b) for _, b in by_class.values()], np.int64)
   n_all = np.array([len(a) + len(b) for a, b in by_class.values()], np.int64)
-  n_rep = np.array([len(b) for _, b in by_class.values()], np.int64)
+  n_all_rep = np.array([len(b) for _, b in by_class.values()], np.int64)
   none = [{}] * len(classes)
   out = {
-    "chexlocalize_miou_otsu": _summary(table["otsu"], n_all, n_replicates, seed, none),
+    "chexlocalize_miou_otsu": _summary(table["otsu"], n_pos, n_replicates, seed, none),
     "chexlocalize_miou_tuned": _summary(table["tuned"][~tuning], n_rep, n_replicates, seed, thr),
-    "chexlocalize_hit_rate": _summary(table["hit"], n_all, n_replicates, seed, none),
+    "chexlocalize_hit_rate": _summary(table["hit"], n_pos, n_replicates, seed, none),
   }
   if all_images:
     out["chexlocalize_miou_otsu_all"] = _summary(table["otsu_all"], n_all, n_replicates, seed, none)
     if any(e["cutoff"] is not None for e in cut):
       out["chexlocalize_miou_otsu_cutoff"] = _summary(
-        table["cut"][~tuning], n_rep, n_replicates, seed, cut
+        table["cut"][~tuning], n_all_rep, n_replicates, seed, cut
       )
   result = {p: dict(zip(classes, e, strict=True)) for p, e in out.items()}
   result["per_image"] = {"images": images, "classes": classes, "tuning": tuning, **table}
   return result
+
+
+def _n_pos(cases) -> int:
+  return sum(bool(sc["gt_any"]) for _, sc, _ in cases)
 
 
 def _cutoff_table(cases, cutoffs, tuning: bool) -> np.ndarray:

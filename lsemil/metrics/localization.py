@@ -711,6 +711,7 @@ def score_all(
   alpha: float = 0.05,
   method: str = "nearest",
   class_names: Sequence[str] | None = None,
+  image_ids: Sequence[str] | None = None,
 ) -> dict:
   """Every protocol of the module docstring, per box class, with patient-bootstrap intervals.
 
@@ -723,6 +724,8 @@ def score_all(
     taus, ts: the IoBB binarization sweep and the T(IoBB) / T(IoU) thresholds.
     thresholds, prob_cutoffs: cheXlocalize's grids; prob_cutoffs=None skips the cutoff.
     n_boot: bootstrap resamples of patients (0: no intervals); seed: their seed.
+    image_ids: by row; the cheXlocalize protocols' table is sorted by them (else by row), so
+      `lsemil score` on the same maps draws the same replicates.
 
   Returns (strict-JSON-able, NaN as None): {protocol: {class name: entry}} plus 'settings'.
   Every entry has 'value', 'lo', 'hi' and 'n' (cases); see the module docstring for the
@@ -762,7 +765,7 @@ def score_all(
       result.setdefault(proto, {})[names[k]] = entry
   official = chexlocalize.split_results(
     [
-      (c.row, names[k], tuning_half(c.patient), sc)
+      (c.row if image_ids is None else str(image_ids[c.row]), names[k], tuning_half(c.patient), sc)
       for k in sorted(by_class)
       for c, sc in zip(by_class[k][1], by_class[k][2], strict=True)
     ],

@@ -462,6 +462,7 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
     prob_cutoffs=options.prob_cutoffs,
     n_boot=options.n_boot,
     seed=options.seed,
+    image_ids=index.image_ids,
   )
   log.info(
     f"localization protocols over {sum(len(c) for c in cases.values())} cases in "

@@ -349,7 +349,9 @@ def table4(
     "centre": baselines.centre_prior_maps(cases),
   }
   for name, m in maps.items():
-    by_source[name] = localization.score_all(cases, m, index.box_space, **kw)
+    by_source[name] = localization.score_all(
+      cases, m, index.box_space, image_ids=index.image_ids, **kw
+    )
   return paper_tables.table4_rows(by_source), by_source, missing
 
 

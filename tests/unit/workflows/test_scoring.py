@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from lsemil.core import fileio
 from lsemil.core.errors import DataError
 from lsemil.metrics import chexlocalize, localization
 from lsemil.workflows import scoring
@@ -88,3 +89,34 @@ def test_without_probabilities_no_cutoff_and_non_finite_map_names_the_image():
   ms.maps[4, 0, 2, 2] = np.inf
   with pytest.raises(DataError, match="image img004, class Mass"):
     scoring.score(ms, {("img001", "Mass"): [(1.0, 1.0, 9.0, 9.0)]}, n_boot=0)
+
+
+def test_score_and_evaluates_score_all_give_identical_protocols():
+  # The same maps of box images, as `lsemil evaluate` keeps them (score_all: box cases only)
+  # and as an npz for `lsemil score` (every image x box class).
+  rng = np.random.default_rng(5)
+  n, space, classes = 30, 40, ("Mass", "Nodule", "Edema")
+  ids = tuple(f"{(7 * i) % n:05d}_000.png" for i in range(n))  # not in row order
+  patients = [i // 2 for i in range(n)]
+  maps = rng.random((n, 8, 8, 3)) ** 2
+  cases, boxes = [], {}
+  for i in range(n):
+    for k in sorted(rng.choice(3, size=rng.integers(1, 3), replace=False)):
+      b = (float(rng.integers(0, 20)), float(rng.integers(0, 20)), 15.0, 12.0)
+      cases.append(localization.Case(i, int(k), (b,), patients[i]))
+      boxes[(ids[i], classes[k])] = [b]
+  kw = {"n_boot": 60, "seed": 2}
+  evaluated = localization.score_all(
+    cases, dict(enumerate(maps)), space, class_names=classes, image_ids=ids, **kw
+  )
+  ms = scoring.MapSet(
+    ids,
+    classes,
+    maps.transpose(0, 3, 1, 2),
+    None,
+    np.full((n, 2), space),
+    tuple(map(str, patients)),
+  )
+  scored = fileio.json_safe(scoring.score(ms, boxes, **kw))
+  for p in ("chexlocalize_miou_otsu", "chexlocalize_miou_tuned", "chexlocalize_hit_rate"):
+    assert scored[p] == evaluated[p], p

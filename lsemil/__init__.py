@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# With jax[tpu] installed on a host without TPU chips (to compile for TPUs, `lsemil aot`),
+# libtpu prints metadata-server errors whenever jax starts; set (before jax starts) what
+# quiets it. Nothing changes on a TPU VM or where the variables are already set.
+importlib.import_module("lsemil.runtime.accelerators").quiet_libtpu()  # jax-free
+
 if TYPE_CHECKING:
   from lsemil.core.configuration import load_config
   from lsemil.data.nih import CLASSES

@@ -16,7 +16,6 @@ import importlib
 import sys
 
 from lsemil.core.errors import EXIT_USER_ERROR, UserError
-from lsemil.runtime import accelerators
 
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"lsemil: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  # With jax[tpu] installed on a host without TPU chips, libtpu would print errors at
-  # every jax start-up; the settings that quiet it change nothing on a TPU VM.
-  accelerators.quiet_libtpu()
   module = importlib.import_module(COMMANDS[name][0])
   try:
     return int(module.main(rest) or 0)

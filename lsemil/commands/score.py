@@ -5,8 +5,8 @@ any model's saliency maps.
 
 MAPS.npz: image_ids (N), classes (C), maps (N, C, h, w), optional probs (N, C), image_sizes
 (N, 2) as height, width and patient_ids (N); BOXES.csv: image_id,class,x,y,w,h in the original
-image's pixels (`lsemil.workflows.scoring`). Writes DIR/scores.csv, DIR/scores.json and with
---per-image DIR/per_image.csv, and prints the class-mean of each protocol.
+image's pixels (`lsemil.workflows.scoring`). Writes DIR/scores.csv, DIR/scores.json,
+DIR/scores.md and with --per-image DIR/per_image.csv, and prints the class-mean of each protocol.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ The tuning half is `lsemil.metrics.localization.tuning_half` of the patient (or 
 in `lsemil evaluate`.
 
 Outputs (`write_outputs`): scores.csv (protocol,class,value,ci_low,ci_high,n), scores.json
-({protocol: {class: entry}, 'settings'}, strict JSON) and optionally per_image.csv
+({protocol: {class: entry}, 'settings'}, strict JSON), scores.md (classes x protocols) and
+optionally per_image.csv
 (image_id,class,tuning,iou_otsu,iou_otsu_all,iou_tuned,iou_cutoff,hit).
 """
 
@@ -159,9 +160,10 @@ def write_outputs(result: dict, out_dir, per_image: bool = False) -> list:
     for c, e in by_cls.items()
   ]
   header = ["protocol", "class", "value", "ci_low", "ci_high", "n"]
-  paths = [out / "scores.csv", out / "scores.json"]
+  paths = [out / "scores.csv", out / "scores.json", out / "scores.md"]
   fileio.write_text(paths[0], tables.csv_text(header, rows))
   fileio.write_json(paths[1], {**protocols, "settings": result["settings"]})
+  fileio.write_text(paths[2], markdown(protocols))
   if per_image:
     t = result["per_image"]
     body = [
@@ -171,8 +173,23 @@ def write_outputs(result: dict, out_dir, per_image: bool = False) -> list:
     ]
     names = ["iou_otsu", "iou_otsu_all", "iou_tuned", "iou_cutoff", "hit"]
     paths.append(out / "per_image.csv")
-    fileio.write_text(paths[2], tables.csv_text(["image_id", "class", "tuning", *names], body))
+    fileio.write_text(paths[-1], tables.csv_text(["image_id", "class", "tuning", *names], body))
   return paths
+
+
+def markdown(protocols: dict) -> str:
+  """Classes x protocols, 'value (lo-hi)' to 3 decimals ('-' where undefined)."""
+  names = list(protocols)
+  classes = list(dict.fromkeys(c for by_cls in protocols.values() for c in by_cls))
+
+  def cell(e) -> str:
+    if e is None or _num(e["value"]) == "":
+      return "-"
+    ci = f" ({e['lo']:.3f}-{e['hi']:.3f})" if _num(e["lo"]) and _num(e["hi"]) else ""
+    return f"{e['value']:.3f}{ci}"
+
+  body = [[c, *(cell(protocols[p].get(c)) for p in names)] for c in classes]
+  return tables.markdown(["class", *names], body)
 
 
 def _num(v) -> str:

@@ -49,6 +49,8 @@ def test_score_writes_eval_py_numbers(tmp_path, lsemil):
     "chexlocalize_miou_otsu_all", "chexlocalize_miou_otsu_cutoff",
   }  # fmt: skip
   assert (tmp_path / "out" / "scores.json").exists() and len(per) == 48
+  md = (tmp_path / "out" / "scores.md").read_text().splitlines()
+  assert md[0].startswith("| class | chexlocalize_miou_otsu |") and len(md) == 4
   # eval.py on the per-image table: rows = images sorted by id, both classes drawn together
   images = sorted({r["image_id"] for r in per})
   for column, protocol in [

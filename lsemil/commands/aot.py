@@ -146,6 +146,10 @@ def format_report(report: dict) -> str:
     f"86,524 NIH train images (roofline from XLA's cost analysis against {r['peaks_source']}: "
     "a compile-time estimate, not a measurement)",
   ]
+  moved = ", ".join(
+    f"{x['where']} {_size(x['bytes'])} ({x['share']:.0%})" for x in t["traffic"][:6]
+  )
+  out.append(f"most bytes (train, tile-padded HLO operands and results): {moved}")
   for step in ("train", "eval"):
     if step in r:
       used = [f"{k} {v['count']} ({_size(v['bytes'])})" for k, v in r[step]["collectives"].items()

@@ -21,6 +21,7 @@ Only `topology_devices` imports jax (inside the function): `lsemil.commands.cli`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import math
@@ -162,11 +163,25 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip) -> dict[str, Any]:
   }
 
 
-def shape_bytes(text: str) -> int:
-  """Bytes of every array shape in an HLO type ('(f32[2,3]{1,0}, bf16[4])' -> 32)."""
+_TILED = re.compile(
+  r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](?:\{([0-9,]*):T\(([0-9,]+)\))?"
+)
+
+
+def shape_bytes(text: str, *, tiled: bool = False) -> int:
+  """Bytes of every array shape in an HLO type ('(f32[2,3]{1,0}, bf16[4])' -> 32); with
+  `tiled`, each array's most minor dimensions padded to its layout's tile (`{1,0:T(8,128)}`:
+  f32[2,3] takes 8 x 128 x 4 bytes), as it lies in TPU memory."""
   total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  for dtype, dims, layout, tile in _TILED.findall(text):
+    shape = [int(d) for d in dims.split(",") if d]
+    if tiled and tile and layout:
+      minor_to_major = [int(d) for d in layout.split(",") if d]
+      for dim, size in zip(
+        minor_to_major, reversed([int(t) for t in tile.split(",")]), strict=False
+      ):
+        shape[dim] = -(-shape[dim] // size) * size
+    total += _DTYPE_BYTES[dtype] * math.prod(shape)
   return total
 
 
@@ -185,3 +200,59 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     out[m.group(2)]["count"] += 1
     out[m.group(2)]["bytes"] += shape_bytes(m.group(1))
   return out
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s([a-z][\w\-]*)\((.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all")
+
+
+def _where(op_name: str) -> str:
+  """'jit(train_step)/transpose(jvp(MultiResolutionMIL))/dense4/...' -> 'dense4 backward';
+  ops outside the model (the optimizer, the loss) -> their first named step."""
+  parts = [p for p in op_name.split("/") if p]
+  for i, part in enumerate(parts):
+    if part.endswith(")") and "(" in part and i + 1 < len(parts) and i > 0:
+      if "MultiResolutionMIL" in part or "GlobalAveragePooling" in part:
+        return f"{parts[i + 1]} {'backward' if part.startswith('transpose(') else 'forward'}"
+  return parts[1] if len(parts) > 1 else (parts[0] if parts else "unnamed")
+
+
+def _operands(rest: str) -> list[str]:
+  """The %names of an op's operand list: `rest` up to its closing parenthesis."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      return re.findall(r"%([\w.\-]+)", rest[:i])
+  return re.findall(r"%([\w.\-]+)", rest)
+
+
+def traffic(hlo_text: str) -> dict[str, int]:
+  """Bytes each part of the model moves, from a compiled module's entry computation: for
+  every op that reads or writes memory (fusions, convolutions, copies, collectives), its
+  result and operand bytes, summed by where in the model the op comes from ('dense4
+  backward', 'up1 forward', the optimizer's step). Arrays count padded to their TPU tiles:
+  a narrow channel dimension (8, 32) fills a 128-lane tile. An estimate that ranks the
+  parts; XLA's bytes accessed (`cost_analysis`) stays the total."""
+  shapes: dict[str, int] = {}
+  out: dict[str, int] = collections.Counter()
+  entry = False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY"):
+      entry = True
+      continue
+    if entry and line.startswith("}"):
+      break
+    m = _INSTRUCTION.match(line)
+    if m is None:
+      continue
+    name, kind, op, rest = m.groups()
+    shapes[name] = shape_bytes(kind, tiled=True)
+    if not entry or op in _NO_TRAFFIC or op.endswith("-done"):
+      continue
+    operands = _operands(rest)
+    moved = shapes[name] + sum(shapes.get(o, 0) for o in operands)
+    where = _OP_NAME.search(line)
+    out[_where(where.group(1)) if where else op] += moved
+  return dict(out)

@@ -17,7 +17,8 @@ both for the TPU. `report` turns the executables into plain data:
   collectives' latency and step overheads are not in them);
 - the collectives of the compiled HLO (count, bytes), so a multi-host topology shows what
   crosses hosts;
-- the sharding of the input batch and of every parameter group.
+- the sharding of the input batch and of every parameter group;
+- the parts of the model that move the most bytes (`accelerators.traffic`).
 
 The model's `auto` options follow `jax.default_backend()`, the CPU on such a host:
 `for_platform` resolves them for the target first. `largest_batch` bisects over compiles.
@@ -217,7 +218,14 @@ def report(c: Compiled, capacity: int | None = None) -> dict[str, Any]:
   line = accelerators.roofline(train["flops"], train["bytes"], c.chip)
   per_chip = c.per_chip_batch / line["step_s"] if line["step_s"] > 0 else math.inf
   slices = sorted({getattr(d, "slice_index", 0) for d in c.devices})
+  moved = accelerators.traffic(c.train.as_text())
+  total_moved = sum(moved.values()) or 1
   train.update(
+    # What moves the bytes (tile-padded HLO operand and result bytes by model part).
+    traffic=[
+      {"where": k, "bytes": v, "share": v / total_moved}
+      for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:12]
+    ],
     roofline=line,
     flops_per_image=train["flops"] / c.per_chip_batch,
     images_per_s_chip=per_chip,

@@ -63,3 +63,30 @@ def test_quiet_libtpu_keeps_what_the_user_set(monkeypatch):
   env = {}
   accelerators.quiet_libtpu(env)
   assert env == {}
+
+
+ENTRY = """
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+}
+
+ENTRY %main (param: f32[2,32]) -> f32[2,32] {
+  %param = f32[2,32]{1,0:T(8,128)} parameter(0), sharding={replicated}
+  %fusion.1 = f32[2,32]{1,0:T(8,128)} fusion(%param), kind=kLoop, metadata={op_name="jit(train_step)/jvp(MultiResolutionMIL)/dense4/add"}
+  %fusion.2 = bf16[2,32]{1,0} fusion(%fusion.1, %param), metadata={op_name="jit(train_step)/transpose(jvp(MultiResolutionMIL))/dense4/mul"}
+  %gte = f32[2,32]{1,0} get-tuple-element(%fusion.1), index=0
+  ROOT %fusion.3 = f32[2,32]{1,0} fusion(%fusion.2), metadata={op_name="jit(train_step)/adam/add"}
+}
+"""  # noqa: E501
+
+
+def test_traffic_pads_tiles_and_sums_by_model_part():
+  assert accelerators.shape_bytes("f32[2,32]{1,0:T(8,128)}") == 2 * 32 * 4
+  assert accelerators.shape_bytes("f32[2,32]{1,0:T(8,128)}", tiled=True) == 8 * 128 * 4
+  got = accelerators.traffic(ENTRY)
+  tile = 8 * 128 * 4
+  assert got == {
+    "dense4 forward": tile + tile,  # result and operand, each one padded tile
+    "dense4 backward": 2 * 32 * 2 + tile + tile,
+    "adam": 2 * 32 * 4 + 2 * 32 * 2,
+  }

@@ -2,6 +2,7 @@
 any model's saliency maps.
 
   lsemil score --maps MAPS.npz --boxes BOXES.csv [--out DIR] [--per-image] [--n-boot 1000]
+  lsemil score --maps MAPS.npz --masks GT.json ...   (cheXlocalize's {image: {class: COCO RLE}})
 
 MAPS.npz: image_ids (N), classes (C), maps (N, C, h, w), optional probs (N, C), image_sizes
 (N, 2) as height, width and patient_ids (N); BOXES.csv: image_id,class,x,y,w,h in the original
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     help=".npz: image_ids (N), classes (C), maps (N, C, h, w); optional probs (N, C), "
     "image_sizes (N, 2) height, width, patient_ids (N)",
   )
-  p.add_argument("--boxes", required=True, help="CSV image_id,class,x,y,w,h (image pixels)")
+  truth = p.add_mutually_exclusive_group(required=True)
+  truth.add_argument("--boxes", help="CSV image_id,class,x,y,w,h (image pixels)")
+  truth.add_argument("--masks", help="cheXlocalize ground truth: JSON {image: {class: COCO RLE}}")
   p.add_argument("--out", default=".", help="output folder (default: the current one)")
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as eval.py)")
   p.add_argument(
@@ -52,8 +55,10 @@ def main(argv: list[str]) -> int:
   """`lsemil score`: see the module docstring."""
   args = build_parser().parse_args(argv)
   maps = scoring.read_maps(args.maps)
-  boxes = scoring.read_boxes(args.boxes, maps)
-  result = scoring.score(maps, boxes, args.n_boot, args.seed)
+  if args.masks:
+    result = scoring.score(maps, None, args.n_boot, args.seed, scoring.read_masks(args.masks, maps))
+  else:
+    result = scoring.score(maps, scoring.read_boxes(args.boxes, maps), args.n_boot, args.seed)
   for path in scoring.write_outputs(result, args.out, args.per_image):
     print(f"wrote {path}", file=sys.stderr)
   rows = []

@@ -7,9 +7,11 @@ Inputs:
   own h, w) and patient_ids (N) (the key of the tuning split; default: the image ids).
 - boxes (`read_boxes`): a CSV with the header image_id,class,x,y,w,h, boxes in the original
   image's pixels, x the column; a pixel is inside when its centre lies in the half-open box
-  (`lsemil.metrics.overlap`'s rule at scale 1).
+  (`lsemil.metrics.overlap`'s rule at scale 1);
+- or masks (`read_masks`): cheXlocalize's ground-truth JSON, {image id: {class: COCO RLE}}
+  (`rle_mask` decodes pycocotools' compressed strings), each mask of its image's size.
 
-Scored (`score`): every image of the npz for every class with a box in the CSV, through
+Scored (`score`): every image of the npz for every class with a box (a non-empty mask), through
 `lsemil.metrics.chexlocalize` (cheXlocalize's official steps; an image without a box of the
 class is a negative: NaN in the true-positive-only protocols, counted by the all-images ones).
 The tuning half is `lsemil.metrics.localization.tuning_half` of the patient (or image) id, as
@@ -17,8 +19,8 @@ in `lsemil evaluate`.
 
 Outputs (`write_outputs`): scores.csv (protocol,class,value,ci_low,ci_high,n), scores.json
 ({protocol: {class: entry}, 'settings'}, strict JSON), scores.md (classes x protocols) and
-optionally per_image.csv
-(image_id,class,tuning,iou_otsu,iou_otsu_all,iou_tuned,iou_cutoff,hit).
+optionally per_image.csv (image_id,class,tuning,iou_otsu,iou_otsu_all,iou_tuned,iou_cutoff,
+hit).
 """
 
 from __future__ import annotations
@@ -127,15 +129,87 @@ def boxes_mask(boxes, hw) -> np.ndarray:
   return mask
 
 
-def score(maps: MapSet, boxes: dict, n_boot: int = chexlocalize.N_REPLICATES, seed: int = 0):
-  """`chexlocalize.split_results` (all_images) of every image for every class with a box."""
-  classes = [k for k in maps.classes if any(cls == k for _, cls in boxes)]
+def rle_counts(text: str) -> list[int]:
+  """The run lengths of a compressed COCO RLE string (pycocotools maskApi.c rleFrString)."""
+  counts: list[int] = []
+  p = 0
+  while p < len(text):
+    x = k = 0
+    more = True
+    while more:
+      c = ord(text[p]) - 48
+      x |= (c & 0x1F) << (5 * k)
+      more = bool(c & 0x20)
+      p, k = p + 1, k + 1
+      if not more and c & 0x10:
+        x |= -1 << (5 * k)
+    counts.append(x + counts[-2] if len(counts) > 2 else x)
+  return counts
+
+
+def rle_mask(rle, name="mask") -> np.ndarray:
+  """A COCO RLE {'size': [h, w], 'counts': string or list} as a boolean (h, w) mask, as
+  pycocotools mask.decode: runs alternate from 0s, column-major."""
+  try:
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    counts = rle_counts(counts) if isinstance(counts, str) else [int(v) for v in counts]
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{name}: not a COCO RLE {{'size': [h, w], 'counts': ...}} ({e})") from e
+  if min(counts, default=0) < 0 or sum(counts) != h * w:
+    raise DataError(f"{name}: its runs cover {sum(counts)} pixels, not {h}x{w}")
+  flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
+  return flat.reshape(w, h).T
+
+
+def read_masks(path: str | os.PathLike, maps: MapSet) -> dict[tuple[str, str], np.ndarray]:
+  """{(image_id, class): mask} of a cheXlocalize ground-truth JSON ({image id: {class: COCO
+  RLE}}); a mask must have its image's size (`MapSet.image_sizes`)."""
+  path = fileio.as_path(path)
+  try:
+    data = fileio.read_json(path)
+  except ValueError as e:
+    raise DataError(f"{path}: not JSON ({e})") from e
+  where = {im: i for i, im in enumerate(maps.image_ids)}
+  out = {}
+  for im, by_cls in data.items() if isinstance(data, dict) else ():
+    if im not in where:
+      continue  # an image without maps: nothing to score
+    for cls, rle in by_cls.items():
+      if cls not in maps.classes:
+        continue
+      mask = rle_mask(rle, f"{path}: {im}, {cls}")
+      hw = tuple(int(v) for v in maps.image_sizes[where[im]])
+      if mask.shape != hw:
+        raise DataError(f"{path}: {im}, {cls}: a {mask.shape} mask for a {hw} image")
+      out[(im, cls)] = mask
+  if not out:
+    raise DataError(f"{path}: no mask of an image and class of the maps")
+  return out
+
+
+def score(
+  maps: MapSet,
+  boxes: dict | None = None,
+  n_boot: int = chexlocalize.N_REPLICATES,
+  seed: int = 0,
+  masks: dict | None = None,
+):
+  """`chexlocalize.split_results` (all_images) of every image for every class with a box
+  (`read_boxes`) or a mask (`read_masks`; a class's images without one have none)."""
+  if masks is not None:
+    classes = [k for k in maps.classes if any(m.any() for (_, c), m in masks.items() if c == k)]
+  else:
+    classes = [k for k in maps.classes if any(cls == k for _, cls in boxes or {})]
   cases = []
   for i, im in enumerate(maps.image_ids):
     tune = localization.tuning_half(maps.patient_ids[i])
     for k in classes:
       j = maps.classes.index(k)
-      gt = boxes_mask(boxes.get((im, k), ()), maps.image_sizes[i])
+      if masks is not None:
+        gt = masks.get((im, k), np.zeros(tuple(maps.image_sizes[i]), bool))
+      else:
+        gt = boxes_mask(boxes.get((im, k), ()), maps.image_sizes[i])
       sc = chexlocalize.case_scores(maps.maps[i, j], gt, f"image {im}, class {k}")
       prob = None if maps.probs is None else float(maps.probs[i, j])
       cases.append((im, k, tune, sc, prob))

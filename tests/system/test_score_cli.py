@@ -1,11 +1,16 @@
 """`lsemil score` on maps written here (no lsemil run): its files, eval.py's bootstrap recomputed
-from its per-image file, and one-line errors naming the image or line."""
+from its per-image file, masks (COCO RLE) scoring as the boxes they draw, and a one-line error
+naming the image."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
+from pycocotools import mask as mask_api
+
+from lsemil.workflows import scoring
 
 
 def write_inputs(tmp_path, nan_at=None):
@@ -78,3 +83,24 @@ def test_score_non_finite_map_is_one_error_naming_the_image(tmp_path, lsemil):
     "--out", tmp_path / "out",
   )  # fmt: skip
   assert "image im05, class Nodule" in lsemil.one_error(proc, "score")
+
+
+def test_score_masks_json_gives_the_boxes_numbers(tmp_path, lsemil):
+  write_inputs(tmp_path)
+  z = np.load(tmp_path / "maps.npz")
+  rows = list(csv.DictReader((tmp_path / "boxes.csv").open()))
+  gt = {}
+  for im, hw in zip(z["image_ids"], z["image_sizes"], strict=True):
+    for c in z["classes"]:
+      b = [
+        tuple(float(r[k]) for k in "xywh") for r in rows if (r["image_id"], r["class"]) == (im, c)
+      ]
+      rle = mask_api.encode(np.asfortranarray(scoring.boxes_mask(b, hw).astype(np.uint8)))
+      gt.setdefault(str(im), {})[str(c)] = {"size": rle["size"], "counts": rle["counts"].decode()}
+  (tmp_path / "gt.json").write_text(json.dumps(gt))
+  for truth, path in (("--boxes", "boxes.csv"), ("--masks", "gt.json")):
+    lsemil("score", "--maps", tmp_path / "maps.npz", truth, tmp_path / path,
+           "--out", tmp_path / truth, "--n-boot", "50")  # fmt: skip
+  assert (tmp_path / "--masks" / "scores.csv").read_text() == (
+    tmp_path / "--boxes" / "scores.csv"
+  ).read_text()

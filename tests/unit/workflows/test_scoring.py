@@ -3,10 +3,12 @@ all-images protocols (true_pos_only=False, the probability cutoff) on a small ma
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_api
 
 from lsemil.core import fileio
 from lsemil.core.errors import DataError
@@ -120,3 +122,38 @@ def test_score_and_evaluates_score_all_give_identical_protocols():
   scored = fileio.json_safe(scoring.score(ms, boxes, **kw))
   for p in ("chexlocalize_miou_otsu", "chexlocalize_miou_tuned", "chexlocalize_hit_rate"):
     assert scored[p] == evaluated[p], p
+
+
+def test_rle_masks_decode_as_pycocotools():
+  rng = np.random.default_rng(4)
+  shapes = [(7, 11), (30, 45), (1, 5)]
+  for i, hw in enumerate(shapes * 4):
+    m = np.zeros(hw, np.uint8)
+    if i % 4:
+      m = (rng.random(hw) < rng.choice([0.05, 0.5, 0.97])).astype(np.uint8)
+    rle = mask_api.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode()  # as cheXlocalize's JSON stores it
+    got = scoring.rle_mask(rle)
+    np.testing.assert_array_equal(got, mask_api.decode(rle).astype(bool))
+    np.testing.assert_array_equal(got, m.astype(bool))
+  # uncompressed counts: 2 zeros, 3 ones, 1 zero, column-major in a 3 x 2 image
+  np.testing.assert_array_equal(
+    scoring.rle_mask({"size": [3, 2], "counts": [2, 3, 1]}), [[0, 1], [0, 1], [1, 0]]
+  )
+  with pytest.raises(DataError, match="cover 5 pixels, not 3x2"):
+    scoring.rle_mask({"size": [3, 2], "counts": [2, 3]})
+
+
+def test_masks_score_as_the_boxes_they_draw(tmp_path):
+  ms = map_set(20, seed=3)
+  boxes = {(im, "Mass"): [(4.0, 3.0, 21.0, 13.0)] for im in ms.image_ids[::3]}
+  gt = {}
+  for im in ms.image_ids:
+    m = scoring.boxes_mask(boxes.get((im, "Mass"), ()), (30, 45)).astype(np.uint8)
+    rle = mask_api.encode(np.asfortranarray(m))
+    gt[im] = {"Mass": {"size": rle["size"], "counts": rle["counts"].decode()}}
+  (tmp_path / "gt.json").write_text(json.dumps(gt))
+  masks = scoring.read_masks(tmp_path / "gt.json", ms)
+  by_masks = fileio.json_safe(scoring.score(ms, None, 30, 1, masks=masks))
+  assert by_masks == fileio.json_safe(scoring.score(ms, boxes, 30, 1))
+  assert by_masks["chexlocalize_miou_otsu"]["Mass"]["n"] == 7

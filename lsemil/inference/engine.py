@@ -3,8 +3,8 @@
 Validation inside training (`lsemil.training.trainer`), `lsemil evaluate`, `lsemil reproduce` and
 `lsemil predict` all (big_vision's evaluator pattern, `big_vision/evaluators/common.py`):
 
-1. load weights with `load` (a `LoadedModel`, no optimizer state), or take them from the
-   training state;
+1. load weights with `load` (a `LoadedModel`, no optimizer state: from a training workdir or
+   a folder of `lsemil export`), or take them from the training state;
 2. turn images into model input with the one contract `model_input` (a decoded grey image
    of any size -> uint8 (S, S, 1), exactly as the evaluation pipeline does:
    `lsemil.data.pipeline.eval_image`);
@@ -40,7 +40,7 @@ from lsemil.core import fileio
 from lsemil.core.errors import CheckpointError
 from lsemil.data import nih, pipeline
 from lsemil.models import mil, posthoc, registry
-from lsemil.runtime import checkpointing, sharding
+from lsemil.runtime import bundle, checkpointing, sharding
 
 PROB_FORMAT = "{:.9g}"  # float32 probabilities round-trip through the CSV
 
@@ -57,9 +57,13 @@ class LoadedModel(NamedTuple):
 
 
 def load(path: str | os.PathLike, which: str = "best") -> LoadedModel:
-  """Loads a training workdir's best (or latest) checkpoint, its checkpoints/ folder or one
-  step folder W/checkpoints/<step>, local or gs://. Raises CheckpointError naming the path."""
+  """Loads a training workdir's best (or latest) checkpoint, its checkpoints/ folder, one
+  step folder W/checkpoints/<step>, or a folder of `lsemil export` (`which` is ignored there:
+  it holds one model), local or gs://. Raises CheckpointError naming the path."""
   path = fileio.resolve(path)
+  if bundle.is_bundle(path):
+    config, model, variables, info = bundle.read(path)
+    return LoadedModel(config, model, variables, info["step"], info["checkpoint"], info)
   try:
     config, model, variables, step, info = checkpointing.load_inference(path, which=which)
   except FileNotFoundError as e:
@@ -99,6 +103,13 @@ def _forward(variables, images, *, model, saliency: bool, levels: bool) -> dict:
   if levels:
     keep["saliency_levels"] = out["saliency_levels"]
   return keep
+
+
+def forward(model, variables, *, saliency: bool = True, levels: bool = False) -> Callable:
+  """uint8 (B, S, S, 1) images -> {'probs', 'saliency'?, 'saliency_levels'?}: the MIL model's
+  forward of `Predictor` with `variables` bound, not jitted (what `lsemil export` converts to
+  ONNX, `lsemil.inference.onnx_graph`)."""
+  return functools.partial(_forward, variables, model=model, saliency=saliency, levels=levels)
 
 
 def jitted_forward(model, mesh: jax.sharding.Mesh, *, saliency: bool, levels: bool) -> Callable:

@@ -47,15 +47,18 @@ def checksums(tree: Any) -> dict:
   return {"crc32": out}
 
 
-def verify(step_dir: Any, tree: Any, stored: dict | None) -> None:
+def verify(step_dir: Any, tree: Any, stored: dict | None, *, what: str | None = None) -> None:
   """Raises CheckpointError naming the step and the first non-finite parameter, or the first
-  whose bytes differ from `stored` (`checksums` at save time; None: not checked, a note)."""
+  whose bytes differ from `stored` (`checksums` at save time; None: not checked, a note).
+  `what` names the weights in the message (default 'checkpoint step <last part of step_dir>';
+  an exported model.safetensors is 'the exported model')."""
   step = str(step_dir).rstrip("/").rsplit("/", 1)[-1]  # W/checkpoints/<step>, gs:// too
+  what = what or f"checkpoint step {step}"
   leaves = [(path, _host(x)) for path, x in _leaves(tree)]
   for path, a in leaves:
     if a is not None and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
       raise CheckpointError(
-        f"{step_dir}: checkpoint step {step} holds non-finite weights: {path} "
+        f"{step_dir}: {what} holds non-finite weights: {path} "
         f"({int(np.size(a) - np.isfinite(a).sum())} of {np.size(a)} values NaN/inf)"
       )
   if stored is None:
@@ -65,6 +68,6 @@ def verify(step_dir: Any, tree: Any, stored: dict | None) -> None:
   for path, a in leaves:
     if a is not None and path in crcs and crcs[path] != _crc(a):
       raise CheckpointError(
-        f"{step_dir}: checkpoint step {step} is corrupt: {path} does not match its checksum "
+        f"{step_dir}: {what} is corrupt: {path} does not match its checksum "
         f"(stored crc32 {crcs[path]}, read {_crc(a)})"
       )

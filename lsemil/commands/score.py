@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--maps",
     required=True,
-    help=".npz: image_ids (N), classes (C), maps (N, C, h, w); optional probs (N, C), "
-    "image_sizes (N, 2) height, width, patient_ids (N)",
+    help=".npz (or a folder of them, e.g. one per image): image_ids (N), classes (C), maps "
+    "(N, C, h, w); optional probs (N, C), image_sizes (N, 2) height, width, patient_ids (N)",
   )
   truth = p.add_mutually_exclusive_group(required=True)
   truth.add_argument("--boxes", help="CSV image_id,class,x,y,w,h (image pixels)")

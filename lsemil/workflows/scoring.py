@@ -4,7 +4,8 @@ Inputs:
 - maps (`read_maps`): an .npz holding image_ids (N) strings, classes (C) strings, maps
   (N, C, h, w) floats (any range: the protocols min-max scale each map), optionally probs
   (N, C), image_sizes (N, 2) as (height, width) of the original images (default: the maps'
-  own h, w) and patient_ids (N) (the key of the tuning split; default: the image ids).
+  own h, w) and patient_ids (N) (the key of the tuning split; default: the image ids); or a
+  folder of such files (e.g. one per image).
 - boxes (`read_boxes`): a CSV with the header image_id,class,x,y,w,h, boxes in the original
   image's pixels, x the column; a pixel is inside when its centre lies in the half-open box
   (`lsemil.metrics.overlap`'s rule at scale 1);
@@ -47,15 +48,40 @@ class MapSet:
 
   image_ids: tuple[str, ...]
   classes: tuple[str, ...]
-  maps: np.ndarray  # (N, C, h, w)
+  maps: np.ndarray | list  # (N, C, h, w), or N (C, h, w) arrays
   probs: np.ndarray | None  # (N, C)
   image_sizes: np.ndarray  # (N, 2) height, width
   patient_ids: tuple[str, ...]
 
 
 def read_maps(path: str | os.PathLike) -> MapSet:
-  """The maps .npz; a DataError names the file and the field at fault."""
+  """The maps .npz, or a folder of them (e.g. one per image, N = 1; the same classes in each,
+  maps of any size); a DataError names the file and the field at fault."""
   path = fileio.as_path(path)
+  if not path.is_dir():
+    return _read_npz(path)
+  files = sorted(path.glob("*.npz"))
+  if not files:
+    raise DataError(f"{path}: a folder without .npz files")
+  parts = [_read_npz(f) for f in files]
+  for f, part in zip(files, parts, strict=True):
+    if part.classes != parts[0].classes:
+      raise DataError(f"{f}: classes {part.classes} differ from {files[0].name}'s")
+  ids = tuple(im for part in parts for im in part.image_ids)
+  if len(set(ids)) < len(ids):
+    raise DataError(f"{path}: an image id stands in more than one file")
+  has_probs = all(part.probs is not None for part in parts)
+  return MapSet(
+    ids,
+    parts[0].classes,
+    [m for part in parts for m in part.maps],
+    np.concatenate([part.probs for part in parts]) if has_probs else None,
+    np.concatenate([part.image_sizes for part in parts]),
+    tuple(pid for part in parts for pid in part.patient_ids),
+  )
+
+
+def _read_npz(path) -> MapSet:
   try:
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
       fields = {k: z[k] for k in z.files}
@@ -210,7 +236,7 @@ def score(
         gt = masks.get((im, k), np.zeros(tuple(maps.image_sizes[i]), bool))
       else:
         gt = boxes_mask(boxes.get((im, k), ()), maps.image_sizes[i])
-      sc = chexlocalize.case_scores(maps.maps[i, j], gt, f"image {im}, class {k}")
+      sc = chexlocalize.case_scores(maps.maps[i][j], gt, f"image {im}, class {k}")
       prob = None if maps.probs is None else float(maps.probs[i, j])
       cases.append((im, k, tune, sc, prob))
   result = chexlocalize.split_results(cases, n_boot, seed, all_images=True)

@@ -157,3 +157,23 @@ def test_masks_score_as_the_boxes_they_draw(tmp_path):
   by_masks = fileio.json_safe(scoring.score(ms, None, 30, 1, masks=masks))
   assert by_masks == fileio.json_safe(scoring.score(ms, boxes, 30, 1))
   assert by_masks["chexlocalize_miou_otsu"]["Mass"]["n"] == 7
+
+
+def test_a_folder_of_per_image_npz_reads_as_one(tmp_path):
+  ms = map_set(9, seed=6)
+  one = tmp_path / "one.npz"
+  fields = {"classes": np.array(ms.classes), "image_sizes": ms.image_sizes}
+  np.savez(one, image_ids=np.array(ms.image_ids), maps=ms.maps, probs=ms.probs, **fields)
+  folder = tmp_path / "per_image"
+  folder.mkdir()
+  for i, im in enumerate(ms.image_ids):
+    per = {k: v[i : i + 1] for k, v in fields.items() if k != "classes"}
+    np.savez(folder / f"{im}.npz", image_ids=np.array([im]), classes=fields["classes"],
+             maps=ms.maps[i : i + 1], probs=ms.probs[i : i + 1], **per)  # fmt: skip
+  boxes = {(im, "Mass"): [(3.0, 2.0, 20.0, 11.0)] for im in ms.image_ids[::2]}
+  got = [fileio.json_safe(scoring.score(scoring.read_maps(p), boxes, 20)) for p in (one, folder)]
+  assert got[0] == got[1]
+  np.savez(folder / "zz.npz", image_ids=np.array(["x"]), classes=np.array(["Edema"]),
+           maps=np.zeros((1, 1, 2, 2)))  # fmt: skip
+  with pytest.raises(DataError, match="zz.npz: classes"):
+    scoring.read_maps(folder)

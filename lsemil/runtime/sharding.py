@@ -31,8 +31,21 @@ DATA, MODEL = "data", "model"
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh of shape (len(devices), 1); all devices by default."""
+  """A ('data', 'model') mesh of shape (len(devices), 1); all devices by default.
+
+  On a multi-slice TPU (devices with several `slice_index`es) 'data' runs over the slices
+  (DCN, outer) and then each slice's chips (ICI, inner): `jax.make_mesh` refuses such
+  topologies, so the device order comes from `mesh_utils.create_hybrid_device_mesh`.
+  """
   devices = list(jax.devices() if devices is None else devices)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_hybrid_device_mesh(
+      (len(devices) // slices, 1), (slices, 1), devices, allow_split_physical_axes=True
+    )
+    return jax.sharding.Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
   return jax.make_mesh(
     (len(devices), 1), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
   )

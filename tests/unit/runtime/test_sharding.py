@@ -26,3 +26,14 @@ def test_single_process_helpers():
   assert sharding.maybe_initialize_distributed() is False  # not requested: no-op
   with pytest.raises(ValueError, match="multiple of the device count"):
     sharding.check_batch_sizes(0)
+
+
+def test_multi_slice_mesh_runs_data_over_slices_then_chips():
+  """jax.make_mesh refuses multi-slice topologies; two v5e:2x2 slices (compile-only devices
+  through libtpu, no TPU) give one 'data' axis of 8, slice 0's chips first."""
+  pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is not installed")
+  from lsemil.runtime import accelerators
+
+  mesh = sharding.create_mesh(accelerators.topology_devices("v5e:2x2", num_slices=2))
+  assert dict(mesh.shape) == {"data": 8, "model": 1}
+  assert [d.slice_index for d in mesh.devices.flat] == [0, 0, 0, 0, 1, 1, 1, 1]

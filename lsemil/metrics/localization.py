@@ -1,7 +1,8 @@
 """Weak localization scored the way the field scores it: host-side numpy, no JAX.
 
 Every protocol is computed per box class over the box images of a split, with a 95% percentile
-bootstrap interval that resamples PATIENTS (as `classification.bootstrap_auc_ci`). A *case* is one
+bootstrap interval that resamples PATIENTS (as `classification.bootstrap_auc_ci`; the
+chexlocalize_* protocols resample images, as cheXlocalize's eval.py). A *case* is one
 (image, box class): its ground truth G is the union of the image's boxes of that class on the
 `size` x `size` grid (`overlap.boxes_to_mask`: box (x, y, w, h), x the column), and S is the
 class's saliency map resized to that grid (`overlap.resize_saliency`, `method`). Maps must lie

@@ -64,12 +64,15 @@ def resize_saliency(saliency, size: int = 512, method: str = "nearest") -> np.nd
   factor this is the block replication the model uses to upsample S (np.repeat).
   'bilinear': half-pixel-centre linear interpolation with edge clamping (align_corners=False,
   as skimage.transform.resize(order=1, mode='edge') and jax.image.resize 'linear' when
-  upsampling).
+  upsampling). A constant map stays exactly constant under both.
   """
   s = np.asarray(saliency, dtype=np.float64)
   if s.ndim != 2:
     raise ValueError(f"saliency must be 2-D, got shape {s.shape}")
   h, w = s.shape
+  if method in ("nearest", "bilinear") and s.size and s.min() == s.max():
+    # exactly constant: bilinear weights would add ~1e-16 of noise that min-max scaling blows up
+    return np.full((size, size), s.flat[0])
   if method == "nearest":
     rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)

@@ -296,6 +296,12 @@ def test_chexlocalize_protocols_are_eval_py_tables():
   assert res["chexlocalize_miou_tuned"]["A"]["n"] == int((~tune).sum())
 
 
+def test_constant_map_predicts_nothing_under_bilinear_resizing():
+  res = score(np.full((7, 7), 0.4), [BOX], method="bilinear")
+  assert res["miou_otsu_float"]["A"]["n_pairs"] == 0 and res["miou_tuned"]["A"]["empty0"] == 0
+  assert res["chexlocalize_miou_otsu"]["A"]["n_pairs"] == 0
+
+
 def test_non_finite_map_is_an_error_naming_the_case():
   s = grid_mask((2, 5), (5, 9))
   s[0, 0] = np.nan

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from lsemil.core import fileio
-from lsemil.core.errors import CheckpointError
+from lsemil.core.errors import CheckpointError, DataError
 from lsemil.data import nih, pipeline
 from lsemil.models import mil, posthoc, registry
 from lsemil.runtime import bundle, checkpointing, sharding
@@ -371,7 +371,10 @@ def read_predictions_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
   text = fileio.as_path(path).read_text()
   out = {}
   for rec in csv.DictReader(io.StringIO(text)):
-    out[rec["image_id"]] = np.array([float(rec[c]) for c in nih.CLASSES])
+    probs = np.array([float(rec[c]) for c in nih.CLASSES])
+    if not np.all(np.isfinite(probs)):  # else a class's AUC would be silently undefined
+      raise DataError(f"{path}: image {rec['image_id']} has a non-finite probability")
+    out[rec["image_id"]] = probs
   return out
 
 

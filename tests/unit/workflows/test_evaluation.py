@@ -357,3 +357,11 @@ def test_non_finite_probability_or_map_names_the_image():
   ok[2][1, 1, 0] = np.inf
   with pytest.raises(DataError, match="image c.png: its saliency map"):
     evaluation.check_finite(index, bad)
+
+
+def test_predictions_csv_with_a_nan_probability_names_the_image(tmp_path):
+  text = engine.predictions_csv(["a.png", "b.png"], [1, 2], np.full((2, nih.NUM_CLASSES), 0.5))
+  path = tmp_path / "p.csv"
+  path.write_text(text.replace("b.png,2,0.5", "b.png,2,nan"))
+  with pytest.raises(DataError, match="p.csv: image b.png has a non-finite probability"):
+    engine.read_predictions_csv(path)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "evaluate": ("lsemil.commands.evaluate", "AUC, DICE and IoBB of a checkpoint on a split"),
   "reproduce": ("lsemil.commands.reproduce", "the paper's Tables 1-3 and Figures 1/3 from runs"),
   "predict": ("lsemil.commands.predict", "class probabilities and saliency overlays for images"),
+  "export": ("lsemil.commands.export", "a run as a folder: safetensors, ONNX, config, model card"),
   "score": ("lsemil.commands.score", "cheXlocalize's mIoU and hit rate of any model's maps"),
   "aot": ("lsemil.commands.aot", "compile for a TPU topology here: HBM fit, sharding, step time"),
 }

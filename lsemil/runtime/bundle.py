@@ -127,4 +127,3 @@ def read(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any, dict,
   info = {"checkpoint": str(root), "step": int(head.get("step", 0)), "which": "export"}
   info["source"] = head.get("source")
   return config, model, variables, info
-

@@ -50,8 +50,11 @@ def test_refuses_non_finite_weights(tmp_path, smoke):
   bad = jax.tree.map(np.copy, smoke[1])
   bad["params"]["head"]["kernel"][0, 0, 0, 0] = np.nan
   out = _write(tmp_path, smoke, bad)
-  with pytest.raises(CheckpointError, match=r"model.safetensors: the exported model holds "
-                     r"non-finite weights: \['params'\]\['head'\]\['kernel'\] \(1 of"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"model.safetensors: the exported model holds "
+    r"non-finite weights: \['params'\]\['head'\]\['kernel'\] \(1 of",
+  ):
     engine.load(out)
 
 

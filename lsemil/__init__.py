@@ -24,7 +24,8 @@ importlib.import_module("lsemil.runtime.accelerators").quiet_libtpu()  # jax-fre
 if TYPE_CHECKING:
   from lsemil.core.configuration import load_config
   from lsemil.data.nih import CLASSES
-  from lsemil.inference.engine import Predictor, load
+  from lsemil.inference.engine import Predictor
+  from lsemil.inference.trained_model import TrainedModel, load
   from lsemil.metrics.classification import bootstrap_auc_ci, mean_auc, per_class_auc, roc_auc
   from lsemil.metrics.localization import score_all
   from lsemil.metrics.overlap import dice, iobb_accuracy, uniform_dice
@@ -52,6 +53,7 @@ __all__ = [
   "binary_cross_entropy",
   # a trained model
   "load",
+  "TrainedModel",
   "Predictor",
   # metrics (Sec 4.2)
   "roc_auc",
@@ -68,7 +70,8 @@ __all__ = [
 _EXPORTS = {
   "lsemil.core.configuration": ("load_config",),
   "lsemil.data.nih": ("CLASSES",),
-  "lsemil.inference.engine": ("Predictor", "load"),
+  "lsemil.inference.engine": ("Predictor",),
+  "lsemil.inference.trained_model": ("TrainedModel", "load"),
   "lsemil.metrics.classification": ("bootstrap_auc_ci", "mean_auc", "per_class_auc", "roc_auc"),
   "lsemil.metrics.localization": ("score_all",),
   "lsemil.metrics.overlap": ("dice", "iobb_accuracy", "uniform_dice"),

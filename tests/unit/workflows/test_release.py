@@ -1,0 +1,146 @@
+"""`lsemil export` (lsemil.workflows.release) and `lsemil.load`, on a real checkpoint of the smoke
+config with random weights (no training).
+
+One prediction path: `lsemil predict`'s CSV on a workdir and on its export, `lsemil.load` of
+both, give the same float32 probabilities for the same file; the exported model.onnx in
+onnxruntime matches JAX. Export refuses non-finite weights and a folder of other files, each
+with one error line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import cv2
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import lsemil
+from lsemil.commands import cli
+from lsemil.core import configuration
+from lsemil.data.nih import CLASSES
+from lsemil.inference import engine, onnx_graph
+from lsemil.models import registry
+from lsemil.runtime import bundle
+from lsemil.workflows import prediction, release
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+STEP = 4
+
+
+def _evaluation(split: str, step: int, **extra) -> dict:
+  auc = {c: 0.5 + 0.02 * k for k, c in enumerate(CLASSES)}
+  return {
+    "split": split, "step": step, "checkpoint": "/machine/w/checkpoints/4", "data_dir": "/d",
+    "num_images": 40, "num_patients": 20, "auc": auc,
+    "auc_lo": {c: v - 0.1 for c, v in auc.items()}, "auc_hi": {c: v + 0.1 for c, v in auc.items()},
+    "mean_auc": float(np.mean(list(auc.values()))), "dice": {"Mass": 0.25},
+    "dice_uniform": {"Mass": 0.125},
+    "protocols": {"chexlocalize_miou_otsu": {"Mass": {"value": 0.3, "lo": 0.2, "hi": 0.4}}},
+    **extra,
+  }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, random_variables, write_checkpoint):
+  """A workdir (one checkpoint, a test evaluation of its step with a calibration, a stale
+  valid evaluation) exported through the CLI with model.onnx."""
+  tmp = tmp_path_factory.mktemp("export")
+  config = configuration.load_config("smoke")
+  variables = random_variables(registry.from_config(config.model), seed=2)
+  w, out = tmp / "w", tmp / "out"
+  write_checkpoint(w, config, variables, STEP)
+  temps = [1.0 + 0.1 * k for k in range(len(CLASSES))]
+  cal = {"method": "temperature", "classes": list(CLASSES), "temperature": temps}
+  (w / "evaluation_test_calibration.json").write_text(json.dumps(cal))
+  test = _evaluation("test", STEP, calibration_file="evaluation_test_calibration.json")
+  (w / "evaluation_test.json").write_text(json.dumps(test))
+  (w / "evaluation_valid.json").write_text(json.dumps(_evaluation("valid", STEP - 2)))
+  assert cli.main(["export", "--workdir", str(w), "--out", str(out)]) == 0
+  return SimpleNamespace(w=w, out=out, config=config, variables=variables, temps=temps)
+
+
+def test_the_exported_folder(run):
+  assert sorted(p.name for p in run.out.iterdir()) == sorted(release.FILES)
+  head = json.loads((run.out / "config.json").read_text())
+  assert head["classes"] == list(CLASSES) and head["step"] == STEP
+  assert head["model"]["input_size"] == 64 and head["model"]["saliency_size"] == 16
+  pre = json.loads((run.out / "preprocessing.json").read_text())
+  assert pre["input"]["dtype"] == "uint8" and pre["input"]["shape"] == ["B", 64, 64, 1]
+  assert "WindowCenter" in json.dumps(pre["decode"]["dicom"])
+  cal = json.loads((run.out / "calibration.json").read_text())
+  assert cal["temperature"] == run.temps and cal["fitted_on"] == "valid"
+  assert json.loads((run.out / "thresholds.json").read_text())["thresholds"] is None
+  metrics = json.loads((run.out / "metrics.json").read_text())
+  assert list(metrics) == ["test"]  # valid evaluated step 2, not the exported 4
+  assert "checkpoint" not in metrics["test"] and "data_dir" not in metrics["test"]
+  text = (run.out / "README.md").read_text()
+  front = yaml.safe_load(text.split("---\n")[1])
+  assert front["license"] == "apache-2.0" and {"onnx", "safetensors"} <= set(front["tags"])
+  assert front["metrics"] == ["roc_auc", "dice"] and "datasets" not in front  # synthetic data
+  assert "**Research, not for clinical use.**" in text and "Synthetic phantoms" in text
+  assert "| Atelectasis | 0.500 | 0.400-0.600 |" in text and "| Mass | 0.580 |" in text
+  assert "| chexlocalize_miou_otsu | 0.300 | 1 |" in text and "/machine" not in text
+
+
+def test_one_prediction_path(run, tmp_path, phantom_image, capsys):
+  """predict's CSV (workdir and export) == lsemil.load(export) == lsemil.load(workdir)."""
+  gray = cv2.resize(phantom_image(5, 600), (600, 480))  # not square, above 512 px
+  path = tmp_path / "chest.png"
+  assert cv2.imwrite(str(path), gray)
+  csv = {}
+  for name, source in (("w", run.w), ("out", run.out)):
+    argv = ["predict", "--checkpoint", str(source), str(path), "--out", str(tmp_path / name)]
+    assert cli.main([*argv, "--no-progress", "--threshold", "1"]) == 0  # no overlays drawn
+    csv[name] = engine.read_predictions_csv(tmp_path / name / "predictions.csv")["chest.png"]
+  capsys.readouterr()
+  from_export, from_workdir = lsemil.load(run.out), lsemil.load(run.w)
+  assert isinstance(from_export, lsemil.TrainedModel) and from_export.step == STEP
+  image = prediction.read_image(path)
+  p_export = from_export.predict(image)["probs"][0]
+  p_workdir = from_workdir.predict([image])["probs"][0]
+  assert p_export.dtype == np.float32
+  np.testing.assert_array_equal(p_export, p_workdir)
+  np.testing.assert_array_equal(csv["w"].astype(np.float32), p_export)
+  np.testing.assert_array_equal(csv["out"].astype(np.float32), p_export)
+  assert np.ptp(p_export) > 1e-3  # 14 different numbers, not a constant
+
+
+def test_onnx_matches_jax(run, phantom_image):
+  model = lsemil.load(run.out)
+  sess = onnx_graph.session(run.out / release.ONNX_FILE)
+  assert [(i.name, i.type, i.shape) for i in sess.get_inputs()] == [
+    ("image", "tensor(uint8)", ["B", 64, 64, 1])
+  ]
+  images = np.stack([model.preprocess(phantom_image(s, 256)) for s in range(3)])
+  got, want = onnx_graph.run(sess, images), model.predict(images)
+  assert got["probs"].shape == (3, 14) and got["saliency"].shape == (3, 16, 16, 14)
+  np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got["saliency"], want["saliency"], atol=1e-3, rtol=0)
+  assert np.abs(got["probs"] - want["probs"]).max() < 1e-5  # float32 rounding, in fact
+
+
+def test_export_refuses_bad_weights_and_foreign_folders(run, tmp_path, write_checkpoint, capsys):
+  bad = jax.tree.map(np.copy, run.variables)
+  bad["params"]["head"]["bias"][3] = np.inf
+  write_checkpoint(tmp_path / "w", run.config, bad, STEP)
+  out = tmp_path / "out"
+  assert cli.main(["export", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("lsemil export: ")
+  assert "non-finite weights: ['params']['head']['bias']" in err[0] and not out.exists()
+  (out / "notes").mkdir(parents=True)
+  assert cli.main(["export", "--workdir", str(run.w), "--out", str(out), "--no-onnx"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--out {out}: holds other files" in err[0]
+  again = tmp_path / "again"  # an export re-exported in place: no stale graph, same results
+  shutil.copytree(run.out, again)
+  assert cli.main(["export", "--workdir", str(again), "--out", str(again), "--no-onnx"]) == 0
+  assert bundle.read(again)[3]["step"] == STEP and not (again / release.ONNX_FILE).exists()
+  for name in ("metrics.json", "calibration.json", "config.json"):
+    assert (again / name).read_text() == (run.out / name).read_text(), name

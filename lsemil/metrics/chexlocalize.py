@@ -25,7 +25,7 @@ function names the official file and function it follows step by step:
 - `cutoff_ious`, `tune_cutoff` (tune_probability_threshold.py `compute_miou`,
   `find_threshold`; heatmap_to_segmentation.py `heatmap_to_mask`): Otsu masks blanked unless
   prob > c while tuning, all-images IoU, mIoU rounded to 3 decimals, grid `np.arange(0, .9, .1)`
-  (the official code starts Lung Lesion's at 0.1), the first maximum (pandas idxmax); the
+  (Lung Lesion's from 0.1, `cutoff_grid`), the first maximum (pandas idxmax); the
   chosen cutoff, rounded to one decimal, blanks a mask when prob < c (kept: prob >= c).
 - `bootstrap` (eval.py `bootstrap_metric`, `compute_cis`): 1,000 replicates drawing the rows
   (images) with `np.random.choice(n, n, replace=True)` after `np.random.seed(seed)`, every
@@ -164,6 +164,11 @@ def tune_threshold(ious) -> int:
   return _py_first_max(_nanmean(ious, 0))
 
 
+def cutoff_grid(cls) -> tuple[float, ...]:
+  """find_threshold's cutoffs for a class: np.arange(0, .9, .1), from 0.1 for 'Lung Lesion'."""
+  return CUTOFF_GRID[1:] if cls == "Lung Lesion" else CUTOFF_GRID
+
+
 def cutoff_ious(iou_all, gt_any, probs, cutoffs=CUTOFF_GRID, tuning: bool = True):
   """(images, cutoffs) all-images IoUs with the Otsu mask blanked below each cutoff.
 
@@ -297,8 +302,8 @@ def split_results(
     probs = [p for _, _, p in tune_cases + report_cases]
     c_i = None
     if all_images and tune_cases and not np.any(np.isnan(probs)):
-      c_i = tune_cutoff(_cutoff_table(tune_cases, CUTOFF_GRID, True))
-    cut.append({"cutoff": None if c_i is None else round(CUTOFF_GRID[c_i], 1)})
+      c_i = tune_cutoff(_cutoff_table(tune_cases, cutoff_grid(k), True))
+    cut.append({"cutoff": None if c_i is None else round(cutoff_grid(k)[c_i], 1)})
     if c_i is not None and report_cases:
       rows = [i for i, _, _ in report_cases]
       table["cut"][rows, j] = _cutoff_table(report_cases, [cut[-1]["cutoff"]], False)[:, 0]

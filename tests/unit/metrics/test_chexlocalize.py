@@ -140,6 +140,8 @@ def test_grids_are_the_official_aranges():
   )  # 0.8000000000000003
   assert chexlocalize.APPLIED_GRID == (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
   assert chexlocalize.CUTOFF_GRID[0] == 0.0 and len(chexlocalize.CUTOFF_GRID) == 9
+  assert chexlocalize.cutoff_grid("Lung Lesion") == chexlocalize.CUTOFF_GRID[1:]  # its exception
+  assert chexlocalize.cutoff_grid("Edema") == chexlocalize.CUTOFF_GRID
 
 
 def test_random_maps_match_an_independent_reimplementation():

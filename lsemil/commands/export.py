@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--out", required=True, help="the folder to write (new, empty or an export)")
   arguments.add_which(p, "checkpoint of the workdir (default best validation mean AUC)")
-  p.add_argument("--no-onnx", action="store_true", help="skip model.onnx (no jax2onnx conversion)")
   p.add_argument(
     "--training-data",
     choices=release.DATA_KINDS,
@@ -41,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     help="what the run was trained on, for the model card (default auto: from the run's "
     "data folder; a prepared folder is 'unknown')",
   )
+  p.add_argument("--no-onnx", action="store_true", help="skip model.onnx (no jax2onnx conversion)")
   return p
 
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   summary = release.export(
-    args.workdir, args.out, which=args.which, onnx=not args.no_onnx,
+    args.workdir, out=args.out, which=args.which, onnx=not args.no_onnx,
     data_kind=args.training_data, version=__version__,
   )  # fmt: skip
   print(f"checkpoint {summary['checkpoint']} (step {summary['step']})", file=sys.stderr)

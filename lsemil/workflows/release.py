@@ -177,8 +177,8 @@ def _clean_output(out) -> None:
 
 def export(
   workdir: str | os.PathLike,
-  out: str | os.PathLike,
   *,
+  out: str | os.PathLike,
   which: str = "best",
   onnx: bool = True,
   data_kind: str = "auto",

@@ -4,6 +4,7 @@
   lsemil evaluate --checkpoint W/checkpoints/<step> --data-dir D --out F.json
   lsemil evaluate --workdir G --saliency cam          (a GAP baseline run, configs/baseline_gap.py)
   lsemil evaluate --workdir W --calibrate temperature (fitted on the valid split)
+  lsemil evaluate --workdir W --split valid [--operating-point youden|f1|sens=0.9|spec=0.9]
 
 Writes F.json, F.csv, F_predictions.csv (per image), F_saliency_boxes.npz and, with
 --calibrate, F_calibration.json (`lsemil.workflows.evaluation`). The default F is
@@ -19,10 +20,18 @@ from lsemil.commands import arguments, progress
 from lsemil.core import fileio, log
 from lsemil.data import nih
 from lsemil.inference import engine
-from lsemil.metrics import calibration
+from lsemil.metrics import calibration, operating_points
 from lsemil.models import registry
 from lsemil.runtime import sharding
 from lsemil.workflows import evaluation
+
+
+def _rule(text: str) -> str:
+  try:
+    operating_points.parse(text)
+  except ValueError as e:  # ConfigError
+    raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+  return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     "lsemil predict --calibration)",
   )
   p.add_argument(
+    "--operating-point",
+    type=_rule,
+    default=operating_points.DEFAULT_RULE,
+    help="with --split valid: the rule choosing each class's decision threshold p >= t, "
+    "stored in the evaluation JSON (export writes it as thresholds.json): youden (default, "
+    "max sensitivity + specificity - 1), f1, sens=X (most specific with sensitivity >= X) or "
+    "spec=X; on another split the sensitivity and specificity at the thresholds of the "
+    "workdir's evaluation_valid.json of the same step are reported",
+  )
+  p.add_argument(
     "--no-protocols",
     action="store_true",
     help="skip the weak-localization protocols (Wang et al. accuracy / AFP, cheXlocalize "
@@ -133,6 +152,8 @@ def main(argv: list[str]) -> int:
       gradcam_level=level,
       protocols=not args.no_protocols,
       calibrate=args.calibrate,
+      operating_point=args.operating_point,
+      thresholds=evaluation.stored_operating_points(evaluation.workdir_of(path), loaded.step),
     )
     run = evaluation.evaluate_checkpoint(loaded, data_dir, args.split, options)
   if jax.process_index() == 0:
@@ -150,5 +171,13 @@ def main(argv: list[str]) -> int:
       print(
         f"  {f['method']} (valid fit): ECE {f['ece_overall']:.4f}, Brier {f['brier_overall']:.4f}"
       )
+    if r.operating_points:
+      ops = r.operating_points
+      print(f"operating points ({ops['rule']}, chosen on {ops['fit_split']}): class threshold "
+            "sensitivity specificity")  # fmt: skip
+      for c, t, se, sp in zip(ops["classes"], ops["thresholds"], ops["sensitivity"],
+                              ops["specificity"], strict=True):  # fmt: skip
+        cells = "  ".join("-" if v is None else f"{v:.3f}" for v in (t, se, sp))
+        print(f"  {c:<18} {cells}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
   return 0

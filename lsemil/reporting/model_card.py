@@ -113,6 +113,24 @@ def _protocols(ev: Mapping) -> list[str]:
   return lines
 
 
+def _operating_points(ops: Mapping | None) -> list[str]:
+  if not ops or not any(t is not None for t in ops.get("thresholds") or ()):
+    return []
+  lines = [
+    f"### Operating thresholds (`{ops.get('rule')}`, chosen on the valid split)",
+    "",
+    "Decision: p >= threshold (thresholds.json); sensitivity and specificity on the valid "
+    "split they were chosen on (optimistic for new data).",
+    "",
+    "| class | threshold | sensitivity | specificity |",
+    "|:---|---:|---:|---:|",
+  ]
+  cols = [ops.get(k) or [] for k in ("thresholds", "sensitivity", "specificity")]
+  for c, t, se, sp in zip(ops.get("classes") or [], *cols, strict=False):
+    lines.append(f"| {c} | {_num(t)} | {_num(se)} | {_num(sp)} |")
+  return [*lines, ""]
+
+
 def _evaluation(metrics: Mapping[str, Mapping], classes: Sequence[str]) -> list[str]:
   if not metrics:
     return [
@@ -146,10 +164,12 @@ def card(
   calibration_note: str,
   thresholds_note: str,
   onnx: bool,
+  thresholds: Mapping | None = None,
 ) -> str:
   """The model card's Markdown. `head`: config.json of the export (`lsemil.runtime.bundle`);
   `metrics`: {split: evaluation} (metrics.json); `data_kind`: 'nih', 'synthetic' or
-  'unknown'; the notes: one line each on calibration.json and thresholds.json."""
+  'unknown'; the notes: one line each on calibration.json and thresholds.json;
+  `thresholds`: thresholds.json, tabled when it holds thresholds."""
   m, classes = head["model"], list(head["classes"])
   size, n = int(head["input_size"]), m.get("saliency_size")
   pooling = (
@@ -221,6 +241,7 @@ def card(
     "## Evaluation",
     "",
     *_evaluation(metrics, classes),
+    *_operating_points(thresholds),
     "",
     "## Limitations",
     "",

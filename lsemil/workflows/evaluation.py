@@ -25,6 +25,12 @@ memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics.
   fitted there (`calibration.fit`) and the split is scored again with the fitted probabilities
   (`calibration_fitted`); the parameters are written as F_calibration.json
   (`lsemil predict --calibration` applies them).
+- operating points (`operating_points`, `lsemil.metrics.operating_points`): on the valid
+  split, one decision threshold per class (p >= t) chosen by `EvalOptions.operating_point`
+  (Youden's J by default, f1, sens=X, spec=X) with its sensitivity, specificity and PPV
+  there; on another split, those of the same step's valid evaluation
+  (`stored_operating_points`, passed as `EvalOptions.thresholds`) scored on it. `lsemil
+  export` writes the valid split's as thresholds.json.
 
 The saliency source (`lsemil.models.registry`) is the predictor's: 'model' for the MIL model,
 'gradcam' or 'cam' for the GAP baseline (min-max scaled per image and class,
@@ -57,7 +63,7 @@ from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, DataError, OutputError
 from lsemil.data import nih, pipeline
 from lsemil.inference import engine
-from lsemil.metrics import calibration, classification, localization, overlap
+from lsemil.metrics import calibration, classification, localization, operating_points, overlap
 from lsemil.models import registry
 
 DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -231,6 +237,10 @@ class EvalOptions:
   protocol_ts: tuple[float, ...] = localization.DEFAULT_TS  # their T(IoBB) / T(IoU)
   prob_cutoffs: tuple[float, ...] | None = localization.PROB_CUTOFFS  # None: no cutoff variant
   calibrate: str | None = None  # 'temperature' | 'platt': fitted on the valid split
+  # Per-class thresholds: chosen by this rule on the valid split (`operating_points.choose`);
+  # on another split, `thresholds` (a valid evaluation's operating_points) are scored.
+  operating_point: str = operating_points.DEFAULT_RULE
+  thresholds: dict | None = None
 
 
 @dataclasses.dataclass
@@ -277,6 +287,7 @@ class Evaluation:
   calibration: dict | None = None
   calibration_fitted: dict | None = None
   calibration_file: str | None = None
+  operating_points: dict | None = None  # `operating_point_results`
 
   def to_dict(self) -> dict:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "step"}
@@ -416,6 +427,7 @@ def evaluate_split(
   )
   protocols = protocol_metrics(index, preds, cases, options) if options.protocols else None
   cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
+  ops = operating_point_results(preds, split, options)
   arch = registry.arch_of(predictor.model)
   result = Evaluation(
     split=split,
@@ -443,6 +455,7 @@ def evaluate_split(
     protocols=protocols,
     calibration=cal,
     calibration_fitted=fitted,
+    operating_points=ops,
   )
   return EvalRun(
     result=result, predictions=preds, index=index, figure=fig, calibration_params=params
@@ -469,6 +482,31 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
     f"{time.perf_counter() - t0:.1f} s"
   )
   return result
+
+
+def operating_point_results(preds, split: str, options: EvalOptions) -> dict | None:
+  """The valid split: per-class thresholds chosen by `options.operating_point` with their
+  rates there (`operating_points.choose`; `lsemil export` writes them as thresholds.json).
+  Another split with `options.thresholds` (a valid evaluation's): the rates at those stored
+  thresholds. Else None."""
+  if split == "valid":
+    ops = operating_points.choose(preds.probs, preds.labels, options.operating_point, nih.CLASSES)
+    return {**ops, "fit_split": "valid"}
+  stored = options.thresholds
+  if not stored:
+    return None
+  rates = operating_points.rates(stored["thresholds"], preds.probs, preds.labels)
+  keep = ("rule", "classes", "thresholds", "fit_split")
+  return {**{k: stored.get(k) for k in keep}, "num_images": int(len(preds.rows)), **rates}
+
+
+def stored_operating_points(workdir, step: int | None) -> dict | None:
+  """The operating points of W/evaluation_valid.json when it evaluated `step`, else None."""
+  path = default_output(workdir, "valid")
+  if step is None or not path.exists():
+    return None
+  valid = load_evaluation(path)
+  return valid.get("operating_points") if valid.get("step") == int(step) else None
 
 
 def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
@@ -682,6 +720,10 @@ def to_csv(result: Mapping) -> str:
         w.writerow([m + suffix, c, "", "", num(v), "", ""])
       if m + "_overall" in cal:
         w.writerow([m + suffix, "overall", "", "", num(cal[m + "_overall"]), "", ""])
+  ops = result.get("operating_points") or {}
+  for key in ("thresholds", "sensitivity", "specificity", "ppv"):
+    for c, v in zip(ops.get("classes") or (), ops.get(key) or (), strict=False):
+      w.writerow([f"op_{key}", c, "", "", num(v), "", ""])
   return buf.getvalue()
 
 

@@ -11,8 +11,10 @@ from their checksums (`lsemil.runtime.integrity`) with one CheckpointError, and 
   OUT/model.onnx          the forward as ONNX (`lsemil.inference.onnx_graph`), unless onnx=False
   OUT/calibration.json    the recalibration `lsemil evaluate --calibrate` fitted on the valid
                           split for this step, or {"method": null, "absent": why}
-  OUT/thresholds.json     per-class operating thresholds: lsemil computes none yet, so
-                          {"thresholds": null, "absent": why}
+  OUT/thresholds.json     per-class operating thresholds (decision p >= t) `lsemil evaluate
+                          --split valid` chose for this step (`--operating-point`), with their
+                          valid-split sensitivity and specificity, or {"thresholds": null,
+                          "absent": why}
   OUT/metrics.json        {split: the last `lsemil evaluate` of the split (W/evaluation_<split>
                           .json) for the exported step}; {} when there is none
   OUT/README.md           a Hugging Face model card (`lsemil.reporting.model_card`)
@@ -134,22 +136,38 @@ def _calibration(workdir, metrics: dict[str, dict]) -> dict[str, Any]:
   }
 
 
-def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, list[str]]:
-  """(metrics.json, calibration.json, notes) for the export of `loaded`: from its workdir's
-  evaluations of `step` (without the exporting machine's paths), or, re-exporting an
-  export, the files that folder carries."""
+def _thresholds(metrics: dict[str, dict]) -> dict[str, Any]:
+  ops = (metrics.get("valid") or {}).get("operating_points")
+  if ops and any(t is not None for t in ops.get("thresholds") or ()):
+    decision = "p >= threshold per class (config.json's class order), on the model's own "
+    decision += "probabilities (before any calibration); null: no threshold for that class"
+    return {**ops, "decision": decision}
+  return {
+    "thresholds": None,
+    "classes": list(nih.CLASSES),
+    "absent": "no operating thresholds for this step: `lsemil evaluate --workdir W --split "
+    "valid [--operating-point youden|f1|sens=X|spec=X]` chooses them, then export again",
+  }
+
+
+def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, dict, list[str]]:
+  """(metrics.json, calibration.json, thresholds.json, notes) for the export of `loaded`:
+  from its workdir's evaluations of `step` (without the exporting machine's paths), or,
+  re-exporting an export, the files that folder carries."""
   if loaded.info.get("which") == "export":
     src = fileio.as_path(loaded.checkpoint)
-    metrics = fileio.read_json(src / METRICS_FILE) if (src / METRICS_FILE).exists() else {}
-    has_cal = (src / CALIBRATION_FILE).exists()
-    cal = fileio.read_json(src / CALIBRATION_FILE) if has_cal else _calibration(src, {})
-    return metrics, cal, []
+    found = [
+      fileio.read_json(src / name) if (src / name).exists() else None
+      for name in (METRICS_FILE, CALIBRATION_FILE, THRESHOLDS_FILE)
+    ]
+    metrics = found[0] or {}
+    return metrics, found[1] or _calibration(src, {}), found[2] or _thresholds(metrics), []
   run_dir = evaluation.workdir_of(loaded.checkpoint)
   metrics, notes = _evaluations(run_dir, step)
   public = {
     split: {k: v for k, v in ev.items() if k not in _LOCAL_FIELDS} for split, ev in metrics.items()
   }
-  return public, _calibration(run_dir, metrics), notes
+  return public, _calibration(run_dir, metrics), _thresholds(public), notes
 
 
 def _data_kind(config) -> str:
@@ -203,16 +221,10 @@ def export(
     summary["onnx_seconds"] = onnx_graph.write(loaded, out / ONNX_FILE)
   elif (out / ONNX_FILE).exists():
     (out / ONNX_FILE).unlink()  # an earlier export's graph would not match these weights
-  public, cal, notes = _results(loaded, step)
+  public, cal, thresholds, notes = _results(loaded, step)
   for note in notes:
     log.warning(f"export: {note}; left out of {METRICS_FILE}")
   fileio.write_json(out / CALIBRATION_FILE, cal)
-  thresholds = {
-    "thresholds": None,
-    "classes": list(nih.CLASSES),
-    "absent": "the checkpoint holds no per-class operating thresholds (lsemil does not "
-    "compute them yet); choose them on validation data of your own population",
-  }
   fileio.write_json(out / THRESHOLDS_FILE, thresholds)
   fileio.write_json(out / METRICS_FILE, public)
   kind = _data_kind(loaded.config) if data_kind == "auto" else data_kind
@@ -226,8 +238,13 @@ def export(
     metrics=public,
     data_kind=kind,
     calibration_note=cal_note,
-    thresholds_note="absent (lsemil computes no operating thresholds yet); the file says so",
+    thresholds_note=(
+      f"per-class thresholds by the {thresholds['rule']} rule, chosen on the valid split"
+      if thresholds.get("thresholds")
+      else "absent (no `lsemil evaluate --split valid` of this step); the file says so"
+    ),
     onnx=onnx,
+    thresholds=thresholds,
   )
   fileio.write_text(out / CARD_FILE, text)
   summary.update(

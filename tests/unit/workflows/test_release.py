@@ -4,7 +4,8 @@ config with random weights (no training).
 One prediction path: `lsemil predict`'s CSV on a workdir and on its export, `lsemil.load` of
 both, give the same float32 probabilities for the same file; the exported model.onnx in
 onnxruntime matches JAX. Export refuses non-finite weights and a folder of other files, each
-with one error line.
+with one error line. Operating points: `evaluate --split valid --operating-point` chooses
+per-class thresholds, `evaluate --split test` scores them, export writes them.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from lsemil.commands import cli
 from lsemil.core import configuration
 from lsemil.data.nih import CLASSES
 from lsemil.inference import engine, onnx_graph
+from lsemil.metrics import operating_points
 from lsemil.models import registry
 from lsemil.runtime import bundle
-from lsemil.workflows import prediction, release
+from lsemil.workflows import evaluation, prediction, release
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -144,3 +146,34 @@ def test_export_refuses_bad_weights_and_foreign_folders(run, tmp_path, write_che
   assert bundle.read(again)[3]["step"] == STEP and not (again / release.ONNX_FILE).exists()
   for name in ("metrics.json", "calibration.json", "config.json"):
     assert (again / name).read_text() == (run.out / name).read_text(), name
+
+
+def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, capsys):
+  w = tmp_path / "w"
+  shutil.copytree(run.w, w, ignore=shutil.ignore_patterns("evaluation_*"))
+  base = ["evaluate", "--workdir", str(w), "--data-dir", str(synth_dir), "--n-boot", "0"]
+  base += ["--no-protocols", "--no-progress"]
+  assert cli.main([*base, "--split", "valid", "--operating-point", "sens=0.8"]) == 0
+  assert "operating points (sens=0.8, chosen on valid)" in capsys.readouterr().out
+  index = evaluation.open_index(run.config, synth_dir)
+  valid = evaluation.load_evaluation(w / "evaluation_valid.json")["operating_points"]
+  probs = engine.read_predictions_csv(w / "evaluation_valid_predictions.csv")
+  rows = index.rows("valid")
+  p = np.stack([probs[index.image_ids[r]] for r in rows])
+  want = operating_points.choose(p, index.labels[rows], "sens=0.8", CLASSES)
+  assert valid["thresholds"] == pytest.approx(want["thresholds"], abs=1e-6)
+  assert all(s is None or s >= 0.8 for s in valid["sensitivity"])
+  assert sum(t is not None for t in valid["thresholds"]) >= 5
+  assert cli.main([*base, "--split", "test"]) == 0  # scores the stored thresholds
+  test = evaluation.load_evaluation(w / "evaluation_test.json")["operating_points"]
+  probs = engine.read_predictions_csv(w / "evaluation_test_predictions.csv")
+  rows = index.rows("test")
+  p = np.stack([probs[index.image_ids[r]] for r in rows])
+  rates = operating_points.rates(valid["thresholds"], p, index.labels[rows])
+  assert test["thresholds"] == valid["thresholds"] and test["rule"] == "sens=0.8"
+  assert test["specificity"] == pytest.approx(rates["specificity"], abs=1e-9)
+  out = tmp_path / "out"
+  assert cli.main(["export", "--workdir", str(w), "--out", str(out), "--no-onnx"]) == 0
+  stored = json.loads((out / release.THRESHOLDS_FILE).read_text())
+  assert stored["thresholds"] == valid["thresholds"] and "p >= threshold" in stored["decision"]
+  assert "### Operating thresholds (`sens=0.8`" in (out / "README.md").read_text()

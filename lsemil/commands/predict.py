@@ -3,6 +3,7 @@
   lsemil predict --checkpoint C IMG [IMG ...] [--out DIR] [--threshold 0.5]
                  [--boxes [--box-tau 0.5]] [--calibration F_calibration.json]
                  [--saliency model|gradcam|cam] [--gradcam-level L] [--multiframe first|refuse]
+                 [--operating-points auto|none]
 
 C is a training workdir (its best checkpoint), its checkpoints/ folder or one step folder,
 local or gs://. See `lsemil.workflows.prediction` for what is computed and written.
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument(
+    "--operating-points",
+    choices=("auto", "none"),
+    default="auto",
+    help="auto (default): where the checkpoint has per-class thresholds (an export's "
+    "thresholds.json, or `lsemil evaluate --split valid` of the step in its workdir), add a "
+    "<class>_decision column per class (p >= threshold, on the uncalibrated probability) "
+    "and print the rule; none: no decisions",
+  )
+  p.add_argument(
     "--multiframe",
     choices=dicom.MULTIFRAME,
     default="first",
@@ -114,6 +124,13 @@ def main(argv: list[str]) -> int:
   calibration = prediction.load_calibration(args.calibration) if args.calibration else None
   loaded = engine.load(args.checkpoint, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
+  ops = prediction.stored_thresholds(loaded) if args.operating_points == "auto" else None
+  if ops is not None:
+    print(
+      f"decisions: p >= per-class thresholds ({ops.get('rule')} rule, chosen on the "
+      f"{ops.get('fit_split', 'valid')} split) in the <class>_decision columns",
+      file=sys.stderr,
+    )
   if calibration is not None:
     print(
       f"probabilities recalibrated ({calibration['method']}, {args.calibration})", file=sys.stderr
@@ -124,7 +141,7 @@ def main(argv: list[str]) -> int:
       loaded, args.images, out, threshold=args.threshold, batch_size=args.batch_size,
       progress=bar, boxes=args.boxes, box_tau=args.box_tau, calibration=calibration,
       saliency_source=args.saliency, gradcam_level=args.gradcam_level,
-      multiframe=args.multiframe,
+      multiframe=args.multiframe, thresholds=ops["thresholds"] if ops else None,
     )  # fmt: skip
   print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)

@@ -17,8 +17,12 @@ IoBB protocol's boxes (`lsemil.metrics.localization.boxes_from_map`: the map bin
 corner of the decoded file, before any resizing). The map is the run's saliency source
 ('model', or 'gradcam' / 'cam' for a GAP baseline run, `lsemil.models.registry`). With
 `calibration` (the parameters `lsemil evaluate --calibrate` writes), the probabilities are
-recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the CSV. The command is
-`lsemil.commands.predict`.
+recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the CSV. With
+`thresholds` (the per-class operating points stored with the checkpoint, `stored_thresholds`:
+an export's thresholds.json, a workdir's valid evaluation of the step), each row also gets a
+decision per class, p >= threshold on the model's own probability (the thresholds were chosen
+on it, before any recalibration), as the CSV columns <class>_decision (1, 0, or empty where the
+class has no threshold). The command is `lsemil.commands.predict`.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ def predict_files(
   gradcam_level: int | None = None,
   overlays: bool = True,
   multiframe: str = "first",
+  thresholds: Sequence[float | None] | None = None,
 ) -> tuple[list[dict], list[tuple[str, str]]]:
   """Predicts every readable file; returns (rows, failures).
 
@@ -181,6 +186,7 @@ def predict_files(
       np.stack([b[1] for b in batch]), len(batch), saliency=want_maps
     )
     all_probs = np.asarray(out["probs"], np.float64)
+    decided = _decisions(thresholds, all_probs)  # on the model's own probabilities
     if calibration is not None:
       all_probs = _recalibrate(calibration, all_probs)
     new = []
@@ -188,6 +194,8 @@ def predict_files(
       probs = all_probs[j]
       row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
       row["overlays"] = []
+      if decided is not None:
+        row["decisions"] = dict(zip(CLASSES, decided[j], strict=True))
       if boxes:
         row["boxes"] = {}
       for k, cls in enumerate(CLASSES):
@@ -206,7 +214,7 @@ def predict_files(
         boxes_json[_box_key(paths, i, stems, names)] = row["boxes"]
       new.append(row)
     if table is not None:
-      table.write(to_csv(new, threshold).split("\n", 1)[1])  # the rows, not the header
+      table.write(to_csv(new, threshold, thresholds is not None).split("\n", 1)[1])  # rows
       table.flush()
     rows.extend(new)
 
@@ -215,7 +223,7 @@ def predict_files(
   table = open(out_path / "predictions.csv", "w") if out_path is not None else None  # noqa: SIM115
   try:
     if table is not None:
-      table.write(to_csv([], threshold))
+      table.write(to_csv([], threshold, thresholds is not None))
       table.flush()
     pending = []
     for i, path in log.tracked(enumerate(paths), progress, "predict", len(paths)):
@@ -266,17 +274,51 @@ def load_calibration(path: str | Path) -> dict:
   return params
 
 
-def to_csv(rows: Sequence[dict], threshold: float) -> str:
-  """`engine.predictions_csv` (image_id = file name, no patient id), then the path and the
-  classes at or above the threshold ('|'-joined)."""
+def to_csv(rows: Sequence[dict], threshold: float, decisions: bool = False) -> str:
+  """`engine.predictions_csv` (image_id = file name, no patient id), then the path, the
+  classes at or above the threshold ('|'-joined) and, with `decisions`, <class>_decision."""
   probs = np.array([[r["probs"][c] for c in CLASSES] for r in rows], np.float64)
   above = ["|".join(c for c in CLASSES if r["probs"][c] >= threshold) for r in rows]
+  extra = {"path": [r["path"] for r in rows], f"classes_p>={threshold:g}": above}
+  if decisions:
+    for c in CLASSES:
+      cells = [r["decisions"][c] for r in rows]
+      extra[f"{c}_decision"] = ["" if v is None else str(int(v)) for v in cells]
   return engine.predictions_csv(
     [Path(r["path"]).name for r in rows],
     [None] * len(rows),
     probs.reshape(len(rows), len(CLASSES)),
-    extra={"path": [r["path"] for r in rows], f"classes_p>={threshold:g}": above},
+    extra=extra,
   )
+
+
+def _decisions(thresholds, probs: np.ndarray) -> list[list[bool | None]] | None:
+  """Per row and class: p >= threshold, None where the class has no threshold."""
+  if thresholds is None:
+    return None
+  return [
+    [None if t is None else bool(p >= t) for p, t in zip(row, thresholds, strict=True)]
+    for row in probs
+  ]
+
+
+def stored_thresholds(loaded: engine.LoadedModel) -> dict | None:
+  """The operating points stored with a checkpoint: an exported folder's thresholds.json, or
+  the valid evaluation of the step in its workdir (`evaluation.stored_operating_points`);
+  None when there are none. ConfigError naming the file for thresholds of other classes."""
+  from lsemil.workflows import evaluation
+
+  if loaded.info.get("which") == "export":
+    path = fileio.as_path(loaded.checkpoint) / "thresholds.json"
+    ops = fileio.read_json(path) if path.exists() else None
+  else:
+    path = evaluation.default_output(evaluation.workdir_of(loaded.checkpoint), "valid")
+    ops = evaluation.stored_operating_points(evaluation.workdir_of(loaded.checkpoint), loaded.step)
+  if not ops or ops.get("thresholds") is None:
+    return None
+  if list(ops.get("classes") or ()) != list(CLASSES) or len(ops["thresholds"]) != len(CLASSES):
+    raise ConfigError(f"{path}: operating points are not for the 14 NIH classes in order")
+  return dict(ops)
 
 
 def format_table(rows: Sequence[dict], threshold: float) -> str:

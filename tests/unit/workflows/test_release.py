@@ -177,3 +177,16 @@ def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, caps
   stored = json.loads((out / release.THRESHOLDS_FILE).read_text())
   assert stored["thresholds"] == valid["thresholds"] and "p >= threshold" in stored["decision"]
   assert "### Operating thresholds (`sens=0.8`" in (out / "README.md").read_text()
+  image = index.image_paths[index.rows("test")[0]]
+  decided = {}
+  for name, source in (("w", w), ("out", out)):  # the stored thresholds, on both
+    argv = ["predict", "--checkpoint", str(source), str(image), "--out", str(tmp_path / name)]
+    assert cli.main([*argv, "--no-progress", "--threshold", "1"]) == 0
+    assert "decisions: p >= per-class thresholds (sens=0.8 rule" in capsys.readouterr().err
+    table = (tmp_path / name / "predictions.csv").read_text().splitlines()
+    decided[name] = dict(zip(table[0].split(","), table[1].split(","), strict=True))
+  probs = engine.read_predictions_csv(tmp_path / "w" / "predictions.csv")[image.name]
+  for k, c in enumerate(CLASSES):
+    t = valid["thresholds"][k]
+    assert decided["w"][f"{c}_decision"] == ("" if t is None else str(int(probs[k] >= t)))
+  assert decided["w"] == {**decided["out"], "path": decided["w"]["path"]}

@@ -74,13 +74,19 @@ def _quiet():
       lg.setLevel(level)
 
 
-def convert(loaded: engine.LoadedModel) -> bytes:
-  """The serialized ONNX model of `loaded` (see the module docstring for its signature)."""
+def check(loaded: engine.LoadedModel) -> None:
+  """ConfigError unless `loaded` converts: the MIL model only (a GAP baseline's Grad-CAM
+  needs gradients, which the graph would not hold)."""
   if registry.arch_of(loaded.model) != registry.MIL:
     raise ConfigError(
       f"{loaded.checkpoint}: ONNX export covers the MIL model only (config.model.arch = "
-      f"{registry.arch_of(loaded.model)!r}; Grad-CAM needs gradients)"
+      f"{registry.arch_of(loaded.model)!r}; Grad-CAM needs gradients); export with --no-onnx"
     )
+
+
+def convert(loaded: engine.LoadedModel) -> bytes:
+  """The serialized ONNX model of `loaded` (see the module docstring for its signature)."""
+  check(loaded)
   with _quiet():
     import jax2onnx
 

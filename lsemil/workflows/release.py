@@ -208,6 +208,8 @@ def export(
   folder marker); `version`: lsemil's, recorded in config.json."""
   _clean_output(out)
   loaded = engine.load(workdir, which)
+  if onnx:
+    onnx_graph.check(loaded)  # before anything is written
   out = fileio.as_path(out)
   step = int(loaded.step)
   # An export re-exported keeps the checkpoint it came from.

@@ -127,7 +127,9 @@ def test_onnx_matches_jax(run, phantom_image):
   assert np.abs(got["probs"] - want["probs"]).max() < 1e-5  # float32 rounding, in fact
 
 
-def test_export_refuses_bad_weights_and_foreign_folders(run, tmp_path, write_checkpoint, capsys):
+def test_export_refuses_bad_weights_and_foreign_folders(
+  run, tmp_path, write_checkpoint, random_variables, capsys
+):
   bad = jax.tree.map(np.copy, run.variables)
   bad["params"]["head"]["bias"][3] = np.inf
   write_checkpoint(tmp_path / "w", run.config, bad, STEP)
@@ -140,6 +142,14 @@ def test_export_refuses_bad_weights_and_foreign_folders(run, tmp_path, write_che
   assert cli.main(["export", "--workdir", str(run.w), "--out", str(out), "--no-onnx"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"--out {out}: holds other files" in err[0]
+  gap = configuration.load_config("baseline_gap:size=demo")
+  gap_vars = random_variables(registry.from_config(gap.model))
+  write_checkpoint(tmp_path / "gap", gap, gap_vars, STEP)
+  argv = ["export", "--workdir", str(tmp_path / "gap"), "--out", str(tmp_path / "gap_out")]
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "ONNX export covers the MIL model only" in err[0]
+  assert not (tmp_path / "gap_out").exists()  # refused before anything is written
   again = tmp_path / "again"  # an export re-exported in place: no stale graph, same results
   shutil.copytree(run.out, again)
   assert cli.main(["export", "--workdir", str(again), "--out", str(again), "--no-onnx"]) == 0

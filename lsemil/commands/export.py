@@ -32,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     help="a training workdir, its checkpoints/ folder or a step folder (local or gs://)",
   )
   p.add_argument("--out", required=True, help="the folder to write (new, empty or an export)")
-  arguments.add_which(p, "checkpoint of the workdir (default best validation mean AUC)")
   p.add_argument(
     "--training-data",
     choices=release.DATA_KINDS,
@@ -41,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     "data folder; a prepared folder is 'unknown')",
   )
   p.add_argument("--no-onnx", action="store_true", help="skip model.onnx (no jax2onnx conversion)")
+  arguments.add_which(p, "checkpoint of the workdir (default best validation mean AUC)")
   return p
 
 

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     "--calibration",
     metavar="FILE",
     help="recalibrate the probabilities with the parameters `lsemil evaluate --calibrate` "
-    "wrote (F_calibration.json) before the threshold and the CSV",
+    "wrote (F_calibration.json) before the threshold and the CSV (without it, a "
+    "recalibration stored with the checkpoint, an export's calibration.json or the step's "
+    "evaluate --calibrate fit, fills <class>_calibrated columns beside the probabilities)",
   )
   p.add_argument(
     "--saliency",
@@ -125,6 +127,15 @@ def main(argv: list[str]) -> int:
   loaded = engine.load(args.checkpoint, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
   ops = prediction.stored_thresholds(loaded) if args.operating_points == "auto" else None
+  # The recalibration stored with the checkpoint goes beside the probabilities, unless
+  # --calibration already recalibrates them.
+  stored = prediction.stored_calibration(loaded) if calibration is None else None
+  if stored is not None:
+    print(
+      f"calibrated probabilities ({stored['method']}, fitted on the valid split) in the "
+      "<class>_calibrated columns",
+      file=sys.stderr,
+    )
   if ops is not None:
     print(
       f"decisions: p >= per-class thresholds ({ops.get('rule')} rule, chosen on the "
@@ -142,6 +153,7 @@ def main(argv: list[str]) -> int:
       progress=bar, boxes=args.boxes, box_tau=args.box_tau, calibration=calibration,
       saliency_source=args.saliency, gradcam_level=args.gradcam_level,
       multiframe=args.multiframe, thresholds=ops["thresholds"] if ops else None,
+      calibrated=stored,
     )  # fmt: skip
   print(prediction.format_table(rows, args.threshold))
   n_over = sum(len(r["overlays"]) for r in rows)

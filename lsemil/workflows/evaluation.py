@@ -509,6 +509,21 @@ def stored_operating_points(workdir, step: int | None) -> dict | None:
   return valid.get("operating_points") if valid.get("step") == int(step) else None
 
 
+def stored_calibration(workdir, step: int | None) -> tuple[dict, str] | None:
+  """(the parameters of `evaluate --calibrate`, the evaluated split) of the first of
+  W/evaluation_test.json, _valid.json, _train.json that evaluated `step` with a
+  recalibration, else None (the fit is on the valid split whichever split was evaluated)."""
+  for split in ("test", "valid", "train"):
+    path = default_output(workdir, split)
+    if step is None or not path.exists():
+      continue
+    ev = load_evaluation(path)
+    name = ev.get("calibration_file")
+    if ev.get("step") == int(step) and name and (path.parent / name).exists():
+      return fileio.read_json(path.parent / name), split
+  return None
+
+
 def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
   """(raw calibration, fitted calibration or None, fitted parameters or None) of a split.
 

@@ -22,7 +22,9 @@ recalibrated (`lsemil.metrics.calibration.apply`) before the threshold and the C
 an export's thresholds.json, a workdir's valid evaluation of the step), each row also gets a
 decision per class, p >= threshold on the model's own probability (the thresholds were chosen
 on it, before any recalibration), as the CSV columns <class>_decision (1, 0, or empty where the
-class has no threshold). The command is `lsemil.commands.predict`.
+class has no threshold). With `calibrated` (the recalibration stored with the checkpoint,
+`stored_calibration`), the CSV also gets <class>_calibrated: the probability recalibrated,
+beside the model's own in the class's column. The command is `lsemil.commands.predict`.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def predict_files(
   overlays: bool = True,
   multiframe: str = "first",
   thresholds: Sequence[float | None] | None = None,
+  calibrated: Mapping | None = None,
 ) -> tuple[list[dict], list[tuple[str, str]]]:
   """Predicts every readable file; returns (rows, failures).
 
@@ -165,8 +168,10 @@ def predict_files(
   """
   from lsemil.reporting import drawing
 
-  if calibration is not None:
-    _check_calibration(calibration)
+  for params in (calibration, calibrated):
+    if params is not None:
+      _check_calibration(params)
+  columns = (thresholds is not None, calibrated is not None)  # to_csv's extra columns
   source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
   predictor = engine.Predictor(
@@ -187,6 +192,7 @@ def predict_files(
     )
     all_probs = np.asarray(out["probs"], np.float64)
     decided = _decisions(thresholds, all_probs)  # on the model's own probabilities
+    recal = _recalibrate(calibrated, all_probs) if calibrated is not None else None
     if calibration is not None:
       all_probs = _recalibrate(calibration, all_probs)
     new = []
@@ -196,6 +202,8 @@ def predict_files(
       row["overlays"] = []
       if decided is not None:
         row["decisions"] = dict(zip(CLASSES, decided[j], strict=True))
+      if recal is not None:
+        row["calibrated"] = dict(zip(CLASSES, recal[j].tolist(), strict=True))
       if boxes:
         row["boxes"] = {}
       for k, cls in enumerate(CLASSES):
@@ -214,7 +222,7 @@ def predict_files(
         boxes_json[_box_key(paths, i, stems, names)] = row["boxes"]
       new.append(row)
     if table is not None:
-      table.write(to_csv(new, threshold, thresholds is not None).split("\n", 1)[1])  # rows
+      table.write(to_csv(new, threshold, *columns).split("\n", 1)[1])  # the rows
       table.flush()
     rows.extend(new)
 
@@ -223,7 +231,7 @@ def predict_files(
   table = open(out_path / "predictions.csv", "w") if out_path is not None else None  # noqa: SIM115
   try:
     if table is not None:
-      table.write(to_csv([], threshold, thresholds is not None))
+      table.write(to_csv([], threshold, *columns))
       table.flush()
     pending = []
     for i, path in log.tracked(enumerate(paths), progress, "predict", len(paths)):
@@ -274,12 +282,18 @@ def load_calibration(path: str | Path) -> dict:
   return params
 
 
-def to_csv(rows: Sequence[dict], threshold: float, decisions: bool = False) -> str:
+def to_csv(
+  rows: Sequence[dict], threshold: float, decisions: bool = False, calibrated: bool = False
+) -> str:
   """`engine.predictions_csv` (image_id = file name, no patient id), then the path, the
-  classes at or above the threshold ('|'-joined) and, with `decisions`, <class>_decision."""
+  classes at or above the threshold ('|'-joined), with `calibrated` <class>_calibrated and
+  with `decisions` <class>_decision."""
   probs = np.array([[r["probs"][c] for c in CLASSES] for r in rows], np.float64)
   above = ["|".join(c for c in CLASSES if r["probs"][c] >= threshold) for r in rows]
   extra = {"path": [r["path"] for r in rows], f"classes_p>={threshold:g}": above}
+  if calibrated:
+    for c in CLASSES:
+      extra[f"{c}_calibrated"] = [engine.PROB_FORMAT.format(r["calibrated"][c]) for r in rows]
   if decisions:
     for c in CLASSES:
       cells = [r["decisions"][c] for r in rows]
@@ -300,6 +314,27 @@ def _decisions(thresholds, probs: np.ndarray) -> list[list[bool | None]] | None:
     [None if t is None else bool(p >= t) for p, t in zip(row, thresholds, strict=True)]
     for row in probs
   ]
+
+
+def stored_calibration(loaded: engine.LoadedModel) -> dict | None:
+  """The recalibration stored with a checkpoint: an exported folder's calibration.json, or
+  the `evaluate --calibrate` fit of the step in its workdir
+  (`evaluation.stored_calibration`); None when there is none."""
+  from lsemil.workflows import evaluation
+
+  if loaded.info.get("which") == "export":
+    path = fileio.as_path(loaded.checkpoint) / "calibration.json"
+    params = fileio.read_json(path) if path.exists() else None
+  else:
+    found = evaluation.stored_calibration(evaluation.workdir_of(loaded.checkpoint), loaded.step)
+    path, params = "the workdir's evaluate --calibrate parameters", found and found[0]
+  if not params or not params.get("method"):
+    return None
+  try:
+    _check_calibration(params)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return dict(params)
 
 
 def stored_thresholds(loaded: engine.LoadedModel) -> dict | None:

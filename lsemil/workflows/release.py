@@ -117,18 +117,19 @@ def _evaluations(workdir, step: int) -> tuple[dict[str, dict], list[str]]:
   return metrics, notes
 
 
-def _calibration(workdir, metrics: dict[str, dict]) -> dict[str, Any]:
-  for split in ("test", "valid", "train"):
-    name = (metrics.get(split) or {}).get("calibration_file")
-    if name and (fileio.as_path(workdir) / name).exists():
-      params = fileio.read_json(fileio.as_path(workdir) / name)
-      return {
-        **params,
-        "fitted_on": "valid",
-        "written_by": f"lsemil evaluate --split {split} --calibrate {params.get('method')}",
-        "apply": "lsemil.metrics.calibration.apply: 'temperature' sigmoid(logit(p) / T_k), "
-        "'platt' sigmoid(a_k logit(p) + b_k), per class k in config.json's class order",
-      }
+def _calibration(workdir, step: int) -> dict[str, Any]:
+  """calibration.json: the workdir's `evaluate --calibrate` fit for `step`, or what is absent
+  (workdir None: nothing to look in)."""
+  found = evaluation.stored_calibration(workdir, step) if workdir is not None else None
+  if found is not None:
+    params, split = found
+    return {
+      **params,
+      "fitted_on": "valid",
+      "written_by": f"lsemil evaluate --split {split} --calibrate {params.get('method')}",
+      "apply": "lsemil.metrics.calibration.apply: 'temperature' sigmoid(logit(p) / T_k), "
+      "'platt' sigmoid(a_k logit(p) + b_k), per class k in config.json's class order",
+    }
   return {
     "method": None,
     "absent": "no recalibration was fitted for this step (`lsemil evaluate --calibrate "
@@ -161,13 +162,13 @@ def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, dict, l
       for name in (METRICS_FILE, CALIBRATION_FILE, THRESHOLDS_FILE)
     ]
     metrics = found[0] or {}
-    return metrics, found[1] or _calibration(src, {}), found[2] or _thresholds(metrics), []
+    return metrics, found[1] or _calibration(None, step), found[2] or _thresholds(metrics), []
   run_dir = evaluation.workdir_of(loaded.checkpoint)
   metrics, notes = _evaluations(run_dir, step)
   public = {
     split: {k: v for k, v in ev.items() if k not in _LOCAL_FIELDS} for split, ev in metrics.items()
   }
-  return public, _calibration(run_dir, metrics), _thresholds(public), notes
+  return public, _calibration(run_dir, step), _thresholds(public), notes
 
 
 def _data_kind(config) -> str:

@@ -10,6 +10,7 @@ per-class thresholds, `evaluate --split test` scores them, export writes them.
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
 import shutil
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from lsemil.commands import cli
 from lsemil.core import configuration
 from lsemil.data.nih import CLASSES
 from lsemil.inference import engine, onnx_graph
-from lsemil.metrics import operating_points
+from lsemil.metrics import calibration, operating_points
 from lsemil.models import registry
 from lsemil.runtime import bundle
 from lsemil.workflows import evaluation, prediction, release
@@ -111,6 +112,12 @@ def test_one_prediction_path(run, tmp_path, phantom_image, capsys):
   np.testing.assert_array_equal(csv["w"].astype(np.float32), p_export)
   np.testing.assert_array_equal(csv["out"].astype(np.float32), p_export)
   assert np.ptp(p_export) > 1e-3  # 14 different numbers, not a constant
+  # The workdir's evaluate --calibrate fit (and the export's calibration.json) beside them.
+  want = calibration.apply({"method": "temperature", "temperature": run.temps}, p_export)
+  for name in ("w", "out"):
+    rows = list(csv_module.DictReader((tmp_path / name / "predictions.csv").open()))
+    got = [float(rows[0][f"{c}_calibrated"]) for c in CLASSES]
+    np.testing.assert_allclose(got, want, rtol=1e-8)
 
 
 def test_onnx_matches_jax(run, phantom_image):

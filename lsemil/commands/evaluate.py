@@ -175,9 +175,12 @@ def main(argv: list[str]) -> int:
       ops = r.operating_points
       print(f"operating points ({ops['rule']}, chosen on {ops['fit_split']}): class threshold "
             "sensitivity specificity")  # fmt: skip
-      for c, t, se, sp in zip(ops["classes"], ops["thresholds"], ops["sensitivity"],
-                              ops["specificity"], strict=True):  # fmt: skip
-        cells = "  ".join("-" if v is None else f"{v:.3f}" for v in (t, se, sp))
-        print(f"  {c:<18} {cells}")
+      for k, c in enumerate(ops["classes"]):
+        cells = []
+        for key in ("thresholds", "sensitivity", "specificity"):
+          v, lo, hi = (ops.get(key + end, [None] * (k + 1))[k] for end in ("", "_lo", "_hi"))
+          ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+          cells.append(("-" if v is None else f"{v:.3f}") + ci)
+        print(f"  {c:<18} " + "  ".join(cells))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
   return 0

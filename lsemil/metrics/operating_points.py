@@ -11,7 +11,10 @@ Candidates are the class's distinct validation probabilities (every decision a t
 can make on them); among equal scores the highest threshold wins. A class without both
 positives and negatives gets no threshold (None), nor does a 'sens=' / 'spec=' target no
 candidate reaches. `rates` scores stored thresholds on another split (sensitivity,
-specificity, positive predictive value). Pure numpy (no JAX).
+specificity, positive predictive value), with patient-bootstrap intervals of sensitivity and
+specificity when given patient ids (`bootstrap_rates`: patients resampled with replacement,
+each image weighted by its patient's count, as the AUC intervals of
+`lsemil.metrics.classification`). Pure numpy (no JAX).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lsemil.core.errors import ConfigError
+from lsemil.metrics import classification
 
 DEFAULT_RULE = "youden"
 RULES = ("youden", "f1", "sens=X", "spec=X")
@@ -73,9 +77,41 @@ def _one(p: np.ndarray, y: np.ndarray, kind: str, target: float | None) -> float
   return float(t[int(np.argmax(score))])  # the first maximum: the highest threshold
 
 
-def rates(thresholds: Sequence[float | None], probs, labels) -> dict[str, list]:
+def bootstrap_rates(thresholds, probs, labels, patient_ids, counts) -> tuple[np.ndarray, ...]:
+  """(sensitivity, specificity), each (B, K), of the decisions `p >= threshold` under B
+  resamples of patients: counts[b, p] = how often patient p (np.unique(patient_ids) order)
+  was drawn; NaN where a class has no threshold or the resample no positive / negative."""
+  p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64) > 0.5
+  t = np.array([np.inf if v is None else float(v) for v in thresholds])
+  d = p >= t
+  _, pid = np.unique(np.asarray(patient_ids), return_inverse=True)
+  per_patient = {}
+  for name, cells in (("tp", d & y), ("pos", y), ("fp", d & ~y), ("neg", ~y)):
+    per_patient[name] = np.zeros((int(pid.max()) + 1 if len(pid) else 0, p.shape[1]))
+    np.add.at(per_patient[name], pid.ravel(), cells.astype(np.float64))
+  c = np.asarray(counts, np.float64)
+  tp, pos, fp, neg = (c @ per_patient[k] for k in ("tp", "pos", "fp", "neg"))
+  undefined = np.array([v is None for v in thresholds])
+  with np.errstate(invalid="ignore", divide="ignore"):
+    sens = np.where((pos > 0) & ~undefined, tp / pos, np.nan)
+    spec = np.where((neg > 0) & ~undefined, 1.0 - fp / neg, np.nan)
+  return sens, spec
+
+
+def rates(
+  thresholds: Sequence[float | None],
+  probs,
+  labels,
+  patient_ids=None,
+  *,
+  n_boot: int = 0,
+  seed: int = 0,
+  alpha: float = 0.05,
+) -> dict[str, list]:
   """{'sensitivity', 'specificity', 'ppv', 'num_positives'} per class of the decisions
-  `p >= threshold` (None where the threshold is None or the rate is undefined)."""
+  `p >= threshold` (None where the threshold is None or the rate is undefined); with
+  `patient_ids` and `n_boot` > 0 also the (1 - alpha) patient-bootstrap intervals
+  'sensitivity_lo' / '_hi' and 'specificity_lo' / '_hi'."""
   p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64) > 0.5
   out: dict[str, list] = {"sensitivity": [], "specificity": [], "ppv": [], "num_positives": []}
   for k, t in enumerate(thresholds):
@@ -91,6 +127,18 @@ def rates(thresholds: Sequence[float | None], probs, labels) -> dict[str, list]:
     out["sensitivity"].append(tp / pos if pos else None)
     out["specificity"].append(1.0 - fp / neg if neg else None)
     out["ppv"].append(tp / (tp + fp) if tp + fp else None)
+  if patient_ids is not None and n_boot > 0 and len(p):
+    n_pat = np.unique(np.asarray(patient_ids)).size
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=int(n_boot))
+    for name, boot in zip(
+      ("sensitivity", "specificity"),
+      bootstrap_rates(thresholds, p, y, patient_ids, counts),
+      strict=True,
+    ):
+      lo, hi = classification.percentile_interval(boot, alpha)
+      out[f"{name}_lo"] = [None if np.isnan(v) else float(v) for v in lo]
+      out[f"{name}_hi"] = [None if np.isnan(v) else float(v) for v in hi]
   return out
 
 

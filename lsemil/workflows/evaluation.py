@@ -427,7 +427,7 @@ def evaluate_split(
   )
   protocols = protocol_metrics(index, preds, cases, options) if options.protocols else None
   cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
-  ops = operating_point_results(preds, split, options)
+  ops = operating_point_results(index, preds, split, options)
   arch = registry.arch_of(predictor.model)
   result = Evaluation(
     split=split,
@@ -484,18 +484,22 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
   return result
 
 
-def operating_point_results(preds, split: str, options: EvalOptions) -> dict | None:
+def operating_point_results(index, preds, split: str, options: EvalOptions) -> dict | None:
   """The valid split: per-class thresholds chosen by `options.operating_point` with their
   rates there (`operating_points.choose`; `lsemil export` writes them as thresholds.json).
   Another split with `options.thresholds` (a valid evaluation's): the rates at those stored
-  thresholds. Else None."""
+  thresholds, with 95 % patient-bootstrap intervals (`options.n_boot` resamples). Else None."""
   if split == "valid":
     ops = operating_points.choose(preds.probs, preds.labels, options.operating_point, nih.CLASSES)
     return {**ops, "fit_split": "valid"}
   stored = options.thresholds
   if not stored:
     return None
-  rates = operating_points.rates(stored["thresholds"], preds.probs, preds.labels)
+  patients = np.asarray(index.patient_ids)[preds.rows]
+  rates = operating_points.rates(
+    stored["thresholds"], preds.probs, preds.labels, patients, n_boot=options.n_boot,
+    seed=options.seed,
+  )  # fmt: skip
   keep = ("rule", "classes", "thresholds", "fit_split")
   return {**{k: stored.get(k) for k in keep}, "num_images": int(len(preds.rows)), **rates}
 
@@ -737,8 +741,10 @@ def to_csv(result: Mapping) -> str:
         w.writerow([m + suffix, "overall", "", "", num(cal[m + "_overall"]), "", ""])
   ops = result.get("operating_points") or {}
   for key in ("thresholds", "sensitivity", "specificity", "ppv"):
-    for c, v in zip(ops.get("classes") or (), ops.get(key) or (), strict=False):
-      w.writerow([f"op_{key}", c, "", "", num(v), "", ""])
+    lo, hi = ops.get(f"{key}_lo") or (), ops.get(f"{key}_hi") or ()
+    for k, (c, v) in enumerate(zip(ops.get("classes") or (), ops.get(key) or (), strict=False)):
+      bounds = [num(b[k]) if k < len(b) else "" for b in (lo, hi)]
+      w.writerow([f"op_{key}", c, "", "", num(v), *bounds])
   return buf.getvalue()
 
 

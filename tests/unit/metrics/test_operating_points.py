@@ -59,3 +59,23 @@ def test_rates_and_parse(data):
   for bad in ("sens=1.5", "spec", "recall=0.9", "sens=x"):
     with pytest.raises(ConfigError, match=f"--operating-point {bad}: choose youden"):
       operating_points.parse(bad)
+
+
+def test_patient_bootstrap_of_the_rates(data):
+  p, y = data
+  patients = np.arange(len(p)) // 3  # three images per patient
+  ops = operating_points.choose(p, y, "youden")
+  counts = np.random.default_rng(5).multinomial(100, np.full(100, 0.01), size=4)
+  sens, spec = operating_points.bootstrap_rates(ops["thresholds"], p, y, patients, counts)
+  for b in range(4):  # brute force: each image repeated as often as its patient was drawn
+    rep = np.repeat(np.arange(len(p)), counts[b][patients])
+    want = operating_points.rates(ops["thresholds"], p[rep], y[rep])
+    np.testing.assert_allclose(sens[b, :2], want["sensitivity"][:2])
+    np.testing.assert_allclose(spec[b, :2], want["specificity"][:2])
+  assert np.isnan(sens[:, 2]).all()  # no threshold for the class without positives
+  r = operating_points.rates(ops["thresholds"], p, y, patients, n_boot=200, seed=1)
+  for key in ("sensitivity", "specificity"):
+    for k in range(2):
+      assert r[f"{key}_lo"][k] <= r[key][k] <= r[f"{key}_hi"][k]
+      assert r[f"{key}_hi"][k] - r[f"{key}_lo"][k] < 0.3
+    assert r[f"{key}_lo"][2] is None

@@ -181,7 +181,7 @@ def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, caps
   assert valid["thresholds"] == pytest.approx(want["thresholds"], abs=1e-6)
   assert all(s is None or s >= 0.8 for s in valid["sensitivity"])
   assert sum(t is not None for t in valid["thresholds"]) >= 5
-  assert cli.main([*base, "--split", "test"]) == 0  # scores the stored thresholds
+  assert cli.main([*base, "--split", "test", "--n-boot", "30"]) == 0  # the stored thresholds
   test = evaluation.load_evaluation(w / "evaluation_test.json")["operating_points"]
   probs = engine.read_predictions_csv(w / "evaluation_test_predictions.csv")
   rows = index.rows("test")
@@ -189,6 +189,9 @@ def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, caps
   rates = operating_points.rates(valid["thresholds"], p, index.labels[rows])
   assert test["thresholds"] == valid["thresholds"] and test["rule"] == "sens=0.8"
   assert test["specificity"] == pytest.approx(rates["specificity"], abs=1e-9)
+  bounds = zip(test["specificity_lo"], test["specificity"], test["specificity_hi"], strict=True)
+  for lo, v, hi in bounds:  # patient-bootstrap intervals
+    assert (lo is None and v is None) or lo <= v <= hi
   out = tmp_path / "out"
   assert cli.main(["export", "--workdir", str(w), "--out", str(out), "--no-onnx"]) == 0
   stored = json.loads((out / release.THRESHOLDS_FILE).read_text())

@@ -1,0 +1,108 @@
+"""CheXpert (Irvin et al., AAAI 2019) as a `SourceIndex`: `read(root, options)`.
+
+What the release holds (Stanford ML Group, https://stanfordmlgroup.github.io/competitions/chexpert/,
+and the paper, arXiv:1901.07031, Sec. 2-3), for both CheXpert-v1.0 and CheXpert-v1.0-small:
+
+- `train.csv` (223,414 rows) and `valid.csv` (234 rows, labelled by 3 radiologists), columns
+  `Path, Sex, Age, Frontal/Lateral, AP/PA` and the 14 observations `LABELS` (No Finding ...
+  Support Devices), each 1.0 (positive), 0.0 (negative), -1.0 (uncertain) or blank (not
+  mentioned in the report);
+- `Path` begins with the release folder's name, e.g.
+  `CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`; the patient is the
+  `patientNNNNN` folder; the images are JPEG.
+
+`root` is the release folder (the one holding train.csv). Splits: valid.csv is the official
+held-out set and becomes `test`; `val_fraction` of the train.csv patients (drawn from the seed)
+become `valid`. A patient in both files, a duplicate Path, a value outside 1 / 0 / -1 / blank
+or a view other than Frontal / Lateral is a `DataError` naming the file and line. With
+`views="frontal"` (the default) lateral images are left out and counted in a note.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from lsemil.core.errors import DataError
+from lsemil.data import index
+
+NAME = "chexpert"
+LABELS: tuple[str, ...] = (
+  "No Finding",
+  "Enlarged Cardiomediastinum",
+  "Cardiomegaly",
+  "Lung Opacity",
+  "Lung Lesion",
+  "Edema",
+  "Consolidation",
+  "Pneumonia",
+  "Atelectasis",
+  "Pneumothorax",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Fracture",
+  "Support Devices",
+)
+HEADER: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS)
+FILES = (("train.csv", "train"), ("valid.csv", "test"))
+VIEW_VALUES = ("Frontal", "Lateral")
+_PATIENT = re.compile(r"^patient\d+$")
+
+
+def image_path(root: Path, text: str) -> Path:
+  """The file a `Path` value names: relative to the folder above the release folder when it
+  begins with the release's name (as in the official CSVs), else relative to `root`."""
+  parts = PurePosixPath(text).parts
+  if parts and parts[0] == root.name:
+    return root.joinpath(*parts[1:])
+  return root.joinpath(*parts)
+
+
+def read(root: Path, options: index.Options) -> index.SourceIndex:
+  """Reads a CheXpert release folder; see the module docstring."""
+  policy = index.LabelPolicy.of(options)
+  ids, paths, patients, splits, labels, where = [], [], [], [], [], []
+  first: dict[str, str] = {}
+  lateral = 0
+  for name, split in FILES:
+    path = index.find_file(root, name)
+    if path is None:
+      if split == "train":
+        raise DataError(f"{root}: no {name} (plain or .gz); is this the CheXpert folder?")
+      continue
+    _, rows = index.table_rows(path, required=("Path", "Frontal/Lateral", *LABELS))
+    for lineno, row in rows:
+      at = f"{path}:{lineno}"
+      text = row["Path"].strip()
+      parts = PurePosixPath(text).parts
+      patient = next((p for p in parts if _PATIENT.match(p)), None)
+      if not text or patient is None:
+        raise DataError(f"{at}: Path {text!r} names no patientNNNNN folder")
+      if text in first:
+        raise DataError(f"{at}: duplicate Path {text} (first at {first[text]})")
+      first[text] = at
+      view = row["Frontal/Lateral"].strip()
+      if view not in VIEW_VALUES:
+        raise DataError(f"{at}: 'Frontal/Lateral' is {view!r}, expected Frontal or Lateral")
+      values = [index.label_value(row[c], policy, at, c) for c in LABELS]
+      if options.views == "frontal" and view == "Lateral":
+        lateral += 1
+        continue
+      ids.append(text)
+      paths.append(image_path(root, text))
+      patients.append(patient)
+      splits.append(split)
+      labels.append(values)
+      where.append(at)
+  if not ids:
+    raise DataError(f"{root}: no image rows (views={options.views})")
+  patients_arr = np.asarray(patients)
+  splits_arr = np.asarray(splits, dtype="<U5")
+  index.check_patient_splits(patients_arr, splits_arr, where)
+  splits_arr = index.valid_from_train(patients_arr, splits_arr, options)
+  notes = [f"{root}: {lateral} lateral images left out (views=frontal)"] if lateral else []
+  columns = {"ids": ids, "paths": paths, "patients": patients_arr, "splits": splits_arr,
+             "labels": labels}
+  return index.build(NAME, root, LABELS, columns, options, official_split=True, notes=notes)

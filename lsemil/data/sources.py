@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, index, nih
+from lsemil.data import catalog, chexpert, index, nih, rsna, siim
 
 
 def from_nih(nih_index: nih.NihIndex) -> index.SourceIndex:
@@ -56,6 +56,8 @@ READERS: Mapping[str, Reader] = types.MappingProxyType({
   "nih": _nih,
   chexpert.NAME: chexpert.read,
   catalog.NAME: catalog.read,
+  rsna.NAME: rsna.read,
+  siim.NAME: siim.read,
 })
 
 

@@ -1,4 +1,4 @@
-"""`lsemil stats`: print Table 1 (split and box statistics) of an NIH-layout folder."""
+"""`lsemil stats`: print Table 1 (split and box statistics) of a dataset folder."""
 
 from __future__ import annotations
 
@@ -6,28 +6,55 @@ import argparse
 import sys
 
 from lsemil.core import fileio
-from lsemil.data import nih
+from lsemil.data import index, nih, sources, statistics
 from lsemil.reporting import paper_tables
 
 
 def main(argv: list[str]) -> int:
-  """`lsemil stats`: print Table 1 of an NIH-layout folder."""
+  """`lsemil stats`: print Table 1 of a dataset folder of any source."""
   parser = argparse.ArgumentParser(
     prog="lsemil stats",
     description="Print Table 1 of the paper (positives per class and split, boxes per class) "
-    "for an NIH ChestX-ray14 folder or a synthetic one in its layout.",
+    "for an NIH ChestX-ray14 folder or a synthetic one in its layout; with --source, the "
+    "same counts (and unknown labels) for a folder of another source. Reads the metadata "
+    "only: images without a file are counted and named in a warning.",
   )
   parser.add_argument(
+    "--data-dir",
     "--nih-dir",
+    dest="data_dir",
     required=True,
-    help="folder with Data_Entry_2017*.csv[.gz], BBox_List_2017.csv"
+    help="the dataset folder; for nih: Data_Entry_2017*.csv[.gz], BBox_List_2017.csv"
     "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)",
+  )
+  parser.add_argument(
+    "--source", choices=tuple(sources.READERS), default="nih", help="the folder's source (nih)"
   )
   parser.add_argument(
     "--format", choices=paper_tables.TABLE1_FORMATS, default="md", help="output format (md)"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
+  parser.add_argument(
+    "--uncertain", choices=index.UNCERTAIN_POLICIES, default="ignore",
+    help="what a -1 label becomes: unknown (ignore), 0 or 1 (ignore)",
+  )
+  parser.add_argument(
+    "--blank", choices=index.BLANK_POLICIES, default="zeros",
+    help="what a blank label becomes: 0 or unknown (zeros)",
+  )
+  parser.add_argument(
+    "--views", choices=index.VIEWS, default="frontal",
+    help="CheXpert: keep frontal views only, or all (frontal)",
+  )
   args = parser.parse_args(argv)
-  index = nih.load_index(fileio.resolve(args.nih_dir), seed=args.seed)
-  sys.stdout.write(paper_tables.format_table1(index, args.format))
+  data_dir = fileio.resolve(args.data_dir)
+  if args.source == "nih":
+    table = paper_tables.format_table1(nih.load_index(data_dir, seed=args.seed), args.format)
+  else:
+    source_index = sources.load(
+      args.source, data_dir, seed=args.seed, uncertain=args.uncertain, blank=args.blank,
+      views=args.views,
+    )
+    table = statistics.format_source_table(source_index, args.format)
+  sys.stdout.write(table)
   return 0

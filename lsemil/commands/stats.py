@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
   )
   parser.add_argument(
     "--views", choices=index.VIEWS, default="frontal",
-    help="CheXpert: keep frontal views only, or all (frontal)",
+    help="CheXpert, MIMIC-CXR: keep frontal views only, or all (frontal)",
   )
   args = parser.parse_args(argv)
   data_dir = fileio.resolve(args.data_dir)

@@ -17,7 +17,11 @@ and image format (see each reader's docstring in `lsemil.data`):
   `stage_2_detailed_class_info.csv`, DICOM `stage_2_train_images/<patientId>.dcm`;
 - `siim-acr`: `train-rle.csv` (`ImageId, EncodedPixels`; a planted Pneumothorax's box as a
   mask in two components, left and right halves, one row each; -1 otherwise), DICOM in
-  `dicom-images-train/<study>/<series>/<ImageId>.dcm`.
+  `dicom-images-train/<study>/<series>/<ImageId>.dcm`;
+- `mimic-cxr-jpg`: the three gzipped CSVs of MIMIC-CXR-JPG 2.0.0 (labels per study in the
+  file's alphabetical column order, the split with train / validate / test, the metadata
+  with ViewPosition), JPEG under `files/pXX/pSUBJECT/sSTUDY/`, some studies with a LATERAL
+  image too.
 
 Each folder also gets `lsemil_dataset.json`: {"kind": "synthetic", "layout", "image_size",
 "seed", "patients", "expected"}, where `expected` holds the generator's own counts under the
@@ -30,6 +34,7 @@ pydicom (the `dicom` extra).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -42,10 +47,10 @@ import numpy as np
 
 from lsemil.core import fileio
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, phantoms, rsna, siim
+from lsemil.data import catalog, chexpert, mimic, phantoms, rsna, siim
 from lsemil.data.nih import BOX_CLASSES, CLASSES, MARKER_NAME
 
-LAYOUTS: tuple[str, ...] = ("nih", chexpert.NAME, catalog.NAME, rsna.NAME, siim.NAME)
+LAYOUTS: tuple[str, ...] = ("nih", chexpert.NAME, catalog.NAME, rsna.NAME, siim.NAME, mimic.NAME)
 SIZES = (128, 256, 512, 1024)
 CHEXPERT_OF = {
   "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
@@ -145,15 +150,19 @@ def _dicom_bytes(img: np.ndarray, patient_id: str, sop_uid: str) -> bytes:
   return buf.getvalue()
 
 
+def _chexpert_cells(rng, spec: phantoms.ImageSpec) -> list[str]:
+  """The 14 CheXpert cells (`chexpert.LABELS` order) of a phantom: No Finding 1.0 or blank."""
+  present = {CHEXPERT_OF[CLASSES[c]] for c in spec.classes if CLASSES[c] in CHEXPERT_OF}
+  return ["1.0" if not spec.classes else "", *_cells(rng, present, chexpert.LABELS[1:], "{:.1f}")]
+
+
 def _chexpert(out: Path, specs, size: int, seed: int) -> _Expected:
   exp = _Expected(chexpert.LABELS)
   rows = {"train": [], "valid": []}
   for spec in specs:
     img, _ = phantoms.render_image(spec, size=size, seed=seed)
     rng = _rng(seed, spec, 0)
-    present = {CHEXPERT_OF[CLASSES[c]] for c in spec.classes if CLASSES[c] in CHEXPERT_OF}
-    cells = _cells(rng, present, chexpert.LABELS[1:], "{:.1f}")
-    cells = ["1.0" if not spec.classes else "", *cells]  # No Finding
+    cells = _chexpert_cells(rng, spec)
     split = "valid" if spec.split == "test" else "train"
     study = f"{split}/patient{spec.patient:05d}/study{spec.follow_up + 1}"
     views = [("view1_frontal.jpg", "Frontal", img)]
@@ -214,6 +223,43 @@ def _rsna(out: Path, specs, size: int, seed: int) -> _Expected:
   return exp
 
 
+def _mimic(out: Path, specs, size: int, seed: int) -> _Expected:
+  exp = _Expected(chexpert.LABELS)
+  alphabetical = sorted(chexpert.LABELS)
+  labels, split_rows, meta_rows = [], [], []
+  for spec in specs:
+    img, _ = phantoms.render_image(spec, size=size, seed=seed)
+    rng = _rng(seed, spec, 3)
+    cells = _chexpert_cells(rng, spec)
+    subject = f"{10_000_000 + spec.patient}"
+    study = f"{50_000_000 + spec.patient * 10 + spec.follow_up}"
+    split = "test" if spec.split == "test" else "validate" if spec.patient % 5 == 0 else "train"
+    labels.append([subject, study, *(cells[chexpert.LABELS.index(c)] for c in alphabetical)])
+    views = [(spec.view, img)]
+    if rng.random() < LATERAL_P:
+      views.append(("LATERAL", np.ascontiguousarray(img[:, ::-1])))
+    for position, pixels in views:
+      dicom = "-".join(rng.bytes(4).hex() for _ in range(5))
+      folder = out / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+      fileio.write_bytes(folder / f"{dicom}.jpg", _encode(pixels, ".jpg"))
+      split_rows.append([dicom, study, subject, split])
+      meta_rows.append([dicom, subject, study, f"CHEST ({position})", position, size, size])
+      if position == "LATERAL":
+        exp.lateral += 1
+      else:
+        exp.add(subject, cells, test=split == "test")
+  files = {
+    mimic.LABELS_NAME: (["subject_id", "study_id", *alphabetical], labels),
+    mimic.SPLIT_NAME: (list(mimic.IDS) + ["split"], split_rows),
+    mimic.METADATA_NAME: (["dicom_id", "subject_id", "study_id",
+                           "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                           "Columns"], meta_rows),
+  }
+  for name, (header, rows) in files.items():
+    fileio.write_bytes(out / f"{name}.gz", gzip.compress(_csv_bytes(header, rows), mtime=0))
+  return exp
+
+
 def _uid(spec: phantoms.ImageSpec, level: int = 4) -> str:
   return f"1.2.276.0.7230010.3.1.{level}.{spec.patient}.{spec.follow_up}"
 
@@ -243,7 +289,8 @@ def _siim(out: Path, specs, size: int, seed: int) -> _Expected:
   return exp
 
 
-_WRITERS = {chexpert.NAME: _chexpert, catalog.NAME: _catalog, rsna.NAME: _rsna, siim.NAME: _siim}
+_WRITERS = {chexpert.NAME: _chexpert, catalog.NAME: _catalog, rsna.NAME: _rsna, siim.NAME: _siim,
+            mimic.NAME: _mimic}
 
 
 def write(

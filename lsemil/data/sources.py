@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, index, nih, rsna, siim
+from lsemil.data import catalog, chexpert, index, mimic, nih, rsna, siim
 
 
 def from_nih(nih_index: nih.NihIndex) -> index.SourceIndex:
@@ -58,6 +58,7 @@ READERS: Mapping[str, Reader] = types.MappingProxyType({
   catalog.NAME: catalog.read,
   rsna.NAME: rsna.read,
   siim.NAME: siim.read,
+  mimic.NAME: mimic.read,
 })
 
 

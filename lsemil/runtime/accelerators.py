@@ -163,24 +163,25 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip) -> dict[str, Any]:
   }
 
 
-_TILED = re.compile(
-  r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](?:\{([0-9,]*):T\(([0-9,]+)\))?"
-)
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+_TILE = re.compile(r":T\(([0-9,]+)\)")
 
 
 def shape_bytes(text: str, *, tiled: bool = False) -> int:
-  """Bytes of every array shape in an HLO type ('(f32[2,3]{1,0}, bf16[4])' -> 32); with
-  `tiled`, each array's most minor dimensions padded to its layout's tile (`{1,0:T(8,128)}`:
-  f32[2,3] takes 8 x 128 x 4 bytes), as it lies in TPU memory."""
+  """Bytes of every array shape in an HLO type ('(f32[2,3]{1,0}, bf16[4])' -> 32). With
+  `tiled`, as they lie in TPU memory: each array's most minor dimensions padded to its
+  layout's tile (`{1,0:T(8,128)}`: f32[2,3] takes 8 x 128 x 4 bytes), in HBM or on chip
+  (`S(1)`: XLA's bytes accessed counts both)."""
   total = 0
-  for dtype, dims, layout, tile in _TILED.findall(text):
+  for dtype, dims, layout in _ARRAY.findall(text):
     shape = [int(d) for d in dims.split(",") if d]
-    if tiled and tile and layout:
-      minor_to_major = [int(d) for d in layout.split(",") if d]
-      for dim, size in zip(
-        minor_to_major, reversed([int(t) for t in tile.split(",")]), strict=False
-      ):
-        shape[dim] = -(-shape[dim] // size) * size
+    if tiled and layout:
+      tile = _TILE.search(layout)
+      minor_to_major = [int(d) for d in layout.strip("{}").split(":")[0].split(",") if d]
+      if tile and minor_to_major:
+        sizes = reversed([int(t) for t in tile.group(1).split(",")])
+        for dim, size in zip(minor_to_major, sizes, strict=False):
+          shape[dim] = -(-shape[dim] // size) * size
     total += _DTYPE_BYTES[dtype] * math.prod(shape)
   return total
 
@@ -232,10 +233,13 @@ def traffic(hlo_text: str) -> dict[str, int]:
   """Bytes each part of the model moves, from a compiled module's entry computation: for
   every op that reads or writes memory (fusions, convolutions, copies, collectives), its
   result and operand bytes, summed by where in the model the op comes from ('dense4
-  backward', 'up1 forward', the optimizer's step). Arrays count padded to their TPU tiles:
-  a narrow channel dimension (8, 32) fills a 128-lane tile. An estimate that ranks the
-  parts; XLA's bytes accessed (`cost_analysis`) stays the total."""
+  backward', 'up1 forward', the optimizer's step). Arrays count padded to their TPU tiles
+  (a narrow channel dimension fills a 128-lane tile; `shape_bytes`); an async copy or
+  slice (`-start`) counts its source once; an op without metadata belongs
+  to the part of its first operand that has one. An estimate that ranks the parts; XLA's
+  bytes accessed (`cost_analysis`) stays the total."""
   shapes: dict[str, int] = {}
+  part: dict[str, str] = {}
   out: dict[str, int] = collections.Counter()
   entry = False
   for line in hlo_text.splitlines():
@@ -249,10 +253,14 @@ def traffic(hlo_text: str) -> dict[str, int]:
       continue
     name, kind, op, rest = m.groups()
     shapes[name] = shape_bytes(kind, tiled=True)
+    operands = _operands(rest)
+    where = _OP_NAME.search(line)
+    inherited = next((part[o] for o in operands if o in part), op)
+    part[name] = _where(where.group(1)) if where else inherited
     if not entry or op in _NO_TRAFFIC or op.endswith("-done"):
       continue
-    operands = _operands(rest)
-    moved = shapes[name] + sum(shapes.get(o, 0) for o in operands)
-    where = _OP_NAME.search(line)
-    out[_where(where.group(1)) if where else op] += moved
+    moved = sum(shapes.get(o, 0) for o in operands)
+    if not op.endswith("-start"):  # a start's result holds its source again
+      moved += shapes[name]
+    out[part[name]] += moved
   return dict(out)

@@ -75,6 +75,8 @@ ENTRY %main (param: f32[2,32]) -> f32[2,32] {
   %fusion.1 = f32[2,32]{1,0:T(8,128)} fusion(%param), kind=kLoop, metadata={op_name="jit(train_step)/jvp(MultiResolutionMIL)/dense4/add"}
   %fusion.2 = bf16[2,32]{1,0} fusion(%fusion.1, %param), metadata={op_name="jit(train_step)/transpose(jvp(MultiResolutionMIL))/dense4/mul"}
   %gte = f32[2,32]{1,0} get-tuple-element(%fusion.1), index=0
+  %slice-start.1 = ((f32[2,32]{1,0}), f32[1,32]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%fusion.2), slice={[0:1], [0:32]}
+  %slice-done.1 = f32[1,32]{1,0:S(1)} slice-done(%slice-start.1)
   ROOT %fusion.3 = f32[2,32]{1,0} fusion(%fusion.2), metadata={op_name="jit(train_step)/adam/add"}
 }
 """  # noqa: E501
@@ -87,6 +89,7 @@ def test_traffic_pads_tiles_and_sums_by_model_part():
   tile = 8 * 128 * 4
   assert got == {
     "dense4 forward": tile + tile,  # result and operand, each one padded tile
-    "dense4 backward": 2 * 32 * 2 + tile + tile,
+    # its fusion, then the async slice of its output (no metadata): the source once
+    "dense4 backward": 2 * 32 * 2 + tile + tile + 2 * 32 * 2,
     "adam": 2 * 32 * 4 + 2 * 32 * 2,
   }

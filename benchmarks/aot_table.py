@@ -26,7 +26,7 @@ from lsemil.core import tables
 HEADER = [
   "topology", "chips", "per chip", "dtype", "compile s", "train HBM / chip", "eval HBM / chip",
   "capacity", "fits", "GFLOP / image", "GB / step", "bound", "est. img/s per chip",
-  "est. img/s per slice", "est. h / NIH epoch", "max per-chip batch",
+  "est. img/s per slice", "est. min / NIH epoch", "max per-chip batch",
 ]  # fmt: skip
 
 
@@ -53,7 +53,7 @@ def row(r: dict) -> list[str]:
     f"{line['bound']} ({line['ratio']:.1f}x)",
     f"{t['images_per_s_chip']:,.0f}",
     f"{t['images_per_s_slice']:,.0f}",
-    f"{t['hours_per_epoch']:.3f}",
+    f"{t['hours_per_epoch'] * 60:.2f}",
     f"{search['max_per_chip_batch']} (tried {tried})" if search else "-",
   ]
 

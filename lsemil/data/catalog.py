@@ -19,6 +19,7 @@ box with w or h <= 0 or a negative corner is a `DataError` naming the file and l
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,10 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
       raise DataError(f"{at}: split {split!r}, expected one of {', '.join(index.SPLITS)}")
     row_of[image] = len(ids)
     ids.append(image)
-    paths.append(root / image)
+    paths.append(os.path.join(root, image))
     patients.append(patient)
     splits.append(split)
-    labels.append([index.label_value(row[c], policy, at, c) for c in classes])
+    labels.append(policy.row([row[c] for c in classes], at, classes))
     where.append(at)
   patients_arr = np.asarray(patients)
   if has_split:

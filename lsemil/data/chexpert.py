@@ -20,8 +20,9 @@ or a view other than Frontal / Lateral is a `DataError` naming the file and line
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -51,13 +52,11 @@ VIEW_VALUES = ("Frontal", "Lateral")
 _PATIENT = re.compile(r"^patient\d+$")
 
 
-def image_path(root: Path, text: str) -> Path:
+def image_path(root: Path, text: str) -> str:
   """The file a `Path` value names: relative to the folder above the release folder when it
   begins with the release's name (as in the official CSVs), else relative to `root`."""
-  parts = PurePosixPath(text).parts
-  if parts and parts[0] == root.name:
-    return root.joinpath(*parts[1:])
-  return root.joinpath(*parts)
+  head, _, rest = text.partition("/")
+  return os.path.join(root, rest if head == root.name and rest else text)
 
 
 def read(root: Path, options: index.Options) -> index.SourceIndex:
@@ -76,8 +75,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
     for lineno, row in rows:
       at = f"{path}:{lineno}"
       text = row["Path"].strip()
-      parts = PurePosixPath(text).parts
-      patient = next((p for p in parts if _PATIENT.match(p)), None)
+      patient = next((p for p in text.split("/") if _PATIENT.match(p)), None)
       if not text or patient is None:
         raise DataError(f"{at}: Path {text!r} names no patientNNNNN folder")
       if text in first:
@@ -86,7 +84,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
       view = row["Frontal/Lateral"].strip()
       if view not in VIEW_VALUES:
         raise DataError(f"{at}: 'Frontal/Lateral' is {view!r}, expected Frontal or Lateral")
-      values = [index.label_value(row[c], policy, at, c) for c in LABELS]
+      values = policy.row([row[c] for c in LABELS], at, LABELS)
       if options.views == "frontal" and view == "Lateral":
         lateral += 1
         continue

@@ -60,7 +60,7 @@ def _labels(path: Path, policy: index.LabelPolicy):
     study = row["study_id"].strip()
     if study in out:
       raise DataError(f"{at}: duplicate study_id {study} (first at {out[study][2]})")
-    values = [index.label_value(row[c], policy, at, c) for c in columns]
+    values = policy.row([row[c] for c in columns], at, columns)
     out[study] = (row["subject_id"].strip(), [values[k] for k in order], at)
   return out
 
@@ -111,7 +111,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
       continue
     unlabelled += label is None
     ids.append(dicom)
-    paths.append(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
+    paths.append(f"{root}/files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg")
     patients.append(subject)
     splits.append(split)
     values.append(nan if label is None else label[1])

@@ -115,7 +115,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   patients = np.asarray(ids)
   columns = {
     "ids": ids,
-    "paths": [root / IMAGES_DIR / f"{pid}.dcm" for pid in ids],
+    "paths": [f"{root}/{IMAGES_DIR}/{pid}.dcm" for pid in ids],
     "patients": patients,
     "splits": index.patient_splits(patients, options),
     "labels": [[float(target[pid])] for pid in ids],

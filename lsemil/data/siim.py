@@ -81,13 +81,13 @@ def encode_rle(mask: np.ndarray) -> str:
   return " ".join(f"{g} {n}" for g, n in zip(gaps.tolist(), (ends - starts).tolist(), strict=True))
 
 
-def _dicom_files(folder: Path) -> dict[str, Path]:
+def _dicom_files(folder: Path) -> dict[str, str]:
   """ImageId -> file of every .dcm under `folder` (any depth)."""
   found: dict[str, Path] = {}
   for top, _, names in os.walk(folder):
     for name in names:
       if name.endswith(".dcm"):
-        found.setdefault(name[:-4], Path(top) / name)
+        found.setdefault(name[:-4], os.path.join(top, name))
   return found
 
 
@@ -124,7 +124,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   positive = [codes[i] != [EMPTY] for i in ids]
   columns = {
     "ids": ids,
-    "paths": [on_disk.get(i, root / IMAGES_DIR / f"{i}.dcm") for i in ids],
+    "paths": [on_disk.get(i, f"{root}/{IMAGES_DIR}/{i}.dcm") for i in ids],
     "patients": patients,
     "splits": index.patient_splits(patients, options),
     "labels": [[float(p)] for p in positive],

@@ -23,7 +23,7 @@ def from_nih(nih_index: nih.NihIndex) -> index.SourceIndex:
   """An `NihIndex` as a `SourceIndex` (no new reading; an image without a file keeps the
   path where `images/` would hold it and is named in `missing`)."""
   root = nih_index.root
-  paths = tuple(p or root / "images" / i for i, p in
+  paths = tuple(os.fspath(p or root / "images" / i) for i, p in
                 zip(nih_index.image_ids, nih_index.image_paths, strict=True))
   missing = tuple(i for i, p in zip(nih_index.image_ids, nih_index.image_paths, strict=True)
                   if p is None)

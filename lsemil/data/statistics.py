@@ -17,6 +17,8 @@ from lsemil.core import tables
 from lsemil.data.index import SourceIndex
 from lsemil.data.nih import CLASSES, SPLITS, NihIndex
 
+FORMATS = ("md", "csv", "json")  # of `format_source_table`, and of Table 1 (paper_tables)
+
 
 def table1(index: NihIndex) -> dict:
   """Table 1 of `index` as plain data.
@@ -84,8 +86,8 @@ def format_source_table(index: SourceIndex, fmt: str = "md") -> str:
   rows = [[c, *(v[k] for k in header[1:])] for c, v in t["classes"].items()]
   if fmt == "csv":
     return tables.csv_text(header, rows)
-  if fmt != "md":
-    raise ValueError(f"unknown format {fmt!r}; expected md, csv or json")
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
   im, pa = t["images"], t["patients"]
   split = "official split" if t["official_split"] else f"patient-wise split, seed {t['seed']}"
   lines = [

@@ -55,7 +55,7 @@ def test_frontal_views_labels_and_splits(release):
   assert any("1 lateral images left out (views=frontal)" in n for n in notes)
   assert any("4 of 5 images have no file" in n for n in notes)
   assert len(idx) == 5 and idx.classes == chexpert.LABELS
-  assert idx.image_paths[0] == release / "train/patient00001/study1/view1_frontal.jpg"
+  assert idx.image_paths[0] == str(release / "train/patient00001/study1/view1_frontal.jpg")
   assert idx.missing == idx.image_ids[1:]
   edema, cardio = chexpert.LABELS.index("Edema"), chexpert.LABELS.index("Cardiomegaly")
   assert idx.labels[0, edema] == 1 and math.isnan(idx.labels[0, cardio])  # U-Ignore

@@ -40,7 +40,8 @@ def test_official_split_paths_and_views(release):
   assert len(every) == len(split) > len(frontal) and not notes
   assert frontal.official_split and set(frontal.splits) <= {"train", "valid", "test"}
   dicom, study, subject, _ = split[0].split(",")
-  assert every.image_paths[0] == release / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+  want = release / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+  assert every.image_paths[0] == str(want)
   assert not every.missing
 
 

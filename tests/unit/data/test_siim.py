@@ -53,7 +53,7 @@ def test_components_are_united_and_missing_images_named(tmp_path):
   with pytest.warns(DataWarning, match=r"2 of 3 images have no file \(a, c\)"):
     idx = sources.load("siim-acr", root)
   assert idx.classes == ("Pneumothorax",) and idx.labels[:, 0].tolist() == [0, 1, 0]
-  assert idx.image_paths[1] == root / "dicom-images-train/1.2/1.3/b.dcm"
+  assert idx.image_paths[1] == str(root / "dicom-images-train/1.2/1.3/b.dcm")
   want = np.zeros((4, 4), bool)
   want[0:2, 0] = True
   want[0, 2] = True  # each component counts from pixel 0: 8 -> column 2, row 0

@@ -20,7 +20,7 @@ def _assert_same(src, idx):
   np.testing.assert_array_equal(src.box_xywh, idx.box_xywh)
   assert src.official_split == idx.official_split and src.warnings == idx.warnings
   missing = set(src.missing)
-  assert [p for p in idx.image_paths if p is not None] == [
+  assert [str(p) for p in idx.image_paths if p is not None] == [
     p for i, p in zip(src.image_ids, src.image_paths, strict=True) if i not in missing]
 
 

@@ -45,6 +45,10 @@ def main(argv: list[str]) -> int:
     "--views", choices=index.VIEWS, default="frontal",
     help="CheXpert, MIMIC-CXR: keep frontal views only, or all (frontal)",
   )
+  parser.add_argument(
+    "--readers", choices=index.READER_POLICIES, default="any",
+    help="VinDr-CXR: a finding is positive when any reader marks it, or most readers (any)",
+  )
   args = parser.parse_args(argv)
   data_dir = fileio.resolve(args.data_dir)
   if args.source == "nih":
@@ -54,7 +58,7 @@ def main(argv: list[str]) -> int:
   else:
     source_index = sources.load(
       args.source, data_dir, seed=args.seed, uncertain=args.uncertain, blank=args.blank,
-      views=args.views,
+      views=args.views, readers=args.readers,
     )
     table = statistics.format_source_table(source_index, args.format)
   sys.stdout.write(table)

@@ -38,6 +38,7 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")  # U-Ignore, U-Zeros, U-Ones
 BLANK_POLICIES = ("zeros", "ignore")
 VIEWS = ("frontal", "all")
+READER_POLICIES = ("any", "majority")  # VinDr-CXR: a finding of any reader, or of most
 TEST_FRACTION = 0.2  # of the patients, for a source without an official test split
 VALID_FRACTION = 0.25  # of the remaining patients (the paper's 75/25 of Sec 4.1)
 SHOW = 5  # image names a note lists before '...'
@@ -49,19 +50,22 @@ class Options:
 
   uncertain: what -1 becomes (`UNCERTAIN_POLICIES`: NaN, 0 or 1); blank: what an empty cell
   becomes (`BLANK_POLICIES`: 0 or NaN); views: `frontal` keeps PA / AP images only (CheXpert,
-  MIMIC-CXR), `all` every view; seed, val_fraction, test_fraction: the patient-wise draws.
+  MIMIC-CXR), `all` every view; readers: a VinDr-CXR finding is positive when `any` reader
+  marks it or the `majority` does (`READER_POLICIES`); seed, val_fraction, test_fraction: the
+  patient-wise draws.
   """
 
   uncertain: str = "ignore"
   blank: str = "zeros"
   views: str = "frontal"
+  readers: str = "any"
   seed: int = 0
   val_fraction: float = VALID_FRACTION
   test_fraction: float = TEST_FRACTION
 
   def __post_init__(self):
     for name, allowed in (("uncertain", UNCERTAIN_POLICIES), ("blank", BLANK_POLICIES),
-                          ("views", VIEWS)):
+                          ("views", VIEWS), ("readers", READER_POLICIES)):
       if getattr(self, name) not in allowed:
         raise DataError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
     for name in ("val_fraction", "test_fraction"):

@@ -21,7 +21,10 @@ and image format (see each reader's docstring in `lsemil.data`):
 - `mimic-cxr-jpg`: the three gzipped CSVs of MIMIC-CXR-JPG 2.0.0 (labels per study in the
   file's alphabetical column order, the split with train / validate / test, the metadata
   with ViewPosition), JPEG under `files/pXX/pSUBJECT/sSTUDY/`, some studies with a LATERAL
-  image too.
+  image too;
+- `vindr-cxr`: the VinBigData competition's `train.csv` (three readers of R1-R17 per image,
+  each marking a planted finding with probability `VINDR_MARK_P`, its box moved by up to
+  2 px; 'No finding' rows with empty boxes), DICOM `train/<image_id>.dicom`.
 
 Each folder also gets `lsemil_dataset.json`: {"kind": "synthetic", "layout", "image_size",
 "seed", "patients", "expected"}, where `expected` holds the generator's own counts under the
@@ -47,10 +50,12 @@ import numpy as np
 
 from lsemil.core import fileio
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, mimic, phantoms, rsna, siim
+from lsemil.data import catalog, chexpert, mimic, phantoms, rsna, siim, vindr
 from lsemil.data.nih import BOX_CLASSES, CLASSES, MARKER_NAME
 
-LAYOUTS: tuple[str, ...] = ("nih", chexpert.NAME, catalog.NAME, rsna.NAME, siim.NAME, mimic.NAME)
+LAYOUTS: tuple[str, ...] = (
+  "nih", chexpert.NAME, catalog.NAME, rsna.NAME, siim.NAME, mimic.NAME, vindr.NAME,
+)
 SIZES = (128, 256, 512, 1024)
 CHEXPERT_OF = {
   "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
@@ -58,6 +63,13 @@ CHEXPERT_OF = {
   "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
   "Edema": "Edema", "Pleural_Thickening": "Pleural Other",
 }  # fmt: skip
+VINDR_OF = {
+  "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural effusion",
+  "Infiltration": "Infiltration", "Mass": "Nodule/Mass", "Nodule": "Nodule/Mass",
+  "Pneumonia": "Lung Opacity", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
+  "Pleural_Thickening": "Pleural thickening", "Fibrosis": "Pulmonary fibrosis",
+}  # fmt: skip
+VINDR_MARK_P = 0.8  # a reader marks a planted finding (else misses it)
 RSNA_OPACITIES = ("Pneumonia", "Consolidation", "Infiltration")
 LATERAL_P = 0.3  # a CheXpert study with a lateral view as well
 UNCERTAIN_PLANTED_P = 0.15  # a planted finding written as uncertain (-1)
@@ -260,6 +272,36 @@ def _mimic(out: Path, specs, size: int, seed: int) -> _Expected:
   return exp
 
 
+def _vindr(out: Path, specs, size: int, seed: int) -> _Expected:
+  exp = _Expected(vindr.COMPETITION_CLASSES)
+  rows = []
+  for spec in specs:
+    img, planted = phantoms.render_image(spec, size=size, seed=seed)
+    rng = _rng(seed, spec, 4)
+    image_id = rng.bytes(16).hex()
+    fileio.write_bytes(out / "train" / f"{image_id}.dicom", _dicom_bytes(img, image_id, _uid(spec)))
+    findings = [(VINDR_OF[CLASSES[c]], box) for c, box in sorted(planted.items())
+                if CLASSES[c] in VINDR_OF]
+    marked = set()
+    for reader in rng.choice(17, size=3, replace=False) + 1:
+      drawn = [(name, box) for name, box in findings if rng.random() < VINDR_MARK_P]
+      for name, (x, y, w, h) in drawn:
+        dx, dy = rng.integers(-2, 3, size=2)
+        x0, y0 = max(0, x + dx), max(0, y + dy)
+        x1, y1 = min(size, x + w + dx), min(size, y + h + dy)
+        if x1 <= x0 or y1 <= y0:
+          x0, y0, x1, y1 = x, y, x + w, y + h
+        code = vindr.COMPETITION_CLASSES.index(name)
+        rows.append([image_id, name, code, f"R{reader}", *(float(v) for v in (x0, y0, x1, y1))])
+        exp.boxes[name] += 1
+        marked.add(name)
+      if not drawn:
+        rows.append([image_id, vindr.NO_FINDING, 14, f"R{reader}", "", "", "", ""])
+    exp.add(image_id, ["1" if name in marked else "0" for name in vindr.COMPETITION_CLASSES])
+  fileio.write_bytes(out / vindr.COMPETITION_NAME, _csv_bytes(vindr.COMPETITION_HEADER, rows))
+  return exp
+
+
 def _uid(spec: phantoms.ImageSpec, level: int = 4) -> str:
   return f"1.2.276.0.7230010.3.1.{level}.{spec.patient}.{spec.follow_up}"
 
@@ -290,7 +332,7 @@ def _siim(out: Path, specs, size: int, seed: int) -> _Expected:
 
 
 _WRITERS = {chexpert.NAME: _chexpert, catalog.NAME: _catalog, rsna.NAME: _rsna, siim.NAME: _siim,
-            mimic.NAME: _mimic}
+            mimic.NAME: _mimic, vindr.NAME: _vindr}
 
 
 def write(

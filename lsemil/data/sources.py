@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, index, mimic, nih, rsna, siim
+from lsemil.data import catalog, chexpert, index, mimic, nih, rsna, siim, vindr
 
 
 def from_nih(nih_index: nih.NihIndex) -> index.SourceIndex:
@@ -59,6 +59,7 @@ READERS: Mapping[str, Reader] = types.MappingProxyType({
   rsna.NAME: rsna.read,
   siim.NAME: siim.read,
   mimic.NAME: mimic.read,
+  vindr.NAME: vindr.read,
 })
 
 

@@ -21,8 +21,8 @@ from lsemil.core.errors import EXIT_USER_ERROR, UserError
 COMMANDS: dict[str, tuple[str, str]] = {
   "info": ("lsemil.commands.info", "versions, devices, default model size and GFLOPs/image"),
   "demo": ("lsemil.commands.demo", "the whole method on a synthetic dataset, on a CPU"),
-  "synth": ("lsemil.commands.synth", "write a synthetic dataset in the NIH ChestX-ray14 layout"),
-  "stats": ("lsemil.commands.stats", "print Table 1 (split and box statistics) of an NIH folder"),
+  "synth": ("lsemil.commands.synth", "write a synthetic dataset in the layout of a source (NIH)"),
+  "stats": ("lsemil.commands.stats", "print Table 1 (split and box statistics) of a dataset"),
   "prepare": ("lsemil.commands.prepare", "resize an NIH folder to 512x512 PNGs or a TFDS dataset"),
   "train": ("lsemil.commands.train", "train a model (configs/*.py) into a workdir"),
   "evaluate": ("lsemil.commands.evaluate", "AUC, DICE and IoBB of a checkpoint on a split"),

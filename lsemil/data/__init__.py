@@ -2,7 +2,9 @@
 
 `nih` (index and splits), `statistics` (Table 1 as data), `imageio` and `dicom` (decoding),
 `pipeline` (grain input pipelines), `preparation` (resized copies, TFDS via `tfds_builder`),
-`phantoms` (a synthetic dataset in the NIH layout).
+`phantoms` (a synthetic dataset in the NIH layout). Other sources: `index` (one index type),
+`sources` (the registry of readers: `chexpert`, `mimic`, `vindr`, `rsna`, `siim`, `catalog`
+for any CSV, and `nih`), `layouts` (synthetic datasets in each source's layout).
 """
 
 from lsemil.core.errors import DataWarning

@@ -33,22 +33,15 @@ def main(argv: list[str]) -> int:
     "--format", choices=statistics.FORMATS, default="md", help="output format (md)"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
-  parser.add_argument(
-    "--uncertain", choices=index.UNCERTAIN_POLICIES, default="ignore",
-    help="what a -1 label becomes: unknown (ignore), 0 or 1 (ignore)",
-  )
-  parser.add_argument(
-    "--blank", choices=index.BLANK_POLICIES, default="zeros",
-    help="what a blank label becomes: 0 or unknown (zeros)",
-  )
-  parser.add_argument(
-    "--views", choices=index.VIEWS, default="frontal",
-    help="CheXpert, MIMIC-CXR: keep frontal views only, or all (frontal)",
-  )
-  parser.add_argument(
-    "--readers", choices=index.READER_POLICIES, default="any",
-    help="VinDr-CXR: a finding is positive when any reader marks it, or most readers (any)",
-  )
+  for flag, choices, default, what in (
+    ("--uncertain", index.UNCERTAIN_POLICIES, "ignore", "what a -1 label becomes: unknown "
+     "(ignore), 0 or 1"),
+    ("--blank", index.BLANK_POLICIES, "zeros", "what a blank label becomes: 0 or unknown"),
+    ("--views", index.VIEWS, "frontal", "CheXpert, MIMIC-CXR: frontal views only, or all"),
+    ("--readers", index.READER_POLICIES, "any", "VinDr-CXR: a finding is positive when any "
+     "reader marks it, or most readers"),
+  ):
+    parser.add_argument(flag, choices=choices, default=default, help=f"{what} ({default})")
   args = parser.parse_args(argv)
   data_dir = fileio.resolve(args.data_dir)
   if args.source == "nih":

@@ -18,7 +18,6 @@ box with w or h <= 0 or a negative corner is a `DataError` naming the file and l
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -38,20 +37,14 @@ def _read_boxes(path: Path, row_of: dict[str, int], classes: tuple[str, ...]):
   _, rows = index.table_rows(path, required=BOX_HEADER)
   out_rows, out_classes, xywh = [], [], []
   first: dict[tuple, str] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, name = row["path"].strip(), row["class"].strip()
-    if image not in row_of:
-      raise DataError(f"{at}: image {image!r} is not a row of {LABELS_NAME}")
-    if name not in classes:
-      raise DataError(f"{at}: unknown class {name!r} (the class columns: {', '.join(classes)})")
-    try:
-      box = tuple(float(row[k]) for k in "xywh")
-    except ValueError:
-      raise DataError(f"{at}: box {[row[k] for k in 'xywh']} is not four numbers") from None
-    x, y, w, h = box
-    if not all(math.isfinite(v) for v in box) or w <= 0 or h <= 0 or x < 0 or y < 0:
-      raise DataError(f"{at}: box x={x:g} y={y:g} w={w:g} h={h:g} is empty or off the image")
+    box = index.xywh_box([row[k] for k in "xywh"], at)
+    if image not in row_of or name not in classes or box is None:
+      what = (f"image {image!r} is not a row of {LABELS_NAME}" if image not in row_of else
+              f"unknown class {name!r} (the class columns: {', '.join(classes)})"
+              if name not in classes else "no box")
+      raise DataError(f"{at}: {what}")
     key = (image, name, box)
     if key in first:
       raise DataError(f"{at}: duplicate box, the same as {first[key]}")
@@ -78,8 +71,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   policy = index.LabelPolicy.of(options)
   ids, paths, patients, splits, labels, where = [], [], [], [], [], []
   row_of: dict[str, int] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, patient = row["path"].strip(), row["patient"].strip()
     if not image or not patient:
       raise DataError(f"{at}: empty path or patient")

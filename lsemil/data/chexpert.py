@@ -72,8 +72,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
         raise DataError(f"{root}: no {name} (plain or .gz); is this the CheXpert folder?")
       continue
     _, rows = index.table_rows(path, required=("Path", "Frontal/Lateral", *LABELS))
-    for lineno, row in rows:
-      at = f"{path}:{lineno}"
+    for at, row in rows:
       text = row["Path"].strip()
       patient = next((p for p in text.split("/") if _PATIENT.match(p)), None)
       if not text or patient is None:

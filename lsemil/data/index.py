@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import functools
 import gzip
+import math
 import os
 import types
 import warnings
@@ -192,8 +193,8 @@ def find_file(root: Path, name: str) -> Path | None:
 
 def table_rows(
   path: Path, required: Sequence[str] = ()
-) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
-  """The header (names stripped) and the rows of a CSV file as (line, {column: text}).
+) -> tuple[list[str], Iterator[tuple[str, dict[str, str]]]]:
+  """The header (names stripped) and the rows of a CSV file as ('file:line', {column: text}).
 
   Blank lines are skipped; a row with more fields than the header, a missing required
   column, bad CSV or bad UTF-8 is a `DataError` naming the file and line.
@@ -216,7 +217,7 @@ def table_rows(
       f.close()
       raise DataError(f"{path}:1: header lacks column {name!r} (got {header})")
 
-  def rows() -> Iterator[tuple[int, dict[str, str]]]:
+  def rows() -> Iterator[tuple[str, dict[str, str]]]:
     with f:
       try:
         for fields in reader:
@@ -227,11 +228,31 @@ def table_rows(
               f"{path}:{reader.line_num}: {len(fields)} fields where the header has {len(header)}"
             )
           fields += [""] * (len(header) - len(fields))
-          yield reader.line_num, dict(zip(header, fields, strict=True))
+          yield f"{path}:{reader.line_num}", dict(zip(header, fields, strict=True))
       except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
         raise DataError(f"{path}:{reader.line_num}: cannot read ({e})") from e
 
   return header, rows()
+
+
+def xywh_box(
+  cells: Sequence[str], at: str, side: float = math.inf
+) -> tuple[float, float, float, float] | None:
+  """(x, y, w, h) from four cells (None when all are blank); a box that is not four finite
+  numbers with w, h > 0 inside a `side` x `side` image (corner >= 0) raises, naming `at`."""
+  cells = [c.strip() for c in cells]
+  if not any(cells):
+    return None
+  try:
+    x, y, w, h = box = tuple(float(c) for c in cells)
+  except ValueError:
+    raise DataError(f"{at}: box {cells} is not four numbers") from None
+  if not all(math.isfinite(v) for v in box) or w <= 0 or h <= 0:
+    raise DataError(f"{at}: degenerate box x={x:g} y={y:g} w={w:g} h={h:g}")
+  if x < 0 or y < 0 or x + w > side or y + h > side:
+    where = "off the image" if side == math.inf else f"outside the {side:g}x{side:g} image"
+    raise DataError(f"{at}: box x={x:g} y={y:g} w={w:g} h={h:g} lies {where}")
+  return box
 
 
 def first_names(names: Sequence[str]) -> str:

@@ -57,18 +57,24 @@ LAYOUTS: tuple[str, ...] = (
   "nih", chexpert.NAME, catalog.NAME, rsna.NAME, siim.NAME, mimic.NAME, vindr.NAME,
 )
 SIZES = (128, 256, 512, 1024)
-CHEXPERT_OF = {
-  "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
-  "Infiltration": "Lung Opacity", "Mass": "Lung Lesion", "Nodule": "Lung Lesion",
-  "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
-  "Edema": "Edema", "Pleural_Thickening": "Pleural Other",
-}  # fmt: skip
-VINDR_OF = {
-  "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural effusion",
-  "Infiltration": "Infiltration", "Mass": "Nodule/Mass", "Nodule": "Nodule/Mass",
-  "Pneumonia": "Lung Opacity", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
-  "Pleural_Thickening": "Pleural thickening", "Fibrosis": "Pulmonary fibrosis",
-}  # fmt: skip
+# NIH finding of a phantom -> (CheXpert observation, VinDr-CXR finding); None: the source has
+# no such name (the synthetic labels only; no cross-dataset synonym table is implied).
+PHANTOM_NAMES = {
+  "Atelectasis": ("Atelectasis", "Atelectasis"),
+  "Cardiomegaly": ("Cardiomegaly", "Cardiomegaly"),
+  "Effusion": ("Pleural Effusion", "Pleural effusion"),
+  "Infiltration": ("Lung Opacity", "Infiltration"),
+  "Mass": ("Lung Lesion", "Nodule/Mass"),
+  "Nodule": ("Lung Lesion", "Nodule/Mass"),
+  "Pneumonia": ("Pneumonia", "Lung Opacity"),
+  "Pneumothorax": ("Pneumothorax", "Pneumothorax"),
+  "Consolidation": ("Consolidation", "Consolidation"),
+  "Edema": ("Edema", None),
+  "Fibrosis": (None, "Pulmonary fibrosis"),
+  "Pleural_Thickening": ("Pleural Other", "Pleural thickening"),
+}
+CHEXPERT_OF = {k: v[0] for k, v in PHANTOM_NAMES.items() if v[0]}
+VINDR_OF = {k: v[1] for k, v in PHANTOM_NAMES.items() if v[1]}
 VINDR_MARK_P = 0.8  # a reader marks a planted finding (else misses it)
 RSNA_OPACITIES = ("Pneumonia", "Consolidation", "Infiltration")
 LATERAL_P = 0.3  # a CheXpert study with a lateral view as well

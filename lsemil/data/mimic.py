@@ -55,8 +55,7 @@ def _labels(path: Path, policy: index.LabelPolicy):
                     f"{' (unknown: ' + ', '.join(unknown) + ')' if unknown else ''}")
   order = [columns.index(c) for c in chexpert.LABELS]
   out: dict[str, tuple[str, list[float], str]] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     study = row["study_id"].strip()
     if study in out:
       raise DataError(f"{at}: duplicate study_id {study} (first at {out[study][2]})")
@@ -68,8 +67,7 @@ def _labels(path: Path, policy: index.LabelPolicy):
 def _metadata(path: Path) -> dict[str, tuple[str, str, str, str]]:
   _, rows = index.table_rows(path, required=(*IDS, "ViewPosition"))
   out: dict[str, tuple[str, str, str, str]] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     dicom = row["dicom_id"].strip()
     if dicom in out:
       raise DataError(f"{at}: duplicate dicom_id {dicom} (first at {out[dicom][3]})")
@@ -88,8 +86,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   seen: dict[str, str] = {}
   other_views = unlabelled = 0
   nan = [np.nan] * len(chexpert.LABELS)
-  for lineno, row in rows:
-    at = f"{split_path}:{lineno}"
+  for at, row in rows:
     dicom, study, subject = (row[k].strip() for k in IDS)
     if dicom in seen:
       raise DataError(f"{at}: duplicate dicom_id {dicom} (first at {seen[dicom]})")

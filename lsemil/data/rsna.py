@@ -20,7 +20,6 @@ detailed file that contradicts Target is a `DataError` naming the file and line.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -43,27 +42,9 @@ def image_side(root: Path) -> int:
   return int(nih.read_marker(root).get("image_size", ORIGINAL_SIZE))
 
 
-def _box(row: dict, at: str, side: int) -> tuple[float, ...] | None:
-  cells = [row[k].strip() for k in ("x", "y", "width", "height")]
-  if not any(cells):
-    return None
-  try:
-    x, y, w, h = box = tuple(float(c) for c in cells)
-  except ValueError:
-    raise DataError(f"{at}: box {cells} is not four numbers") from None
-  if not all(math.isfinite(v) for v in box) or w <= 0 or h <= 0:
-    raise DataError(f"{at}: degenerate box x={x:g} y={y:g} width={w:g} height={h:g}")
-  if x < 0 or y < 0 or x + w > side or y + h > side:
-    raise DataError(
-      f"{at}: box x={x:g} y={y:g} width={w:g} height={h:g} lies outside the {side}x{side} image"
-    )
-  return box
-
-
 def _check_details(path: Path, target: dict[str, int], where: dict[str, str]) -> None:
   _, rows = index.table_rows(path, required=("patientId", "class"))
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     pid, name = row["patientId"].strip(), row["class"].strip()
     if name not in DETAILED_CLASSES:
       raise DataError(f"{at}: class {name!r}, expected one of {', '.join(DETAILED_CLASSES)}")
@@ -84,12 +65,11 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   where: dict[str, str] = {}
   boxes: dict[tuple, str] = {}
   box_rows, box_xywh = [], []
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     pid, t = row["patientId"].strip(), row["Target"].strip()
     if not pid or t not in ("0", "1"):
       raise DataError(f"{at}: patientId {pid!r} with Target {t!r}, expected an id and 0 or 1")
-    box = _box(row, at, side)
+    box = index.xywh_box([row[k] for k in ("x", "y", "width", "height")], at, side)
     if (box is None) != (t == "0"):
       what = "a box" if box is not None else "no box"
       raise DataError(f"{at}: Target {t} with {what}")

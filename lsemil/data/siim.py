@@ -100,8 +100,7 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   _, rows = index.table_rows(path, required=("ImageId", "EncodedPixels"))
   codes: dict[str, list[str]] = {}
   seen: dict[tuple[str, str], str] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, code = row["ImageId"].strip(), " ".join(row["EncodedPixels"].split())
     if not image or not code:
       raise DataError(f"{at}: empty ImageId or EncodedPixels")

@@ -108,8 +108,7 @@ class _Votes:
 
 def _competition(path: Path, votes: _Votes) -> None:
   _, rows = index.table_rows(path, required=COMPETITION_HEADER)
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, name, reader = row["image_id"].strip(), row["class_name"].strip(), row["rad_id"].strip()
     names = (*COMPETITION_CLASSES, NO_FINDING)
     if name not in names or row["class_id"].strip() != str(names.index(name)):
@@ -128,8 +127,7 @@ def _physionet_labels(path: Path, votes: _Votes, images: dict[str, str], split: 
   if unknown:
     raise DataError(f"{path}:1: class columns {unknown} are not those of the training labels")
   first: dict[tuple[str, str], str] = {}
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, reader = row["image_id"].strip(), row.get("rad_id", "consensus").strip()
     if images.setdefault(image, split) != split:
       raise DataError(f"{at}: image {image} is in both the train and the test labels")
@@ -148,8 +146,7 @@ def _physionet_labels(path: Path, votes: _Votes, images: dict[str, str], split: 
 
 def _physionet_boxes(path: Path, votes: _Votes) -> None:
   _, rows = index.table_rows(path, required=("image_id", "class_name", *BOX_COLUMNS))
-  for lineno, row in rows:
-    at = f"{path}:{lineno}"
+  for at, row in rows:
     image, name = row["image_id"].strip(), row["class_name"].strip()
     if image not in votes.readers:
       raise DataError(f"{at}: image {image} is not in the image labels")

@@ -32,7 +32,8 @@ def test_labels_boxes_and_a_patient_wise_split(tmp_path):
   ("path,patient,split,Mass\na.png,p1,dev,1\n", None, r"labels\.csv:2: split 'dev'"),
   (LABELS, "path,class,x,y,w,h\na.png,Edema,1,2,3,4\n", r"boxes\.csv:2: unknown class 'Edema'"),
   (LABELS, "path,class,x,y,w,h\nz.png,Mass,1,2,3,4\n", r"boxes\.csv:2: image 'z\.png' is not"),
-  (LABELS, "path,class,x,y,w,h\na.png,Mass,1,2,0,4\n", r"boxes\.csv:2: box .* is empty"),
+  (LABELS, "path,class,x,y,w,h\na.png,Mass,1,2,0,4\n", r"boxes\.csv:2: degenerate box"),
+  (LABELS, "path,class,x,y,w,h\na.png,Mass,-1,2,3,4\n", r"boxes\.csv:2: box .* off the image"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, labels, boxes, match):
   (tmp_path / "labels.csv").write_text(labels)

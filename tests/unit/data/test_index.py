@@ -48,8 +48,8 @@ def test_table_rows_strip_header_names_and_name_long_rows(tmp_path):
   path.write_text("ImageId, EncodedPixels\na,-1\n\nb,1 2\nc,1,2\n")
   header, rows = index.table_rows(path, required=("EncodedPixels",))
   assert header == ["ImageId", "EncodedPixels"]
-  assert next(rows) == (2, {"ImageId": "a", "EncodedPixels": "-1"})
-  assert next(rows) == (4, {"ImageId": "b", "EncodedPixels": "1 2"})
+  assert next(rows) == (f"{path}:2", {"ImageId": "a", "EncodedPixels": "-1"})
+  assert next(rows) == (f"{path}:4", {"ImageId": "b", "EncodedPixels": "1 2"})
   with pytest.raises(DataError, match=r"t\.csv:5: 3 fields where the header has 2"):
     next(rows)
   with pytest.raises(DataError, match=r"t\.csv:1: header lacks column 'x'"):

@@ -11,11 +11,13 @@ and the paper, arXiv:1901.07031, Sec. 2-3), for both CheXpert-v1.0 and CheXpert-
   `CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`; the patient is the
   `patientNNNNN` folder; the images are JPEG.
 
-`root` is the release folder (the one holding train.csv). Splits: valid.csv is the official
+`root` is the release folder (the one holding train.csv; it may be renamed: a Path whose first
+folder begins with CheXpert-v1.0 is read under `root` still). Splits: valid.csv is the official
 held-out set and becomes `test`; `val_fraction` of the train.csv patients (drawn from the seed)
-become `valid`. A patient in both files, a duplicate Path, a value outside 1 / 0 / -1 / blank
-or a view other than Frontal / Lateral is a `DataError` naming the file and line. With
-`views="frontal"` (the default) lateral images are left out and counted in a note.
+become `valid` (without valid.csv, a note says there is no test split). A patient in both
+files, a duplicate Path, a value outside 1 / 0 / -1 / blank or a view other than Frontal /
+Lateral is a `DataError` naming the file and line. With `views="frontal"` (the default)
+lateral images are left out and counted in a note.
 """
 
 from __future__ import annotations
@@ -49,14 +51,17 @@ LABELS: tuple[str, ...] = (
 HEADER: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS)
 FILES = (("train.csv", "train"), ("valid.csv", "test"))
 VIEW_VALUES = ("Frontal", "Lateral")
+RELEASE_PREFIX = "CheXpert-v1.0"  # CheXpert-v1.0/, CheXpert-v1.0-small/
 _PATIENT = re.compile(r"^patient\d+$")
 
 
 def image_path(root: Path, text: str) -> str:
-  """The file a `Path` value names: relative to the folder above the release folder when it
-  begins with the release's name (as in the official CSVs), else relative to `root`."""
+  """The file a `Path` value names: its first folder is the release's (as in the official
+  CSVs: `root`'s own name, or CheXpert-v1.0... when the folder was renamed), the rest lies
+  under `root`; a value without that folder is relative to `root`."""
   head, _, rest = text.partition("/")
-  return os.path.join(root, rest if head == root.name and rest else text)
+  inside = rest and (head == root.name or head.startswith(RELEASE_PREFIX))
+  return os.path.join(root, rest if inside else text)
 
 
 def read(root: Path, options: index.Options) -> index.SourceIndex:
@@ -65,11 +70,13 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   ids, paths, patients, splits, labels, where = [], [], [], [], [], []
   first: dict[str, str] = {}
   lateral = 0
+  notes = []
   for name, split in FILES:
     path = index.find_file(root, name)
     if path is None:
       if split == "train":
         raise DataError(f"{root}: no {name} (plain or .gz); is this the CheXpert folder?")
+      notes.append(f"{root}: no {name} (optional): no test split")
       continue
     _, rows = index.table_rows(path, required=("Path", "Frontal/Lateral", *LABELS))
     for at, row in rows:
@@ -99,7 +106,8 @@ def read(root: Path, options: index.Options) -> index.SourceIndex:
   splits_arr = np.asarray(splits, dtype="<U5")
   index.check_patient_splits(patients_arr, splits_arr, where)
   splits_arr = index.valid_from_train(patients_arr, splits_arr, options)
-  notes = [f"{root}: {lateral} lateral images left out (views=frontal)"] if lateral else []
+  if lateral:
+    notes.append(f"{root}: {lateral} lateral images left out (views=frontal)")
   columns = {"ids": ids, "paths": paths, "patients": patients_arr, "splits": splits_arr,
              "labels": labels}
   return index.build(NAME, root, LABELS, columns, options, official_split=True, notes=notes)

@@ -83,3 +83,13 @@ def test_bad_rows_name_file_and_line(release, line, match):
     f.write(line + "\n")
   with pytest.raises(DataError, match=match):
     sources.load("chexpert", release)
+
+
+def test_a_renamed_release_folder_and_no_valid_csv(release):
+  (release / "valid.csv").unlink()
+  renamed = release.rename(release.parent / "chexpert")
+  with pytest.warns(DataWarning) as caught:
+    idx = sources.load("chexpert", renamed)
+  assert any("no valid.csv (optional): no test split" in str(w.message) for w in caught)
+  assert idx.image_paths[0] == str(renamed / "train/patient00001/study1/view1_frontal.jpg")
+  assert idx.image_ids[0] not in idx.missing and "test" not in set(idx.splits)

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     help="compute dtype, as `lsemil train --config.model.dtype` (default: the config's; "
     "params stay float32; tpu_scripts train in bfloat16)",
   )
+  parser.add_argument(
+    "--fsdp",
+    action="store_true",
+    help="shard large parameters and Adam moments over the chips, as `lsemil train "
+    "--config.train.fsdp=true` (default: the config's)",
+  )
   batch = parser.add_mutually_exclusive_group()
   batch.add_argument(
     "--per-chip-batch",
@@ -168,6 +174,8 @@ def main(argv: list[str]) -> int:
   config = configuration.load_config(args.config)
   if args.dtype:
     config.model.dtype = args.dtype
+  if args.fsdp:
+    config.train.fsdp = True
   configuration.check_finite(config)
   chip, _ = accelerators.parse_topology(args.topology)
   devices = accelerators.topology_devices(args.topology, args.num_slices)

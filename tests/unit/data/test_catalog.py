@@ -41,3 +41,12 @@ def test_bad_rows_name_file_and_line(tmp_path, labels, boxes, match):
     (tmp_path / "boxes.csv").write_text(boxes)
   with pytest.raises(DataError, match=match):
     sources.load("csv", tmp_path)
+
+
+def test_a_split_column_is_the_official_split(tmp_path):
+  (tmp_path / "labels.csv").write_text(
+    "path,patient,split,Mass\na.png,p1,test,1\nb.png,p2,valid,0\nc.png,p2,valid,-1\n")
+  with pytest.warns(DataWarning, match="3 of 3 images have no file"):
+    idx = sources.load("csv", tmp_path, uncertain="ones")
+  assert idx.official_split and idx.splits.tolist() == ["test", "valid", "valid"]
+  assert idx.labels[:, 0].tolist() == [1, 0, 1]

@@ -1,5 +1,7 @@
 """`lsemil aot` as a preflight: the smoke config compiled for v5e:2x2 in a real process,
-checked against a capacity it cannot fit (needs the tpu extra; skipped without it)."""
+checked against a capacity it cannot fit (needs the tpu extra; skipped without it). The
+same program as tests/unit/training/test_compilation.py's (8 per chip), so a shared
+persistent compilation cache may serve it."""
 
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is not installed"
 def test_oversized_config_is_reported_and_fails(lsemil, tmp_path):
   out = tmp_path / "aot.json"
   proc = lsemil.run(
-    "aot", "--config", "smoke", "--topology", "v5e:2x2", "--per-chip-batch", "2",
+    "aot", "--config", "smoke", "--topology", "v5e:2x2", "--per-chip-batch", "8",
     "--hbm-bytes", "1000000", "--json", str(out),
   )  # fmt: skip
   error = lsemil.one_error(proc, "aot")
-  assert "smoke at 2 per chip does not fit on v5e:2x2" in error and "976.56 KiB" in error
-  assert "| train | 2 |" in proc.stdout and "mesh data=4 x model=1" in proc.stdout
+  assert "smoke at 8 per chip does not fit on v5e:2x2" in error and "976.56 KiB" in error
+  assert "| train | 8 |" in proc.stdout and "mesh data=4 x model=1" in proc.stdout
   assert "E0000" not in proc.stderr  # libtpu's start-up errors are quieted
   report = json.loads(out.read_text())
   assert report["fits"] is False and report["train"]["fits"] is False
-  assert report["hbm_capacity"] == 1_000_000 and report["global_batch"] == 8
+  assert report["hbm_capacity"] == 1_000_000 and report["global_batch"] == 32
   total = report["train"]["hbm"]["total"]
   assert report["train"]["headroom_bytes"] == 1_000_000 - total < 0

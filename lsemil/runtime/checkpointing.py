@@ -69,15 +69,19 @@ def _not_reported_save_failure(record) -> bool:
   # Orbax logs a failed background save with its traceback, once per thread that sees it;
   # the failure is raised as one OutputError (`_Manager`), so those logs are dropped (only
   # those of an OS error: anything else keeps its traceback). After such a failure the
-  # process exits while orbax's metadata thread still runs; its "cannot schedule new futures
-  # after interpreter shutdown" is that exit, not a second failure.
+  # process closes the manager and exits while orbax's metadata thread still runs; its
+  # "cannot schedule new futures after shutdown" (the manager's executor closed) or "after
+  # interpreter shutdown" (the exit), whichever comes first under the host's load, is that
+  # exit, not a second failure.
   exc = record.exc_info[1] if record.exc_info else None
   if exc is None:
-    return "cannot schedule new futures after interpreter shutdown" not in record.getMessage() \
-      or not _save_failed
-  if _save_failed and isinstance(exc, RuntimeError) and "after interpreter shutdown" in str(exc):
+    return _LATE_SCHEDULE not in record.getMessage() or not _save_failed
+  if _save_failed and isinstance(exc, RuntimeError) and _LATE_SCHEDULE in str(exc):
     return False
   return _errno_of(exc) is None
+
+
+_LATE_SCHEDULE = "cannot schedule new futures after"
 
 
 logging.get_absl_logger().addFilter(_not_read_only_notice)

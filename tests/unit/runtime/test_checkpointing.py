@@ -6,6 +6,8 @@ processes is tests/system/test_resume.py.
 
 from __future__ import annotations
 
+import logging
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -99,3 +101,17 @@ def test_metric_ranks_nan_and_missing_last():
   assert checkpointing._metric({checkpointing.BEST_METRIC: float("nan")}) == -np.inf
   assert checkpointing._metric({checkpointing.BEST_METRIC: None}) == -np.inf
   assert checkpointing._metric(None) == -np.inf
+
+
+@pytest.mark.parametrize("late", ["after shutdown", "after interpreter shutdown"])
+def test_metadata_thread_after_a_reported_save_failure_logs_nothing(monkeypatch, late):
+  """After a failed save (one OutputError), orbax's metadata thread may still schedule work
+  on the closed manager's executor or during the exit: either message is dropped, with or
+  without its traceback, and only then (a loaded host's full-disk run printed the first)."""
+  exc = RuntimeError(f"cannot schedule new futures {late}")
+  with_tb = logging.LogRecord("absl", 40, "f", 1, "run() raised", None, (RuntimeError, exc, None))
+  text = logging.LogRecord("absl", 40, "f", 1, f"run() raised: {exc}", None, None)
+  for failed in (False, True):
+    monkeypatch.setattr(checkpointing, "_save_failed", failed)
+    assert checkpointing._not_reported_save_failure(with_tb) is not failed
+    assert checkpointing._not_reported_save_failure(text) is not failed

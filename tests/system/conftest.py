@@ -4,14 +4,17 @@ is `pytest tests/unit`).
 
 The one way these tests start `lsemil` is the `lsemil` fixture (an `Lsemil`): `lsemil(*args)`
 runs the CLI and asserts it succeeded, `lsemil.run(*args)` runs it and returns the process
-whatever its exit status, `lsemil.popen(*args)` starts it, and `lsemil.env(...)` is the
+whatever its exit status, `lsemil.popen(*args)` starts it, `lsemil.together(procs)` reads
+the output of processes that run together (one multi-host run), and `lsemil.env(...)` is the
 environment a subprocess gets (the CPU backend, unbuffered output, optionally a JAX cache of
 its own and a number of host devices).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +109,49 @@ class Lsemil:
     env = env if env is not None else self.env(cache)
     argv = [self.executable, "-c", code, *map(str, args)]
     return subprocess.Popen(argv, cwd=cwd, env=env, **kwargs)
+
+
+  @staticmethod
+  def together(procs) -> Together:
+    """The processes of one multi-host run, every pipe read from now on (see `Together`)."""
+    return Together(procs)
+
+
+class Together:
+  """Processes that run together, with all their pipes read at once from the start. Read one
+  after the other, the unread pipe of a chatty process fills (64 KiB) and blocks it, and
+  the others then wait for it at their next barrier until jax's shutdown barrier (5 min)
+  aborts them all: seen in a multi-host test on a loaded host."""
+
+  def __init__(self, procs):
+    self.procs = list(procs)
+    self._pool = concurrent.futures.ThreadPoolExecutor(len(self.procs))
+    self._outputs = [self._pool.submit(p.communicate) for p in self.procs]
+
+  def wait(self, timeout: float) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each process once all have exited; after `timeout`
+    seconds all are killed and the test fails with their output."""
+    _, pending = concurrent.futures.wait(self._outputs, timeout=timeout)
+    for p in self.procs if pending else ():
+      p.kill()
+    outs = [f.result() for f in self._outputs]
+    self._pool.shutdown()
+    logs = [(p.returncode, out, err) for p, (out, err) in zip(self.procs, outs, strict=True)]
+    assert not pending, f"killed after {timeout} s:\n" + self.shown([e for *_, e in logs])
+    return logs
+
+  @staticmethod
+  def shown(errs: list[str], keep: int = 4000) -> str:
+    """Each process's stderr for a failure message: the end, without the stack frames of
+    jax's abort (so that an abort still shows what each process did before it)."""
+    frames = re.compile(r"^\s*@\s+0x[0-9a-f]+ ", re.M)
+    kept = ["\n".join(x for x in e.splitlines() if not frames.match(x)) for e in errs]
+    return "\n".join(f"--- process {i}:\n{e[-keep:]}" for i, e in enumerate(kept))
+
+  def errors(self, timeout: float) -> tuple[list[int], list[str]]:
+    """The return codes and the stderr of each process, once all have exited."""
+    logs = self.wait(timeout)
+    return [rc for rc, *_ in logs], [err for *_, err in logs]
 
 
 @pytest.fixture(scope="session")

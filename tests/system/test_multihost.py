@@ -123,16 +123,7 @@ def _launch(lsemil, workdir, data_dir, num_steps, dump_steps, outs, *, cache, np
         cwd=REPO,
       )
     )
-  logs = []
-  try:
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=240)
-      logs.append((p.returncode, stdout, stderr))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
+  logs = lsemil.together(procs).wait(timeout=600)
   for pid, (rc, stdout, stderr) in enumerate(logs):
     assert rc == 0, f"process {pid} of {nproc} exited {rc}:\n{stdout[-2000:]}\n{stderr[-5000:]}"
   results = []

@@ -47,9 +47,9 @@ def _cmd(workdir: Path, data: Path, *extra: str) -> list[str]:
   ]  # fmt: skip
 
 
-def _launch(lsemil, workdir: Path, data: Path) -> list[subprocess.Popen]:
+def _launch(lsemil, workdir: Path, data: Path):
   port = _port()
-  return [
+  return lsemil.together([
     subprocess.Popen(
       _cmd(workdir, data, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}"),
@@ -57,7 +57,7 @@ def _launch(lsemil, workdir: Path, data: Path) -> list[subprocess.Popen]:
       text=True,
     )
     for i in range(2)
-  ]  # fmt: skip
+  ])  # fmt: skip
 
 
 ROWS = {ROWS_LOG_ENV: "1"}  # each process logs what every step trains on
@@ -76,29 +76,26 @@ def _steps(workdir: Path) -> list[int]:
 
 def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_dir, lsemil):
   w = tmp_path / "w"
-  procs = _launch(lsemil, w, synth_dir)
+  run = _launch(lsemil, w, synth_dir)
   deadline = time.time() + 600
   while not _steps(w):
-    for p in procs:
-      assert p.poll() is None, p.communicate()[1][-3000:]
-    assert time.time() < deadline, "no first checkpoint"
+    if any(p.poll() is not None for p in run.procs) or time.time() > deadline:
+      codes, errs = run.errors(timeout=60)
+      pytest.fail(f"no first checkpoint; exits {codes}:\n" + run.shown(errs))
     time.sleep(0.05)
-  for p in procs:
+  for p in run.procs:
     os.kill(p.pid, signal.SIGTERM)
-  errs = [p.communicate(timeout=600)[1] for p in procs]
-  codes = [p.returncode for p in procs]
-  assert codes == [EXIT_PREEMPTED] * 2, "\n".join(e[-2000:] for e in errs)
+  codes, errs = run.errors(timeout=600)
+  assert codes == [EXIT_PREEMPTED] * 2, run.shown(errs)
   saved = [e.split("after saving step ")[1].split()[0] for e in errs]
   assert saved[0] == saved[1], saved  # every process saved the same step
   assert int(saved[0]) in _steps(w) and int(saved[0]) < STEPS
 
-  procs = _launch(lsemil, w, synth_dir)
-  errs = [p.communicate(timeout=900)[1] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+  codes, errs = _launch(lsemil, w, synth_dir).errors(timeout=900)
+  assert codes == [0, 0], run.shown(errs)
   ref = tmp_path / "ref"
-  procs = _launch(lsemil, ref, synth_dir)  # uninterrupted, same 2 x 4 devices
-  errs = [p.communicate(timeout=900)[1] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+  codes, errs = _launch(lsemil, ref, synth_dir).errors(timeout=900)  # uninterrupted, 2 x 4
+  assert codes == [0, 0], run.shown(errs)
   # Not one batch lost, repeated or augmented differently across the preemption.
   for p in (0, 1):
     want = _fed(ref, p)

@@ -119,9 +119,10 @@ class Lsemil:
 
 class Together:
   """Processes that run together, with all their pipes read at once from the start. Read one
-  after the other, the unread pipe of a chatty process fills (64 KiB) and blocks it, and
-  the others then wait for it at their next barrier until jax's shutdown barrier (5 min)
-  aborts them all: seen in a multi-host test on a loaded host."""
+  after the other, the unread pipe of a chatty process could fill (64 KiB) and block it,
+  and the others would wait for it at their next barrier until jax's shutdown barrier
+  (5 min) aborts them all, the way a loaded run of the multi-host preemption test ended
+  (its cause is not established: that process normally writes nothing to stderr)."""
 
   def __init__(self, procs):
     self.procs = list(procs)

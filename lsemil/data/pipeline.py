@@ -1,8 +1,13 @@
 """grain input pipelines for training and evaluation (paper Sec 4.2).
 
-Sources: `open_source` reads any prepared folder (`lsemil prepare`, png or tfds), a synthetic
-folder, or a raw NIH folder (decoded and resized to 512 on the fly, slower). Records are
-dict(image=uint8 (H, W), labels=float32 (14,), row=int row of `load_index` order).
+Sources: `open_source(data_dir, split, source=..., **options)` reads one split of any prepared
+folder (`lsemil prepare`, png or tfds), a synthetic folder, or the raw release of any source
+of `lsemil.data.sources` (decoded, DICOM included, and resized to 512 on the fly, slower);
+`options_of(config)` gives its keywords from a run's config, `open_index` the whole folder's
+index. Records are dict(image=uint8 (H, W), labels=float32 (C,), row=int index row), the
+labels in the source's class order (`ImageSource.classes`) with NaN where a label is unknown
+(uncertain or blank under the `ignore` policies): the loss masks them
+(`lsemil.training.objective`), evaluation takes each class's AUC where it is known.
 
 Training (`make_train_iter`): per-epoch shuffle by `config.seed`, then the augmentation of
 Sec 4.2 as ONE affine warp (`cv2.warpAffine`, bilinear, black border) that also resamples to
@@ -43,18 +48,31 @@ import grain
 import numpy as np
 
 from lsemil.core import log
-from lsemil.data import imageio, nih
+from lsemil.data import dicom, imageio, index, nih, preparation, sources
 
 PAPER_SIDE = 512  # translation_px is in pixels of a 512x512 image (Sec 4.2)
+POLICIES = ("uncertain", "blank", "views", "readers")  # config.data fields of index.Options
 
 
 # --------------------------------------------------------------------------- sources
 
 
+def _read_any(path: str) -> np.ndarray:
+  """uint8 (H, W) grey of a stored image: DICOM through `lsemil.data.dicom` (windowing,
+  MONOCHROME1 inverted), anything else (PNG, JPEG) through `imageio.read_gray`."""
+  if dicom.is_dicom(path):
+    return dicom.read_dicom(path)
+  return imageio.read_gray(path)
+
+
 class ImageSource:
   """Random-access source over one split: grain's RandomAccessDataSource protocol.
 
-  Holds only plain arrays and paths (no index object), so it pickles into grain workers.
+  `classes` (the source's class names, the model's output order), `rows` (rows of the
+  folder's index, `open_index`), `labels` float32 (n, C) in `classes` order with NaN where a
+  label is unknown, `image_ids`, `patient_ids` (str). Element i is dict(image=uint8 (H, W),
+  labels=float32 (C,), row=int). Holds only plain arrays and paths (no index object), so it
+  pickles into grain workers.
   """
 
   def __init__(
@@ -62,32 +80,65 @@ class ImageSource:
     data_dir: str | os.PathLike,
     split: str,
     *,
+    source: str = "nih",
     val_fraction: float = nih.VALID_FRACTION,
     split_seed: int = 0,
+    **policies: str | None,
   ):
     nih.require_local(data_dir)
     self.data_dir = Path(data_dir)
     self.split = split
-    marker = nih.read_marker(self.data_dir)
-    index = nih.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
-    rows = index.rows(split)
-    self.rows = rows.astype(np.int64)
-    self.labels = np.asarray(index.labels, np.float32)[rows]
-    self.image_ids = [index.image_ids[r] for r in rows]
-    self.format = marker.get("format", "png") if marker.get("kind") == "prepared" else "png"
-    # Raw NIH images (no marker) are brought to 512 here, as `prepare` would.
-    self.raw = not marker.get("kind")
+    self.source = source
     self.paths: list[str] = []
     self._tfds_split: list[tuple[str, int]] = []
     self._tfds = None
+    self._dicom = False
+    marker = nih.read_marker(self.data_dir)
+    if source == "nih" and not preparation.is_prepared_source(marker):
+      self._open_nih(marker, val_fraction, split_seed)
+      return
+    found = _folder_index(self.data_dir, source, val_fraction, split_seed, policies)
+    rows = found.rows(split)
+    self.rows = rows.astype(np.int64)
+    self.classes = found.classes
+    self.labels = np.asarray(found.labels, np.float32)[rows]
+    self.image_ids = [found.image_ids[r] for r in rows]
+    self.patient_ids = [str(found.patient_ids[r]) for r in rows]
+    self.format = "png"
+    self.raw = not preparation.is_prepared_source(marker)
+    self.paths = [found.image_paths[r] for r in rows]
+    missing = sorted(set(found.missing) & set(self.image_ids))
+    if missing:
+      raise nih.DataError(
+        f"{self.data_dir}: {len(missing)} images of split {split!r} have no file "
+        f"(first: {missing[0]})"
+      )
+    if self.raw:
+      log.warning(
+        f"{self.data_dir}: reading raw {source} images (decode + resize per step); run "
+        f"`lsemil prepare --source {source}` once for a faster input pipeline"
+      )
+
+  def _open_nih(self, marker: dict, val_fraction: float, split_seed: int) -> None:
+    """The NIH folder (raw, synthetic, or prepared as png or tfds), as before other sources."""
+    nih_index = nih.open_index(self.data_dir, val_fraction=val_fraction, split_seed=split_seed)
+    rows = nih_index.rows(self.split)
+    self.rows = rows.astype(np.int64)
+    self.classes = nih.CLASSES
+    self.labels = np.asarray(nih_index.labels, np.float32)[rows]
+    self.image_ids = [nih_index.image_ids[r] for r in rows]
+    self.patient_ids = [str(nih_index.patient_ids[r]) for r in rows]
+    self.format = marker.get("format", "png") if marker.get("kind") == "prepared" else "png"
+    # Raw NIH images (no marker) are brought to 512 here, as `prepare` would.
+    self.raw = not marker.get("kind")
     if self.format == "tfds":
-      self._map_tfds(marker, index, val_fraction, split_seed)
+      self._map_tfds(marker, nih_index, val_fraction, split_seed)
     else:
-      paths = [index.image_paths[r] for r in rows]
+      paths = [nih_index.image_paths[r] for r in rows]
       missing = [self.image_ids[i] for i, p in enumerate(paths) if p is None]
       if missing:
         raise nih.DataError(
-          f"{self.data_dir}: {len(missing)} images of split {split!r} have no file under "
+          f"{self.data_dir}: {len(missing)} images of split {self.split!r} have no file under "
           f"images/ (first: {missing[0]})"
         )
       self.paths = [str(p) for p in paths]
@@ -97,12 +148,12 @@ class ImageSource:
           "`lsemil prepare` once for a faster input pipeline"
         )
 
-  def _map_tfds(self, marker: dict, index, val_fraction: float, split_seed: int) -> None:
+  def _map_tfds(self, marker: dict, nih_index, val_fraction: float, split_seed: int) -> None:
     """Maps each row of this split to (tfds split, record) of the prepare-time splits."""
     vf = float(marker.get("val_fraction", nih.VALID_FRACTION))
     ss = int(marker.get("split_seed", 0))
     if (vf, ss) == (val_fraction, split_seed):
-      built = index
+      built = nih_index
     else:
       built = nih.open_index(self.data_dir, val_fraction=vf, split_seed=ss)
     where = {}
@@ -137,20 +188,38 @@ class ImageSource:
       if image_id != self.image_ids[i]:
         raise nih.DataError(f"{name}: holds {image_id}, expected {self.image_ids[i]}")
       image = imageio.decode_png(rec["png"], f"{name} ({image_id})")
-    else:
+    elif self.source == "nih":
       image = imageio.read_gray(self.paths[i])
-      if self.raw:
-        image = prepared_image(image)
+    else:
+      image = _read_any(self.paths[i])
+    if self.raw:
+      image = prepared_image(image)
     return {"image": image, "labels": self.labels[i], "row": int(self.rows[i])}
 
   def __repr__(self) -> str:
-    return f"ImageSource({self.data_dir}, split={self.split!r}, n={len(self)}, {self.format})"
+    return (f"ImageSource({self.data_dir}, {self.source}, split={self.split!r}, n={len(self)}, "
+            f"{self.format})")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_index(root: str, source: str, key: tuple, stamp) -> index.SourceIndex:
+  del stamp  # only part of the cache key
+  return preparation.open_source_index(Path(root), source, **dict(key))
+
+
+def _folder_index(root: Path, source: str, val_fraction: float, split_seed: int,
+                  policies: dict) -> index.SourceIndex:
+  """`preparation.open_source_index`, read once per folder, source and options (the
+  splits of one run share it)."""
+  key = (("val_fraction", float(val_fraction)), ("split_seed", int(split_seed)),
+         *sorted(policies.items()))
+  return _cached_index(str(root), source, key, _stamp(root))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_source(data_dir: str, split: str, val_fraction: float, split_seed: int, stamp):
+def _cached_source(data_dir: str, split: str, key: tuple, stamp):
   del stamp  # only part of the cache key
-  return ImageSource(data_dir, split, val_fraction=val_fraction, split_seed=split_seed)
+  return ImageSource(data_dir, split, **dict(key))
 
 
 def _stamp(data_dir: Path) -> tuple:
@@ -158,20 +227,78 @@ def _stamp(data_dir: Path) -> tuple:
   return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file()))
 
 
-def open_source(
-  data_dir: str | os.PathLike,
-  split: str,
-  *,
-  val_fraction: float = nih.VALID_FRACTION,
-  split_seed: int = 0,
-) -> ImageSource:
-  """A random-access source over one split (train / valid / test) of any dataset folder
-  (on local disk: a gs:// or other URL raises DataError)."""
+def _local_root(data_dir: str | os.PathLike) -> Path:
   nih.require_local(data_dir)
   root = Path(data_dir).resolve()
   if not root.is_dir():
     raise nih.DataError(f"{root}: not a folder")
-  return _cached_source(str(root), split, float(val_fraction), int(split_seed), _stamp(root))
+  return root
+
+
+def open_source(
+  data_dir: str | os.PathLike,
+  split: str,
+  *,
+  source: str = "nih",
+  val_fraction: float = nih.VALID_FRACTION,
+  split_seed: int = 0,
+  uncertain: str | None = None,
+  blank: str | None = None,
+  views: str | None = None,
+  readers: str | None = None,
+) -> ImageSource:
+  """A random-access source over one split (train / valid / test) of a dataset folder of
+  any source (`lsemil.data.sources.READERS`), on local disk (a gs:// or other URL raises
+  DataError). Evaluation, validation and training read every split through here.
+
+  `data_dir` is a `lsemil prepare` output (png or tfds; it records its source, classes,
+  label matrix, split and policies) or the raw release of `source` (images decoded and
+  resized to 512 on the fly, DICOM included). `val_fraction` and `split_seed` cut the
+  patient-wise splits; `uncertain`, `blank`, `views`, `readers` are the label policies of
+  `lsemil.data.index.Options` (None: the reader's default, or whatever a prepared folder
+  was prepared with). A prepared folder of another source, or prepared with other policies
+  or another split than asked for, raises DataError naming the field. `options_of(config)`
+  gives all these keywords from a run's config.
+
+  The result has `.classes` (the source's class names: the label columns and the model's
+  output order), `.labels` float32 (n, C) with NaN where a class is unknown (so a class's
+  AUC can be taken over the images where it is known), `.rows` (rows of `open_index`),
+  `.image_ids` and `.patient_ids`.
+  """
+  root = _local_root(data_dir)
+  key = (("source", str(source)), ("val_fraction", float(val_fraction)),
+         ("split_seed", int(split_seed)), ("uncertain", uncertain), ("blank", blank),
+         ("views", views), ("readers", readers))
+  return _cached_source(str(root), split, key, _stamp(root))
+
+
+def open_index(
+  data_dir: str | os.PathLike,
+  *,
+  source: str = "nih",
+  val_fraction: float = nih.VALID_FRACTION,
+  split_seed: int = 0,
+  **policies: str | None,
+) -> index.SourceIndex:
+  """The whole folder's index (every split; boxes, masks, ids, patients), whose rows
+  `open_source(...).rows` and the eval batches' `row` refer to; keywords as `open_source`.
+  Boxes of a prepared folder are in pixels of its stored images."""
+  root = _local_root(data_dir)
+  if source == "nih" and not preparation.is_prepared_source(nih.read_marker(root)):
+    return sources.from_nih(nih.open_index(root, val_fraction=val_fraction,
+                                           split_seed=split_seed))
+  return _folder_index(root, source, val_fraction, split_seed, policies)
+
+
+def options_of(config) -> dict:
+  """`open_source` / `open_index` keywords of a run's config (`config.data`): the source,
+  the split and the label policies; an old config without `data.source` reads NIH."""
+  data = config.data
+  out = {"source": str(data.get("source") or "nih"), "val_fraction": float(data.val_fraction),
+         "split_seed": int(data.split_seed)}
+  for name in POLICIES:
+    out[name] = data.get(name)
+  return out
 
 
 # --------------------------------------------------------------------------- the input contract
@@ -334,13 +461,7 @@ def _local_batch(global_batch: int, process_count: int, what: str) -> int:
 
 
 def _source_for(config, data_dir, split: str) -> ImageSource:
-  data = config.data
-  return open_source(
-    data_dir,
-    split,
-    val_fraction=float(data.val_fraction),
-    split_seed=int(data.split_seed),
-  )
+  return open_source(data_dir, split, **options_of(config))
 
 
 def _read_options(config, local_batch: int) -> grain.ReadOptions:
@@ -397,8 +518,8 @@ def train_dataset(
 
 
 def make_train_iter(config, data_dir, *, process_index: int = 0, process_count: int = 1):
-  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) u8, labels=(B, 14) f32,
-  row=(B,) int32 index rows)."""
+  """A checkpointable grain DatasetIterator of dict(image=(B, S, S, 1) u8, labels=(B, C) f32
+  (NaN = unknown), row=(B,) int32 index rows)."""
   return iter(
     train_dataset(config, data_dir, process_index=process_index, process_count=process_count)
   )

@@ -20,23 +20,27 @@ interrupted run are deleted, never trusted. The marker is written last.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from lsemil.core import fileio, log
-from lsemil.core.errors import ImageError, OutputError, PrepareError
-from lsemil.data import imageio, nih
+from lsemil.core.errors import DataError, ImageError, OutputError, PrepareError
+from lsemil.data import dicom, imageio, index, nih
 
 MARKER_NAME = nih.MARKER_NAME
 BAD_FILES_NAME = "bad_files.txt"
@@ -159,40 +163,68 @@ def write_metadata(
   if bbox is not None:
     from_space = float(nih.read_marker(nih_dir).get("box_space", nih.ORIGINAL_SIZE))
     _write_bbox(bbox, out / "BBox_List_2017.csv", from_space, size, drop)
+  _write_bad_files(out, bad)
+  marker = {"kind": "prepared", "format": fmt, "image_size": size, "box_space": size, **extra}
+  _write_text_atomic(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+
+
+def _write_bad_files(out: Path, bad: dict[str, str]) -> None:
+  """bad_files.txt: one 'image id<TAB>reason' line per skipped image (removed when none)."""
   bad_path = out / BAD_FILES_NAME
   if bad:
     lines = [f"{image_id}\t{reason}" for image_id, reason in sorted(bad.items())]
     _write_text_atomic(bad_path, "\n".join(lines) + "\n")
   elif bad_path.exists():
     bad_path.unlink()
-  marker = {"kind": "prepared", "format": fmt, "image_size": size, "box_space": size, **extra}
-  _write_text_atomic(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- images
 
 
-def process_image(src: str | None, dst: str, size: int) -> str | None:
-  """Decode + resize + write one image; returns None or the reason it is bad (the input's
-  fault). Failing to write the output raises OutputError naming it."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """uint8 (H, W) grey of a stored image of any source: DICOM through `lsemil.data.dicom`
+  (Modality and VOI LUT or window, MONOCHROME1 inverted), PNG / JPEG through
+  `imageio.read_gray`."""
+  if dicom.is_dicom(path):
+    return dicom.read_dicom(path)
+  return imageio.read_gray(path)
+
+
+def convert_image(
+  src: str | None, dst: str, size: int, read=imageio.read_gray
+) -> tuple[str | None, tuple[int, int] | None]:
+  """Decode (`read`) + resize + write one image; returns (None, the source's (H, W)) or
+  (the reason it is bad, the input's fault, None). Failing to write the output raises
+  OutputError naming it."""
   try:
     if src is None:
       raise ImageError(f"{dst}: source image not found")
-    img = imageio.resize_gray(imageio.read_gray(src), size)
+    decoded = read(src)
+    img = imageio.resize_gray(decoded, size)
   except ImageError as e:
-    return str(e)
+    return str(e), None
   except cv2.error as e:  # a decoder failure imageio's checks did not foresee
-    return f"{src}: cannot decode ({str(e).strip().splitlines()[-1]})"
+    return f"{src}: cannot decode ({str(e).strip().splitlines()[-1]})", None
   try:
     imageio.write_png_atomic(Path(dst), imageio.encode_png(img))
   except OSError as e:
     raise OutputError(f"{dst}: cannot write ({e.strerror or e})") from None
-  return None
+  return None, decoded.shape[:2]
+
+
+def process_image(src: str | None, dst: str, size: int) -> str | None:
+  """`convert_image` of an NIH PNG: None or the reason the image is bad."""
+  return convert_image(src, dst, size)[0]
 
 
 def _process_star(args):
   image_id, src, dst, size = args
   return image_id, src, process_image(src, dst, size)
+
+
+def _convert_star(args):
+  row, src, dst, size = args
+  return (row, src, *convert_image(src, dst, size, read_image))
 
 
 def _clean_temp(folder: Path) -> int:
@@ -211,6 +243,7 @@ class Summary:
   bad: dict[str, str] = dataclasses.field(default_factory=dict)  # image id -> reason
   stale_temp_removed: int = 0
   seconds: float = 0.0
+  dropped_from: str = "the copied Data_Entry and split lists"
 
   def lines(self, on_bad: str) -> list[str]:
     out = [
@@ -222,7 +255,7 @@ class Summary:
     if self.bad:
       out.append(
         f"{len(self.bad)} bad images {'skipped' if on_bad == 'skip' else 'found'}; their rows "
-        f"were dropped from the copied Data_Entry and split lists (see {BAD_FILES_NAME}):"
+        f"were dropped from {self.dropped_from} (see {BAD_FILES_NAME}):"
       )
       out += [f"  {reason}" for _, reason in sorted(self.bad.items())[:20]]
       if len(self.bad) > 20:
@@ -253,9 +286,7 @@ def write_images(
         f"{expected_image_path(nih_dir, nih.short_id(image_id))}: image id longer than "
         f"{nih.NAME_MAX} bytes, which no file name can be"
       )
-      if on_bad == "error":
-        raise PrepareError(f"{reason} (rerun with --on-bad skip to skip and list bad files)")
-      summary.bad[image_id] = reason
+      _bad(summary, image_id, reason, on_bad)
       continue
     dst = images_dir / image_id
     if dst.is_file():
@@ -263,29 +294,285 @@ def write_images(
       continue
     src = index.image_paths[row]
     todo.append((image_id, None if src is None else str(src), str(dst), size))
-  workers = (os.cpu_count() or 1) if workers is None else workers
-  pool = None
-  try:
-    if workers > 1 and len(todo) > 1:
-      pool = multiprocessing.get_context("spawn").Pool(workers)
-      results = pool.imap_unordered(_process_star, todo, chunksize=16)
-    else:
-      results = map(_process_star, todo)
+  with _parallel(_process_star, todo, workers) as results:
     for image_id, src, reason in log.tracked(results, progress, "prepare", len(todo)):
       if reason is None:
         summary.written += 1
         continue
       if src is None:
         reason = f"{expected_image_path(nih_dir, image_id)}: file not found"
-      if on_bad == "error":
-        raise PrepareError(f"{reason} (rerun with --on-bad skip to skip and list bad files)")
-      summary.bad[image_id] = reason
+      _bad(summary, image_id, reason, on_bad)
+  summary.seconds = time.perf_counter() - start
+  return summary
+
+
+@contextlib.contextmanager
+def _parallel(fn, todo: list, workers: int | None) -> Iterator:
+  """`map(fn, todo)` in `workers` spawned processes (default: all cores), unordered."""
+  workers = (os.cpu_count() or 1) if workers is None else workers
+  pool = None
+  try:
+    if workers > 1 and len(todo) > 1:
+      pool = multiprocessing.get_context("spawn").Pool(workers)
+      yield pool.imap_unordered(fn, todo, chunksize=16)
+    else:
+      yield map(fn, todo)
   finally:
     if pool is not None:
       pool.terminate()
       pool.join()
+
+
+def _bad(summary: Summary, image_id: str, reason: str, on_bad: str) -> None:
+  """Stops at a bad image (`on_bad` error) or lists it in the summary (skip)."""
+  if on_bad == "error":
+    raise PrepareError(f"{reason} (rerun with --on-bad skip to skip and list bad files)")
+  summary.bad[image_id] = reason
+
+
+# --------------------------------------------------------------------------- other sources
+
+INDEX_NAME = "index.csv"  # a prepared folder of any source: one row per image
+BOXES_NAME = "boxes.csv"
+MASKS_NAME = "masks.csv"
+INDEX_COLUMNS = ("image_id", "file", "patient", "split")
+BOX_COLUMNS = ("image_id", "class", "x", "y", "w", "h")
+MASK_COLUMNS = ("image_id", "class", "EncodedPixels")
+OPTION_FIELDS = ("uncertain", "blank", "views", "readers", "seed", "val_fraction")
+_CONFIG_FIELD = {"seed": "data.split_seed", "val_fraction": "data.val_fraction"}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+_UNKNOWN = index.LabelPolicy(uncertain=np.nan, blank=np.nan)  # a blank cell reads as NaN
+
+
+def is_prepared_source(marker: dict) -> bool:
+  """A folder `prepare --source S` wrote for a source other than NIH (`INDEX_NAME`)."""
+  return marker.get("kind") == "prepared" and marker.get("source", "nih") != "nih"
+
+
+def stored_name(image_id: str) -> str:
+  """The PNG file name of an image id under images/: folders joined by '__', the image
+  suffix replaced by .png; an id too long for a file name gets its SHA-1."""
+  name = image_id.replace("\\", "/").strip("/").replace("/", "__")
+  stem, suffix = os.path.splitext(name)
+  name = (stem if suffix.lower() in _IMAGE_SUFFIXES else name) + ".png"
+  if len(name.encode("utf-8", "surrogateescape")) > nih.NAME_MAX:
+    name = hashlib.sha1(image_id.encode("utf-8", "surrogateescape")).hexdigest() + ".png"
+  return name
+
+
+def _stored_names(found: index.SourceIndex) -> list[str]:
+  names = [stored_name(i) for i in found.image_ids]
+  first: dict[str, str] = {}
+  for image_id, name in zip(found.image_ids, names, strict=True):
+    if first.setdefault(name, image_id) != image_id:
+      raise PrepareError(f"{found.root}: images {first[name]} and {image_id} would both be "
+                         f"stored as images/{name}")
+  return names
+
+
+def _label_cell(v: float) -> str:
+  return "" if math.isnan(v) else "1" if v == 1 else "0"
+
+
+def _scaled(found: index.SourceIndex, shapes: dict[int, tuple[int, int]], size: int):
+  """Boxes of the kept rows in pixels of the size x size images (x by size / W, y by
+  size / H of each image's decoded shape)."""
+  out = []
+  for j, row in enumerate(found.box_rows.tolist()):
+    if row in shapes:
+      h, w = shapes[row]
+      x, y, bw, bh = found.box_xywh[j].tolist()
+      box = (x * size / w, y * size / h, bw * size / w, bh * size / h)
+      out.append((row, int(found.box_classes[j]), box))
+  return out
+
+
+def _masks(found: index.SourceIndex, shapes: dict, size: int) -> list[tuple[int, int, str]]:
+  """(row, class, run-length code at size x size) of each kept row's mask (SIIM-ACR): the
+  union of its components, resized with the image (area, then >= half covered)."""
+  from lsemil.data import siim
+
+  height, width = found.image_size or (siim.ORIGINAL_SIZE, siim.ORIGINAL_SIZE)
+  out = []
+  for row, per_class in sorted(found.masks.items()):
+    if row not in shapes:
+      continue
+    for k, codes in sorted(per_class.items()):
+      union = np.zeros((height, width), np.uint8)
+      for code in codes:
+        union |= siim.decode_rle(code, height, width).astype(np.uint8)
+      small = cv2.resize(union * 255, (size, size), interpolation=cv2.INTER_AREA) >= 128
+      out.append((row, k, siim.encode_rle(small)))
+  return out
+
+
+def _csv_text(header: Sequence[str], rows) -> str:
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  return buf.getvalue()
+
+
+def write_source_metadata(
+  found: index.SourceIndex, out: Path, names: list[str], shapes: dict, *, size: int,
+  bad: dict[str, str], options: index.Options,
+) -> None:
+  """index.csv (kept rows: id, file, patient, split, one column per class: 1, 0 or blank
+  for unknown), boxes.csv and masks.csv in pixels of the stored images, bad_files.txt, and
+  the marker last."""
+  kept = [r for r in range(len(found)) if found.image_ids[r] not in bad]
+  rows = [[found.image_ids[r], f"images/{names[r]}", found.patient_ids[r], found.splits[r],
+           *map(_label_cell, found.labels[r].tolist())] for r in kept]
+  _write_text_atomic(out / INDEX_NAME, _csv_text([*INDEX_COLUMNS, *found.classes], rows))
+  for name, header, items in (
+    (BOXES_NAME, BOX_COLUMNS, [(r, k, *map(_fmt, box)) for r, k, box in _scaled(found, shapes,
+                                                                                 size)]),
+    (MASKS_NAME, MASK_COLUMNS, _masks(found, shapes, size)),
+  ):
+    if items:
+      table = [[found.image_ids[r], found.classes[k], *rest] for r, k, *rest in items]
+      _write_text_atomic(out / name, _csv_text(header, table))
+    else:
+      (out / name).unlink(missing_ok=True)
+  _write_bad_files(out, bad)
+  marker = {
+    "kind": "prepared", "format": "png", "image_size": size, "box_space": size,
+    "source": found.source, "classes": list(found.classes),
+    "official_split": bool(found.official_split),
+    "options": {f: getattr(options, f) for f in OPTION_FIELDS}, "images": len(kept),
+  }
+  _write_text_atomic(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+
+
+def write_source_images(
+  found: index.SourceIndex, images_dir: Path, names: list[str], *, size: int, on_bad: str,
+  workers: int | None, progress: log.Progress | None,
+) -> tuple[Summary, dict[int, tuple[int, int]]]:
+  """Decodes (DICOM, JPEG, PNG), resizes and writes every image of `found` (parallel,
+  resumable); returns the summary and the source (H, W) of each kept row that has boxes
+  or masks (read again for an image a previous run wrote)."""
+  images_dir.mkdir(parents=True, exist_ok=True)
+  summary = Summary(total=len(found), stale_temp_removed=_clean_temp(images_dir),
+                    dropped_from=INDEX_NAME)
+  start = time.perf_counter()
+  located = set(found.box_rows.tolist()) | set(found.masks)
+  missing = set(found.missing)
+  todo, shapes, existed = [], {}, set()
+  for row, image_id in enumerate(found.image_ids):
+    dst = images_dir / names[row]
+    if dst.is_file():
+      summary.already_done += 1
+      if row not in located:
+        continue
+      existed.add(row)  # decoded again for its shape
+    src = None if image_id in missing else found.image_paths[row]
+    todo.append((row, src, str(dst), size))
+  with _parallel(_convert_star, todo, workers) as results:
+    for row, src, reason, shape in log.tracked(results, progress, "prepare", len(todo)):
+      if reason is None:
+        shapes[row] = shape
+        summary.written += row not in existed
+        continue
+      if src is None:
+        reason = f"{found.image_paths[row]}: file not found"
+      _bad(summary, found.image_ids[row], reason, on_bad)
   summary.seconds = time.perf_counter() - start
+  return summary, shapes
+
+
+def prepare_source(
+  source: str, data_dir: Path, out: Path, *, size: int, on_bad: str, workers: int | None,
+  options: index.Options, progress: log.Progress | None = None,
+) -> Summary:
+  """Prepares a folder of any source but NIH into `out` (`INDEX_NAME` format)."""
+  from lsemil.data import sources
+
+  found = sources.load(source, data_dir, **dataclasses.asdict(options))
+  names = _stored_names(found)
+  summary, shapes = write_source_images(found, out / "images", names, size=size,
+                                        on_bad=on_bad, workers=workers, progress=progress)
+  write_source_metadata(found, out, names, shapes, size=size, bad=summary.bad, options=options)
   return summary
+
+
+def _check_options(root: Path, marker: dict, asked: dict) -> None:
+  """Refuses options (None: any) other than those the folder was prepared with."""
+  saved = marker.get("options", {})
+  for name, value in asked.items():
+    if value is not None and saved.get(name) != value:
+      field = _CONFIG_FIELD.get(name, f"data.{name}")
+      raise DataError(
+        f"{root / MARKER_NAME}: prepared with {name}={saved.get(name)!r}, but the run asks "
+        f"for {value!r} ({field}); prepare again with the run's options or set {field}"
+      )
+
+
+def read_prepared(root: Path, marker: dict) -> index.SourceIndex:
+  """The index of a folder `prepare_source` wrote: labels as written (blank = NaN), boxes
+  and masks in pixels of its `image_size` images. Bad rows raise naming file and line."""
+  path = root / INDEX_NAME
+  header, rows = index.table_rows(path, required=INDEX_COLUMNS)
+  classes = tuple(c for c in header if c not in INDEX_COLUMNS)
+  if list(classes) != list(marker.get("classes", ())):
+    raise DataError(f"{path}:1: class columns {list(classes)} differ from the classes of "
+                    f"{root / MARKER_NAME}: {marker.get('classes')}")
+  side = int(marker["image_size"])
+  columns: dict[str, list] = {"ids": [], "paths": [], "patients": [], "splits": [], "labels": []}
+  row_of: dict[str, int] = {}
+  for at, row in rows:
+    if row["split"] not in index.SPLITS or row["image_id"] in row_of:
+      raise DataError(f"{at}: bad split {row['split']!r} or repeated image {row['image_id']}")
+    row_of[row["image_id"]] = len(columns["ids"])
+    columns["ids"].append(row["image_id"])
+    columns["paths"].append(os.path.join(root, row["file"]))
+    columns["patients"].append(row["patient"])
+    columns["splits"].append(row["split"])
+    columns["labels"].append(_UNKNOWN.row([row[c] for c in classes], at, classes))
+  boxes, masks = [], {}
+  for name, header in ((BOXES_NAME, BOX_COLUMNS), (MASKS_NAME, MASK_COLUMNS)):
+    if not (root / name).is_file():
+      continue
+    for at, row in index.table_rows(root / name, required=header)[1]:
+      if row["image_id"] not in row_of or row["class"] not in classes:
+        raise DataError(f"{at}: image {row['image_id']!r} or class {row['class']!r} is not in "
+                        f"{INDEX_NAME}")
+      r, k = row_of[row["image_id"]], classes.index(row["class"])
+      if name == BOXES_NAME:
+        boxes.append((r, k, index.xywh_box([row[c] for c in "xywh"], at, side)))
+      else:
+        masks.setdefault(r, {})[k] = (row["EncodedPixels"],)
+  saved = marker.get("options", {})
+  options = index.Options(**{f: saved[f] for f in OPTION_FIELDS if f in saved})
+  box_arrays = (np.asarray([b[0] for b in boxes], np.int64),
+                np.asarray([b[1] for b in boxes], np.int64),
+                np.asarray([b[2] for b in boxes], np.float64).reshape(-1, 4))
+  return index.build(str(marker["source"]), root, classes, columns, options,
+                     official_split=bool(marker.get("official_split")), boxes=box_arrays,
+                     masks=masks, image_size=(side, side))
+
+
+def open_source_index(
+  root: Path, source: str, *, val_fraction: float, split_seed: int,
+  uncertain: str | None = None, blank: str | None = None, views: str | None = None,
+  readers: str | None = None,
+) -> index.SourceIndex:
+  """The index of a folder of `source`: a prepared one (`read_prepared`, refusing another
+  source or other options than it was prepared with) or the raw release
+  (`lsemil.data.sources.load` with these options; None: the reader's default)."""
+  from lsemil.data import sources
+
+  marker = nih.read_marker(root)
+  asked = {"uncertain": uncertain, "blank": blank, "views": views, "readers": readers,
+           "seed": int(split_seed), "val_fraction": float(val_fraction)}
+  if marker.get("kind") == "prepared":
+    made = marker.get("source", "nih")
+    if made != source:
+      raise DataError(f"{root / MARKER_NAME}: prepared from source {made!r}, not {source!r} "
+                      f"(set data.source={made}, or --source {made})")
+    _check_options(root, marker, asked)
+    return read_prepared(root, marker)
+  return sources.load(source, root, **{k: v for k, v in asked.items() if v is not None})
 
 
 # --------------------------------------------------------------------------- entry points
@@ -298,7 +585,7 @@ def _check_resume(out: Path, settings: dict) -> None:
     if not path.is_file():
       continue
     old = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("format", "image_size"):
+    for key in ("format", "image_size", "source"):
       if key in old and old[key] != settings[key]:
         raise PrepareError(
           f"{path}: {out} was prepared with {key}={old[key]!r}, not {settings[key]!r}; "
@@ -317,11 +604,18 @@ def prepare(
   val_fraction: float = nih.VALID_FRACTION,
   split_seed: int = 0,
   progress: log.Progress | None = None,
+  source: str = "nih",
+  policies: dict[str, str] | None = None,
 ) -> Summary:
-  """Prepares `nih_dir` into `out` (see the module docstring); returns the summary."""
+  """Prepares `nih_dir` (a folder of `source`) into `out` (see the module docstring);
+  returns the summary. `policies`: the `index.Options` label policies of a source other
+  than NIH (uncertain, blank, views, readers), applied here and recorded in the marker."""
   nih_dir, out = Path(nih_dir), Path(out)
   if fmt not in ("png", "tfds"):
     raise ValueError(f"format must be 'png' or 'tfds', got {fmt!r}")
+  if source != "nih" and fmt != "png":
+    raise PrepareError(f"--format {fmt}: only NIH folders are prepared as TFDS so far; "
+                       f"use --format png for source {source}")
   if on_bad not in ("error", "skip"):
     raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
   if size < 8:
@@ -329,15 +623,20 @@ def prepare(
   if nih_dir.resolve() == out.resolve():
     raise ValueError("--out must differ from --nih-dir")
   out.mkdir(parents=True, exist_ok=True)
-  settings = {"format": fmt, "image_size": size}
+  settings = {"format": fmt, "image_size": size, "source": source}
   _check_resume(out, settings)
   (out / STATE_NAME).write_text(json.dumps(settings) + "\n", encoding="utf-8")
+  nih_extra = {"source": "nih", "classes": list(nih.CLASSES)}
 
-  if fmt == "png":
+  if source != "nih":
+    options = index.Options(seed=split_seed, val_fraction=val_fraction, **(policies or {}))
+    summary = prepare_source(source, nih_dir, out, size=size, on_bad=on_bad, workers=workers,
+                             options=options, progress=progress)
+  elif fmt == "png":
     summary = write_images(
       nih_dir, out / "images", size=size, on_bad=on_bad, workers=workers, progress=progress
     )
-    write_metadata(nih_dir, out, size=size, fmt="png", bad=summary.bad, extra={})
+    write_metadata(nih_dir, out, size=size, fmt="png", bad=summary.bad, extra=nih_extra)
   else:
     from lsemil.data import tfds_builder
 
@@ -354,7 +653,7 @@ def prepare(
       split_seed=split_seed,
       workers=workers,
     )
-    extra = {"val_fraction": val_fraction, "split_seed": split_seed}
+    extra = {**nih_extra, "val_fraction": val_fraction, "split_seed": split_seed}
     write_metadata(nih_dir, out, size=size, fmt="tfds", bad=summary.bad, extra=extra)
     shutil.rmtree(staging)
   (out / STATE_NAME).unlink(missing_ok=True)

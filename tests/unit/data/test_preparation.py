@@ -40,7 +40,8 @@ def test_scale_box_to_output_size():
 
 def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
   marker = json.loads((png_dir / "lsemil_dataset.json").read_text())
-  assert marker == {"kind": "prepared", "format": "png", "image_size": 512, "box_space": 512}
+  assert marker == {"kind": "prepared", "format": "png", "image_size": 512, "box_space": 512,
+                    "source": "nih", "classes": list(nih.CLASSES)}
   text = (png_dir / "BBox_List_2017.csv").read_text()
   assert text.splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
   rows = list(csv.reader(text.splitlines()))

@@ -144,10 +144,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Shard large params over 'data' (FSDP style) instead of replicating them.
   config.train.fsdp = False
   config.train.fsdp_min_size = 2**18
-  # Start from the weights of an earlier lsemil run (its workdir or a checkpoint step
-  # folder; the best checkpoint of a workdir) when the workdir has no checkpoint of its
-  # own; the optimizer starts fresh. '' = from scratch, as in the paper.
+  # Fine-tuning (`lsemil train --init-from`): start from another model (a workdir's best
+  # checkpoint, a checkpoint step folder or a `lsemil export` folder), its backbone and the
+  # head rows of the classes both models have (lsemil.training.initialization), when the
+  # workdir has no checkpoint of its own; the optimizer starts fresh. '' = from scratch.
   config.train.init_from = ""
+  # What trains: none (nothing frozen) | backbone (frozen, BatchNorm statistics too: only the
+  # head, the saliency conv and LSE-LBA's beta, trains).
+  config.train.freeze = "none"
   # Write checkpoints in the background (orbax async); False blocks at each save.
   config.train.async_checkpoints = True
   return config

@@ -3,11 +3,16 @@
   lsemil train --config configs/paper.py:r0=5 --workdir W --data-dir D [--config.x=y ...]
   lsemil train --config paper:r0=5 --workdir W --data-dir D   # the same config, by name
   lsemil train --config smoke --workdir W      # synthesizes W/data, < 1 min on CPU
+  lsemil train --config paper:r0=5 --workdir W2 --data-dir D2 --init-from W  # fine-tune
 
 Thin entry point (flax's main.py): flags, optional jax.distributed start-up, then
 `lsemil.training.trainer.train_and_evaluate` (importable from notebooks and other commands).
 Any config field can be overridden on the command line (`--config.train.batch_size=16`).
 Running again with the same workdir resumes from its latest checkpoint at the exact next batch.
+`--init-from SOURCE` (= `--config.train.init_from=SOURCE`) starts a new workdir from another
+model: a workdir, a checkpoint step folder or a `lsemil export` folder; its backbone and the
+head rows of the classes both models have are copied (`lsemil.training.initialization`), and
+`--config.train.freeze=backbone` trains the head only. A resumed run ignores it.
 
 Multi-host (one process per host): pass --coordinator-address/--num-processes/--process-id,
 or set LSEMIL_MULTIHOST=1 (Cloud TPU: no other argument needed).
@@ -18,11 +23,12 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from lsemil.core import configuration
+from lsemil.core import configuration, fileio
 from lsemil.core.errors import ConfigError
 
 _USAGE = (
-  "lsemil train --config FILE|NAME[:ARGS] --workdir W [--data-dir D] [--config.FIELD=VALUE ...]"
+  "lsemil train --config FILE|NAME[:ARGS] --workdir W [--data-dir D] [--init-from SOURCE] "
+  "[--config.FIELD=VALUE ...]"
 )
 
 
@@ -48,6 +54,14 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
     "Dataset folder: `lsemil prepare` output (png or tfds), a `lsemil synth` folder or a raw "
     "NIH ChestX-ray14 folder. Default: config.data.data_dir; the smoke config synthesizes "
     "a tiny dataset into WORKDIR/data.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "init_from",
+    None,
+    "Fine-tune: start from this model (a workdir's best checkpoint, a checkpoint step folder "
+    "or a `lsemil export` folder) when WORKDIR has no checkpoint; the same as "
+    "--config.train.init_from.",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -103,6 +117,13 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
   if fv.config is None or not fv.workdir:
     raise flags.Error("--config and --workdir are required")
   fv.config.keys()  # config_flags defers a failed load until first use: fail here
+  if fv.init_from:
+    given = fv.config.train.init_from
+    if given and fileio.resolve(given) != fileio.resolve(fv.init_from):
+      raise flags.Error(
+        f"--init-from {fv.init_from} and --config.train.init_from={given} disagree; give one"
+      )
+    fv.config.train.init_from = fileio.resolve(fv.init_from)
   return fv
 
 
@@ -176,7 +197,6 @@ def main(argv: list[str]) -> int:
   import jax
 
   from lsemil.commands import progress
-  from lsemil.core import fileio
   from lsemil.training import trainer
 
   logging.info(

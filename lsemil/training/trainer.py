@@ -31,6 +31,9 @@ Banner sections: state & steps, config, validation, early stopping, stop request
   exactly. A second `lsemil train` on a workdir in use is refused (`training.workdir_lock`), and
   resuming with another model, seed, split or batch size is refused before anything is
   written (`check_resume_config`).
+- Fine-tuning: `train.init_from` starts a new workdir from another model's backbone and the
+  head rows of the classes both have (`lsemil.training.initialization`); `train.freeze=backbone`
+  trains the head only.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from lsemil.inference import engine
 from lsemil.metrics import classification
 from lsemil.models import mil, registry
 from lsemil.runtime import checkpointing, sharding
-from lsemil.training import metric_writer, objective, workdir_lock
+from lsemil.training import initialization, metric_writer, objective, workdir_lock
 
 CONFIG_FILE = "config.json"
 VALIDATION_PREDICTIONS = "validation_predictions.csv"  # per image, the latest validation
@@ -86,10 +89,14 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The paper's optimizer (Sec 4.2): Adam with coupled L2 weight decay."""
-  return objective.paper_optimizer(
+  """The paper's optimizer (Sec 4.2): Adam with coupled L2 weight decay; with
+  `train.freeze=backbone`, on the head only (`initialization.freeze_backbone`)."""
+  tx = objective.paper_optimizer(
     float(config.train.learning_rate), float(config.train.weight_decay)
   )
+  if config.train.get("freeze", "none") == "backbone":
+    tx = initialization.freeze_backbone(tx)
+  return tx
 
 
 def create_train_state(
@@ -123,13 +130,17 @@ def train_step(
   *,
   model: mil.MultiResolutionMIL,
   tx: optax.GradientTransformation,
+  frozen_backbone: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on the BCE of the pooled probabilities (Sec 3.6, 4.2). Pure.
 
   `batch`: image (B, S, S, 1) uint8 (or float32 in [0, 1]), labels (B, K) float32. Returns the new
   state and float32 scalars: loss, grad_norm, param_norm (after the update), r (LSE-LBA).
+  `frozen_backbone` (train.freeze=backbone): BatchNorm normalises with the running statistics
+  (train=False) and they are not updated, so the frozen backbone computes at training what it
+  computes at evaluation (Keras' frozen BatchNorm); `tx` leaves its parameters unchanged.
   """
-  use_bn = bool(state.batch_stats)
+  use_bn = bool(state.batch_stats) and not frozen_backbone
 
   def loss_fn(params):
     variables = {"params": params}
@@ -138,7 +149,10 @@ def train_step(
       out, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
       new_stats = updates["batch_stats"]
     else:
-      out, new_stats = model.apply(variables, batch["image"], train=True), state.batch_stats
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      train = not frozen_backbone
+      out, new_stats = model.apply(variables, batch["image"], train=train), state.batch_stats
     loss = objective.binary_cross_entropy(out["probs"], batch["labels"])
     return loss, new_stats
 
@@ -159,10 +173,12 @@ def train_step(
   return new_state, out
 
 
-def make_train_step(model, tx, mesh: jax.sharding.Mesh, state_sharding: Any):
+def make_train_step(
+  model, tx, mesh: jax.sharding.Mesh, state_sharding: Any, *, frozen_backbone: bool = False
+):
   """`train_step` jitted: state in/out with `state_sharding`, batch over 'data', state donated."""
   return jax.jit(
-    functools.partial(train_step, model=model, tx=tx),
+    functools.partial(train_step, model=model, tx=tx, frozen_backbone=frozen_backbone),
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -199,7 +215,14 @@ def init_state(config, model, tx, mesh, shardings) -> TrainState:
 
 # Fields a resumed run must share with the run that wrote the workdir's checkpoints; the
 # others (steps, cadences, patience, input threads, data_dir, ...) may change on resume.
-RESUME_FIELDS = ("seed", "model", "data.val_fraction", "data.split_seed", "train.batch_size")
+RESUME_FIELDS = (
+  "seed",
+  "model",
+  "data.val_fraction",
+  "data.split_seed",
+  "train.batch_size",
+  "train.freeze",  # the optimizer state's structure
+)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> mil.ModelSpec:
@@ -221,6 +244,7 @@ def validate_config(config: ml_collections.ConfigDict) -> mil.ModelSpec:
     raise ConfigError(f"config train.weight_decay must be finite and >= 0, got {wd}")
   if int(t.num_steps) < 0 or int(t.num_epochs) < 0 or int(t.num_steps) == int(t.num_epochs) == 0:
     raise ConfigError("config: set train.num_steps > 0 or train.num_epochs > 0")
+  initialization.check_freeze(str(t.get("freeze", "none")))
   if int(t.eval_every_epochs) < 1:
     raise ConfigError(f"config train.eval_every_epochs must be >= 1, got {t.eval_every_epochs}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
@@ -253,6 +277,8 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
   old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
   if "model.arch" in new and "model.arch" not in old:  # written before the field existed
     old["model.arch"] = "mil"
+  if "train.freeze" in new and "train.freeze" not in old:  # likewise
+    old["train.freeze"] = "none"
   keys = sorted(set(old) | set(new))
   wanted = [k for k in keys if any(k == f or k.startswith(f + ".") for f in RESUME_FIELDS)]
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in wanted if old.get(k) != new.get(k)]
@@ -482,8 +508,10 @@ def setup(
 
 
 def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
-  """The workdir's own latest checkpoint (exact next batch), else `config.train.init_from`
-  (an earlier run's best weights, fresh optimizer), else from scratch."""
+  """The workdir's own latest checkpoint (exact next batch; `train.init_from` is then not
+  applied, so a preempted fine-tuning run continues), else `train.init_from` (another model's
+  backbone and the head rows of shared classes, `initialization.initialize`; fresh optimizer),
+  else from scratch."""
   meta = {"num_steps": run.num_steps, "best_step": None, "best_val_mean_auc": None}
   meta.update(evals_since_best=0, stopped_early=False, last_eval=None)
   abstract_sh = jax.tree.map(
@@ -492,26 +520,29 @@ def restore_or_init(run: Run, manager, train_iter) -> tuple[TrainState, dict]:
     run.state_sharding,
   )
   restored = checkpointing.restore_latest(manager, abstract_sh, train_iter)  # skips damaged
+  init_from = run.config.train.init_from
   if restored is not None:
     latest, state, saved = restored
     meta.update({k: v for k, v in saved.items() if k != "num_steps"})
     log.info(
       f"resuming from {checkpointing.checkpoint_dir(run.workdir) / str(latest)} (step {latest})"
+      + (f"; train.init_from={init_from} not applied (the run continues)" if init_from else "")
     )
     return state, meta
   state = init_state(run.config, run.model, run.tx, run.mesh, run.state_sharding)
-  init_from = run.config.train.init_from
   if init_from:
-    loaded = engine.load(init_from, which="best")
+    from jax.experimental import multihost_utils
+
+    fresh = multihost_utils.process_allgather(state_variables(state), tiled=True)
+    variables, _ = initialization.initialize(init_from, fresh, run.config)
     state = state.replace(
-      params=jax.device_put(loaded.variables["params"], run.state_sharding.params),
-      batch_stats=jax.device_put(
-        loaded.variables.get("batch_stats", {}), run.state_sharding.batch_stats
-      ),
+      params=jax.device_put(variables["params"], run.state_sharding.params),
+      batch_stats=jax.device_put(variables.get("batch_stats", {}), run.state_sharding.batch_stats),
     )
-    log.info(f"initialised weights from {init_from} (step {loaded.step}); optimizer from scratch")
   else:
     log.info("training from scratch")
+    if run.config.train.get("freeze", "none") == "backbone":
+      log.warning("train.freeze=backbone without train.init_from: the backbone stays random")
   return state, meta
 
 
@@ -626,7 +657,10 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> Tra
   """Steps from the state's step to `run.num_steps`: log, validate, checkpoint; stops early
   (Sec 4.2) or on a stop request after saving (raises `Interrupted`)."""
   start = int(jax.device_get(state.step))
-  p_train_step = make_train_step(run.model, run.tx, run.mesh, run.state_sharding)
+  frozen = run.config.train.get("freeze", "none") == "backbone"
+  p_train_step = make_train_step(
+    run.model, run.tx, run.mesh, run.state_sharding, frozen_backbone=frozen
+  )
   batch_sh = sharding.batch_sharding(run.mesh)
   validator = Validator(run, state)
   window = MetricWindow(run, writer)

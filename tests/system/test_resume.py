@@ -126,5 +126,6 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil, run):
 
   # init_from: a new workdir starts from run a's best weights (fresh optimizer, step 0).
   out, log = run(tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
-  assert f"initialised weights from {a} (step {best['best_step']})" in log
+  best_dir = a / "checkpoints" / str(best["best_step"])
+  assert f"initialised from {best_dir} (step {best['best_step']}, source nih)" in log
   assert out["last_step"] == 2

@@ -5,7 +5,8 @@ Each command lives in `lsemil/commands/<name>.py` exposing `main(argv: list[str]
 command runs, so `lsemil --help` stays fast (no JAX import).
 
 Errors: a `lsemil.core.errors.UserError` (bad data, image, config, checkpoint or output) is
-printed as one line `lsemil <command>: <message>` with exit status 1 in every command
+printed as one line `lsemil <command>: <message>`, on a line of its own (any progress bar
+still open is closed first) with exit status 1 in every command
 (75 for a training run stopped by SIGTERM / SIGINT after saving); anything else is a bug and
 propagates with its traceback. Bad arguments exit 2 (argparse).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from lsemil.commands import progress
 from lsemil.core.errors import EXIT_USER_ERROR, UserError
 
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
   except UserError as e:
     print(f"lsemil {name}: {e}", file=sys.stderr)
+    progress.close_all()  # a bar left open by the failed step must not share the line
     return int(getattr(e, "exit_code", EXIT_USER_ERROR))
 
 

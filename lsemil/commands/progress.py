@@ -15,7 +15,14 @@ from collections.abc import Iterator
 
 from lsemil.core import log
 
-UNITS = {"train": "step"}  # stage -> unit; others count images
+UNITS = {"train": "step", "train runs": "epoch"}  # stage -> unit; others count images
+# unit -> tqdm bar_format where tqdm's own would print a float count in full
+FORMATS = {
+  "epoch": "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} epochs [{elapsed}<{remaining}]"
+}
+
+
+_OPEN: set[Bars] = set()  # Bars with a bar on screen (`close_all`)
 
 
 class Bars:
@@ -35,7 +42,11 @@ class Bars:
       self.close()
       self._stage = stage
       unit = UNITS.get(stage, self.unit)
-      self._bar = tqdm(total=total, initial=done, desc=stage, unit=unit, file=sys.stderr)
+      self._bar = tqdm(
+        total=total, initial=done, desc=stage, unit=unit, file=sys.stderr,
+        bar_format=FORMATS.get(unit),
+      )  # fmt: skip
+      _OPEN.add(self)
     else:
       self._bar.update(done - self._bar.n)
     if status:
@@ -45,8 +56,15 @@ class Bars:
 
   def close(self) -> None:
     if self._bar is not None:
-      self._bar.close()
+      self._bar.close()  # ends the bar's line
     self._bar, self._stage = None, None
+    _OPEN.discard(self)
+
+
+def close_all() -> None:
+  """Closes every bar still on screen, so that the next line (an error) starts a line."""
+  for bar in list(_OPEN):
+    bar.close()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from pathlib import Path
 from lsemil.core import configuration, log
 from lsemil.core.errors import EXIT_PREEMPTED, Interrupted, OutputError
 
+STAGE = "train runs"  # the progress stage of `run`, counted in epochs
 _STOP_GRACE_S = 300  # a stopped run finishes its step and writes its checkpoint first
 
 
@@ -112,6 +113,21 @@ def _epoch(job: Job) -> float | None:
   return None
 
 
+def _num_epochs(job: Job) -> int:
+  return int(job.epochs or configuration.load_config(job.config).train.num_epochs)
+
+
+def _epochs_done(jobs, running: dict, results: dict, epochs: dict) -> float:
+  """Epochs trained over all jobs: a finished job's all, a running one's from its log."""
+  done = 0.0
+  for job in jobs:
+    if job.key in results:
+      done += epochs[job.key]
+    elif job.key in running:
+      done += min(_epoch(job) or 0.0, epochs[job.key])
+  return round(done, 1)
+
+
 def _result(job: Job, rc: int) -> dict:
   if rc == EXIT_PREEMPTED:
     raise Interrupted(
@@ -149,15 +165,18 @@ def run(
   cores: Sequence[int] | None = None,
   say: Callable[[str], None] = log.info,
   progress_s: float = 60.0,
+  progress: log.Progress | None = None,
 ) -> dict[str, dict]:
   """Trains `jobs` (in the given order, a free core taking the next) and returns, per job key,
   its result.json plus 'seconds' (its wall time). Raises OutputError naming the log of a run
   that failed (after stopping the others), Interrupted on Ctrl-C / SIGTERM once every run has
-  saved a checkpoint: the same call then resumes them."""
+  saved a checkpoint: the same call then resumes them. `progress` is told the epochs trained
+  over all jobs, as the stage 'train runs' (a bar with an ETA)."""
   free = list(cores if cores is not None else available_cores())
   if not free:
     raise OutputError("no CPU core is available to this process (its affinity mask is empty)")
   pending, running, results = list(jobs), {}, {}
+  epochs = {job.key: _num_epochs(job) for job in jobs} if progress else {}
   total, last_progress = len(jobs), time.monotonic()
   main = threading.current_thread() is threading.main_thread()
   old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
@@ -187,6 +206,8 @@ def run(
           f"  done {job.config} in {result['seconds']:.0f} s: best validation mean AUC "
           f"{float(result['best_val_mean_auc']):.4f} at step {result['best_step']}"
         )
+      if progress:
+        progress(STAGE, _epochs_done(jobs, running, results, epochs), sum(epochs.values()))
       if running and time.monotonic() - last_progress >= progress_s:
         last_progress = time.monotonic()
         parts = [f"{job.config} epoch {_epoch(job) or 0:.1f}" for _, job, _, _ in running.values()]

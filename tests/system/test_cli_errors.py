@@ -63,3 +63,28 @@ def test_a_bug_is_not_swallowed(monkeypatch):
   monkeypatch.setattr(stats, "main", boom)
   with pytest.raises(ValueError, match="a bug"):
     cli.main(["stats", "--nih-dir", "x"])
+
+
+@pytest.mark.parametrize("closes", [True, False], ids=["bars-context", "bar-left-open"])
+def test_an_error_in_a_barred_loop_prints_on_its_own_line(monkeypatch, capsys, closes):
+  """A UserError raised half way through a progress bar: the bar's line ends first, so the
+  error is a line of its own (whether or not the command closed its bar)."""
+  from lsemil.commands import progress, stats
+  from lsemil.core.errors import DataError
+
+  def loop(bar):
+    for i in range(4):
+      bar("read", i, 8)
+    raise DataError("labels.csv, line 5: no such class 'Nope'")
+
+  def failing(argv):
+    if closes:
+      with progress.bars() as bar:
+        loop(bar)
+    loop(progress.Bars())
+
+  monkeypatch.setattr(stats, "main", failing)
+  assert cli.main(["stats"]) == EXIT_USER_ERROR
+  lines = capsys.readouterr().err.split("\n")  # not splitlines: the bar redraws with \r
+  assert lines[-2:] == ["lsemil stats: labels.csv, line 5: no such class 'Nope'", ""], lines
+  assert "read:" in lines[-3]

@@ -3,7 +3,7 @@
   * `figure1` - Fig. 1: one image's saliency from models of target resolutions N, or one
     model's levels, side by side.
   * `figure3` - Fig. 3: image, ground-truth box, and each run's saliency with its DICE.
-  * `overlay_png` - one saliency map over its image, optional boxes drawn.
+  * `overlay_png` - one saliency map over its image with its colour scale, optional boxes.
 
 matplotlib's object API with the Agg canvas only (no pyplot state, no display).
 """
@@ -57,12 +57,14 @@ def literal(text) -> str:
 
 
 def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: str = "jet"):
+  """The grey image with the saliency map over it; returns the map's artist (None without)."""
   img = grey_image(image)
   h, w = img.shape
   ax.imshow(img, cmap="gray", interpolation="bilinear")
+  shown = None
   if saliency is not None:
     # extent stretches the (n, n) map over the image, nearest = the model's upsampling.
-    ax.imshow(
+    shown = ax.imshow(
       np.asarray(saliency, dtype=np.float64),
       cmap=cmap,
       alpha=alpha,
@@ -74,13 +76,18 @@ def _show(ax, image, saliency=None, title: str = "", alpha: float = 0.5, cmap: s
   ax.set_title(literal(title), fontsize=8)
   ax.set_xticks([])
   ax.set_yticks([])
+  return shown
 
 
-def _draw_boxes(ax, boxes, image_size: int, source_size: float, color: str = "lime"):
-  s = image_size / float(source_size)
+def _draw_boxes(ax, boxes, image_size, source_size, color: str = "lime"):
+  """Boxes (x, y, w, h) in `source_size` pixels drawn on an image of `image_size` pixels;
+  each size is a side or (height, width)."""
+  sy, sx = np.broadcast_to(np.asarray(image_size, np.float64), 2) / np.broadcast_to(
+    np.asarray(source_size, np.float64), 2
+  )
   for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
     ax.add_patch(
-      Rectangle((x * s - 0.5, y * s - 0.5), w * s, h * s, fill=False, edgecolor=color, lw=1.2)
+      Rectangle((x * sx - 0.5, y * sy - 0.5), w * sx, h * sy, fill=False, edgecolor=color, lw=1.2)
     )
 
 
@@ -157,13 +164,18 @@ def figure1(
 
 
 def overlay_png(
-  path, image, saliency, title: str = "", boxes=None, source_size: float = ORIGINAL_SIZE
+  path, image, saliency, title: str = "", boxes=None, source_size=ORIGINAL_SIZE
 ) -> Figure:
-  """One saliency map over its image (for `lsemil predict`), optional boxes drawn; a PNG."""
+  """One saliency map over its image (for `lsemil predict`) with its colour scale (0..1),
+  optional boxes (x, y, w, h) in `source_size` pixels (a side, or the (height, width) of the
+  file they were found in) drawn; a PNG. Returns the figure (the image axis, then the
+  colour bar's)."""
   fig = Figure(figsize=(2 * PANEL_INCHES, 2 * PANEL_INCHES), layout="constrained")
   ax = fig.subplots()
-  _show(ax, image, saliency, title=title)
+  shown = _show(ax, image, saliency, title=title)
+  if shown is not None:
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="saliency")
   if boxes is not None:
-    _draw_boxes(ax, boxes, grey_image(image).shape[0], source_size)
+    _draw_boxes(ax, boxes, grey_image(image).shape, source_size)
   return _save(fig, path)
 

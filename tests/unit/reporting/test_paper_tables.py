@@ -303,7 +303,21 @@ def test_figure1_and_overlay(tmp_path):
   fig = drawing.overlay_png(
     tmp_path / "o.png", img, levels[0][1], "Nodule 0.91", boxes=[(0, 0, 9, 9)]
   )
-  assert len(fig.axes) == 1 and fig.axes[0].get_title() == "Nodule 0.91"
+  assert len(fig.axes) == 2 and fig.axes[0].get_title() == "Nodule 0.91"
   assert len(fig.axes[0].patches) == 1
+  # the colour scale of the map: 0..1, labelled
+  assert fig.axes[1].get_ylabel() == "saliency" and fig.axes[1].get_ylim() == (0.0, 1.0)
   w, h = _png(tmp_path / "o.png")
   assert w == h and w >= 200
+
+
+def test_overlay_boxes_of_a_non_square_file(tmp_path):
+  """Boxes found in a (H, W) file land where they are on the square image shown."""
+  img = np.zeros((64, 64))
+  box = (100, 50, 200, 25)  # x, y, w, h in a 400 x 200 (W x H) file
+  fig = drawing.overlay_png(
+    tmp_path / "o.png", img, np.zeros((4, 4)), boxes=[box], source_size=(200, 400)
+  )
+  (rect,) = fig.axes[0].patches
+  assert rect.get_xy() == (100 * 64 / 400 - 0.5, 50 * 64 / 200 - 0.5)
+  assert (rect.get_width(), rect.get_height()) == (200 * 64 / 400, 25 * 64 / 200)

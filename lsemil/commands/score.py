@@ -1,13 +1,16 @@
-"""`lsemil score`: cheXlocalize's localization protocols, as its official code computes them, for
-any model's saliency maps.
+"""`lsemil score`: cheXlocalize's localization protocols, as its official code computes them, and
+detection metrics (AP@0.3/0.5, WSRPN's loc-acc, RoDeO) for any model's saliency maps.
 
   lsemil score --maps MAPS.npz --boxes BOXES.csv [--out DIR] [--per-image] [--n-boot 1000]
   lsemil score --maps MAPS.npz --masks GT.json ...   (cheXlocalize's {image: {class: COCO RLE}})
+  lsemil score --maps MAPS.npz --source nih --data-dir D ...   (a dataset folder's boxes / masks)
+  ... --protocol chexlocalize,detection,wsrpn   (default chexlocalize,detection; or all)
 
 MAPS.npz: image_ids (N), classes (C), maps (N, C, h, w), optional probs (N, C), image_sizes
 (N, 2) as height, width and patient_ids (N); BOXES.csv: image_id,class,x,y,w,h in the original
 image's pixels (`lsemil.workflows.scoring`). Writes DIR/scores.csv, DIR/scores.json,
-DIR/scores.md and with --per-image DIR/per_image.csv, and prints the class-mean of each protocol.
+DIR/scores.md, DIR/scores.html and with --per-image DIR/per_image.csv, and prints the class mean
+(or pooled value) of each protocol.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from lsemil.commands import arguments
 from lsemil.core import tables
+from lsemil.data import sources
 from lsemil.metrics import chexlocalize
 from lsemil.workflows import scoring
 
@@ -39,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
   truth = p.add_mutually_exclusive_group(required=True)
   truth.add_argument("--boxes", help="CSV image_id,class,x,y,w,h (image pixels)")
   truth.add_argument("--masks", help="cheXlocalize ground truth: JSON {image: {class: COCO RLE}}")
+  truth.add_argument("--source", choices=tuple(sources.READERS), help="a dataset folder's truth")
+  p.add_argument("--data-dir", help="the --source folder")
+  p.add_argument(
+    "--protocol",
+    default="chexlocalize,detection",
+    type=_protocols,
+    help="comma-separated families: chexlocalize, detection, wsrpn (WSRPN's test half), or all "
+    "(default chexlocalize,detection; detection needs boxes)",
+  )
   p.add_argument("--out", default=".", help="output folder (default: the current one)")
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as eval.py)")
   p.add_argument(
@@ -51,20 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _protocols(text: str) -> tuple[str, ...]:
+  names = [t.strip() for t in text.split(",") if t.strip()]
+  if names == ["all"]:
+    return scoring.PROTOCOLS
+  bad = [t for t in names if t not in scoring.PROTOCOLS]
+  if bad or not names:
+    raise argparse.ArgumentTypeError(
+      f"{text!r}: expected all or some of {', '.join(scoring.PROTOCOLS)}"
+    )
+  return tuple(names)
+
+
 def main(argv: list[str]) -> int:
   """`lsemil score`: see the module docstring."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if bool(args.source) != bool(args.data_dir):
+    parser.error("--source and --data-dir go together")
   maps = scoring.read_maps(args.maps)
-  if args.masks:
-    result = scoring.score(maps, None, args.n_boot, args.seed, scoring.read_masks(args.masks, maps))
+  boxes = masks = None
+  order: list = []
+  if args.source:
+    maps, boxes, masks, order = scoring.truth_from_source(maps, args.source, args.data_dir)
+  elif args.masks:
+    masks = scoring.read_masks(args.masks, maps)
   else:
-    result = scoring.score(maps, scoring.read_boxes(args.boxes, maps), args.n_boot, args.seed)
+    boxes = scoring.read_boxes(args.boxes, maps, order)
+  result = scoring.score(maps, boxes, args.n_boot, args.seed, masks, args.protocol, order)
   for path in scoring.write_outputs(result, args.out, args.per_image):
     print(f"wrote {path}", file=sys.stderr)
+  for note in result["settings"]["notes"]:
+    print(f"note: {note}", file=sys.stderr)
   rows = []
-  for name, by_cls in result.items():
-    if name.startswith("chexlocalize_"):
+  for name in scoring.protocol_names(result):
+    by_cls = result[name]
+    if scoring.ALL in by_cls:
+      v = by_cls[scoring.ALL]["value"]
+      rows.append([name, "-" if np.isnan(v) else f"{v:.4f}", str(len(by_cls) - 1)])
+    else:
       vals = [e["value"] for e in by_cls.values() if not np.isnan(e["value"])]
       rows.append([name, f"{np.mean(vals):.4f}" if vals else "-", str(len(vals))])
-  print(tables.markdown(["protocol", "mean over classes", "classes"], rows))
+  print(tables.markdown(["protocol", "mean over classes (RoDeO: pooled)", "classes"], rows))
   return 0

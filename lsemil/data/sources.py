@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from lsemil.core.errors import DataError
-from lsemil.data import catalog, chexpert, index, mimic, nih, rsna, siim, vindr
+from lsemil.data import (
+  catalog,
+  chestx_det10,
+  chexlocalize_truth,
+  chexpert,
+  index,
+  mimic,
+  nih,
+  rsna,
+  siim,
+  vindr,
+)
 
 
 def from_nih(nih_index: nih.NihIndex) -> index.SourceIndex:
@@ -60,6 +71,8 @@ READERS: Mapping[str, Reader] = types.MappingProxyType({
   siim.NAME: siim.read,
   mimic.NAME: mimic.read,
   vindr.NAME: vindr.read,
+  chestx_det10.NAME: chestx_det10.read,
+  chexlocalize_truth.NAME: chexlocalize_truth.read,
 })
 
 

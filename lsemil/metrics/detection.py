@@ -8,8 +8,10 @@ x, y, w, h, class index, score; truth (T, 5) x, y, w, h, class index.
   (`lsemil.metrics.localization.boxes_from_map`: the map on the 512 grid binarized at
   S >= tau, one box per 8-connected component, scaled to the image), after min-max scaling the
   map (any model's maps; WSRPN scales each class map so too,
-  src/model/model_components.py `get_bboxes_from_heatmaps_`); score = the box's peak (scaled)
-  saliency x the class probability.
+  src/model/model_components.py `get_bboxes_from_heatmaps_`, and binarizes with > where
+  boxes_from_map uses >=); the caller's score: the box's peak (scaled) saliency x the class
+  probability.
+- `wsrpn_split`: WSRPN's validation / test halves of the box images.
 - `coco_ap`: pycocotools COCOeval's bbox AP at one IoU threshold (evaluateImg + accumulate):
   per image and class the detections sorted by score (mergesort), the first 100 kept, each
   matched greedily to the unmatched ground-truth box of highest IoU >= T (the later one on a
@@ -42,6 +44,7 @@ recomputing from boxes; RoDeO's matching weight w is recomputed per replicate.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,15 +57,37 @@ MAX_DETS = 100  # COCOeval Params.maxDets[-1]
 EPS_HARMONIC = 1e-6  # rodeo.utils.harmonic_mean
 
 
-def map_boxes(saliency, tau: float, image_hw, prob: float = 1.0) -> np.ndarray:
-  """(M, 5) x, y, w, h, score of one class map: `localization.boxes_from_map` of the min-max
-  scaled map at tau, score = peak x prob (a constant map has no box)."""
+def map_boxes(saliency, tau: float, image_hw) -> np.ndarray:
+  """(M, 6) x, y, w, h, peak, mean of one class map: `localization.boxes_from_map` of the
+  min-max scaled map at tau (peak / mean: the scaled saliency over the box's component); a
+  constant map has no box."""
   scaled = localization.minmax(saliency)
   if not scaled.any():
-    return np.zeros((0, 5))
+    return np.zeros((0, 6))
   boxes = localization.boxes_from_map(scaled, tau, image_hw)
-  rows = [[b["x"], b["y"], b["w"], b["h"], b["peak"] * prob] for b in boxes]
-  return np.array(rows, np.float64).reshape(-1, 5)
+  rows = [[b["x"], b["y"], b["w"], b["h"], b["peak"], b["mean"]] for b in boxes]
+  return np.array(rows, np.float64).reshape(-1, 6)
+
+
+def wsrpn_split(box_images: Sequence[str], patient_of) -> tuple[set, set]:
+  """(validation, test) image sets of WSRPN's split of the box images
+  (src/data/cxr8.py `prepare_image_file_lists_`): box_images holds one image id per box in
+  the box file's order; it is shuffled with random.Random(0), then whole patients go to
+  validation while it holds fewer than half the boxes (len // 2), the rest to test.
+  WSRPN walks the patients in the order of a Python set of strings, which changes with
+  PYTHONHASHSEED; here the patients go in the order they first appear in the shuffled list
+  (deterministic), so the halves are WSRPN's in construction, not image for image."""
+  rows = list(box_images)
+  random.Random(0).shuffle(rows)
+  n_half = len(rows) // 2
+  by_patient: dict = {}
+  for im in rows:
+    by_patient.setdefault(patient_of(im), []).append(im)
+  valid: list = []
+  test: list = []
+  for ims in by_patient.values():
+    (valid if len(valid) < n_half else test).extend(ims)
+  return set(valid), set(test)
 
 
 def _pair_areas(a, b):

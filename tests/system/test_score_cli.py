@@ -8,6 +8,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from pycocotools import mask as mask_api
 
 from lsemil.workflows import scoring
@@ -54,7 +55,7 @@ def test_score_writes_eval_py_numbers(tmp_path, lsemil):
     "chexlocalize_miou_otsu_all", "chexlocalize_miou_otsu_cutoff",
   }  # fmt: skip
   assert (tmp_path / "out" / "scores.json").exists() and len(per) == 48
-  md = (tmp_path / "out" / "scores.md").read_text().splitlines()
+  md = (tmp_path / "out" / "scores.md").read_text().split("\n\n")[0].splitlines()
   assert md[0].startswith("| class | chexlocalize_miou_otsu |") and len(md) == 4
   # eval.py on the per-image table: rows = images sorted by id, both classes drawn together
   images = sorted({r["image_id"] for r in per})
@@ -100,7 +101,47 @@ def test_score_masks_json_gives_the_boxes_numbers(tmp_path, lsemil):
   (tmp_path / "gt.json").write_text(json.dumps(gt))
   for truth, path in (("--boxes", "boxes.csv"), ("--masks", "gt.json")):
     lsemil("score", "--maps", tmp_path / "maps.npz", truth, tmp_path / path,
-           "--out", tmp_path / truth, "--n-boot", "50")  # fmt: skip
+           "--out", tmp_path / truth, "--n-boot", "50", "--protocol", "chexlocalize")  # fmt: skip
   assert (tmp_path / "--masks" / "scores.csv").read_text() == (
     tmp_path / "--boxes" / "scores.csv"
   ).read_text()
+
+
+def test_score_detection_protocols_of_exact_maps(tmp_path, lsemil):
+  """Maps whose hot block is exactly each box (64 px images, 16 px maps: boxes_from_map's
+  boxes are the truth), probabilities above 0.5 only for the image's classes: AP, loc-acc and
+  RoDeO are perfect for both families; the same maps shifted off the boxes score AP 0."""
+  rng = np.random.default_rng(1)
+  n, classes = 12, ["Mass", "Nodule", "Effusion"]
+  maps = rng.random((n, 3, 16, 16)) * 0.1
+  probs = np.full((n, 3), 0.2)
+  lines = ["image_id,class,x,y,w,h"]
+  for i in range(n):
+    for j in rng.choice(3, size=1 + i % 2, replace=False):
+      r, c = rng.integers(0, 12, 2)
+      maps[i, j, r : r + 4, c : c + 4] = 1.0
+      probs[i, j] = 0.9
+      lines.append(f"im{i:02d},{classes[j]},{4 * c},{4 * r},16,16")
+  (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
+  ids = np.array([f"im{i:02d}" for i in range(n)])
+  patients = np.array([f"p{i // 2}" for i in range(n)])
+  for name, m in (("exact", maps), ("shifted", np.roll(maps, 8, axis=3))):
+    np.savez(tmp_path / f"{name}.npz", image_ids=ids, classes=np.array(classes), maps=m,
+             probs=probs, image_sizes=np.full((n, 2), 64), patient_ids=patients)  # fmt: skip
+  proc = lsemil("score", "--maps", tmp_path / "exact.npz", "--boxes", tmp_path / "boxes.csv",
+                "--out", tmp_path / "out", "--n-boot", "0", "--protocol", "all")  # fmt: skip
+  assert "| wsrpn_rodeo_total |" in proc.stdout
+  got = {
+    (r["protocol"], r["class"]): float(r["value"])
+    for r in csv.DictReader((tmp_path / "out" / "scores.csv").open())
+  }
+  for fam in ("detection", "wsrpn"):
+    for p in ("ap@0.3", "ap@0.5", "loc_acc@0.5", "rodeo_shape", "rodeo_classification"):
+      assert got[f"{fam}_{p}", "(all)"] == 1.0, (fam, p)
+    assert got[f"{fam}_rodeo_total", "(all)"] == pytest.approx(1.0, abs=1e-5)
+  shifted = scoring.read_maps(tmp_path / "shifted.npz")
+  res = scoring.score(shifted, scoring.read_boxes(tmp_path / "boxes.csv", shifted), 0,
+                      protocols=("detection",))  # fmt: skip
+  assert res["detection_ap@0.3"]["(all)"]["value"] == 0.0
+  page = (tmp_path / "out" / "scores.html").read_text()
+  assert "wsrpn_ap@0.5" in page and "http" not in page.replace("http-equiv", "")

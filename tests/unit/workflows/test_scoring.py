@@ -124,26 +124,6 @@ def test_score_and_evaluates_score_all_give_identical_protocols():
     assert scored[p] == evaluated[p], p
 
 
-def test_rle_masks_decode_as_pycocotools():
-  rng = np.random.default_rng(4)
-  shapes = [(7, 11), (30, 45), (1, 5)]
-  for i, hw in enumerate(shapes * 4):
-    m = np.zeros(hw, np.uint8)
-    if i % 4:
-      m = (rng.random(hw) < rng.choice([0.05, 0.5, 0.97])).astype(np.uint8)
-    rle = mask_api.encode(np.asfortranarray(m))
-    rle["counts"] = rle["counts"].decode()  # as cheXlocalize's JSON stores it
-    got = scoring.rle_mask(rle)
-    np.testing.assert_array_equal(got, mask_api.decode(rle).astype(bool))
-    np.testing.assert_array_equal(got, m.astype(bool))
-  # uncompressed counts: 2 zeros, 3 ones, 1 zero, column-major in a 3 x 2 image
-  np.testing.assert_array_equal(
-    scoring.rle_mask({"size": [3, 2], "counts": [2, 3, 1]}), [[0, 1], [0, 1], [1, 0]]
-  )
-  with pytest.raises(DataError, match="cover 5 pixels, not 3x2"):
-    scoring.rle_mask({"size": [3, 2], "counts": [2, 3]})
-
-
 def test_masks_score_as_the_boxes_they_draw(tmp_path):
   ms = map_set(20, seed=3)
   boxes = {(im, "Mass"): [(4.0, 3.0, 21.0, 13.0)] for im in ms.image_ids[::3]}

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "reproduce": ("lsemil.commands.reproduce", "the paper's Tables 1-3 and Figures 1/3 from runs"),
   "predict": ("lsemil.commands.predict", "class probabilities and saliency overlays for images"),
   "export": ("lsemil.commands.export", "a run as a folder: safetensors, ONNX, config, model card"),
+  "serve": ("lsemil.commands.serve", "a local web viewer: drop X-rays, see findings and maps"),
   "score": ("lsemil.commands.score", "cheXlocalize's mIoU and hit rate of any model's maps"),
   "aot": ("lsemil.commands.aot", "compile for a TPU topology here: HBM fit, sharding, step time"),
 }
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return int(module.main(rest) or 0)
   except UserError as e:
-    print(f"lsemil {name}: {e}", file=sys.stderr)
     progress.close_all()  # a bar left open by the failed step must not share the line
+    print(f"lsemil {name}: {e}", file=sys.stderr)
     return int(getattr(e, "exit_code", EXIT_USER_ERROR))
 
 

@@ -192,3 +192,19 @@ def installed(tmp_path_factory) -> Lsemil:
   proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
   return Lsemil(venv_dir)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+  """The headless Chromium executable; skips where there is none or it cannot run."""
+  names = ("chromium", "chromium-browser", "google-chrome", "chrome")
+  exe = next(filter(None, map(shutil.which, names)), None)
+  if exe is None:
+    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run does)")
+  try:
+    v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    pytest.skip(f"{exe} cannot be run: {e}")
+  if v.returncode != 0:
+    pytest.skip(f"{exe} --version failed: {v.stderr.strip()[:200]}")
+  return exe

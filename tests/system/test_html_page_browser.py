@@ -34,23 +34,6 @@ from lsemil.reporting import html_page
 from lsemil.training import trainer
 from lsemil.workflows import evaluation
 
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-  """The headless Chromium executable; skips where there is none or it cannot run."""
-  names = ("chromium", "chromium-browser", "google-chrome", "chrome")
-  exe = next(filter(None, map(shutil.which, names)), None)
-  if exe is None:
-    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run does)")
-  try:
-    v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    pytest.skip(f"{exe} cannot be run: {e}")
-  if v.returncode != 0:
-    pytest.skip(f"{exe} --version failed: {v.stderr.strip()[:200]}")
-  return exe
-
-
 # Injected first into <head> of a copy of the page: records errors (including failed image
 # loads, via the capture phase) and console.error, then after load checks every image,
 # exercises the gallery's controls, and writes the findings into the DOM as JSON.

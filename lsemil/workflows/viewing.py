@@ -1,0 +1,391 @@
+"""The local web viewer of `lsemil serve`: drop chest X-rays on a page, see what the model says.
+
+`Viewer` predicts one uploaded file the way `lsemil predict` predicts a file: the upload is
+written to a private temporary folder (mode 0700, removed on `close`) under its own name's
+suffix and read by `prediction.read_files` (every size, pixel and type guard of
+`lsemil.data.imageio` and the DICOM rules of `lsemil.data.dicom`, nothing copied), turned into
+the model input by `engine.model_input` and run through the one `engine.Predictor` with the
+run's saliency source (`registry.saliency_settings`), batched alone as `predict` batches one
+file. So the probabilities are `lsemil predict`'s for the same file; the decisions use the
+operating points stored with the checkpoint and the calibrated probabilities the stored
+recalibration (`prediction.stored_thresholds` / `stored_calibration`), as predict's columns.
+Each class's map S (Sec 3.6) comes back with its boxes (`localization.boxes_from_map` at
+`BOX_TAU`, predict --boxes' default, in the file's own pixels) and an overlay PNG coloured with
+the scale of `lsemil.reporting.drawing` ('jet' over 0..1 at alpha 0.5, nearest upsampling).
+The class names are `findings.of_config` of the run.
+
+`make_server` serves the page (viewer/index.html, .js and .css beside this module, package
+data: no CDN, no font, no request leaves the machine; a Content-Security-Policy of 'self' makes
+the browser refuse any other origin) and these routes:
+
+  GET  /                       the page
+  GET  /static/NAME            one of the page's files (a fixed list, never a path)
+  GET  /api/info               the model (checkpoint, step, classes, operating points)
+  POST /api/predict            the raw file bytes as the body, its name percent-encoded in
+                               the X-File-Name header -> 200 {result, view} or 4xx {error}
+  GET  /browse/PATH            a file of the --browse folder (a `reproduce` output folder:
+                               index.html and its figures), nothing outside it
+
+A path of /browse is percent-decoded once, refused (403) with a '..' part, a backslash or a
+NUL, joined to the folder and resolved (symlinks followed); the result must lie inside the
+resolved folder (403) and be a regular file (404). Requests whose Host header names another
+machine than the one bound are refused (403: a DNS-rebinding page cannot read the folder),
+and an upload needs the custom header, which a cross-site form cannot send. A bad file gets
+422 with the one-line message naming it; the server keeps serving.
+
+Why the standard library's ThreadingHTTPServer and not FastAPI + uvicorn: the viewer has five
+routes for one local user, uploads are raw request bodies (no multipart parser: Python 3.13
+removed cgi, FastAPI would need python-multipart), and the one piece a framework would give
+for free, serving a folder, still needs the containment rule above checked and tested here.
+FastAPI, starlette, pydantic, uvicorn, anyio, h11 and python-multipart would be seven new
+dependencies in every install for that. JAX runs one prediction at a time (a lock); the
+threads keep the page's static files and the report responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import io
+import json
+import mimetypes
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import urllib.parse
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lsemil.core import log
+from lsemil.core.errors import ImageError, OutputError
+from lsemil.data import findings, imageio
+from lsemil.inference import engine
+from lsemil.metrics import calibration, localization
+from lsemil.models import registry
+from lsemil.workflows import prediction
+
+BOX_TAU = 0.5  # the saliency threshold of the drawn boxes: predict --box-tau's default
+OVERLAY_ALPHA = 0.5  # drawing.overlay_png's
+COLOUR_MAP = "jet"  # drawing.overlay_png's, over 0..1
+PAGE_FILES = ("index.html", "viewer.js", "viewer.css")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def colour_scale(values: np.ndarray) -> np.ndarray:
+  """Values in [0, 1] (any shape) -> uint8 RGBA (..., 4) of the overlays' colour map."""
+  from matplotlib import colormaps
+
+  return colormaps[COLOUR_MAP](np.clip(np.asarray(values, np.float64), 0.0, 1.0), bytes=True)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+  """uint8 (H, W) grey or (H, W, 4) RGBA -> PNG bytes."""
+  if pixels.ndim == 3:
+    pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+  ok, buf = cv2.imencode(".png", pixels)
+  if not ok:
+    raise ValueError(f"cannot encode a {pixels.shape} image as PNG")
+  return buf.tobytes()
+
+
+def data_uri(png: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def overlay(saliency_map: np.ndarray) -> bytes:
+  """One class's (N, N) map as an N x N RGBA PNG (the page stretches it over the image)."""
+  rgba = colour_scale(saliency_map)
+  rgba[..., 3] = round(255 * OVERLAY_ALPHA)
+  return png_bytes(np.ascontiguousarray(rgba))
+
+
+def safe_name(name: str) -> str:
+  """An upload's name reduced to a plain file name (its suffix decides PNG / JPEG / DICOM)."""
+  base = _SAFE_NAME.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip(" .")
+  return base[-120:] or "upload"
+
+
+class Viewer:
+  """A loaded model answering uploads: `predict(name, data)` -> {'result', 'view'}."""
+
+  def __init__(self, loaded: engine.LoadedModel):
+    self.loaded = loaded
+    self.classes = findings.of_config(loaded.config)
+    source, level = registry.saliency_settings(loaded.config)
+    self.predictor = engine.Predictor(
+      loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
+    )
+    self.operating_points = prediction.stored_thresholds(loaded)
+    self.calibration = prediction.stored_calibration(loaded)
+    self.folder = Path(tempfile.mkdtemp(prefix="lsemil-serve-"))  # mode 0700
+    self._lock = threading.Lock()
+    # Compiles the one-image forward now: the first upload is answered at once.
+    s = self.predictor.input_size
+    self.predictor.predict_images(np.zeros((1, s, s, 1), np.uint8), 1, saliency=True)
+
+  def close(self) -> None:
+    shutil.rmtree(self.folder, ignore_errors=True)
+
+  def info(self) -> dict:
+    ops = self.operating_points
+    return {
+      "checkpoint": str(self.loaded.checkpoint),
+      "step": int(self.loaded.step),
+      "classes": list(self.classes),
+      "operating_points": None if ops is None else {k: ops.get(k) for k in ("rule", "fit_split")},
+      "calibration": None if self.calibration is None else self.calibration.get("method"),
+      "box_tau": BOX_TAU,
+      "colour_scale": data_uri(png_bytes(colour_scale(np.linspace(0, 1, 256))[None])),
+    }
+
+  def predict(self, name: str, data: bytes | io.BufferedIOBase, size: int | None = None) -> dict:
+    """One uploaded file -> {'result': the JSON a user downloads, 'view': the page's images}.
+    `data`: the bytes, or a stream of `size` bytes. ImageError naming `name` for a file that
+    cannot be read (all of imageio's refusals)."""
+    name = safe_name(name)
+    with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
+      path = Path(tmp) / name
+      with open(path, "wb") as f:
+        if isinstance(data, bytes | bytearray):
+          f.write(data)
+        else:
+          _copy(data, f, int(size or 0), name)
+      with self._lock:  # one forward at a time; uploads stream in meanwhile
+        inputs = prediction.read_files([str(path)], self.predictor.input_size)
+        if inputs.failures:
+          raise ImageError(inputs.failures[0][1].replace(str(path), name))
+        out = self.predictor.predict_images(inputs.images, len(inputs.images), saliency=True)
+    maps = np.asarray(out["saliency"][0], np.float32)
+    result = self.result(name, np.asarray(out["probs"], np.float64), maps, inputs.shapes[0])
+    view = {
+      "image": data_uri(png_bytes(inputs.prepared[0])),
+      "overlays": {c: data_uri(overlay(maps[..., k])) for k, c in enumerate(self.classes)},
+    }
+    return {"result": result, "view": view}
+
+  def result(self, name: str, probs: np.ndarray, maps: np.ndarray, shape) -> dict:
+    """The JSON of one file: per class (model order) the probability, the calibrated one,
+    the decision at the stored threshold; boxes; the maps (N x N over the whole image)."""
+    ops = self.operating_points
+    thresholds = ops["thresholds"] if ops else [None] * len(self.classes)
+    recal = calibration.apply(self.calibration, probs)[0] if self.calibration else None
+    rows = []
+    for k, cls in enumerate(self.classes):
+      p, t = float(probs[0, k]), thresholds[k]
+      rows.append({
+        "class": cls,
+        "probability": p,
+        "calibrated": None if recal is None else float(recal[k]),
+        "threshold": t,
+        "decision": None if t is None else bool(p >= t),  # prediction's rule, uncalibrated p
+      })  # fmt: skip
+    h, w = shape
+    return {
+      "file": name,
+      "checkpoint": str(self.loaded.checkpoint),
+      "step": int(self.loaded.step),
+      "image_size": {"height": int(h), "width": int(w)},
+      "operating_points": None if ops is None else ops.get("rule"),
+      "calibration": None if self.calibration is None else self.calibration.get("method"),
+      "findings": rows,
+      "box_tau": BOX_TAU,
+      "boxes": {
+        c: localization.boxes_from_map(maps[..., k], BOX_TAU, shape)
+        for k, c in enumerate(self.classes)
+      },
+      "saliency": {c: np.round(maps[..., k], 4).tolist() for k, c in enumerate(self.classes)},
+    }
+
+
+def _copy(src, dst, size: int, name: str, chunk: int = 1 << 20) -> None:
+  left = size
+  while left > 0:
+    block = src.read(min(chunk, left))
+    if not block:
+      raise ImageError(f"{name}: upload ended after {size - left:,} of {size:,} bytes")
+    dst.write(block)
+    left -= len(block)
+
+
+def inside(root: Path, url_path: str) -> Path:
+  """The file of `root` that a /browse URL path names (percent-decoded once).
+
+  Raises PermissionError for a path that would leave `root` ('..', an absolute part, a
+  backslash, NUL, a symlink resolving outside) and FileNotFoundError for a path inside that
+  is no regular file. 'x/' names x/index.html.
+  """
+  text = urllib.parse.unquote(url_path, errors="strict")
+  parts = text.split("/")
+  if "\0" in text or "\\" in text or any(p in ("..", ".") for p in parts):
+    raise PermissionError(url_path)
+  if text.endswith("/") or not text:
+    parts.append("index.html")
+  base = root.resolve()
+  target = base.joinpath(*[p for p in parts if p]).resolve()
+  if not target.is_relative_to(base):
+    raise PermissionError(url_path)
+  if not target.is_file():
+    raise FileNotFoundError(url_path)
+  return target
+
+
+def page_file(name: str) -> bytes:
+  """One of the page's own files (PAGE_FILES), from the package."""
+  return (resources.files("lsemil.workflows") / "viewer" / name).read_bytes()
+
+
+_PAGE_POLICY = (
+  "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+  "frame-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'"
+)
+_REPORT_POLICY = "default-src 'self' 'unsafe-inline' data: blob:; object-src 'none'"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  """The routes of the module docstring (the server carries `viewer`, `browse`, `hosts`)."""
+
+  server_version = "lsemil-serve"
+  protocol_version = "HTTP/1.1"
+
+  def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
+    pass  # one line per request would bury the URL; failures are logged where they happen
+
+  def _send(self, code: int, body: bytes, kind: str, policy: str = _PAGE_POLICY) -> None:
+    self.send_response(code)
+    self.send_header("Content-Type", kind)
+    self.send_header("Content-Length", str(len(body)))
+    self.send_header("Content-Security-Policy", policy)
+    self.send_header("X-Content-Type-Options", "nosniff")
+    self.send_header("Cache-Control", "no-store")
+    self.end_headers()
+    if self.command != "HEAD":
+      self.wfile.write(body)
+
+  def _json(self, code: int, obj: Mapping) -> None:
+    self._send(code, json.dumps(obj).encode(), "application/json")
+
+  def _error(self, code: int, message: str) -> None:
+    self._json(code, {"error": message})
+
+  def _host_ok(self) -> bool:
+    hosts = self.server.hosts
+    if hosts is None:
+      return True
+    host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname
+    return host in hosts
+
+  def do_HEAD(self) -> None:
+    self.do_GET()
+
+  def do_GET(self) -> None:
+    if not self._host_ok():
+      return self._error(403, "unknown Host header")
+    path = self.path.split("?", 1)[0].split("#", 1)[0]
+    if path in ("/", "/index.html"):
+      return self._send(200, page_file("index.html"), "text/html; charset=utf-8")
+    if path.startswith("/static/") and path[len("/static/") :] in PAGE_FILES:
+      name = path[len("/static/") :]
+      return self._send(200, page_file(name), _kind(name))
+    if path == "/api/info":
+      return self._json(200, self.server.viewer.info() | {"browse": self.server.browse is not None})
+    if path == "/browse" or path.startswith("/browse/"):
+      return self._browse(path[len("/browse/") :])
+    return self._error(404, f"{path}: not found")
+
+  def _browse(self, rest: str) -> None:
+    if self.server.browse is None:
+      return self._error(404, "no folder to browse: start lsemil serve with --browse DIR")
+    try:
+      target = inside(self.server.browse, rest)
+    except (PermissionError, UnicodeDecodeError):
+      return self._error(403, "outside the served folder")
+    except (FileNotFoundError, OSError):
+      return self._error(404, f"/browse/{rest}: not found")
+    self._send(200, target.read_bytes(), _kind(target.name), _REPORT_POLICY)
+
+  def do_POST(self) -> None:
+    if not self._host_ok():
+      return self._error(403, "unknown Host header")
+    if self.path != "/api/predict":
+      return self._error(404, f"{self.path}: not found")
+    name = urllib.parse.unquote(self.headers.get("X-File-Name") or "")
+    if not name:
+      return self._error(400, "missing X-File-Name header (the page sends it)")
+    try:
+      size = int(self.headers.get("Content-Length") or "")
+    except ValueError:
+      return self._error(411, f"{safe_name(name)}: no Content-Length")
+    if size > imageio.MAX_FILE_BYTES:
+      self.close_connection = True  # the body is not read
+      return self._error(
+        413, f"{safe_name(name)}: {size:,} bytes, above the limit of "
+        f"{imageio.MAX_FILE_BYTES:,} bytes (lsemil.data.imageio.MAX_FILE_BYTES); not read",
+      )  # fmt: skip
+    try:
+      answer = self.server.viewer.predict(name, self.rfile, size)
+    except ImageError as e:
+      log.warning(f"lsemil serve: {e}")
+      return self._error(422, str(e))
+    self._json(200, answer)
+
+
+def _kind(name: str) -> str:
+  kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+  return kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("script") else "")
+
+
+class Server(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+  viewer: Viewer
+  browse: Path | None
+  hosts: tuple[str, ...] | None  # Host header names accepted; None: any (bound to all)
+
+
+class Server6(Server):
+  address_family = socket.AF_INET6
+
+
+def make_server(
+  viewer: Viewer, host: str = "127.0.0.1", port: int = 0, browse: str | os.PathLike | None = None
+) -> Server:
+  """The viewer's HTTP server bound to host:port (port 0: a free one); `serve_forever` it.
+  `browse`: a folder (a `reproduce` output) served under /browse/. OutputError naming the
+  folder or the address when either is unusable."""
+  if browse is not None and not Path(browse).is_dir():
+    raise OutputError(f"--browse {browse}: not a folder")
+  kind = Server6 if ":" in host else Server
+  try:
+    server = kind((host.strip("[]"), int(port)), Handler)
+  except OSError as e:
+    raise OutputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+  server.viewer = viewer
+  server.browse = Path(browse).resolve() if browse is not None else None
+  anywhere = host in ("", "0.0.0.0", "::")
+  server.hosts = None if anywhere else tuple({host.strip("[]"), *LOOPBACK})
+  return server
+
+
+def url(server: Server) -> str:
+  host, port = server.server_address[:2]
+  host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+  return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+@contextlib.contextmanager
+def serving(viewer: Viewer, **options):
+  """`make_server` for a `with` block: the server, closed with the viewer's temp folder."""
+  server = make_server(viewer, **options)
+  try:
+    yield server
+  finally:
+    server.server_close()
+    viewer.close()

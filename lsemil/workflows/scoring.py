@@ -1,4 +1,4 @@
-"""Scoring any model's saliency maps with cheXlocalize's protocols (`lsemil score`).
+"""Any model's saliency maps scored: cheXlocalize's protocols, detection metrics (`lsemil score`).
 
 Inputs:
 - maps (`read_maps`): an .npz holding image_ids (N) strings, classes (C) strings, maps
@@ -15,16 +15,35 @@ Inputs:
 - or a dataset folder (`truth_from_source`): the boxes or masks of a `lsemil.data.sources`
   reader, matched to the maps by image id.
 
-Scored (`score`): every image of the npz for every class with a box (a non-empty mask), through
-`lsemil.metrics.chexlocalize` (cheXlocalize's official steps; an image without a box of the
-class is a negative: NaN in the true-positive-only protocols, counted by the all-images ones).
-The tuning half is `lsemil.metrics.localization.tuning_half` of the patient (or image) id, as
-in `lsemil evaluate`.
+Scored (`score`, the families of `PROTOCOLS`), over the classes with a box (a non-empty mask):
+- chexlocalize: every image of the npz for every such class, through
+  `lsemil.metrics.chexlocalize` (cheXlocalize's official steps; an image without a box of the
+  class is a negative: NaN in the true-positive-only protocols, counted by the all-images
+  ones). The tuning half is `lsemil.metrics.localization.tuning_half` of the patient (or
+  image) id, as in `lsemil evaluate`.
+- detection (boxes only): every image; a class whose probability is above `PRESENT` (WSRPN's
+  predicted classes; every class without probs) gets the boxes of `detection.map_boxes` at
+  tau 0.5 (`predict --boxes`'s box_tau), each scored peak x probability; truth: the image's
+  boxes. `lsemil.metrics.detection`: detection_ap@0.3/0.5 (COCOeval), detection_loc_acc@0.3/0.5
+  (WSRPN's acc@T), detection_rodeo_{total,localization,shape,classification} (two classes or
+  more). Class '(all)': the class mean (AP, loc-acc) or RoDeO's pooled value.
+- wsrpn (boxes only): WSRPN's protocol (github.com/philip-mueller/wsrpn): the box images split
+  patient-wise into validation and test halves (`detection.wsrpn_split`, from the box file's
+  order and the patient ids), boxes at both of their CAM baselines' heatmap thresholds 60/255
+  and 180/255 (src/conf/model/chexnet.yaml, lse_model.yaml) with only the highest-mean box per
+  class kept (filter_top1_per_class), scored on the test half. WSRPN tunes nothing on the
+  validation half (it selects the training checkpoint there), so neither does this; its
+  confidence is a mean-pooled objectness, here peak x probability; numbers are fractions
+  where WSRPN's table shows percent.
+Detection values are the mean of image-bootstrap replicates (`image_draws`) with their 2.5 and
+97.5% quantiles, as WSRPN's DetectionMetricsWithBootstrap reports them (it draws 250 with
+torch's generator; here n_boot with numpy's), 'point' the full set's value.
 
 Outputs (`write_outputs`): scores.csv (protocol,class,value,ci_low,ci_high,n), scores.json
-({protocol: {class: entry}, 'settings'}, strict JSON), scores.md (classes x protocols) and
+({protocol: {class: entry}, 'settings'}, strict JSON), scores.md (classes x protocols, one
+table per family), scores.html (the same tables, self-contained: `html_page.write_report`) and
 optionally per_image.csv (image_id,class,tuning,iou_otsu,iou_otsu_all,iou_tuned,iou_cutoff,
-hit).
+hit; the chexlocalize family).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 
 import numpy as np
 import pytest
@@ -165,3 +166,19 @@ def test_rodeo_bootstrap_recomputes_the_matching_weight():
     want = package_rodeo([preds[i] for i in d], [truth[i] for i in d], 3)
     assert got["total"][r] == pytest.approx(want["RoDeO/total"], abs=1e-12)
     assert got["classification"][r] == pytest.approx(want["RoDeO/classification"], abs=1e-12)
+
+
+def test_wsrpn_split_is_patient_wise_and_halves_the_boxes():
+  # one id per box, as BBox_List_2017.csv lists them; patient = the name before '_'
+  boxes = ["a_0", "a_0", "b_0", "c_0", "c_1", "d_0", "e_0", "e_0", "f_0", "g_0"]
+  valid, test = detection.wsrpn_split(boxes, lambda im: im.split("_")[0])
+  shuffled = list(boxes)
+  random.Random(0).shuffle(shuffled)
+  patients = list(dict.fromkeys(im.split("_")[0] for im in shuffled))
+  want, n = set(), 0
+  for p in patients:  # whole patients while validation holds fewer than 10 // 2 boxes
+    if n < 5:
+      want |= {im for im in boxes if im.startswith(p)}
+      n += sum(im.startswith(p) for im in boxes)
+  assert valid == want and test == set(boxes) - want
+  assert not {im.split("_")[0] for im in valid} & {im.split("_")[0] for im in test}

@@ -157,3 +157,29 @@ def test_a_folder_of_per_image_npz_reads_as_one(tmp_path):
            maps=np.zeros((1, 1, 2, 2)))  # fmt: skip
   with pytest.raises(DataError, match="zz.npz: classes"):
     scoring.read_maps(folder)
+
+
+def test_truth_from_a_chestx_det10_folder(tmp_path):
+  entries = [
+    {"file_name": "1.png", "syms": ["Mass", "Nodule"], "boxes": [[10, 20, 29, 59], [0, 0, 9, 9]]},
+    {"file_name": "2.png", "syms": [], "boxes": []},
+  ]
+  (tmp_path / "train.json").write_text(json.dumps(entries[:1]))
+  (tmp_path / "test.json").write_text(json.dumps(entries[1:]))
+  (tmp_path / "lsemil_dataset.json").write_text(json.dumps({"image_size": 64}))
+  maps = np.zeros((2, 2, 8, 8))
+  maps[0, 0, 2:8, 1:4] = 1.0  # Mass: rows 20..63, cols 8..31 of the 64 px image
+  ms = scoring.MapSet(("1.png", "2.png"), ("Mass", "Nodule"), maps, np.full((2, 2), 0.9),
+                      np.full((2, 2), 8), ("1.png", "2.png"), sizes_given=False)  # fmt: skip
+  with pytest.warns(UserWarning, match="no file"):
+    ms, boxes, masks, order = scoring.truth_from_source(ms, "chestx-det10", tmp_path)
+  assert masks is None and order == ["1.png", "1.png"]
+  assert boxes == {
+    ("1.png", "Mass"): [(10.0, 20.0, 20.0, 40.0)],
+    ("1.png", "Nodule"): [(0.0, 0.0, 10.0, 10.0)],
+  }
+  assert ms.image_sizes.tolist() == [[64, 64], [64, 64]]
+  res = scoring.score(ms, boxes, 0, protocols=("detection",))
+  # Mass: one box (x 8..32, y 16..64) against (10..30, 20..60): IoU 800 / 1152
+  assert res["detection_ap@0.5"]["Mass"]["value"] == pytest.approx(1.0, abs=1e-12)
+  assert res["detection_ap@0.5"]["Nodule"]["value"] == 0.0  # a constant map: no box

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="also write DIR/" + prediction.BOXES_FILE + ": for each image and class at or above "
     "--threshold, the boxes of the saliency map thresholded at --box-tau (connected "
     "components, as the IoBB protocol), in the input image's own pixels, with their peak and "
-    "mean saliency",
+    "mean saliency; the boxes are drawn on the overlays too",
   )
   p.add_argument(
     "--box-tau",

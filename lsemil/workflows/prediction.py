@@ -216,7 +216,11 @@ def predict_files(
         if out_path is not None and overlays:
           name = f"{stems[i]}_{cls}.png"
           title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
-          drawing.overlay_png(out_path / name, prepared, out["saliency"][j, ..., k], title=title)
+          drawing.overlay_png(
+            out_path / name, prepared, out["saliency"][j, ..., k], title=title,
+            boxes=[[b[v] for v in "xywh"] for b in row["boxes"][cls]] if boxes else None,
+            source_size=shape,  # the boxes are in the file's pixels, drawn on `prepared`
+          )  # fmt: skip
           row["overlays"].append(name)
       if boxes:
         boxes_json[_box_key(paths, i, stems, names)] = row["boxes"]

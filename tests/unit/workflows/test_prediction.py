@@ -232,7 +232,16 @@ def planted(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
     ((1000, 760), (90, 610, 150, 220), 2.0),  # above 512: prepared at 512 first
   ],
 )
-def test_planted_lesion_box_in_the_files_own_pixels(tmp_path, hw, box, tol):
+def test_planted_lesion_box_in_the_files_own_pixels(tmp_path, monkeypatch, hw, box, tol):
+  from lsemil.reporting import drawing
+
+  drawn, overlay_png = {}, drawing.overlay_png
+
+  def keep(path, *args, **kwargs):
+    drawn[path.name] = overlay_png(path, *args, **kwargs)
+    return drawn[path.name]
+
+  monkeypatch.setattr(drawing, "overlay_png", keep)
   h, w = hw
   path = tmp_path / "lesion.png"
   assert cv2.imwrite(str(path), planted(h, w, box))
@@ -254,6 +263,12 @@ def test_planted_lesion_box_in_the_files_own_pixels(tmp_path, hw, box, tol):
     assert 0.5 <= b["mean"] <= b["peak"] + 1e-9
   # The overlays and the CSV are written for the same classes.
   assert rows[0]["overlays"] == [f"lesion_{CLASSES[0]}.png", f"lesion_{CLASSES[1]}.png"]
+  # Each overlay shows its class's boxes, scaled from the file onto the 512 px image shown.
+  for cls in (CLASSES[0], CLASSES[1]):
+    (b,), (rect,) = got["lesion.png"][cls], drawn[f"lesion_{cls}.png"].axes[0].patches
+    assert rect.get_xy() == pytest.approx((b["x"] * 512 / w - 0.5, b["y"] * 512 / h - 0.5))
+    assert (rect.get_width(), rect.get_height()) == pytest.approx((b["w"] * 512 / w,
+                                                                  b["h"] * 512 / h))
 
 
 def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):

@@ -30,7 +30,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   # post-hoc CAM / Grad-CAM baseline of configs/baseline_gap.py); lsemil.models.registry builds
   # either.
   m.arch = "mil"
-  # 14 NIH findings (lsemil.data.nih.CLASSES).
+  # Classes: NIH's 14 findings (lsemil.data.nih.CLASSES); training sets it from the source's
+  # class list (data.classes), never by hand.
   m.num_classes = 14
   # Input side in pixels; images are (B, input_size, input_size, 1) in [0, 1].
   m.input_size = 512
@@ -99,12 +100,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = args.dtype
 
   config.data = ml_collections.ConfigDict()
-  # A prepared folder (`lsemil prepare`, png or tfds) or a raw NIH-layout folder.
+  # A prepared folder (`lsemil prepare`, png or tfds) or a raw folder of data.source.
   config.data.data_dir = ""
+  # The dataset's reader (lsemil.data.sources): nih | chexpert | mimic-cxr-jpg | vindr-cxr |
+  # rsna-pneumonia | siim-acr | csv.
+  config.data.source = "nih"
+  # The source's class names in the model's output order; empty = from the source: training
+  # writes them here and their number into model.num_classes (lsemil.data.findings).
+  config.data.classes = ()
+  # Label policies (lsemil.data.index.Options). An uncertain (-1) label: ignore (unknown, left
+  # out of the loss and the AUC) | zeros | ones (U-Ignore / U-Zeros / U-Ones, Irvin et al.
+  # 2019); a blank one: zeros | ignore; CheXpert and MIMIC-CXR views: frontal | all;
+  # VinDr-CXR's readers: a finding is positive when any reader marks it | the majority does.
+  config.data.uncertain = "ignore"
+  config.data.blank = "zeros"
+  config.data.views = "frontal"
+  config.data.readers = "any"
   # > 0: with no data_dir, synthesize this many patients into WORKDIR/data first
   # (`lsemil synth`; the smoke config's self-contained run). 0 = a data_dir is required.
   config.data.synth_patients = 0
-  # Validation = this patient-wise fraction of the official train_val list (Sec 4.1).
+  # Validation = this patient-wise fraction of the official train_val list (Sec 4.1); the
+  # seed draws it, and the whole patient-wise split of a source without an official one.
   config.data.val_fraction = 0.25
   config.data.split_seed = 0
   # Augmentation (Sec 4.2), one affine warp. Rotation in degrees, translation in

@@ -44,3 +44,28 @@ def nonnegative_int(text: str) -> int:
 def add_which(parser: argparse.ArgumentParser, help: str) -> None:
   """--which best|latest (default best): which checkpoint of a workdir a command reads."""
   parser.add_argument("--which", choices=("best", "latest"), default="best", help=help)
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+  """--source and the label policies of `lsemil.data.index.Options` (--uncertain, --blank,
+  --views, --readers), with configs/paper.py's `data` defaults; `source_options` reads them."""
+  from lsemil.core import configuration
+  from lsemil.data import index, sources
+
+  data = configuration.load_config("paper").data
+  parser.add_argument("--source", choices=tuple(sources.READERS), default=data.source,
+                      help=f"the folder's source ({data.source})")
+  for flag, choices, what in (
+    ("uncertain", index.UNCERTAIN_POLICIES, "what a -1 label becomes: unknown (ignore), 0 or 1"),
+    ("blank", index.BLANK_POLICIES, "what a blank label becomes: 0 or unknown"),
+    ("views", index.VIEWS, "CheXpert, MIMIC-CXR: frontal views only, or all"),
+    ("readers", index.READER_POLICIES,
+     "VinDr-CXR: a finding is positive when any reader marks it, or most readers"),
+  ):
+    parser.add_argument(f"--{flag}", choices=choices, default=data[flag],
+                        help=f"{what} ({data[flag]}; config.data.{flag})")
+
+
+def source_options(args: argparse.Namespace) -> dict[str, str]:
+  """The label policies `add_source_options` parsed, as `index.Options` keywords."""
+  return {name: getattr(args, name) for name in ("uncertain", "blank", "views", "readers")}

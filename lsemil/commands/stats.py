@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lsemil.commands import arguments
 from lsemil.core import fileio
-from lsemil.data import index, nih, sources, statistics
+from lsemil.data import nih, sources, statistics
 
 
 def main(argv: list[str]) -> int:
@@ -27,21 +28,10 @@ def main(argv: list[str]) -> int:
     "[.gz], train_val_list.txt[.gz] and test_list.txt[.gz] (images optional)",
   )
   parser.add_argument(
-    "--source", choices=tuple(sources.READERS), default="nih", help="the folder's source (nih)"
-  )
-  parser.add_argument(
     "--format", choices=statistics.FORMATS, default="md", help="output format (md)"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (0)")
-  for flag, choices, default, what in (
-    ("--uncertain", index.UNCERTAIN_POLICIES, "ignore", "what a -1 label becomes: unknown "
-     "(ignore), 0 or 1"),
-    ("--blank", index.BLANK_POLICIES, "zeros", "what a blank label becomes: 0 or unknown"),
-    ("--views", index.VIEWS, "frontal", "CheXpert, MIMIC-CXR: frontal views only, or all"),
-    ("--readers", index.READER_POLICIES, "any", "VinDr-CXR: a finding is positive when any "
-     "reader marks it, or most readers"),
-  ):
-    parser.add_argument(flag, choices=choices, default=default, help=f"{what} ({default})")
+  arguments.add_source_options(parser)
   args = parser.parse_args(argv)
   data_dir = fileio.resolve(args.data_dir)
   if args.source == "nih":
@@ -50,8 +40,7 @@ def main(argv: list[str]) -> int:
     table = paper_tables.format_table1(nih.load_index(data_dir, seed=args.seed), args.format)
   else:
     source_index = sources.load(
-      args.source, data_dir, seed=args.seed, uncertain=args.uncertain, blank=args.blank,
-      views=args.views, readers=args.readers,
+      args.source, data_dir, seed=args.seed, **arguments.source_options(args)
     )
     table = statistics.format_source_table(source_index, args.format)
   sys.stdout.write(table)

@@ -57,6 +57,14 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
     flag_values=fv,
   )
   flags.DEFINE_string(
+    "source",
+    None,
+    "The dataset's source (lsemil.data.sources: nih, chexpert, mimic-cxr-jpg, vindr-cxr, "
+    "rsna-pneumonia, siim-acr, csv); the same as --config.data.source. Its class list "
+    "becomes config.data.classes and model.num_classes.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
     "init_from",
     None,
     "Fine-tune: start from this model (a workdir's best checkpoint, a checkpoint step folder "
@@ -117,6 +125,11 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
   if fv.config is None or not fv.workdir:
     raise flags.Error("--config and --workdir are required")
   fv.config.keys()  # config_flags defers a failed load until first use: fail here
+  if fv.source:
+    given = [a.split("=", 1)[-1] for a in argv if a.startswith("--config.data.source=")]
+    if given and given[-1] != fv.source:
+      raise flags.Error(f"--source {fv.source} and --config.data.source={given[-1]} disagree")
+    fv.config.data.source = fv.source
   if fv.init_from:
     given = fv.config.train.init_from
     if given and fileio.resolve(given) != fileio.resolve(fv.init_from):

@@ -60,7 +60,7 @@ from flax import struct
 
 from lsemil.core import configuration, fileio, log
 from lsemil.core.errors import ConfigError, DataError, Interrupted, NonFiniteLossError
-from lsemil.data import nih, pipeline
+from lsemil.data import findings, index, nih, pipeline, sources
 from lsemil.inference import engine
 from lsemil.metrics import classification
 from lsemil.models import mil, registry
@@ -131,11 +131,14 @@ def train_step(
   model: mil.MultiResolutionMIL,
   tx: optax.GradientTransformation,
   frozen_backbone: bool = False,
+  masked: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on the BCE of the pooled probabilities (Sec 3.6, 4.2). Pure.
 
   `batch`: image (B, S, S, 1) uint8 (or float32 in [0, 1]), labels (B, K) float32. Returns the new
   state and float32 scalars: loss, grad_norm, param_norm (after the update), r (LSE-LBA).
+  `masked` (a source with unknown labels, `masked_loss`): labels may hold NaN, and the BCE
+  is `objective.masked_binary_cross_entropy`; else the paper's `binary_cross_entropy`.
   `frozen_backbone` (train.freeze=backbone): BatchNorm normalises with the running statistics
   (train=False) and they are not updated, so the frozen backbone computes at training what it
   computes at evaluation (Keras' frozen BatchNorm); `tx` leaves its parameters unchanged.
@@ -153,7 +156,8 @@ def train_step(
         variables["batch_stats"] = state.batch_stats
       train = not frozen_backbone
       out, new_stats = model.apply(variables, batch["image"], train=train), state.batch_stats
-    loss = objective.binary_cross_entropy(out["probs"], batch["labels"])
+    bce = objective.masked_binary_cross_entropy if masked else objective.binary_cross_entropy
+    loss = bce(out["probs"], batch["labels"])
     return loss, new_stats
 
   (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,11 +178,14 @@ def train_step(
 
 
 def make_train_step(
-  model, tx, mesh: jax.sharding.Mesh, state_sharding: Any, *, frozen_backbone: bool = False
+  model, tx, mesh: jax.sharding.Mesh, state_sharding: Any, *, frozen_backbone: bool = False,
+  masked: bool = False,
 ):
   """`train_step` jitted: state in/out with `state_sharding`, batch over 'data', state donated."""
   return jax.jit(
-    functools.partial(train_step, model=model, tx=tx, frozen_backbone=frozen_backbone),
+    functools.partial(
+      train_step, model=model, tx=tx, frozen_backbone=frozen_backbone, masked=masked
+    ),
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -224,6 +231,10 @@ RESUME_FIELDS = (
   "train.freeze",  # the optimizer state's structure
 )
 
+# The dataset a run's labels come from: its reader, class list and label policies (absent
+# from the config of a run written before them, which read NIH).
+DATA_RESUME_FIELDS = ("data.source", "data.classes", *(f"data.{p}" for p in pipeline.POLICIES))
+
 
 def validate_config(config: ml_collections.ConfigDict) -> mil.ModelSpec:
   """Raises ConfigError naming the field, before any data is read or anything compiles."""
@@ -257,7 +268,20 @@ def validate_config(config: ml_collections.ConfigDict) -> mil.ModelSpec:
     )
   if int(d.synth_patients) < 0:
     raise ConfigError(f"config data.synth_patients must be >= 0, got {d.synth_patients}")
+  check_data_options(d)
   return spec
+
+
+def check_data_options(data: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an unknown `data.source` or label policy, naming the field."""
+  source = str(data.get("source") or "nih")
+  if source not in sources.READERS:
+    known = ', '.join(sources.READERS)
+    raise ConfigError(f"config data.source={source!r}: expected one of {known}")
+  try:
+    index.Options(**{p: data[p] for p in pipeline.POLICIES if data.get(p) is not None})
+  except DataError as e:
+    raise ConfigError(f"config data.{e}") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -280,7 +304,12 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
   if "train.freeze" in new and "train.freeze" not in old:  # likewise
     old["train.freeze"] = "none"
   keys = sorted(set(old) | set(new))
-  wanted = [k for k in keys if any(k == f or k.startswith(f + ".") for f in RESUME_FIELDS)]
+  fields = (*RESUME_FIELDS, *DATA_RESUME_FIELDS)
+  # The classes are compared once training has read them from the source (`setup`).
+  unread = () if new.get("data.classes") else ("data.classes", "model.num_classes")
+  wanted = [k for k in keys if any(k == f or k.startswith(f + ".") for f in fields)
+            and (k in old or k not in DATA_RESUME_FIELDS)  # a run from before: NIH
+            and k not in unread]
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in wanted if old.get(k) != new.get(k)]
 
 
@@ -328,22 +357,58 @@ def resolve_data_dir(config, workdir: epath.Path, data_dir: str | None) -> str:
       "no dataset: pass --data-dir (a `lsemil prepare` output, a `lsemil synth` folder or a "
       "raw NIH ChestX-ray14 folder) or set --config.data.data_dir"
     )
-  from lsemil.data import phantoms
+  from lsemil.data import layouts, phantoms
 
-  out = workdir / "data"
+  source = str(config.data.get("source") or "nih")
+  out = workdir / ("data" if source == "nih" else f"data_{source}")
   if fileio.is_remote(out):
     out = epath.Path(
-      fileio.resolve(os.path.join(tempfile.gettempdir(), "lsemil_synth", f"{patients}p"))
+      fileio.resolve(os.path.join(tempfile.gettempdir(), "lsemil_synth", f"{source}_{patients}p"))
     )
   if not (out / nih.MARKER_NAME).exists():
     if jax.process_index() == 0:
-      log.info(f"no --data-dir: synthesizing {patients} patients into {out} (data.synth_patients)")
-      phantoms.synthesize(out, patients=patients, size=nih.PREPARED_SIZE, seed=0, workers=1)
+      log.info(f"no --data-dir: synthesizing {patients} {source} patients into {out} "
+               "(data.synth_patients)")
+      if source == "nih":
+        phantoms.synthesize(out, patients=patients, size=nih.PREPARED_SIZE, seed=0, workers=1)
+      else:  # the source's own layout (`lsemil synth --layout`)
+        layouts.write(source, out, patients=patients, size=nih.PREPARED_SIZE, seed=0)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("lsemil_synth_data")
   return str(out)
+
+
+def resolve_classes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Writes the source's class names into `data.classes` and their number into
+  `model.num_classes` (both saved with every checkpoint: `findings.of_config` reads them).
+
+  The class list is data: a config that names other classes, or a `model.num_classes` other
+  than the source's and than paper.py's default (which no config sets by hand), raises
+  ConfigError.
+  """
+  data_dir = config.data.data_dir
+  opts = pipeline.options_of(config)
+  classes = tuple(pipeline.open_source(data_dir, "train", **opts).classes)
+  given = tuple(config.data.get("classes") or ())
+  where = f"source {opts['source']} at {data_dir}"
+  if given and given != classes:
+    raise ConfigError(f"config data.classes {list(given)} differ from the classes of the {where}: "
+                      f"{list(classes)}; leave data.classes empty, training sets it")
+  num = int(config.model.num_classes)
+  if num not in (len(classes), configuration.load_config("paper").model.num_classes):
+    raise ConfigError(f"config model.num_classes={num}, but the {where} has {len(classes)} "
+                      "classes; model.num_classes follows from the source, do not set it")
+  config.data.classes = classes
+  config.model.num_classes = len(classes)
+  return classes
+
+
+def masked_loss(config) -> bool:
+  """Whether a run's labels may be unknown (NaN): every source but NIH, whose loss stays
+  the paper's `objective.binary_cross_entropy` bit for bit."""
+  return pipeline.options_of(config)["source"] != "nih"
 
 
 # --------------------------------------------------------------------------- validation
@@ -361,16 +426,23 @@ def validate(
   predictor: engine.Predictor, config, data_dir: str, split: str = "valid"
 ) -> tuple[dict[str, Any], engine.SplitPredictions]:
   """Per-class AUC, mean AUC (over classes with an AUC) and the BCE (Sec 3.6) on a split,
-  through the one inference path; also returns the per-image predictions."""
+  through the one inference path; also returns the per-image predictions. With unknown
+  labels (`masked_loss`) a class's AUC and BCE use the images where it is known."""
   rows = pipeline.split_rows(config, data_dir, split)
   preds = engine.collect(
     engine.predict_split(predictor, config, data_dir, split), rows, f"{data_dir} {split}"
   )
-  aucs = classification.per_class_auc(
-    preds.labels.astype(np.float64), preds.probs.astype(np.float64)
-  )
+  labels, probs = preds.labels.astype(np.float64), preds.probs.astype(np.float64)
+  if masked_loss(config):  # each class over the images where it is known
+    known = ~np.isnan(labels)
+    aucs = np.array([classification.roc_auc(labels[known[:, k], k], probs[known[:, k], k])
+                     for k in range(labels.shape[1])])
+    bce = objective.masked_binary_cross_entropy
+  else:
+    aucs = classification.per_class_auc(labels, probs)
+    bce = objective.binary_cross_entropy
   mean, missing = classification.mean_auc(aucs)
-  loss = objective.binary_cross_entropy(jnp.asarray(preds.probs), jnp.asarray(preds.labels))
+  loss = bce(jnp.asarray(preds.probs), jnp.asarray(preds.labels))
   return {
     "val_mean_auc": mean,
     "val_per_class_auc": [None if math.isnan(a) else float(a) for a in aucs],
@@ -403,10 +475,8 @@ def early_stopping_update(
   return out
 
 
-def _class_names(model) -> list[str]:
-  if model.num_classes == len(nih.CLASSES):
-    return [c.replace(" ", "_") for c in nih.CLASSES]
-  return [f"class{k}" for k in range(model.num_classes)]
+def _class_names(config) -> list[str]:
+  return [c.replace(" ", "_") for c in findings.of_config(config)]
 
 
 def _finite(x) -> float | None:
@@ -481,9 +551,11 @@ def setup(
 ) -> Run:
   """Checks a resume's config, resolves the data, builds mesh, model and optimizer."""
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may resolve
-  check_resume_config(workdir, config)
+  check_resume_config(workdir, config)  # before the data is read; the classes once read:
   is_main = jax.process_index() == 0
   config.data.data_dir = resolve_data_dir(config, workdir, data_dir)
+  resolve_classes(config)
+  check_resume_config(workdir, config)
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(config.data.data_dir, config)
   mesh = sharding.create_mesh()
@@ -626,7 +698,7 @@ class Validator:
       )
     )
     meta["last_eval"] = {"step": step, **fileio.json_safe(eval_metrics)}
-    per_class = dict(zip(_class_names(run.model), eval_metrics["val_per_class_auc"], strict=True))
+    per_class = dict(zip(_class_names(run.config), eval_metrics["val_per_class_auc"], strict=True))
     writer.write(
       step,
       {
@@ -638,11 +710,7 @@ class Validator:
     )
     if run.is_main:
       if self._index is None:
-        self._index = nih.open_index(
-          run.data_dir,
-          val_fraction=float(run.config.data.val_fraction),
-          split_seed=int(run.config.data.split_seed),
-        )
+        self._index = pipeline.open_index(run.data_dir, **pipeline.options_of(run.config))
       engine.write_split_predictions(run.workdir / VALIDATION_PREDICTIONS, self._index, preds)
     auc_s = "n/a" if auc is None else f"{auc:.4f}"
     log.info(f"step {step}: val mean AUC {auc_s}, val loss {eval_metrics['val_loss']:.4f}")
@@ -659,7 +727,8 @@ def train_loop(run: Run, state, meta, manager, train_iter, writer, stops) -> Tra
   start = int(jax.device_get(state.step))
   frozen = run.config.train.get("freeze", "none") == "backbone"
   p_train_step = make_train_step(
-    run.model, run.tx, run.mesh, run.state_sharding, frozen_backbone=frozen
+    run.model, run.tx, run.mesh, run.state_sharding, frozen_backbone=frozen,
+    masked=masked_loss(run.config),
   )
   batch_sh = sharding.batch_sharding(run.mesh)
   validator = Validator(run, state)

@@ -254,3 +254,48 @@ def test_tfds_round_trip_pixel_equal_to_png(raw_dir, png_dir, tmp_path):
       np.testing.assert_array_equal(rec["labels"], index.labels[row])
       png = imageio.read_gray(png_dir / "images" / index.image_ids[row])
       np.testing.assert_array_equal(imageio.decode_png(rec["png"]), png)
+
+
+# --------------------------------------------------------------------------- other sources
+
+
+def _csv_folder(root: Path) -> None:
+  """A `csv`-source folder: four 40x64 (H x W) PNGs, labels 1 / 0 / -1 / blank, one box."""
+  (root / "images").mkdir(parents=True)
+  for k in range(4):
+    cv2.imwrite(str(root / "images" / f"x{k}.png"), np.full((40, 64), 40 * k, np.uint8))
+  (root / "labels.csv").write_text(
+    "path,patient,split,Edema,Mass\n"
+    "images/x0.png,p0,train,1,-1\nimages/x1.png,p1,train,,0\n"
+    "images/x2.png,p2,valid,0,1\nimages/x3.png,p3,test,-1,\n"
+  )
+  (root / "boxes.csv").write_text("path,class,x,y,w,h\nimages/x2.png,Mass,16,10,32,20\n")
+
+
+def test_prepared_source_keeps_classes_unknown_labels_split_and_scales_boxes(tmp_path):
+  from lsemil.data import pipeline, sources
+
+  raw, out = tmp_path / "raw", tmp_path / "out"
+  _csv_folder(raw)
+  policies = {"uncertain": "ignore", "blank": "ignore"}
+  preparation.prepare(raw, out, size=32, workers=1, progress=False, source="csv",
+                      policies=policies)
+  marker = json.loads((out / "lsemil_dataset.json").read_text())
+  assert (marker["source"], marker["classes"], marker["images"]) == ("csv", ["Edema", "Mass"], 4)
+  assert (out / "index.csv").read_text().splitlines()[1:3] == [
+    "images/x0.png,images/images__x0.png,p0,train,1,", "images/x1.png,images/images__x1.png,p1,train,,0"]
+  got = pipeline.open_index(out, source="csv", **policies)
+  want = sources.load("csv", raw, **policies)
+  assert got.classes == want.classes == ("Edema", "Mass")
+  assert got.image_ids == want.image_ids
+  np.testing.assert_array_equal(got.labels, [[1, np.nan], [np.nan, 0], [0, 1], [np.nan, np.nan]])
+  np.testing.assert_array_equal(got.splits, want.splits)
+  # x by 32/64, y by 32/40: a box scales with its (non-square) image
+  np.testing.assert_allclose(got.box_xywh, [[8.0, 8.0, 16.0, 16.0]])
+  valid = pipeline.open_source(out, "valid", source="csv")
+  assert valid.classes == ("Edema", "Mass") and valid[0]["image"].shape == (32, 32)
+  np.testing.assert_array_equal(valid.labels, [[0, 1]])
+  with pytest.raises(nih.DataError, match=r"prepared with blank='ignore'.*data\.blank"):
+    pipeline.open_source(out, "train", source="csv", blank="zeros")
+  with pytest.raises(nih.DataError, match="prepared from source 'csv', not 'nih'"):
+    pipeline.open_source(out, "train")

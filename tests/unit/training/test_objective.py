@@ -4,6 +4,7 @@ paper's optimizer."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,37 @@ def test_bce_mask_excludes_padded_rows():
   assert float(objective.binary_cross_entropy(p2, y2, mask)) == pytest.approx(got, rel=1e-6)
   assert float(objective.binary_cross_entropy(p2, y2)) > got + 0.5  # they would count unmasked
   assert float(objective.binary_cross_entropy(p, y, np.zeros(6, np.float32))) == 0.0
+
+
+def test_masked_bce_is_the_mean_over_known_labels_of_each_class_summed():
+  masked = jax.jit(objective.masked_binary_cross_entropy)
+  nan = np.nan
+  p = np.array([[0.9, 0.2, 0.6], [0.3, 0.7, 0.5], [0.4, 0.1, 0.8], [0.5, 0.5, 0.5]], np.float32)
+  # Class 2 is unknown on every image; the last image has no known label at all.
+  y = np.array([[1, 0, nan], [0, nan, nan], [nan, 1, nan], [nan, nan, nan]], np.float32)
+  ln = math.log
+  class0 = (-ln(0.9) - ln(1 - 0.3)) / 2  # images 0 and 1
+  class1 = (-ln(1 - 0.2) - ln(0.1)) / 2  # images 0 and 2
+  want = class0 + class1  # class 2 adds nothing; image 3 counts nowhere
+  got = masked(jnp.asarray(p), jnp.asarray(y))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  g = jax.grad(lambda q: masked(q, y))(jnp.asarray(p))
+  assert np.all(np.isfinite(g))
+  assert np.all(np.asarray(g)[np.isnan(y)] == 0)  # unknown labels pull nothing
+  # Padding (mask 0) is left out like an unknown row; without NaN it is the paper's cost.
+  mask = np.array([1, 1, 1, 0], np.float32)
+  p2 = p.copy()
+  p2[3] = 0.999
+  y2 = np.where(np.isnan(y), 0.0, y).astype(np.float32)
+  y2[:3, 2] = nan
+  y2[3] = 0.0
+  got2 = masked(jnp.asarray(p2), jnp.asarray(y2), mask)
+  want2 = (-ln(0.9) - ln(0.7) - ln(0.6)) / 3 + (-ln(0.8) - ln(0.3) - ln(0.1)) / 3
+  np.testing.assert_allclose(float(got2), want2, rtol=1e-6)
+  full = (np.random.default_rng(7).random((5, 3)) < 0.5).astype(np.float32)
+  q = np.repeat(p[:1], 5, axis=0)
+  np.testing.assert_allclose(float(masked(q, full)),
+                             float(jax.jit(objective.binary_cross_entropy)(q, full)), rtol=1e-6)
 
 
 def test_paper_optimizer_applies_coupled_weight_decay():

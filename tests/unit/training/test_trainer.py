@@ -10,6 +10,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from etils import epath
@@ -215,3 +216,42 @@ def test_early_stopping_counts_evaluations_without_improvement():
   last = trainer.early_stopping_update(meta, 7, 0.1, patience=3, last_step=True)
   assert last["stopped_early"] is False  # the run ends anyway
   assert not trainer.early_stopping_update(meta, 7, 0.1, patience=0)["stopped_early"]
+
+
+def test_classes_and_num_classes_follow_the_source(tmp_path, synth_dir):
+  from lsemil.data import findings
+
+  root = tmp_path / "csv"
+  (root / "images").mkdir(parents=True)
+  for k in range(3):
+    imageio.write_png_atomic(root / "images" / f"{k}.png", imageio.encode_png(
+      np.zeros((32, 32), np.uint8)))
+  (root / "labels.csv").write_text("path,patient,split,A,B,C\nimages/0.png,p0,train,1,0,\n"
+                                   "images/1.png,p1,valid,0,-1,1\nimages/2.png,p2,test,0,0,0\n")
+  config = load_config("smoke")
+  config.data.data_dir, config.data.source = str(root), "csv"
+  assert trainer.resolve_classes(config) == ("A", "B", "C")
+  assert (config.model.num_classes, findings.of_config(config)) == (3, ("A", "B", "C"))
+  saved = json.loads(config.to_json_best_effort())
+  assert findings.of_config(ml_collections.ConfigDict(saved)) == ("A", "B", "C")  # as restored
+  assert trainer.resolve_classes(config) == ("A", "B", "C")  # a resumed run's own classes
+  config.model.num_classes = 5
+  with pytest.raises(ConfigError, match=r"model\.num_classes=5, but the source csv .* has 3"):
+    trainer.resolve_classes(config)
+  config.model.num_classes, config.data.classes = 3, ("A", "C", "B")
+  with pytest.raises(ConfigError, match=r"data\.classes \['A', 'C', 'B'\] differ"):
+    trainer.resolve_classes(config)
+  nih_config = load_config("smoke")
+  nih_config.data.data_dir = str(synth_dir)
+  assert trainer.resolve_classes(nih_config) == nih.CLASSES
+  nih_config.model.num_classes = 3
+  with pytest.raises(ConfigError, match="model.num_classes=3"):
+    trainer.resolve_classes(nih_config)
+  # A workdir trained on another source's classes is not resumed; one from before the class
+  # list was data (no data.source, data.classes) is, as NIH.
+  old = json.loads(load_config("smoke").to_json_best_effort())
+  del old["data"]["source"], old["data"]["classes"]
+  nih_config.model.num_classes = 14
+  assert trainer.config_differences(old, nih_config) == []
+  assert trainer.config_differences(saved, nih_config)[:2] == [
+    "data.classes: ['A', 'B', 'C'] -> " + repr(list(nih.CLASSES)), "data.source: 'csv' -> 'nih'"]

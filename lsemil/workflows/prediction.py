@@ -242,11 +242,10 @@ def predict_files(
       got = _read_one(path, size, multiframe, keep_prepared, failures)
       if got is not None:
         pending.append((i, *got))
-      if len(pending) == batch_size:
+      # the last batch runs inside the loop too, so that the bar's rate covers every forward
+      if len(pending) == batch_size or (pending and i == len(paths) - 1):
         run(pending, table)
         pending = []
-    if pending:
-      run(pending, table)
   finally:
     if table is not None:
       table.close()

@@ -288,6 +288,29 @@ def test_no_box_below_tau_and_none_for_classes_below_the_threshold(tmp_path):
   assert rows[0]["boxes"] == {}
 
 
+def test_the_progress_bar_ends_after_the_last_forward(tmp_path, monkeypatch):
+  """The 'predict' bar (and so its images/s) covers every batch's forward, the last,
+  partial batch's included, not only the reading of the files."""
+  paths = []
+  for k in range(3):
+    paths.append(str(tmp_path / f"{k}.png"))
+    assert cv2.imwrite(paths[-1], planted(64, 64, (8, 8, 8, 8)))
+  events, forward = [], engine.Predictor.predict_images
+
+  def logged(self, *args, **kwargs):
+    events.append("forward")
+    return forward(self, *args, **kwargs)
+
+  monkeypatch.setattr(engine.Predictor, "predict_images", logged)
+  loaded = engine.LoadedModel(
+    configuration.load_config("smoke"), InputIsSaliency(), {}, 0, "none", {}
+  )
+  prediction.predict_files(
+    loaded, paths, None, batch_size=2, progress=lambda *a: events.append(a[1:3])
+  )
+  assert events == [(0, 3), (1, 3), "forward", (2, 3), "forward", (3, 3)]
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 from lsemil.core import log
 
-UNITS = {"train": "step", "train runs": "epoch"}  # stage -> unit; others count images
+# stage -> unit; others count images ('localization' counts (image, class) box cases)
+UNITS = {"train": "step", "train runs": "epoch", "localization": "case"}
 # unit -> tqdm bar_format where tqdm's own would print a float count in full
 FORMATS = {
   "epoch": "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} epochs [{elapsed}<{remaining}]"

@@ -1,6 +1,7 @@
 """Exact resume of training in real processes (paper Sec 4.2): `lsemil train` on the smoke
 config, then 2N steps straight against N + (exit) + N resumed, bit for bit; a NaN batch stops
-a run naming the step; `init_from` starts from another run's weights."""
+a run naming the step. Starting from another run's weights (`--init-from`) is tested in
+test_finetuning.py."""
 
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ _RUN = textwrap.dedent(
   from lsemil.core.configuration import load_config
   from lsemil.core.errors import NonFiniteLossError
 
-  workdir, data_dir, num_steps, nan_at, init_from = sys.argv[1:6]
+  workdir, data_dir, num_steps, nan_at = sys.argv[1:5]
   config = load_config("smoke")
-  config.train.init_from = init_from
   config.train.num_steps = int(num_steps)
   config.train.eval_every_steps = 2
   if int(nan_at):
@@ -59,11 +59,11 @@ _RUN = textwrap.dedent(
 
 @pytest.fixture
 def run(script_result, lsemil):
-  """fn(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from="") -> (result, output):
+  """fn(workdir, data_dir, num_steps, *, cache, nan_at=0) -> (result, output):
   `_RUN` in a subprocess."""
 
-  def run(workdir, data_dir, num_steps, *, cache, nan_at=0, init_from=""):
-    args = [workdir, data_dir, num_steps, nan_at, init_from]
+  def run(workdir, data_dir, num_steps, *, cache, nan_at=0):
+    args = [workdir, data_dir, num_steps, nan_at]
     return script_result(_RUN, *args, env=lsemil.env(cache))
 
   return run
@@ -123,9 +123,3 @@ def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil, run):
   out, _ = run(tmp_path / "c", a / "data", 4, cache=cache, nan_at=1)
   assert "at step 3" in out["error"] and "step 2" in out["error"]
   assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["2"]
-
-  # init_from: a new workdir starts from run a's best weights (fresh optimizer, step 0).
-  out, log = run(tmp_path / "d", a / "data", 2, cache=cache, init_from=a)
-  best_dir = a / "checkpoints" / str(best["best_step"])
-  assert f"initialised from {best_dir} (step {best['best_step']}, source nih)" in log
-  assert out["last_step"] == 2

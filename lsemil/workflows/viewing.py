@@ -54,6 +54,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -313,6 +314,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     self._send(200, target.read_bytes(), _kind(target.name), _REPORT_POLICY)
 
   def do_POST(self) -> None:
+    self.close_connection = True  # one upload a connection: an answer before the body is read
     if not self._host_ok():
       return self._error(403, "unknown Host header")
     if self.path != "/api/predict":
@@ -335,6 +337,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     except ImageError as e:
       log.warning(f"lsemil serve: {e}")
       return self._error(422, str(e))
+    except OSError as e:  # the temporary folder full or gone
+      log.warning(f"lsemil serve: {safe_name(name)}: cannot store the upload ({e})")
+      return self._error(507, f"{safe_name(name)}: cannot store the upload on the server ({e})")
     self._json(200, answer)
 
 
@@ -348,6 +353,12 @@ class Server(http.server.ThreadingHTTPServer):
   viewer: Viewer
   browse: Path | None
   hosts: tuple[str, ...] | None  # Host header names accepted; None: any (bound to all)
+
+  def handle_error(self, request, client_address) -> None:
+    """One line for a request that failed (a browser gone mid-upload), not a traceback; the
+    server keeps serving."""
+    error = sys.exc_info()[1]
+    log.warning(f"lsemil serve: a request from {client_address[0]} failed: {error!r}")
 
 
 class Server6(Server):

@@ -37,13 +37,14 @@
   }
 
   function addFiles(files) {
-    const results = document.getElementById('results');
+    const batch = document.createDocumentFragment();  // the newest files on top, in order
     for (const file of files) {
       const card = el('div', {class: 'card', 'data-state': 'queued'},
         el('h2', {text: file.name}), el('p', {class: 'status', text: 'waiting...'}));
-      results.prepend(card);
+      batch.appendChild(card);
       queue.push([file, card]);
     }
+    document.getElementById('results').prepend(batch);
     pump();
   }
 

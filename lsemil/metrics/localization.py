@@ -290,7 +290,9 @@ def boxes_from_map(
   if n != len(pred):
     raise RuntimeError(f"{n} components but {len(pred)} boxes")  # same labelling: never
   index = np.arange(1, n + 1)
-  peaks = scipy.ndimage.maximum(s, lab, index) if n else []
+  # each component's maximum over its bounding slice (scipy.ndimage.maximum sorts every pixel)
+  objs = scipy.ndimage.find_objects(lab)
+  peaks = [s[o][lab[o] == i].max() for i, o in enumerate(objs, start=1)]
   means = scipy.ndimage.mean(s, lab, index) if n else []
   sx, sy = w_img / size, h_img / size
   out = [

@@ -149,6 +149,16 @@ def _write_bbox(src: Path, dst: Path, from_space: float, size: int, drop: set[st
   return len(out)
 
 
+def origin(nih_dir: Path) -> str:
+  """What an NIH-layout folder holds, for the marker of its prepared copy ('prepared_from',
+  which a model card reads): 'nih' (no lsemil marker: the release as NIH gives it),
+  'synthetic' (`lsemil synth`), or for a prepared folder what that was prepared from."""
+  marker = nih.read_marker(nih_dir)
+  if marker.get("kind") == "prepared":
+    return str(marker.get("prepared_from", "unknown"))
+  return str(marker.get("kind", "nih"))
+
+
 def write_metadata(
   nih_dir: Path, out: Path, *, size: int, fmt: str, bad: dict[str, str], extra: dict
 ) -> None:
@@ -626,7 +636,7 @@ def prepare(
   settings = {"format": fmt, "image_size": size, "source": source}
   _check_resume(out, settings)
   (out / STATE_NAME).write_text(json.dumps(settings) + "\n", encoding="utf-8")
-  nih_extra = {"source": "nih", "classes": list(nih.CLASSES)}
+  nih_extra = {"source": "nih", "classes": list(nih.CLASSES), "prepared_from": origin(nih_dir)}
 
   if source != "nih":
     options = index.Options(seed=split_seed, val_fraction=val_fraction, **(policies or {}))

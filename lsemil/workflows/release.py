@@ -177,8 +177,10 @@ def _data_kind(config) -> str:
     return "synthetic" if int(config.data.get("synth_patients", 0) or 0) > 0 else "unknown"
   if fileio.is_remote(data_dir) or not os.path.isdir(data_dir):
     return "unknown"
-  kind = nih.read_marker(data_dir).get("kind")
-  return {"synthetic": "synthetic", None: "nih"}.get(kind, "unknown")
+  marker = nih.read_marker(data_dir)
+  prepared = marker.get("kind") == "prepared"
+  kind = marker.get("prepared_from", "unknown") if prepared else marker.get("kind")
+  return {"synthetic": "synthetic", "nih": "nih", None: "nih"}.get(kind, "unknown")
 
 
 def _clean_output(out) -> None:

@@ -41,7 +41,13 @@ def test_scale_box_to_output_size():
 def test_prepared_folder_is_nih_layout_with_scaled_boxes(raw_dir, png_dir):
   marker = json.loads((png_dir / "lsemil_dataset.json").read_text())
   assert marker == {"kind": "prepared", "format": "png", "image_size": 512, "box_space": 512,
-                    "source": "nih", "classes": list(nih.CLASSES)}
+                    "source": "nih", "classes": list(nih.CLASSES), "prepared_from": "nih"}
+  # what a model card reads: the data's origin, through synth -> prepare -> prepare again
+  assert preparation.origin(raw_dir) == "nih" and preparation.origin(png_dir) == "nih"
+  synth = raw_dir.parent / "synth"
+  synth.mkdir()
+  (synth / "lsemil_dataset.json").write_text('{"kind": "synthetic"}')
+  assert preparation.origin(synth) == "synthetic"
   text = (png_dir / "BBox_List_2017.csv").read_text()
   assert text.splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
   rows = list(csv.reader(text.splitlines()))

@@ -210,3 +210,21 @@ def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, caps
     t = valid["thresholds"][k]
     assert decided["w"][f"{c}_decision"] == ("" if t is None else str(int(probs[k] >= t)))
   assert decided["w"] == {**decided["out"], "path": decided["w"]["path"]}
+
+
+@pytest.mark.parametrize(
+  "marker, kind",
+  [
+    ({"kind": "prepared", "prepared_from": "synthetic"}, "synthetic"),  # the demo's data
+    ({"kind": "prepared", "prepared_from": "nih"}, "nih"),  # the release, prepared
+    ({"kind": "prepared"}, "unknown"),  # prepared before the origin was recorded
+    ({"kind": "synthetic"}, "synthetic"),
+    (None, "nih"),  # no marker: the release as NIH gives it
+  ],
+)
+def test_the_model_cards_training_data_follows_a_prepared_folder(tmp_path, marker, kind):
+  if marker is not None:
+    (tmp_path / "lsemil_dataset.json").write_text(json.dumps(marker))
+  config = configuration.load_config("smoke")
+  config.data.data_dir = str(tmp_path)
+  assert release._data_kind(config) == kind

@@ -14,7 +14,7 @@ Each class's map S (Sec 3.6) comes back with its boxes (`localization.boxes_from
 the scale of `lsemil.reporting.drawing` ('jet' over 0..1 at alpha 0.5, nearest upsampling).
 The class names are `findings.of_config` of the run.
 
-`make_server` serves the page (viewer/index.html, .js and .css beside this module, package
+`make_server` serves the page (viewer-page/index.html, .js and .css beside this module, package
 data: no CDN, no font, no request leaves the machine; a Content-Security-Policy of 'self' makes
 the browser refuse any other origin) and these routes:
 
@@ -76,6 +76,7 @@ from lsemil.workflows import prediction
 BOX_TAU = 0.5  # the saliency threshold of the drawn boxes: predict --box-tau's default
 OVERLAY_ALPHA = 0.5  # drawing.overlay_png's
 COLOUR_MAP = "jet"  # drawing.overlay_png's, over 0..1
+PAGE = "viewer-page"  # a folder of this package; the '-' keeps it from being a package itself
 PAGE_FILES = ("index.html", "viewer.js", "viewer.css")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
@@ -241,7 +242,7 @@ def inside(root: Path, url_path: str) -> Path:
 
 def page_file(name: str) -> bytes:
   """One of the page's own files (PAGE_FILES), from the package."""
-  return (resources.files("lsemil.workflows") / "viewer" / name).read_bytes()
+  return (resources.files("lsemil.workflows") / PAGE / name).read_bytes()
 
 
 _PAGE_POLICY = (

@@ -77,7 +77,7 @@ def test_page_files_are_package_data_and_load_nothing_from_the_network():
   pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
   globs = pyproject["tool"]["setuptools"]["package-data"]["lsemil.workflows"]
   for name in viewing.PAGE_FILES:
-    assert any(fnmatch.fnmatch(f"viewer/{name}", g) for g in globs), name
+    assert any(fnmatch.fnmatch(f"{viewing.PAGE}/{name}", g) for g in globs), name
     text = viewing.page_file(name).decode()
     urls = re.findall(r"(?:https?:)?//[\w.-]+", text.replace("http://www.w3.org/2000/svg", ""))
     assert urls == [], (name, urls)

@@ -111,11 +111,14 @@ def threshold_segmentation(s_resized, threshold: float) -> np.ndarray:
 def iou(pred, gt, true_pos_only: bool = True) -> float:
   """eval.py calculate_iou: |P and G| / |P or G|; NaN as described in the module docstring."""
   p, g = np.asarray(pred, bool), np.asarray(gt, bool)
-  n_p, n_g = int(p.sum()), int(g.sum())
-  union = int((p | g).sum())
+  return _iou_of_counts(int(p.sum()), int(g.sum()), int((p & g).sum()), true_pos_only)
+
+
+def _iou_of_counts(n_p: int, n_g: int, inter: int, true_pos_only: bool) -> float:
+  union = n_p + n_g - inter
   if (n_p == 0 or n_g == 0) if true_pos_only else union == 0:
     return float("nan")
-  return int((p & g).sum()) / union
+  return inter / union
 
 
 def threshold_ious(m, gt, thresholds) -> np.ndarray:
@@ -222,13 +225,15 @@ def case_scores(s_native, gt, name="map", grid: Sequence[float] = TUNING_GRID) -
   s = resize(s_native, g.shape, name)
   m = scaled(s)
   otsu = _otsu_of_scaled(m)
+  counts = (int(np.count_nonzero(otsu)), int(np.count_nonzero(g)), int(np.count_nonzero(otsu & g)))
+  ious = threshold_ious(m, g, [*grid, *(round(t, 1) for t in grid)])
   return {
-    "iou_otsu": iou(otsu, g, True),
-    "iou_otsu_all": iou(otsu, g, False),
-    "iou_grid": threshold_ious(m, g, grid),
-    "iou_applied": threshold_ious(m, g, [round(t, 1) for t in grid]),
+    "iou_otsu": _iou_of_counts(*counts, True),
+    "iou_otsu_all": _iou_of_counts(*counts, False),
+    "iou_grid": ious[: len(grid)],
+    "iou_applied": ious[len(grid) :],
     "hit": hit(s, g),
-    "gt_any": bool(g.any()),
+    "gt_any": counts[1] > 0,
   }
 
 

@@ -38,7 +38,8 @@ x, y, w, h, class index, score; truth (T, 5) x, y, w, h, class index.
 
 Every metric is a ratio of per-image sums (AP: of weighted cumulative counts), so an image
 bootstrap (`counts`: replicates x images) reweights per-image quantities instead of
-recomputing from boxes; RoDeO's matching weight w is recomputed per replicate.
+recomputing from boxes; RoDeO's matching weight w is recomputed per replicate, and an
+image is re-matched only where its matching changes between replicates' weights.
 """
 
 from __future__ import annotations
@@ -258,12 +259,6 @@ class RodeoStats:
     for f in self.FIELDS:
       setattr(self, f, np.zeros((n, n_classes)))
 
-  def copy(self) -> RodeoStats:
-    out = RodeoStats(0, self.n_classes)
-    for f in self.FIELDS:
-      setattr(out, f, getattr(self, f).copy())
-    return out
-
   def set_image(self, i: int, p, t, rows, cols) -> None:
     """Image i's row from its matched pairs (prediction rows, truth rows)."""
     k = self.n_classes
@@ -301,10 +296,9 @@ def _class_weight(ph, th, w) -> np.ndarray:
   return np.maximum(0.0, mcc(tp, fp, fn, tn))
 
 
-def _rodeo_scores(stats: RodeoStats, w) -> dict[str, np.ndarray]:
-  """RoDeO's components (R,) and by class (R, C) from per-image sums under image weights w."""
-  k = stats.n_classes
-  s = {f: w @ getattr(stats, f) for f in RodeoStats.FIELDS}  # (R, C)
+def _rodeo_scores(s: dict, k: int) -> dict[str, np.ndarray]:
+  """RoDeO's components (R,) and by class (R, C) from the sums s of RodeoStats' fields under
+  each replicate's image weights ({field: (R, C)}); k classes."""
 
   def combine(matched, same, loc, shape, over, missed):
     total = matched + over + missed
@@ -329,6 +323,37 @@ def _rodeo_scores(stats: RodeoStats, w) -> dict[str, np.ndarray]:
   return res
 
 
+def _matchings(p, t, weights: np.ndarray) -> tuple[list, np.ndarray]:
+  """The distinct Hungarian matchings of one image over sorted weights, and the index of
+  each weight's: a matching optimal at two weights is optimal between them (the optimal
+  cost is concave in the weight), so the range is split only where the ends differ."""
+  found: list = []
+  which = np.zeros(len(weights), np.int64)
+
+  def index(m) -> int:
+    for j, f in enumerate(found):
+      if all(map(np.array_equal, f, m)):
+        return j
+    found.append(m)
+    return len(found) - 1
+
+  def solve(lo: int, hi: int, m_lo, m_hi) -> None:
+    a, b = index(m_lo), index(m_hi)
+    if a == b:
+      which[lo : hi + 1] = a
+    elif hi - lo <= 1:
+      which[lo], which[hi] = a, b
+    else:
+      mid = (lo + hi) // 2
+      m_mid = hungarian(p, t, float(weights[mid]))
+      solve(lo, mid, m_lo, m_mid)
+      solve(mid, hi, m_mid, m_hi)
+
+  last = len(weights) - 1
+  solve(0, last, hungarian(p, t, float(weights[0])), hungarian(p, t, float(weights[last])))
+  return found, which
+
+
 def rodeo(preds: Sequence, truth: Sequence, n_classes: int, counts=None) -> dict[str, np.ndarray]:
   """RoDeO's 'total', 'localization', 'shape', 'classification' and 'by_class_*' (C,), as
   RoDeO(class_names, return_per_class=True).compute() (module docstring); with counts
@@ -339,24 +364,26 @@ def rodeo(preds: Sequence, truth: Sequence, n_classes: int, counts=None) -> dict
   n = len(preds)
   w = np.ones((1, n)) if counts is None else np.asarray(counts, np.float64)
   ph, th = _image_multi_hot(preds, truth, n_classes)
-  weights = _class_weight(ph, th, w)
-  # an image matched alike at weight 0 and 1 is matched so at every weight in [0, 1] (the
-  # optimal cost is concave in the weight): only the others are re-matched per weight
-  lo = [hungarian(p, t, 0.0) for p, t in zip(preds, truth, strict=True)]
-  hi = [hungarian(p, t, 1.0) for p, t in zip(preds, truth, strict=True)]
-  varies = [i for i in range(n) if not all(map(np.array_equal, lo[i], hi[i]))]
+  unique, of_rep = np.unique(_class_weight(ph, th, w), return_inverse=True)
+  # every image at the first weight, then each image whose matching changes over the
+  # replicates' weights adds, per replicate, its multiplicity x (its row there - that row)
   base = RodeoStats(n, n_classes)
+  first = [hungarian(p, t, float(unique[0])) for p, t in zip(preds, truth, strict=True)]
   for i in range(n):
-    base.set_image(i, preds[i], truth[i], *lo[i])
-  by_weight: dict[float, RodeoStats] = {}
-  out: dict[str, list] = {}
-  for r, cw in enumerate(weights.tolist()):
-    if cw not in by_weight:
-      st = base.copy()
-      for i in varies:
-        st.set_image(i, preds[i], truth[i], *hungarian(preds[i], truth[i], cw))
-      by_weight[cw] = st
-    for name, v in _rodeo_scores(by_weight[cw], w[r : r + 1]).items():
-      out.setdefault(name, []).append(v[0])
-  res = {name: np.array(v) for name, v in out.items()}
+    base.set_image(i, preds[i], truth[i], *first[i])
+  sums = {f: w @ getattr(base, f) for f in RodeoStats.FIELDS}
+  if len(unique) > 1:
+    for i in range(n):
+      if len(preds[i]) == 0 or len(truth[i]) == 0:
+        continue
+      found, which = _matchings(preds[i], truth[i], unique)
+      if len(found) == 1:
+        continue
+      rows = RodeoStats(len(found), n_classes)
+      for j, m in enumerate(found):
+        rows.set_image(j, preds[i], truth[i], *m)
+      for f in RodeoStats.FIELDS:
+        delta = getattr(rows, f)[which[of_rep]] - getattr(base, f)[i]
+        sums[f] += w[:, i : i + 1] * delta
+  res = _rodeo_scores(sums, n_classes)
   return {name: v[0] for name, v in res.items()} if counts is None else res

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_api
 
 from lsemil.core import fileio
 from lsemil.core.errors import DataError
+from lsemil.data import chexlocalize_truth
 from lsemil.metrics import chexlocalize, localization
 from lsemil.workflows import scoring
 
@@ -183,3 +184,26 @@ def test_truth_from_a_chestx_det10_folder(tmp_path):
   # Mass: one box (x 8..32, y 16..64) against (10..30, 20..60): IoU 800 / 1152
   assert res["detection_ap@0.5"]["Mass"]["value"] == pytest.approx(1.0, abs=1e-12)
   assert res["detection_ap@0.5"]["Nodule"]["value"] == 0.0  # a constant map: no box
+
+
+def test_truth_from_a_chexlocalize_folder_equals_its_masks_json(tmp_path):
+  ms = map_set(4, seed=8)
+  ids = tuple(f"patient{i}_study1_view1_frontal" for i in range(4))
+  ms = scoring.MapSet(ids, ("Edema",), ms.maps, ms.probs, ms.image_sizes, ids)
+  rng = np.random.default_rng(2)
+  gt = {}
+  for im in ids:
+    gt[im] = {}
+    for c in chexlocalize_truth.CLASSES:
+      m = (rng.random((30, 45)) < 0.3) if c == "Edema" else np.zeros((30, 45), bool)
+      rle = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
+      gt[im][c] = {"size": rle["size"], "counts": rle["counts"].decode()}
+  (tmp_path / "CheXlocalize").mkdir()
+  (tmp_path / "CheXlocalize" / "gt_segmentations_val.json").write_text(json.dumps(gt))
+  (tmp_path / "CheXlocalize" / "gt_segmentations_test.json").write_text("{}")
+  with pytest.warns(UserWarning, match="no file"):
+    got, boxes, masks, _ = scoring.truth_from_source(ms, "chexlocalize", tmp_path)
+  assert boxes is None and got.patient_ids == ("patient0", "patient1", "patient2", "patient3")
+  (tmp_path / "gt.json").write_text(json.dumps(gt))
+  want = scoring.read_masks(tmp_path / "gt.json", ms)
+  assert masks.keys() == want.keys() and all((masks[k] == want[k]).all() for k in want)

@@ -5,11 +5,14 @@
   lsemil evaluate --workdir G --saliency cam          (a GAP baseline run, configs/baseline_gap.py)
   lsemil evaluate --workdir W --calibrate temperature (fitted on the valid split)
   lsemil evaluate --workdir W --split valid [--operating-point youden|f1|sens=0.9|spec=0.9]
+  lsemil evaluate --workdir W --data-dir D --source chexpert   (another source's data)
 
 Writes F.json, F.csv, F_predictions.csv (per image), F_saliency_boxes.npz and, with
 --calibrate, F_calibration.json (`lsemil.workflows.evaluation`). The default F is
 W/evaluation_<split>.json, or W/evaluation_<split>_<source>.json for a --saliency other than
-the run's own.
+the run's own, with _on_<S> for another --source S than the run's. On another source's data
+only the classes the synonym table pairs are scored (`lsemil.data.synonyms`), each over the
+images where its label is known; the output names the pairs and the classes left out.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 
 from lsemil.commands import arguments, progress
 from lsemil.core import fileio, log
-from lsemil.data import nih
+from lsemil.data import nih, pipeline, sources
 from lsemil.inference import engine
 from lsemil.metrics import calibration, operating_points
 from lsemil.models import registry
@@ -32,6 +35,21 @@ def _rule(text: str) -> str:
   except ValueError as e:  # ConfigError
     raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
   return text
+
+
+def _mapping_text(mapping: dict, auc: dict, known: dict, positives: dict) -> str:
+  """The classes a cross-source evaluation scored, under which synonym, and those left out."""
+  lines = [f"scored on {mapping['source']} data, {mapping['model_source']} run's class = "
+           f"data class (synonym-table finding): AUC, images with the label known, positives"]
+  for p in mapping["pairs"]:
+    name = p["scored_as"]
+    n = known.get(name, "all")
+    lines.append(f"  {p['model']} = {p['data']} ({p['finding']}): {auc[name]:.4f}, {n} known, "
+                 f"{positives[name]} positive")
+  for side, key in (("run", "model_only"), (mapping["source"], "data_only")):
+    lines.append(f"left out ({side} classes without a counterpart): "
+                 + (", ".join(mapping[key]) or "none"))
+  return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the run's config)")
   p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
+  p.add_argument(
+    "--source",
+    choices=tuple(sources.READERS),
+    default=None,
+    help="the --data-dir's source (default: the run's own, its config's data.source). "
+    "Another source's data is scored on the classes both share (lsemil.data.synonyms), each "
+    "over the images where its label is known; localization and calibration are left out",
+  )
   p.add_argument("--out", help="output JSON (default: <workdir>/evaluation_<split>.json)")
   p.add_argument(
     "--n-boot",
@@ -131,11 +157,13 @@ def main(argv: list[str]) -> int:
   )
   if args.batch_size:
     loaded.config.train.eval_batch_size = int(args.batch_size)
+  other = args.source if args.source not in (None, pipeline.options_of(loaded.config)["source"]) \
+    else None  # fmt: skip
   if args.out:
     out = fileio.as_path(args.out)
   else:
     out = evaluation.default_output(
-      evaluation.workdir_of(path), args.split, None if source == own else source
+      evaluation.workdir_of(path), args.split, None if source == own else source, other
     )
   level_note = f" at level {level}" if level is not None else ""
   log.info(
@@ -154,6 +182,7 @@ def main(argv: list[str]) -> int:
       calibrate=args.calibrate,
       operating_point=args.operating_point,
       thresholds=evaluation.stored_operating_points(evaluation.workdir_of(path), loaded.step),
+      source=other,
     )
     run = evaluation.evaluate_checkpoint(loaded, data_dir, args.split, options)
   if jax.process_index() == 0:
@@ -161,6 +190,8 @@ def main(argv: list[str]) -> int:
     r = run.result
     undefined = f" ({len(r.auc_undefined)} classes undefined)" if r.auc_undefined else ""
     print(f"mean AUC {r.mean_auc:.4f}{undefined} over {r.num_images} images")
+    if r.mapping:
+      print(_mapping_text(r.mapping, r.auc, r.num_known or {}, r.num_positives))
     for c, v in r.dice.items():
       print(f"  DICE {c:<14} {v:.3f}  (uniform {r.dice_uniform[c]:.3f})")
     cal = r.calibration or {}

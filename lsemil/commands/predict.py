@@ -18,7 +18,7 @@ from pathlib import Path
 from lsemil.commands import arguments, progress
 from lsemil.core import fileio
 from lsemil.core.errors import OutputError
-from lsemil.data import dicom
+from lsemil.data import dicom, findings
 from lsemil.inference import engine
 from lsemil.models import registry
 from lsemil.workflows import prediction
@@ -123,8 +123,11 @@ def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   if fileio.is_remote(args.out):
     raise OutputError(f"--out {args.out}: predict writes overlays to a local folder")
-  calibration = prediction.load_calibration(args.calibration) if args.calibration else None
   loaded = engine.load(args.checkpoint, args.which)
+  classes = findings.of_config(loaded.config)
+  calibration = (
+    prediction.load_calibration(args.calibration, classes) if args.calibration else None
+  )
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
   ops = prediction.stored_thresholds(loaded) if args.operating_points == "auto" else None
   # The recalibration stored with the checkpoint goes beside the probabilities, unless
@@ -155,7 +158,7 @@ def main(argv: list[str]) -> int:
       multiframe=args.multiframe, thresholds=ops["thresholds"] if ops else None,
       calibrated=stored,
     )  # fmt: skip
-  print(prediction.format_table(rows, args.threshold))
+  print(prediction.format_table(rows, args.threshold, classes))
   n_over = sum(len(r["overlays"]) for r in rows)
   wrote = f"wrote {Path(out) / 'predictions.csv'} and {n_over} overlays"
   if args.boxes:

@@ -72,9 +72,9 @@ def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
   if not sep:
     raise argparse.ArgumentTypeError(f"--tau {spec!r}: expected CLASS=T1,T2,...")
   cls = paper_tables.canonical_class(name)
-  if cls not in nih.BOX_CLASSES:
+  if cls not in paper_tables.TABLE2_CLASSES:
     raise argparse.ArgumentTypeError(
-      f"--tau {spec!r}: {cls} has no boxes; box classes: {nih.BOX_CLASSES}"
+      f"--tau {spec!r}: {cls} has no boxes; box classes: {paper_tables.TABLE2_CLASSES}"
     )
   taus = tuple(arguments.unit_floats(values, f"--tau {spec!r}"))
   return cls, taus

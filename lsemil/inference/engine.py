@@ -19,8 +19,9 @@ Validation inside training (`lsemil.training.trainer`), `lsemil evaluate`, `lsem
    (and the saliency of the rows asked for), every image exactly once, in index order.
 
 Per-image predictions are formatted by `predictions_csv` in one format for every command
-(image_id, patient_id, the 14 class probabilities); `write_split_predictions` writes a split's
-and `read_predictions_csv` reads them back.
+(image_id, patient_id, one probability column per class of the run, named as the checkpoint's
+config names them: `lsemil.data.findings.of_config`); `write_split_predictions` writes a
+split's and `read_predictions_csv` reads them back.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 from lsemil.core import fileio
 from lsemil.core.errors import CheckpointError, DataError
-from lsemil.data import nih, pipeline
+from lsemil.data import findings, pipeline
 from lsemil.models import mil, posthoc, registry
 from lsemil.runtime import bundle, checkpointing, sharding
 
@@ -322,7 +323,7 @@ def collect(
     probs.append(b.probs)
     sal.update(b.saliency)
     lev.update(b.levels)
-  k = nih.NUM_CLASSES
+  k = labels[0].shape[1] if labels else 0
   rows_a = np.concatenate(rows) if rows else np.zeros((0,), np.int64)
   if len(rows_a) != len(expected_rows) or not np.array_equal(
     np.sort(rows_a), np.sort(expected_rows)
@@ -343,21 +344,31 @@ def collect(
 
 # --------------------------------------------------------------------------- per-image CSV
 
-CSV_COLUMNS = ("image_id", "patient_id", *nih.CLASSES)
+ID_COLUMNS = ("image_id", "patient_id")
+FIRST_EXTRA = "path"  # `lsemil predict`'s first column after the probabilities
+
+
+def csv_columns(classes: Sequence[str]) -> tuple[str, ...]:
+  """The header of `predictions_csv` before any extra column: the ids, then the classes."""
+  return (*ID_COLUMNS, *classes)
 
 
 def predictions_csv(
   image_ids: Sequence[str],
   patient_ids: Sequence[Any],
   probs: np.ndarray,
+  classes: Sequence[str],
   extra: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-  """One row per image: image_id, patient_id, the 14 probabilities (9 significant digits),
-  then any `extra` columns. Every command writes this format."""
+  """One row per image: image_id, patient_id, the probability of each of `classes` (the
+  run's, in output order; 9 significant digits), then any `extra` columns. Every command
+  writes this format."""
   extra = dict(extra or {})
+  if np.shape(probs)[1:] not in ((len(classes),), ()):
+    raise ValueError(f"probabilities of {np.shape(probs)[1]} classes, {len(classes)} names")
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow([*CSV_COLUMNS, *extra])
+  w.writerow([*csv_columns(classes), *extra])
   for i, (image_id, patient) in enumerate(zip(image_ids, patient_ids, strict=True)):
     cells = [PROB_FORMAT.format(float(p)) for p in probs[i]]
     w.writerow(
@@ -366,23 +377,41 @@ def predictions_csv(
   return buf.getvalue()
 
 
+def csv_classes(header: Sequence[str]) -> tuple[str, ...]:
+  """The class columns of a `predictions_csv` header: after the ids, up to `FIRST_EXTRA`."""
+  rest = list(header[len(ID_COLUMNS) :])
+  return tuple(rest[: rest.index(FIRST_EXTRA)] if FIRST_EXTRA in rest else rest)
+
+
 def read_predictions_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """{image_id: float64 (14,) probabilities} of a `predictions_csv` file."""
+  """{image_id: float64 (K,) probabilities} of a `predictions_csv` file, in its class
+  columns' order (`csv_classes`)."""
   text = fileio.as_path(path).read_text()
+  reader = csv.DictReader(io.StringIO(text))
+  if tuple(reader.fieldnames or ())[: len(ID_COLUMNS)] != ID_COLUMNS:
+    raise DataError(f"{path}:1: not a predictions CSV (expected {', '.join(ID_COLUMNS)} first)")
+  classes = csv_classes(reader.fieldnames)
   out = {}
-  for rec in csv.DictReader(io.StringIO(text)):
-    probs = np.array([float(rec[c]) for c in nih.CLASSES])
+  for rec in reader:
+    probs = np.array([float(rec[c]) for c in classes])
     if not np.all(np.isfinite(probs)):  # else a class's AUC would be silently undefined
       raise DataError(f"{path}: image {rec['image_id']} has a non-finite probability")
     out[rec["image_id"]] = probs
   return out
 
 
-def write_split_predictions(path, index: nih.NihIndex, preds: SplitPredictions) -> None:
-  """The per-image predictions of a split: image_id, patient_id, the 14 probabilities."""
+def write_split_predictions(
+  path, index, preds: SplitPredictions, classes: Sequence[str] | None = None
+) -> None:
+  """The per-image predictions of a split of `index` (image_ids, patient_ids): image_id,
+  patient_id, the probability of each of the run's `classes` (`findings.of_config` of the
+  run's config; None: the index's own classes, NIH's for an `NihIndex`)."""
+  if classes is None:
+    classes = getattr(index, "classes", None) or findings.of_config({})
   text = predictions_csv(
     [index.image_ids[r] for r in preds.rows],
-    [int(index.patient_ids[r]) for r in preds.rows],
+    [np.asarray(index.patient_ids)[r].item() for r in preds.rows],
     preds.probs,
+    classes,
   )
   fileio.write_text(path, text)

@@ -8,11 +8,11 @@ model's `apply` with the weights bound as constants) and writes it with jax2onnx
   output  probs     float32 (B, K): the class probabilities (LSE-LBA pooling, Sec 3.5)
   output  saliency  float32 (B, N, N, K): the per-class saliency maps S, in [0, 1]
 
-K = 14 NIH classes in `lsemil.data.nih.CLASSES` order, S = config.model.input_size,
-N = config.model.saliency_size. onnxruntime reproduces JAX's outputs to float32 rounding
-(tests/system/test_export_cli.py on the smoke config; `benchmarks/onnx_parity.py` at the demo
-and paper sizes, README). Only the MIL model converts (a GAP baseline's Grad-CAM needs
-gradients: ConfigError).
+K = the run's classes in config.json's order (`lsemil.data.findings.of_config`),
+S = config.model.input_size, N = config.model.saliency_size. onnxruntime reproduces JAX's
+outputs to float32 rounding (tests/system/test_export_cli.py on the smoke config;
+`benchmarks/onnx_parity.py` at the demo and paper sizes, README). Only the MIL model
+converts (a GAP baseline's Grad-CAM needs gradients: ConfigError).
 
 jax2onnx 0.12.5 imports every plugin it ships on first use, including example models that
 build equinox networks at import (about 20 s of XLA compiles on 2 CPU cores) and two dm_pix

@@ -2,7 +2,8 @@
 
   model = lsemil.load("runs/r0_5")        # a training workdir (its best checkpoint)
   model = lsemil.load("exported/")        # a folder of `lsemil export`
-  out = model.predict(images)             # uint8 grey images -> probs (n, 14), saliency
+  out = model.predict(images)             # uint8 grey images -> probs (n, K), saliency
+  model.classes                           # the K class names, from the checkpoint's config
 
 PATH is anything `lsemil.inference.engine.load` reads: a training workdir (best or latest
 checkpoint), its checkpoints/ folder, one step folder, or an exported folder. `predict` runs
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lsemil.data import findings
 from lsemil.inference import engine
 
 
@@ -40,9 +42,8 @@ class TrainedModel:
 
   @property
   def classes(self) -> tuple[str, ...]:
-    from lsemil.data import nih
-
-    return tuple(nih.CLASSES)
+    """The output columns' class names, as the checkpoint's config names them."""
+    return findings.of_config(self.config)
 
   @property
   def input_size(self) -> int:

@@ -55,7 +55,14 @@ def _front_matter(data_kind: str, has_metrics: bool, onnx: bool) -> str:
   return "\n".join([*lines, "---"])
 
 
-def _training_data(data_kind: str) -> str:
+def _training_data(data_kind: str, classes: Sequence[str]) -> str:
+  if data_kind not in ("nih", "synthetic", "unknown"):  # another source's release
+    return (
+      f"The `{data_kind}` release as lsemil's `{data_kind}` reader reads it "
+      f"(`lsemil.data.sources`; the run's config records the label policies), "
+      f"{len(classes)} classes: {', '.join(classes)}. Its licence and citation are the "
+      "release's own: follow its data use agreement."
+    )
   if data_kind == "synthetic":
     return (
       "**Synthetic phantoms** (`lsemil synth`: planted findings of all 14 classes in the NIH "
@@ -167,8 +174,9 @@ def card(
   thresholds: Mapping | None = None,
 ) -> str:
   """The model card's Markdown. `head`: config.json of the export (`lsemil.runtime.bundle`);
-  `metrics`: {split: evaluation} (metrics.json); `data_kind`: 'nih', 'synthetic' or
-  'unknown'; the notes: one line each on calibration.json and thresholds.json;
+  `metrics`: {split: evaluation} (metrics.json);
+  `data_kind`: 'nih', 'synthetic', 'unknown' or another source's name
+  (`lsemil.data.sources`); the notes: one line each on calibration.json and thresholds.json;
   `thresholds`: thresholds.json, tabled when it holds thresholds."""
   m, classes = head["model"], list(head["classes"])
   size, n = int(head["input_size"]), m.get("saliency_size")
@@ -214,7 +222,7 @@ def card(
     "",
     "## Training data",
     "",
-    _training_data(data_kind),
+    _training_data(data_kind, classes),
     "",
     "## Input",
     "",
@@ -228,7 +236,8 @@ def card(
     "```python",
     "import lsemil",
     "model = lsemil.load('THIS_FOLDER')",
-    "out = model.predict(gray_uint8_images)  # out['probs'] (n, 14), out['saliency']",
+    f"out = model.predict(gray_uint8_images)  # out['probs'] (n, {len(classes)}), "
+    "out['saliency']; model.classes names the columns",
     "```",
     "",
     "or `lsemil predict --checkpoint THIS_FOLDER image.png`"
@@ -245,8 +254,9 @@ def card(
     "",
     "## Limitations",
     "",
-    "- The labels are text-mined from reports (NIH estimate: > 90 % accurate) and the test "
-    "boxes cover 8 of the 14 findings on 880 images; scores inherit that noise.",
+    *(["- The labels are text-mined from reports (NIH estimate: > 90 % accurate) and the "
+       "test boxes cover 8 of the 14 findings on 880 images; scores inherit that noise."]
+      if data_kind in ("nih", "unknown") else []),
     "- One hospital's frontal radiographs: other sites, scanners, lateral views, children or "
     "portable films may shift both probabilities and maps; check on your own data first.",
     "- The probabilities are not calibrated to any population's prevalence unless "

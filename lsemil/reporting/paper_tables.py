@@ -195,6 +195,7 @@ PAPER_DICE: dict[str, dict[str, float]] = _floats(_P3_DICE)
 # {run: {class: {tau: accuracy}}} and Wang et al.'s single value per class (tau unspecified).
 PAPER_IOBB: dict[str, dict[str, dict[float, float]]] = _floats(_P2_RUNS)
 PAPER_IOBB_WANG: dict[str, float] = _floats(_P2_WANG)
+TABLE2_CLASSES = BOX_CLASSES  # the classes of the paper's Table 2: NIH's 8 with boxes
 # Table 2's sweep: (class, taus) in the paper's column order.
 DEFAULT_CLASSES_TAUS: tuple[tuple[str, tuple[float, ...]], ...] = (
   ("Pneumonia", (0.1, 0.4)),

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from lsemil.core import fileio
-from lsemil.data.nih import CLASSES, ORIGINAL_SIZE
+from lsemil.data.nih import ORIGINAL_SIZE
 from lsemil.metrics import calibration, classification
 from lsemil.reporting import drawing, paper_tables
 
@@ -70,17 +70,20 @@ def roc_curves(
   path,
   labels,
   runs: Sequence[tuple[str, np.ndarray]],
-  classes: Sequence[str] = CLASSES,
+  classes: Sequence[str] | None = None,
   *,
   ncols: int = 4,
 ) -> Figure:
   """ROC curves per class, every run's curve on each class's panel (AUC in the legend).
 
   labels: (N, K) test labels; runs: [(label, (N, K) probabilities)] on the same images;
-  classes: the K column names. A class without positives or negatives shows 'n/a'. Writes a
-  PNG; returns the figure (one axis per class).
+  classes: the K column names (the run's, `lsemil.data.findings.of_config`; None: 'class 1'
+  ...). A class without positives or negatives shows 'n/a'. Writes a PNG; returns the figure
+  (one axis per class).
   """
   y = np.asarray(labels)
+  if classes is None:
+    classes = [f"class {k + 1}" for k in range(y.shape[1])]
   if not runs:
     raise ValueError("roc_curves needs at least one run")
   rows, cols = _grid(len(classes), ncols)

@@ -34,7 +34,7 @@ import safetensors.flax
 
 from lsemil.core import fileio
 from lsemil.core.errors import CheckpointError
-from lsemil.data import nih
+from lsemil.data import findings
 from lsemil.models import mil, registry
 from lsemil.runtime import integrity
 
@@ -77,7 +77,7 @@ def write(
     "format_version": FORMAT_VERSION,
     "lsemil_version": version,
     "arch": registry.arch_of_config(config.model, saved=True),
-    "classes": list(nih.CLASSES),
+    "classes": list(findings.of_config(config)),
     "input_size": int(config.model.input_size),
     "model": config.model.to_dict(),
     "config": config.to_dict(),

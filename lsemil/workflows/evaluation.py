@@ -5,16 +5,21 @@ masked batches on the device mesh); the class probabilities of every image are k
 saliency maps of the images with ground-truth boxes (880 of the 25,596 NIH test images), so
 memory does not grow with the split. Computed (host-side numpy, `lsemil.metrics.overlap`):
 
-- classification (Sec 4.3, Table 3): the AUC of each of the 14 classes, its 95% bootstrap
-  interval resampling patients (the NIH split is patient-wise, Sec 4.1), and the mean AUC over
-  the defined classes;
-- localization (Sec 4.2/4.4, Tables 2 and 3): for each of the 8 box classes, the continuous
-  DICE of the class's saliency map against the union of that class's boxes on the image, at
-  512 x 512 (nearest upsampling, as the model's own U), beside the DICE of the best uniform map
-  on the same boxes; and the IoBB (and IoU) accuracy of Wang et al. 2017: the map binarized at
-  tau, connected components boxed, a box found when some predicted box reaches T(IoBB) >= t.
-  Every box class over the tau sweep `DEFAULT_TAUS` (0.1 .. 0.9; the paper's Table 2 taus are
-  among them) at t = 0.5 (`iobb`, Table 2's layout) and at `DEFAULT_TS` (`localization`);
+- classification (Sec 4.3, Table 3): the AUC of each of the run's classes (its checkpoint's
+  config names them, `lsemil.data.findings.of_config`; NIH's 14 for the paper), each over the
+  images where its label is known (not NaN), its 95% bootstrap interval resampling patients
+  (the NIH split is patient-wise, Sec 4.1), and the mean AUC over the defined classes. On
+  another source's data (`EvalOptions.source`, `lsemil evaluate --source S`), the classes the
+  synonym table pairs (`lsemil.data.synonyms`), the result's `mapping` naming the pairs and
+  the classes left out on each side;
+- localization (Sec 4.2/4.4, Tables 2 and 3): for each class with boxes in the data (NIH:
+  8), the continuous DICE of the class's saliency map against the union of that class's
+  boxes on the image, at 512 x 512 (nearest upsampling, as the model's own U), beside the
+  DICE of the best uniform map on the same boxes; and the IoBB (and IoU) accuracy of Wang et
+  al. 2017: the map binarized at tau, connected components boxed, a box found when some
+  predicted box reaches T(IoBB) >= t. Every box class over the tau sweep `DEFAULT_TAUS` (0.1
+  .. 0.9; the paper's Table 2 taus are among them) at t = 0.5 (`iobb`, Table 2's layout) and
+  at `DEFAULT_TS` (`localization`);
 - the field's weak-localization protocols (`protocols`: `lsemil.metrics.localization.score_all`
   over the same box cases with the run's probabilities: DICE beside the constant map, Wang et
   al. accuracy and AFP, cheXlocalize mIoU, pointing games, pixel AUPRC, with patient-bootstrap
@@ -39,7 +44,7 @@ The saliency source (`lsemil.models.registry`) is the predictor's: 'model' for t
 Outputs (`write_outputs`, process 0 only): F.json (an `Evaluation`, strict JSON: an undefined
 value, e.g. the AUC of a class without positives, is null; `load_evaluation` turns it back into
 NaN), F.csv (long format: one metric, class, tau, T per row), F_predictions.csv (per image:
-image_id, patient_id, the 14 probabilities, `lsemil.inference.engine.predictions_csv`),
+image_id, patient_id, the run's class probabilities, `lsemil.inference.engine.predictions_csv`),
 F_saliency_boxes.npz with the kept saliency maps (float16), the multi-resolution maps and images
 of the Figure 3 candidates (`figure_cases`), and with a recalibration F_calibration.json. The
 command is `lsemil.commands.evaluate`.
@@ -56,12 +61,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 from etils import epath
 
 from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, DataError, OutputError
-from lsemil.data import nih, pipeline
+from lsemil.data import findings, nih, pipeline, synonyms
 from lsemil.inference import engine
 from lsemil.metrics import calibration, classification, localization, operating_points, overlap
 from lsemil.models import registry
@@ -99,14 +105,28 @@ def tau_key(tau: float) -> str:
   return f"{float(tau):g}"
 
 
-def open_index(config, data_dir) -> nih.NihIndex:
-  """The dataset index with the config's validation fraction and split seed (as the pipeline)."""
-  return nih.open_index(
-    data_dir, val_fraction=float(config.data.val_fraction), split_seed=int(config.data.split_seed)
-  )
+def open_index(config, data_dir):
+  """The dataset index of the config's source (`data.source`, NIH for a run from before it)
+  with its validation fraction, split seed and label policies, as the pipeline reads it: an
+  `NihIndex` for NIH (as always), else the source's `SourceIndex` (`pipeline.open_index`)."""
+  options = pipeline.options_of(config)
+  if options["source"] == "nih":
+    return nih.open_index(
+      data_dir, val_fraction=options["val_fraction"], split_seed=options["split_seed"]
+    )
+  return pipeline.open_index(data_dir, **options)
 
 
-def box_cases(index: nih.NihIndex, rows: Iterable[int]) -> dict[int, list[tuple[int, list]]]:
+def box_space_of(index) -> float | None:
+  """The side of the square image the index's box pixels refer to (NIH: `box_space`; another
+  source: its square `image_size`), None when the source has no single square size."""
+  if getattr(index, "box_space", None):
+    return float(index.box_space)
+  size = getattr(index, "image_size", None)
+  return float(size[0]) if size and size[0] == size[1] else None
+
+
+def box_cases(index, rows: Iterable[int]) -> dict[int, list[tuple[int, list]]]:
   """{row: [(box class index, [(x, y, w, h), ...]), ...]} for the given rows that have boxes.
 
   One case per (image, box class): the union of that class's boxes on the image (Sec 4.2).
@@ -119,13 +139,13 @@ def box_cases(index: nih.NihIndex, rows: Iterable[int]) -> dict[int, list[tuple[
   return {r: sorted(by_cls.items()) for r, by_cls in sorted(out.items())}
 
 
-def figure_cases(index: nih.NihIndex, split: str, n: int = FIGURE_CASES) -> list[tuple[int, int]]:
+def figure_cases(index, split: str, n: int = FIGURE_CASES) -> list[tuple[int, int]]:
   """Up to n (row, box class) pairs for Figure 3, covering as many classes as possible.
 
   Deterministic (the same images for every run on the same dataset). The first round gives
   each box class of the split one image, rarest class first (so an image is not spent on a
   common class when it is a rare class's only one), the lowest unused row each time; later
-  rounds go round-robin in NIH order. Returned in round, then class order.
+  rounds go round-robin in class order. Returned in round, then class order.
   """
   split_rows = set(index.rows(split).tolist())
   by_class: dict[int, list[int]] = {}
@@ -161,13 +181,15 @@ def localization_metrics(
   cases: Mapping[int, list[tuple[int, list]]],
   box_space: float,
   *,
+  classes: Sequence[str],
   taus: Sequence[float] = DEFAULT_TAUS,
   ts: Sequence[float] = DEFAULT_TS,
   progress: log.Progress | None = None,
 ) -> dict:
   """DICE, uniform-map DICE and IoBB / IoU accuracy per box class from kept saliency maps.
 
-  saliency: {row: (N, N, K) map}; cases: `box_cases` (rows without a map are skipped).
+  saliency: {row: (N, N, K) map}; cases: `box_cases` (rows without a map are skipped);
+  classes: the K names of the maps' channels (the run's, `findings.of_config`).
   Returns {'dice', 'dice_uniform', 'num_cases', 'num_boxes': {class: value},
   'iobb': {class: {tau: accuracy at T(IoBB) = 0.5}},
   'localization': {'iobb' | 'iou': {T: {class: {tau: accuracy}}}}} (keys are strings).
@@ -199,7 +221,7 @@ def localization_metrics(
   out: dict[str, Any] = {"dice": {}, "dice_uniform": {}, "num_cases": {}, "num_boxes": {}}
   loc: dict[str, dict] = {kind: {tau_key(t): {} for t in ts} for kind in best}
   for k in sorted(dice_v):
-    cls = nih.CLASSES[k]
+    cls = classes[k]
     out["dice"][cls] = float(np.mean(dice_v[k]))
     out["dice_uniform"][cls] = float(np.mean(unif_v[k]))
     out["num_cases"][cls] = len(dice_v[k])
@@ -241,6 +263,9 @@ class EvalOptions:
   # on another split, `thresholds` (a valid evaluation's operating_points) are scored.
   operating_point: str = operating_points.DEFAULT_RULE
   thresholds: dict | None = None
+  # The data's source (`lsemil.data.sources`); None = the run's own (`config.data.source`).
+  # Another source is scored on the classes `synonyms.resolve` pairs (`scoring_of`).
+  source: str | None = None
 
 
 @dataclasses.dataclass
@@ -274,8 +299,8 @@ class Evaluation:
   seed: int
   num_saliency_kept: int
   figure_cases: list
-  images_per_second: float  # after the first batch (its compile excluded)
-  seconds: float  # the whole split, first batch included
+  images_per_second: float
+  seconds: float
   table1: dict
   which: str | None = None
   saliency_file: str | None = None
@@ -288,6 +313,8 @@ class Evaluation:
   calibration_fitted: dict | None = None
   calibration_file: str | None = None
   operating_points: dict | None = None  # `operating_point_results`
+  num_known: dict | None = None  # images with a known label per class, where some are unknown
+  mapping: dict | None = None  # another source's data: `Scoring.mapping`
 
   def to_dict(self) -> dict:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "step"}
@@ -299,9 +326,10 @@ class EvalRun:
 
   result: Evaluation
   predictions: engine.SplitPredictions
-  index: nih.NihIndex
+  index: Any  # the data's `NihIndex` or `SourceIndex` (`open_index`)
   figure: list[tuple[int, int]]  # (row, box class) of the Figure 1/3 candidates
   calibration_params: dict | None = None  # `calibration.fit` of the valid split
+  classes: tuple[str, ...] = ()  # the run's classes: the probability columns
 
 
 def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
@@ -342,14 +370,15 @@ def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
   return preds, seconds, ips
 
 
-def check_finite(index: nih.NihIndex, preds) -> None:
+def check_finite(index, preds, classes: Sequence[str]) -> None:
   """A NaN or infinite probability or kept saliency value is a DataError naming the image
-  (else a NaN probability would make its class's AUC silently undefined)."""
+  and the class (of the run's `classes`), else a NaN probability would make its class's AUC
+  silently undefined."""
   bad = ~np.isfinite(np.asarray(preds.probs, np.float64))
   if bad.any():
     i, k = (int(v) for v in np.argwhere(bad)[0])
     raise DataError(
-      f"image {index.image_ids[int(preds.rows[i])]}: the probability of {nih.CLASSES[k]} is "
+      f"image {index.image_ids[int(preds.rows[i])]}: the probability of {classes[k]} is "
       f"{preds.probs[i, k]} ({int(bad.any(1).sum())} image(s) with a non-finite probability)"
     )
   for r, m in preds.saliency.items():
@@ -357,29 +386,106 @@ def check_finite(index: nih.NihIndex, preds) -> None:
       raise DataError(f"image {index.image_ids[int(r)]}: its saliency map has non-finite values")
 
 
-def classification_metrics(index: nih.NihIndex, preds, n_boot: int, seed: int) -> dict:
-  """Per-class AUC with 95% patient-bootstrap intervals and the mean AUC (Sec 4.3)."""
-  labels = np.asarray(index.labels, np.float64)[preds.rows]
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  """Which probability column is scored against which label column, under which name.
+
+  On the run's own source every class against itself (`names` = the run's classes). On
+  another source's data the pairs of `synonyms.resolve`, each named by its model class (by
+  'model class / data class' where one model class meets two data classes); `mapping` then
+  records the two sources, the pairs with their synonym-table rows and the names left out
+  on each side, and goes into the result's JSON."""
+
+  names: tuple[str, ...]
+  model_cols: tuple[int, ...]
+  data_cols: tuple[int, ...]
+  mapping: dict | None = None
+
+
+def scoring_of(config, data_config, data_classes: Sequence[str]) -> Scoring:
+  """The `Scoring` of a run (`config`) on the data `data_config` reads (`data_classes`).
+
+  Raises:
+    ConfigError: the run's own source whose data classes are not the run's; DataError: no
+      class of the run has a counterpart in the other source.
+  """
+  classes = findings.of_config(config)
+  own = pipeline.options_of(config)["source"]
+  other = pipeline.options_of(data_config)["source"]
+  if own == other:
+    if tuple(data_classes) != tuple(classes):
+      raise ConfigError(f"the run's classes ({', '.join(classes)}) are not its {own} data's "
+                        f"({', '.join(data_classes)})")
+    k = tuple(range(len(classes)))
+    return Scoring(tuple(classes), k, k)
+  res = synonyms.resolve(classes, own, data_classes, other)
+  if not res.pairs:
+    raise DataError(f"no class of the {own} run ({', '.join(classes)}) has a counterpart among "
+                    f"the {other} classes ({', '.join(data_classes)}) in lsemil.data.synonyms")
+  twice = {p.model for p in res.pairs if [q.model for q in res.pairs].count(p.model) > 1}
+  names = tuple(f"{p.model} / {p.data}" if p.model in twice else p.model for p in res.pairs)
+  mapping = {"model_source": own, "source": other, **res.to_dict()}
+  for name, pair in zip(names, mapping["pairs"], strict=True):
+    pair["scored_as"] = name
+  return Scoring(
+    names,
+    tuple(classes.index(p.model) for p in res.pairs),
+    tuple(list(data_classes).index(p.data) for p in res.pairs),
+    mapping,
+  )
+
+
+def known_aucs(labels, probs, patients, n_boot: int, seed: int):
+  """(AUC, lo, hi) per column over the images where its label is known (not NaN).
+
+  The columns known on every image are scored together, exactly as a matrix without NaN
+  always was (one bootstrap over their images); each other column on its own images."""
+  k = labels.shape[1]
+  auc, lo, hi = (np.full(k, np.nan) for _ in range(3))
+  known = ~np.isnan(labels)
+  full = np.flatnonzero(known.all(0))
+  for cols in ([full] if len(full) else []) + [[j] for j in np.flatnonzero(~known.all(0))]:
+    rows = known[:, cols].all(1)
+    y, s = labels[rows][:, cols], probs[rows][:, cols]
+    auc[cols] = classification.per_class_auc(y, s)
+    if n_boot > 0 and len(y):
+      lo[cols], hi[cols] = classification.bootstrap_auc_ci(
+        y, s, patients[rows], n_boot=n_boot, seed=seed
+      )
+  return auc, lo, hi
+
+
+def scored_arrays(index, preds, scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, probabilities) float64 (n, len(scoring.names)) of the predicted rows."""
+  labels = np.asarray(index.labels, np.float64)[preds.rows][:, list(scoring.data_cols)]
+  probs = preds.probs.astype(np.float64)[:, list(scoring.model_cols)]
+  return labels, probs
+
+
+def classification_metrics(index, preds, n_boot: int, seed: int, scoring: Scoring) -> dict:
+  """Per-class AUC with 95% patient-bootstrap intervals and the mean AUC (Sec 4.3), each
+  class over the images where its label is known."""
+  labels, probs = scored_arrays(index, preds, scoring)
   patients = np.asarray(index.patient_ids)[preds.rows]
-  probs = preds.probs.astype(np.float64)
-  auc = classification.per_class_auc(labels, probs)
+  auc, lo, hi = known_aucs(labels, probs, patients, n_boot, seed)
   mean, missing = classification.mean_auc(auc)
-  if n_boot > 0 and len(labels):
-    lo, hi = classification.bootstrap_auc_ci(labels, probs, patients, n_boot=n_boot, seed=seed)
-  else:
-    lo = hi = np.full(nih.NUM_CLASSES, np.nan)
 
   def by_class(v):
-    return {c: float(x) for c, x in zip(nih.CLASSES, v, strict=True)}
+    return {c: float(x) for c, x in zip(scoring.names, v, strict=True)}
 
+  known = (~np.isnan(labels)).sum(0)
   return {
     "num_patients": int(len(np.unique(patients))),
-    "num_positives": {c: int(v) for c, v in zip(nih.CLASSES, labels.sum(0), strict=True)},
+    "num_positives": {c: int(v) for c, v in zip(scoring.names, (labels > 0).sum(0), strict=True)},
+    "num_known": (
+      {c: int(v) for c, v in zip(scoring.names, known, strict=True)}
+      if (known < len(labels)).any() else None
+    ),
     "auc": by_class(auc),
     "auc_lo": by_class(lo),
     "auc_hi": by_class(hi),
     "mean_auc": float(mean),
-    "auc_undefined": [nih.CLASSES[k] for k in missing],
+    "auc_undefined": [scoring.names[k] for k in missing],
   }
 
 
@@ -393,43 +499,62 @@ def evaluate_split(
   step: int | None = None,
   checkpoint: str | None = None,
 ) -> EvalRun:
-  """Scores the model of `predictor` on one split of `data_dir` (Sec 4.2-4.4).
+  """Scores the model of `predictor` (a run of `config`) on one split of `data_dir` (Sec
+  4.2-4.4), a folder of the run's source or of `options.source`.
 
   Every image's class probabilities are kept; saliency maps only for the images with boxes
-  (or `options.keep_saliency_for`), so memory does not grow with the split.
+  (or `options.keep_saliency_for`), so memory does not grow with the split. On another
+  source's data only the classes `scoring_of` pairs are scored (AUC over the images where
+  the label is known); localization, calibration and operating points are the run's own
+  source's (and need every scored label known), so they are left out there.
   """
   from lsemil.data import statistics
 
-  index = open_index(config, data_dir)
+  classes = findings.of_config(config)
+  data_config = data_config_of(config, options.source)
+  index = open_index(data_config, data_dir)
   split_rows = index.rows(split)
   if not len(split_rows):  # else every metric is nan over 0 images, written as a result
     raise DataError(f"the {split} split of {data_dir} is empty: no images to evaluate")
-  if options.keep_saliency_for is None:
+  data_classes = pipeline.open_source(data_dir, split, **pipeline.options_of(data_config)).classes
+  scoring = scoring_of(config, data_config, data_classes)
+  space = None if scoring.mapping else box_space_of(index)
+  if space is None:
+    keep: set[int] = set()
+  elif options.keep_saliency_for is None:
     keep = set(np.unique(index.box_rows).tolist()) & set(split_rows.tolist())
   else:
     keep = set(int(r) for r in options.keep_saliency_for)
-  fig = figure_cases(index, split, options.n_figure)
+  fig = figure_cases(index, split, options.n_figure) if space is not None else []
   preds, seconds, ips = _predict(
-    predictor, config, data_dir, split, keep, [r for r, _ in fig], options.progress
+    predictor, data_config, data_dir, split, keep, [r for r, _ in fig], options.progress
   )
   log.info(
-    f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s: "
-    f"{len(preds.rows) / max(seconds, 1e-9):.1f} images/s end to end (decoding, compiling "
-    f"and the forward passes), {ips:.1f} images/s after the first batch"
+    f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)"
   )
-  check_finite(index, preds)
+  check_finite(index, preds, classes)
   cases = box_cases(index, preds.saliency)
   loc = localization_metrics(
     preds.saliency,
     cases,
-    index.box_space,
+    space or 0.0,
+    classes=classes,
     taus=options.taus,
     ts=options.ts,
     progress=options.progress,
   )
-  protocols = protocol_metrics(index, preds, cases, options) if options.protocols else None
-  cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
-  ops = operating_point_results(index, preds, split, options)
+  protocols = (
+    protocol_metrics(index, preds, cases, options, classes, space)
+    if options.protocols and space is not None
+    else None
+  )
+  if scoring.mapping or np.isnan(scored_arrays(index, preds, scoring)[0]).any():
+    log.info("calibration and operating points left out: they need the run's own source "
+             "with every label known")
+    cal = fitted = params = ops = None
+  else:
+    cal, fitted, params = calibration_results(predictor, config, data_dir, preds, options)
+    ops = operating_point_results(index, preds, split, options, classes)
   arch = registry.arch_of(predictor.model)
   result = Evaluation(
     split=split,
@@ -439,7 +564,7 @@ def evaluate_split(
     config_name=str(config.name),
     r0=float(config.model.r0) if arch == registry.MIL else None,
     num_images=int(len(preds.rows)),
-    **classification_metrics(index, preds, options.n_boot, options.seed),
+    **classification_metrics(index, preds, options.n_boot, options.seed, scoring),
     **loc,
     taus=[float(t) for t in options.taus],
     ts=sorted({float(t) for t in options.ts} | {TABLE2_T}),
@@ -447,10 +572,11 @@ def evaluate_split(
     n_boot=int(options.n_boot),
     seed=int(options.seed),
     num_saliency_kept=len(preds.saliency),
-    figure_cases=[[int(r), nih.CLASSES[k]] for r, k in fig],
+    figure_cases=[[int(r), classes[k]] for r, k in fig],
     images_per_second=float(ips),
     seconds=float(seconds),
-    table1=statistics.table1(index),
+    table1=(statistics.table1(index) if isinstance(index, nih.NihIndex)
+            else statistics.source_table(index)),
     arch=arch,
     saliency_source=predictor.saliency_source,
     gradcam_level=predictor.gradcam_level,
@@ -458,25 +584,40 @@ def evaluate_split(
     calibration=cal,
     calibration_fitted=fitted,
     operating_points=ops,
+    mapping=scoring.mapping,
   )
   return EvalRun(
-    result=result, predictions=preds, index=index, figure=fig, calibration_params=params
+    result=result, predictions=preds, index=index, figure=fig, calibration_params=params,
+    classes=tuple(classes),
   )
 
 
-def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) -> dict:
+def data_config_of(config, source: str | None):
+  """The run's config reading `source`'s data (its split and label policies; the run's
+  classes stay its own), or `config` itself for None or the run's own source."""
+  if source is None or source == pipeline.options_of(config)["source"]:
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.data.source = source
+  return out
+
+
+def protocol_metrics(
+  index, preds, cases, options: EvalOptions, classes: Sequence[str], box_space: float
+) -> dict:
   """`localization.score_all` over the box cases with the run's probabilities."""
   t0 = time.perf_counter()
   probs = {int(r): p for r, p in zip(preds.rows, preds.probs, strict=True)}
   result = localization.score_all(
     localization.make_cases(cases, index.patient_ids, probs),
     preds.saliency,
-    index.box_space,
+    box_space,
     taus=options.taus,
     ts=options.protocol_ts,
     prob_cutoffs=options.prob_cutoffs,
     n_boot=options.n_boot,
     seed=options.seed,
+    class_names=classes,
     image_ids=index.image_ids,
   )
   log.info(
@@ -486,13 +627,15 @@ def protocol_metrics(index: nih.NihIndex, preds, cases, options: EvalOptions) ->
   return result
 
 
-def operating_point_results(index, preds, split: str, options: EvalOptions) -> dict | None:
+def operating_point_results(
+  index, preds, split: str, options: EvalOptions, classes: Sequence[str]
+) -> dict | None:
   """The valid split: per-class thresholds chosen by `options.operating_point` with their
   rates there (`operating_points.choose`; `lsemil export` writes them as thresholds.json).
   Another split with `options.thresholds` (a valid evaluation's): the rates at those stored
   thresholds, with 95 % patient-bootstrap intervals (`options.n_boot` resamples). Else None."""
   if split == "valid":
-    ops = operating_points.choose(preds.probs, preds.labels, options.operating_point, nih.CLASSES)
+    ops = operating_points.choose(preds.probs, preds.labels, options.operating_point, classes)
     return {**ops, "fit_split": "valid"}
   stored = options.thresholds
   if not stored:
@@ -535,7 +678,8 @@ def calibration_results(predictor, config, data_dir, preds, options: EvalOptions
 
   The fit runs on the valid split's probabilities through the same predictor (fitted on
   validation, applied at evaluate and predict time)."""
-  raw = calibration.calibration_metrics(preds.probs, preds.labels, nih.CLASSES)
+  classes = findings.of_config(config)
+  raw = calibration.calibration_metrics(preds.probs, preds.labels, classes)
   if not options.calibrate:
     return raw, None, None
   if options.calibrate not in calibration.METHODS:
@@ -544,11 +688,11 @@ def calibration_results(predictor, config, data_dir, preds, options: EvalOptions
   valid = engine.collect(
     engine.predict_split(predictor, config, data_dir, "valid"), rows, f"{data_dir} valid"
   )
-  check_finite(open_index(config, data_dir), valid)
-  params = calibration.fit(options.calibrate, valid.probs, valid.labels, nih.CLASSES)
+  check_finite(open_index(config, data_dir), valid, classes)
+  params = calibration.fit(options.calibrate, valid.probs, valid.labels, classes)
   params["fit_split"] = "valid"
   fitted = calibration.calibration_metrics(
-    calibration.apply(params, preds.probs), preds.labels, nih.CLASSES
+    calibration.apply(params, preds.probs), preds.labels, classes
   )
   fitted.update(method=options.calibrate, fit_split="valid", fit_images=int(len(valid.rows)))
   log.info(
@@ -601,8 +745,11 @@ def write_outputs(run: EvalRun, config, data_dir: str, out) -> dict[str, epath.P
     config,
     data_dir,
     run.result.split,
+    run.classes or findings.of_config(config),
   )
-  engine.write_split_predictions(pred_path, run.index, run.predictions)
+  engine.write_split_predictions(
+    pred_path, run.index, run.predictions, run.classes or findings.of_config(config)
+  )
   paths = {}
   if run.calibration_params is not None:
     paths["calibration"] = calibration_path_for(out)
@@ -622,21 +769,17 @@ def stored_images(config, data_dir, split: str, rows: Sequence[int]) -> np.ndarr
   """The stored (e.g. 512 x 512) images of some rows of a split, uint8 (n, H, W)."""
   if not rows:
     return np.zeros((0, 1, 1), np.uint8)
-  source = pipeline.open_source(
-    data_dir,
-    split,
-    val_fraction=float(config.data.val_fraction),
-    split_seed=int(config.data.split_seed),
-  )
+  source = pipeline.open_source(data_dir, split, **pipeline.options_of(config))
   pos = {int(r): i for i, r in enumerate(source.rows)}
   return np.stack([source[pos[int(r)]]["image"] for r in rows])
 
 
-def write_saliency(path, kept, levels, fig, index, config, data_dir, split) -> None:
-  """Writes the kept maps and the Figure 1/3 material as one compressed .npz."""
+def write_saliency(path, kept, levels, fig, index, config, data_dir, split, classes) -> None:
+  """Writes the kept maps and the Figure 1/3 material as one compressed .npz (`classes`:
+  the maps' channels, the run's classes; no box space is NaN)."""
   rows = np.array(sorted(kept), np.int64)
   some = next(iter(kept.values()), None)
-  shape = some.shape if some is not None else (0, 0, nih.NUM_CLASSES)
+  shape = some.shape if some is not None else (0, 0, len(classes))
   arrays: dict[str, np.ndarray] = {
     "rows": rows,
     "image_ids": np.array([index.image_ids[r] for r in rows], dtype=str),
@@ -645,8 +788,8 @@ def write_saliency(path, kept, levels, fig, index, config, data_dir, split) -> N
       if len(rows)
       else np.zeros((0, *shape), np.float16)
     ),
-    "classes": np.array(nih.CLASSES),
-    "box_space": np.array(index.box_space),
+    "classes": np.array(classes),
+    "box_space": np.array(box_space_of(index) or np.nan),
     "split": np.array(split),
   }
   fig = [(r, k) for r, k in fig if r in levels]
@@ -788,11 +931,15 @@ def workdir_of(path) -> epath.Path:
   return p
 
 
-def default_output(workdir, split: str = "test", source: str | None = None) -> epath.Path:
+def default_output(
+  workdir, split: str = "test", source: str | None = None, data_source: str | None = None
+) -> epath.Path:
   """W/evaluation_<split>.json: where `evaluate --workdir W` writes with the run's own
   saliency source and `reproduce` looks; W/evaluation_<split>_<source>.json for another
-  source (e.g. 'cam' of a Grad-CAM run)."""
+  saliency source (e.g. 'cam' of a Grad-CAM run); ..._on_<data_source>.json for another
+  dataset source's data (cross-dataset evaluation, never read as the run's own)."""
   name = f"evaluation_{split}" + (f"_{source}" if source else "")
+  name += f"_on_{data_source}" if data_source else ""
   return fileio.as_path(workdir) / f"{name}.json"
 
 

@@ -7,10 +7,11 @@ the one `engine.Predictor`, so a file's probabilities equal `lsemil evaluate`'s 
 pixels. A file that cannot be read is reported by name and skipped; the others complete.
 
 Outputs (`predict_files` with an output folder): predictions.csv in the per-image format of
-every command (`engine.predictions_csv`: image_id = the file name, patient_id empty, the 14
-probabilities, then the path and the classes at or above the threshold), and for every image
-and class with probability >= threshold the class's saliency map S over the image as
-<image>_<class>.png (`lsemil.reporting.drawing.overlay_png`). With `boxes`, also boxes.json:
+every command (`engine.predictions_csv`: image_id = the file name, patient_id empty, one
+probability per class of the checkpoint, `lsemil.data.findings.of_config`, then the path
+and the classes at or above the threshold), and for every image and class with probability
+>= threshold the class's saliency map S over the image as <image>_<class>.png
+(`lsemil.reporting.drawing.overlay_png`). With `boxes`, also boxes.json:
 {image file name: {class: [{x, y, w, h, peak, mean}]}} for the same (image, class) pairs, the
 IoBB protocol's boxes (`lsemil.metrics.localization.boxes_from_map`: the map binarized at `box_tau`,
 8-connected components boxed) in the input image's own pixels (x the column, from the top-left
@@ -39,30 +40,25 @@ import numpy as np
 
 from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, UserError
-from lsemil.data import dicom, imageio, pipeline
-from lsemil.data.nih import CLASSES
+from lsemil.data import dicom, findings, imageio, pipeline
 from lsemil.inference import engine
 from lsemil.metrics import calibration, localization
 from lsemil.models import registry
 
 BOXES_FILE = "boxes.json"
 
-SHORT_NAMES = {
-  "Atelectasis": "Atel",
-  "Cardiomegaly": "Card",
-  "Effusion": "Effu",
-  "Infiltration": "Infi",
-  "Mass": "Mass",
-  "Nodule": "Nodu",
-  "Pneumonia": "Pna",
-  "Pneumothorax": "Ptx",
-  "Consolidation": "Cons",
-  "Edema": "Edem",
-  "Emphysema": "Emph",
-  "Fibrosis": "Fibr",
-  "Pleural_Thickening": "PlTh",
-  "Hernia": "Hern",
-}
+SHORT = 4  # letters of a class's column head in `format_table`
+
+
+def short_names(classes: Sequence[str]) -> dict[str, str]:
+  """A unique head of at most `SHORT` letters per class for `format_table` (its legend
+  spells them out): the first letters, else the first and the last ones, else c<number>."""
+  out: dict[str, str] = {}
+  for k, c in enumerate(classes):
+    letters = "".join(ch for ch in c if ch.isalnum()) or "c"
+    tries = [letters[:SHORT]] + [letters[: SHORT - j] + letters[-j:] for j in range(1, SHORT)]
+    out[c] = next((t for t in tries if t not in out.values()), f"c{k + 1}")
+  return out
 
 
 def read_image(path: str | Path, multiframe: str = "first") -> np.ndarray:
@@ -168,9 +164,10 @@ def predict_files(
   """
   from lsemil.reporting import drawing
 
+  classes = findings.of_config(loaded.config)
   for params in (calibration, calibrated):
     if params is not None:
-      _check_calibration(params)
+      _check_calibration(params, classes)
   columns = (thresholds is not None, calibrated is not None)  # to_csv's extra columns
   source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
@@ -198,15 +195,15 @@ def predict_files(
     new = []
     for j, (i, _, prepared, shape) in enumerate(batch):
       probs = all_probs[j]
-      row = {"path": paths[i], "probs": dict(zip(CLASSES, probs.tolist(), strict=True))}
+      row = {"path": paths[i], "probs": dict(zip(classes, probs.tolist(), strict=True))}
       row["overlays"] = []
       if decided is not None:
-        row["decisions"] = dict(zip(CLASSES, decided[j], strict=True))
+        row["decisions"] = dict(zip(classes, decided[j], strict=True))
       if recal is not None:
-        row["calibrated"] = dict(zip(CLASSES, recal[j].tolist(), strict=True))
+        row["calibrated"] = dict(zip(classes, recal[j].tolist(), strict=True))
       if boxes:
         row["boxes"] = {}
-      for k, cls in enumerate(CLASSES):
+      for k, cls in enumerate(classes):
         if not probs[k] >= threshold:  # NaN never passes
           continue
         if boxes:
@@ -226,7 +223,7 @@ def predict_files(
         boxes_json[_box_key(paths, i, stems, names)] = row["boxes"]
       new.append(row)
     if table is not None:
-      table.write(to_csv(new, threshold, *columns).split("\n", 1)[1])  # the rows
+      table.write(to_csv(new, threshold, classes, *columns).split("\n", 1)[1])  # the rows
       table.flush()
     rows.extend(new)
 
@@ -235,7 +232,7 @@ def predict_files(
   table = open(out_path / "predictions.csv", "w") if out_path is not None else None  # noqa: SIM115
   try:
     if table is not None:
-      table.write(to_csv([], threshold, *columns))
+      table.write(to_csv([], threshold, classes, *columns))
       table.flush()
     pending = []
     for i, path in log.tracked(enumerate(paths), progress, "predict", len(paths)):
@@ -266,45 +263,52 @@ def _recalibrate(params: Mapping, probs: np.ndarray) -> np.ndarray:
   return calibration.apply(params, probs)
 
 
-def _check_calibration(params: Mapping) -> None:
-  classes = params.get("classes") if isinstance(params, Mapping) else None
-  if classes is not None and list(classes) != list(CLASSES):
+def _check_calibration(params: Mapping, classes: Sequence[str]) -> None:
+  stored = params.get("classes") if isinstance(params, Mapping) else None
+  if stored is not None and list(stored) != list(classes):
     raise ConfigError(
-      f"calibration parameters: classes {list(classes)[:3]}... are not the 14 NIH classes"
+      f"calibration parameters: classes {list(stored)[:3]}... are not the model's "
+      f"{len(classes)} classes ({', '.join(classes[:3])}...)"
     )
-  calibration.apply(params, np.full((1, len(CLASSES)), 0.5))  # raises naming the field
+  calibration.apply(params, np.full((1, len(classes)), 0.5))  # raises naming the field
 
 
-def load_calibration(path: str | Path) -> dict:
-  """The parameters `lsemil evaluate --calibrate` wrote (F_calibration.json), checked."""
+def load_calibration(path: str | Path, classes: Sequence[str]) -> dict:
+  """The parameters `lsemil evaluate --calibrate` wrote (F_calibration.json), checked
+  against the model's `classes`."""
   params = fileio.read_json(path)
   try:
-    _check_calibration(params)
+    _check_calibration(params, classes)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   return params
 
 
 def to_csv(
-  rows: Sequence[dict], threshold: float, decisions: bool = False, calibrated: bool = False
+  rows: Sequence[dict],
+  threshold: float,
+  classes: Sequence[str],
+  decisions: bool = False,
+  calibrated: bool = False,
 ) -> str:
-  """`engine.predictions_csv` (image_id = file name, no patient id), then the path, the
-  classes at or above the threshold ('|'-joined), with `calibrated` <class>_calibrated and
-  with `decisions` <class>_decision."""
-  probs = np.array([[r["probs"][c] for c in CLASSES] for r in rows], np.float64)
-  above = ["|".join(c for c in CLASSES if r["probs"][c] >= threshold) for r in rows]
-  extra = {"path": [r["path"] for r in rows], f"classes_p>={threshold:g}": above}
+  """`engine.predictions_csv` over the model's `classes` (image_id = file name, no patient
+  id), then the path, the classes at or above the threshold ('|'-joined), with `calibrated`
+  <class>_calibrated and with `decisions` <class>_decision."""
+  probs = np.array([[r["probs"][c] for c in classes] for r in rows], np.float64)
+  above = ["|".join(c for c in classes if r["probs"][c] >= threshold) for r in rows]
+  extra = {engine.FIRST_EXTRA: [r["path"] for r in rows], f"classes_p>={threshold:g}": above}
   if calibrated:
-    for c in CLASSES:
+    for c in classes:
       extra[f"{c}_calibrated"] = [engine.PROB_FORMAT.format(r["calibrated"][c]) for r in rows]
   if decisions:
-    for c in CLASSES:
+    for c in classes:
       cells = [r["decisions"][c] for r in rows]
       extra[f"{c}_decision"] = ["" if v is None else str(int(v)) for v in cells]
   return engine.predictions_csv(
     [Path(r["path"]).name for r in rows],
     [None] * len(rows),
-    probs.reshape(len(rows), len(CLASSES)),
+    probs.reshape(len(rows), len(classes)),
+    classes,
     extra=extra,
   )
 
@@ -334,7 +338,7 @@ def stored_calibration(loaded: engine.LoadedModel) -> dict | None:
   if not params or not params.get("method"):
     return None
   try:
-    _check_calibration(params)
+    _check_calibration(params, findings.of_config(loaded.config))
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   return dict(params)
@@ -343,7 +347,8 @@ def stored_calibration(loaded: engine.LoadedModel) -> dict | None:
 def stored_thresholds(loaded: engine.LoadedModel) -> dict | None:
   """The operating points stored with a checkpoint: an exported folder's thresholds.json, or
   the valid evaluation of the step in its workdir (`evaluation.stored_operating_points`);
-  None when there are none. ConfigError naming the file for thresholds of other classes."""
+  None when there are none. ConfigError naming the file for thresholds of other classes
+  than the model's."""
   from lsemil.workflows import evaluation
 
   if loaded.info.get("which") == "export":
@@ -354,24 +359,27 @@ def stored_thresholds(loaded: engine.LoadedModel) -> dict | None:
     ops = evaluation.stored_operating_points(evaluation.workdir_of(loaded.checkpoint), loaded.step)
   if not ops or ops.get("thresholds") is None:
     return None
-  if list(ops.get("classes") or ()) != list(CLASSES) or len(ops["thresholds"]) != len(CLASSES):
-    raise ConfigError(f"{path}: operating points are not for the 14 NIH classes in order")
+  classes = findings.of_config(loaded.config)
+  if list(ops.get("classes") or ()) != list(classes) or len(ops["thresholds"]) != len(classes):
+    raise ConfigError(f"{path}: operating points are not for the model's {len(classes)} "
+                      f"classes in order ({', '.join(classes[:3])}...)")
   return dict(ops)
 
 
-def format_table(rows: Sequence[dict], threshold: float) -> str:
+def format_table(rows: Sequence[dict], threshold: float, classes: Sequence[str]) -> str:
   """A plain-text table: one line per image, one column per class (short names, legend)."""
   if not rows:
     return "no readable images"
   names = [Path(r["path"]).name for r in rows]
+  short = short_names(classes)
   w = min(max(len(n) for n in names), 40)
-  head = f"{'image':<{w}}  " + " ".join(f"{SHORT_NAMES[c]:>5} " for c in CLASSES)
+  head = f"{'image':<{w}}  " + " ".join(f"{short[c]:>5} " for c in classes)
   lines = [head, "-" * len(head)]
   for n, r in zip(names, rows, strict=True):
     cells = " ".join(
-      f"{r['probs'][c]:5.3f}" + ("*" if r["probs"][c] >= threshold else " ") for c in CLASSES
+      f"{r['probs'][c]:5.3f}" + ("*" if r["probs"][c] >= threshold else " ") for c in classes
     )
     lines.append(f"{n[-w:]:<{w}}  {cells}")
-  legend = ", ".join(f"{SHORT_NAMES[c]}={c}" for c in CLASSES)
+  legend = ", ".join(f"{short[c]}={c}" for c in classes)
   lines.append(f"* p >= {threshold:g}.  {legend}")
   return "\n".join(line.rstrip() for line in lines)

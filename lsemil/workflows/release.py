@@ -30,7 +30,7 @@ from typing import Any
 
 from lsemil.core import fileio, log
 from lsemil.core.errors import OutputError
-from lsemil.data import dicom, imageio, nih
+from lsemil.data import dicom, findings, imageio, nih
 from lsemil.inference import engine, onnx_graph
 from lsemil.reporting import model_card
 from lsemil.runtime import bundle
@@ -137,7 +137,7 @@ def _calibration(workdir, step: int) -> dict[str, Any]:
   }
 
 
-def _thresholds(metrics: dict[str, dict]) -> dict[str, Any]:
+def _thresholds(metrics: dict[str, dict], classes) -> dict[str, Any]:
   ops = (metrics.get("valid") or {}).get("operating_points")
   if ops and any(t is not None for t in ops.get("thresholds") or ()):
     decision = "p >= threshold per class (config.json's class order), on the model's own "
@@ -145,7 +145,7 @@ def _thresholds(metrics: dict[str, dict]) -> dict[str, Any]:
     return {**ops, "decision": decision}
   return {
     "thresholds": None,
-    "classes": list(nih.CLASSES),
+    "classes": list(classes),
     "absent": "no operating thresholds for this step: `lsemil evaluate --workdir W --split "
     "valid [--operating-point youden|f1|sens=X|spec=X]` chooses them, then export again",
   }
@@ -155,6 +155,7 @@ def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, dict, l
   """(metrics.json, calibration.json, thresholds.json, notes) for the export of `loaded`:
   from its workdir's evaluations of `step` (without the exporting machine's paths), or,
   re-exporting an export, the files that folder carries."""
+  classes = findings.of_config(loaded.config)
   if loaded.info.get("which") == "export":
     src = fileio.as_path(loaded.checkpoint)
     found = [
@@ -162,16 +163,20 @@ def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, dict, l
       for name in (METRICS_FILE, CALIBRATION_FILE, THRESHOLDS_FILE)
     ]
     metrics = found[0] or {}
-    return metrics, found[1] or _calibration(None, step), found[2] or _thresholds(metrics), []
+    thresholds = found[2] or _thresholds(metrics, classes)
+    return metrics, found[1] or _calibration(None, step), thresholds, []
   run_dir = evaluation.workdir_of(loaded.checkpoint)
   metrics, notes = _evaluations(run_dir, step)
   public = {
     split: {k: v for k, v in ev.items() if k not in _LOCAL_FIELDS} for split, ev in metrics.items()
   }
-  return public, _calibration(run_dir, step), _thresholds(public), notes
+  return public, _calibration(run_dir, step), _thresholds(public, classes), notes
 
 
 def _data_kind(config) -> str:
+  source = str(config.data.get("source") or "nih")
+  if source != "nih":
+    return source
   data_dir = str(config.data.get("data_dir") or "")
   if not data_dir:
     return "synthetic" if int(config.data.get("synth_patients", 0) or 0) > 0 else "unknown"

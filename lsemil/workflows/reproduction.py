@@ -54,7 +54,7 @@ import numpy as np
 
 from lsemil.core import fileio, log, tables
 from lsemil.core.errors import UserError
-from lsemil.data import nih
+from lsemil.data import findings
 from lsemil.inference import engine
 from lsemil.metrics import (
   baselines,
@@ -184,15 +184,19 @@ def split_probs(workdir, result: dict, index, rows: np.ndarray) -> np.ndarray | 
     return None
 
 
-def _fill_iobb(result: dict, saliency: dict | None, index, taus_needed: Sequence[float]) -> None:
-  """Adds IoBB accuracies at taus the stored evaluation lacks, from its saliency maps."""
+def _fill_iobb(
+  result: dict, saliency: dict | None, index, taus_needed: Sequence[float], classes
+) -> None:
+  """Adds IoBB accuracies at taus the stored evaluation lacks, from its saliency maps
+  (`classes`: the run's, the maps' channels)."""
   have = {float(t) for by_tau in result.get("iobb", {}).values() for t in by_tau}
   missing = sorted({float(t) for t in taus_needed} - have)
   if not missing or saliency is None:
     return
   loc = evaluation.localization_metrics(
-    saliency["maps"], evaluation.box_cases(index, saliency["maps"]), index.box_space, taus=missing
-  )
+    saliency["maps"], evaluation.box_cases(index, saliency["maps"]), index.box_space,
+    classes=classes, taus=missing,
+  )  # fmt: skip
   for cls, by_tau in loc["iobb"].items():
     result.setdefault("iobb", {}).setdefault(cls, {}).update(by_tau)
 
@@ -274,7 +278,7 @@ def case_dice(saliency: dict, cases: dict, box_space: float) -> dict[tuple[int, 
 
 
 def table3_significance(
-  groups: dict[str, list[Run]], index, rows: np.ndarray, dice_by_run: dict[str, dict]
+  groups: dict[str, list[Run]], index, rows: np.ndarray, dice_by_run: dict[str, dict], classes
 ) -> dict | None:
   """`significance.compare_runs` over the labels (None for fewer than two with probabilities).
 
@@ -295,10 +299,8 @@ def table3_significance(
         for lb in names
       ]
       kw["dice_patients"] = np.asarray(index.patient_ids)[[r for r, _ in common]]
-      kw["dice_classes"] = [nih.CLASSES[k] for _, k in common]
-  return significance.compare_runs(
-    names, labels, scores, list(nih.CLASSES), n_boot=SIG_N_BOOT, **kw
-  )
+      kw["dice_classes"] = [classes[k] for _, k in common]
+  return significance.compare_runs(names, labels, scores, list(classes), n_boot=SIG_N_BOOT, **kw)
 
 
 def calibration_entry(run: Run, labels: np.ndarray) -> dict | None:
@@ -308,7 +310,7 @@ def calibration_entry(run: Run, labels: np.ndarray) -> dict | None:
   if raw is None and run.probs is None:
     return None
   if raw is None:
-    raw = calibration.calibration_metrics(run.probs, labels, nih.CLASSES)
+    raw = calibration.calibration_metrics(run.probs, labels, findings.of_config(run.config))
   entry = {"label": run.name, "calibration": raw}
   fitted, name = run.result.get("calibration_fitted"), run.result.get("calibration_file")
   if isinstance(fitted, dict):
@@ -350,8 +352,9 @@ def table4(
   }
   for name, m in maps.items():
     by_source[name] = localization.score_all(
-      cases, m, index.box_space, image_ids=index.image_ids, **kw
-    )
+      cases, m, index.box_space, image_ids=index.image_ids,
+      class_names=findings.of_config(runs[0].config) if runs else None, **kw,
+    )  # fmt: skip
   return paper_tables.table4_rows(by_source), by_source, missing
 
 
@@ -385,7 +388,9 @@ class Images:
     return [self.cache[r] for r in rows]
 
 
-def figure3_cases(index, split, shown: Sequence[Run], n_figure: int, images: Images) -> list:
+def figure3_cases(
+  index, split, shown: Sequence[Run], n_figure: int, images: Images, classes
+) -> list:
   picks = evaluation.figure_cases(index, split, n_figure)
   boxes_of = evaluation.box_cases(index, [r for r, _ in picks])
   cases = []
@@ -400,7 +405,7 @@ def figure3_cases(index, split, shown: Sequence[Run], n_figure: int, images: Ima
         "image": img,
         "boxes": dict(boxes_of.get(row, []))[k],
         "source_size": float(index.box_space),
-        "finding": nih.CLASSES[k],
+        "finding": classes[k],
         "saliency": sal,
       }
     )
@@ -416,7 +421,7 @@ def figure_levels(path: Path, runs: Sequence[Run]) -> bool:
     if fig and len(fig[0][3]) > 1:
       _, k, img, levels = fig[0]
       named = [(f"{run.name} level {i}", lv[..., k]) for i, lv in enumerate(levels)]
-      title = f"image ({paper_tables.display_class(nih.CLASSES[k])})"
+      title = f"image ({paper_tables.display_class(findings.of_config(run.config)[k])})"
       drawing.figure1(path, img, named, title=title)
       return True
   return False
@@ -444,13 +449,16 @@ def figure1(path: Path, runs: Sequence[tuple[int, Run]], index, split, images: I
     (f"N={n}", r.saliency["maps"][row][..., k]) for n, r in sorted(runs, key=lambda x: x[0])
   ]
   boxes = dict(evaluation.box_cases(index, [row])[row])[k]
-  cls = paper_tables.display_class(nih.CLASSES[k])
+  name = findings.of_config(runs[0][1].config)[k]
+  cls = paper_tables.display_class(name)
   drawing.figure1(path, img, panels, title=cls, boxes=boxes, source_size=float(index.box_space))
-  return {"row": int(row), "image_id": index.image_ids[row], "class": nih.CLASSES[k],
+  return {"row": int(row), "image_id": index.image_ids[row], "class": name,
           "N": [int(n) for n, _ in sorted(runs, key=lambda x: x[0])]}  # fmt: skip
 
 
-def gallery(index, split, shown: Sequence[Run], dice_by_run: dict, images: Images) -> list:
+def gallery(
+  index, split, shown: Sequence[Run], dice_by_run: dict, images: Images, classes
+) -> list:
   """One card per test box case (image, class): ground truth and each shown run's map."""
   cases = evaluation.box_cases(index, index.rows(split))
   items = []
@@ -465,7 +473,7 @@ def gallery(index, split, shown: Sequence[Run], dice_by_run: dict, images: Image
           dice[run.name] = dice_by_run.get(run.name, {}).get((row, k))
       items.append(
         html_page.gallery_item(
-          img, boxes, nih.CLASSES[k], sal, dice={n: d for n, d in dice.items() if d is not None},
+          img, boxes, classes[k], sal, dice={n: d for n, d in dice.items() if d is not None},
           source_size=float(index.box_space), caption=index.image_ids[row],
         )
       )  # fmt: skip
@@ -483,13 +491,16 @@ def _write(out_dir, name: str, md_csv: tuple[str, str], caption: str, footer: st
   return text
 
 
-def sweep_table(runs: Sequence[dict], taus: Sequence[float]) -> tuple[str, str]:
-  """IoBB accuracy at T(IoBB) = 0.5 of every run and box class (rows) over taus (columns)."""
+def sweep_table(
+  runs: Sequence[dict], taus: Sequence[float], box_classes: Sequence[str]
+) -> tuple[str, str]:
+  """IoBB accuracy at T(IoBB) = 0.5 of every run and box class (rows: `box_classes`, the
+  classes the data has boxes of) over taus (columns)."""
   header = ["run", "class", *(f"τ={t:g}" for t in taus)]
   md_rows, csv_rows = [], []
   for run in runs:
     table = {paper_tables.canonical_class(k): v for k, v in (run.get("iobb") or {}).items()}
-    for cls in nih.BOX_CLASSES:
+    for cls in box_classes:
       by_tau = {float(k): v for k, v in table.get(cls, {}).items()}
       vals = [by_tau.get(float(t)) for t in taus]
       md_rows.append(
@@ -540,6 +551,16 @@ class Inputs:
   config: Any = None  # to read images the saliency files lack
   data_dir: Any = None
 
+  @property
+  def classes(self) -> tuple[str, ...]:
+    """The runs' classes (their checkpoints' configs: `findings.of_config`)."""
+    return findings.of_config(self.runs[0].config)
+
+  @property
+  def box_classes(self) -> list[str]:
+    """The classes the data has boxes of (NIH: 8 of 14), in class order."""
+    return [self.classes[k] for k in sorted(set(self.index.box_classes.tolist()))]
+
 
 def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict, dict, list]:
   """Writes Tables 1-4, spread and calibration; returns (texts, data, per-case DICE by run
@@ -566,7 +587,7 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
     evaluation.DEFAULT_TAUS
   )
   texts["table2_sweep"] = _write(
-    out_dir, "table2_sweep", sweep_table(grouped, sweep_taus),
+    out_dir, "table2_sweep", sweep_table(grouped, sweep_taus, inp.box_classes),
     "**Table 2 (all box classes).** IoBB accuracy at T(IoBB) = 0.5 over the τ sweep; one row "
     "per run and box class ('-': no test box of the class).",
   )  # fmt: skip
@@ -576,7 +597,7 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
     for r in [*runs, *inp.baselines]
     if r.saliency
   }
-  sig = table3_significance(groups, index, rows, dice_by_run)
+  sig = table3_significance(groups, index, rows, dice_by_run, inp.classes)
   data["significance"] = sig
   seeds_note = (
     " A label with several runs shows mean ± sd over its seeds (its tests: the seed-averaged "
@@ -591,8 +612,8 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
   )
   texts["table3"] = _write(
     out_dir, "table3", paper_tables.table3(grouped, sig),
-    "**Table 3.** AUC of the 14 classes (95% patient-bootstrap CI) and DICE of the 8 box "
-    "classes." + seeds_note, footer=rule,
+    f"**Table 3.** AUC of the {len(inp.classes)} classes (95% patient-bootstrap CI) and DICE "
+    f"of the {len(inp.box_classes)} box classes." + seeds_note, footer=rule,
   )  # fmt: skip
   if sig:
     fileio.write_json(out_dir / "significance.json", sig)
@@ -605,8 +626,9 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
   data["spread"] = spread
   texts["spread"] = _write(
     out_dir, "spread", paper_tables.spread_table(spread),
-    "**Spread over seeds.** Test mean AUC (14 classes) and mean DICE (8 box classes) of "
-    "every run: mean ± sd (ddof 1) over a label's seeds and each seed's value.",
+    f"**Spread over seeds.** Test mean AUC ({len(inp.classes)} classes) and mean DICE "
+    f"({len(inp.box_classes)} box classes) of every run: mean ± sd (ddof 1) over a label's "
+    "seeds and each seed's value.",
   )  # fmt: skip
   calib = [
     e for r in _unique_by_workdir([*runs, *inp.baselines]) if (e := calibration_entry(r, labels))
@@ -616,7 +638,8 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
     texts["calibration"] = _write(
       out_dir, "calibration", paper_tables.calibration_table(calib),
       "**Calibration.** Expected calibration error (15 equal-mass bins) and Brier score of "
-      "the test probabilities, pooled over the 14 classes (per class in the CSV); 'fitted': "
+      f"the test probabilities, pooled over the {len(inp.classes)} classes (per class in the "
+      "CSV); 'fitted': "
       "after the evaluation's recalibration fitted on the validation split.",
     )  # fmt: skip
   shown = [g[0] for g in groups.values()] + list(inp.baselines)
@@ -658,7 +681,7 @@ def _figures(inp: Inputs, out_dir, n_figure: int, dice_by_run: dict, calib: list
     )
     figures.append(("figure1.png", "Figure 1: one image and class, the saliency of models "
                     "trained at target resolutions N, each at its own N."))  # fmt: skip
-  cases = figure3_cases(index, inp.split, shown, n_figure, images) if n_figure else []
+  cases = figure3_cases(index, inp.split, shown, n_figure, images, inp.classes) if n_figure else []
   info["figure3_cases"] = [{"finding": c["finding"], "runs": sorted(c["saliency"])} for c in cases]
   if cases:
     _save_figure(
@@ -681,7 +704,9 @@ def _figures(inp: Inputs, out_dir, n_figure: int, dice_by_run: dict, calib: list
   with_probs = [r for r in _unique_by_workdir([*runs, *inp.baselines]) if r.probs is not None]
   if with_probs and len(labels):
     roc = [(r.name, r.probs) for r in with_probs]
-    _save_figure(out_dir, "roc_curves.png", lambda p: plots.roc_curves(p, labels, roc))
+    _save_figure(
+      out_dir, "roc_curves.png", lambda p: plots.roc_curves(p, labels, roc, inp.classes)
+    )
     figures.append(("roc_curves.png", "ROC curves per class, every run (AUC in the legend)."))
   if calib and len(labels):
     probs = {r.name: r.probs for r in with_probs}
@@ -700,7 +725,7 @@ def _figures(inp: Inputs, out_dir, n_figure: int, dice_by_run: dict, calib: list
           "over classes): observed frequency against mean predicted probability.",
         )
       )
-  items = gallery(index, inp.split, shown, dice_by_run, images)
+  items = gallery(index, inp.split, shown, dice_by_run, images, inp.classes)
   return figures, items, info
 
 
@@ -724,7 +749,7 @@ def reproduce_results(
     raise UserError(f"run names must differ, got {names}")
   needed = [t for _, taus in classes_taus for t in taus]
   for r in inp.runs:
-    _fill_iobb(r.result, r.saliency, inp.index, needed)
+    _fill_iobb(r.result, r.saliency, inp.index, needed, findings.of_config(r.config))
   texts, data, dice_by_run, calib = _tables(inp, out_dir, classes_taus, n_boot)
   figures, items, info = _figures(inp, out_dir, n_figure, dice_by_run, calib)
   labels = list(groups_of(inp.runs))
@@ -819,6 +844,11 @@ def reproduce_runs(
   fig1 = [(int(n), _load_run(f"N={n}", None, w, data_dir, **kw)) for n, w in figure1]
   if not mil:
     raise UserError("reproduce needs at least one MIL run (--run)")
+  classes = findings.of_config(mil[0].config)
+  for r in [*loaded, *(r for _, r in fig1)]:
+    if findings.of_config(r.config) != classes:
+      raise UserError(f"{r.workdir}: its classes ({', '.join(findings.of_config(r.config))}) "
+                      f"are not those of {mil[0].workdir} ({', '.join(classes)})")
   data_dir = evaluation.resolve_data_dir(mil[0].config, data_dir)
   index = evaluation.open_index(mil[0].config, data_dir)
   rows = index.rows(split)

@@ -20,7 +20,7 @@ from PIL import Image
 from lsemil.commands import cli, reproduce
 from lsemil.core import configuration
 from lsemil.core.errors import DataError
-from lsemil.data import nih
+from lsemil.data import nih, pipeline
 from lsemil.inference import engine
 from lsemil.metrics import classification, overlap
 from lsemil.models import mil
@@ -107,7 +107,7 @@ def test_evaluation_json_and_csv_parse(split_eval, index):
 def test_per_image_predictions_csv_gives_the_json_aucs(split_eval, index):
   run, out, paths = split_eval
   text = paths["predictions"].read_text()
-  assert next(csv.reader(io.StringIO(text))) == list(engine.CSV_COLUMNS)
+  assert next(csv.reader(io.StringIO(text))) == list(engine.csv_columns(nih.CLASSES))
   table = list(csv.DictReader(io.StringIO(text)))
   test_rows = index.rows("test")
   assert [t["image_id"] for t in table] == [index.image_ids[r] for r in np.sort(test_rows)]
@@ -160,13 +160,16 @@ def test_localization_metrics_perfect_and_empty_maps():
   perfect[..., 1] = mask
   empty = np.zeros((512, 512, 2))
   cases = {0: [(1, [box])], 1: [(1, [box])]}
-  loc = evaluation.localization_metrics({0: perfect}, cases, 512, taus=(0.2, 0.7))
-  cls = nih.CLASSES[1]
+  names = ("Opacity", "Lesion")  # the run's classes name the results
+  loc = evaluation.localization_metrics({0: perfect}, cases, 512, classes=names, taus=(0.2, 0.7))
+  cls = names[1]
   assert loc["dice"][cls] == pytest.approx(1.0)
   assert loc["dice_uniform"][cls] == pytest.approx(math.sqrt(mask.mean()))
   assert loc["iobb"][cls] == {"0.2": 1.0, "0.7": 1.0}
   assert loc["localization"]["iou"]["0.75"][cls]["0.7"] == 1.0
-  loc = evaluation.localization_metrics({0: perfect, 1: empty}, cases, 512, taus=(0.5,))
+  loc = evaluation.localization_metrics(
+    {0: perfect, 1: empty}, cases, 512, classes=names, taus=(0.5,)
+  )
   assert loc["num_cases"][cls] == 2 and loc["num_boxes"][cls] == 2
   assert loc["iobb"][cls]["0.5"] == 0.5
   assert loc["dice"][cls] == pytest.approx(0.5)
@@ -340,6 +343,46 @@ def test_cli_on_a_trained_smoke_workdir(tmp_path, synth_dir, capsys):
   by_file = engine.read_predictions_csv(tmp_path / "P" / "predictions.csv")[img.name]
   by_split = engine.read_predictions_csv(w / "evaluation_test_predictions.csv")[img.name]
   np.testing.assert_allclose(by_file, by_split, atol=1e-5)
+  _cross_source(w, tmp_path, capsys)
+
+
+def _cross_source(w, tmp_path, capsys):
+  """The NIH-trained workdir scored on a CheXpert-layout folder: exactly the mapped classes,
+  each AUC over the images where its label is known; the run's own evaluation untouched."""
+  own = (w / "evaluation_test.json").read_text()
+  cx = tmp_path / "cx"
+  assert cli.main(["synth", "--layout", "chexpert", "--out", str(cx), "--patients", "8",
+                   "--size", "128"]) == 0  # fmt: skip
+  capsys.readouterr()
+  argv = ["evaluate", "--workdir", str(w), "--data-dir", str(cx), "--source", "chexpert"]
+  assert cli.main([*argv, "--n-boot", "0", "--no-progress"]) == 0
+  printed = capsys.readouterr().out
+  assert (w / "evaluation_test.json").read_text() == own
+  result = evaluation.load_evaluation(w / "evaluation_test_on_chexpert.json")
+  pairs = [("Atelectasis", "Atelectasis"), ("Cardiomegaly", "Cardiomegaly"),
+           ("Effusion", "Pleural Effusion"), ("Pneumonia", "Pneumonia"),
+           ("Pneumothorax", "Pneumothorax"), ("Consolidation", "Consolidation"),
+           ("Edema", "Edema")]  # fmt: skip
+  mapping = result["mapping"]
+  assert [(p["model"], p["data"]) for p in mapping["pairs"]] == pairs
+  assert (mapping["model_source"], mapping["source"]) == ("nih", "chexpert")
+  assert set(mapping["model_only"]) == set(nih.CLASSES) - {m for m, _ in pairs}
+  assert "Lung Opacity" in mapping["data_only"] and "Pleural Effusion" not in mapping["data_only"]
+  assert list(result["auc"]) == [m for m, _ in pairs] and result["dice"] == {}
+  assert "Effusion = Pleural Effusion (Pleural effusion)" in printed
+  assert "left out (run classes without a counterpart): Infiltration, Mass" in printed
+  # Each AUC by hand, over the test images whose label is known.
+  index = pipeline.open_index(cx, source="chexpert")
+  rows = index.rows("test")
+  probs = engine.read_predictions_csv(w / result["predictions_file"])
+  assert sorted(probs) == sorted(index.image_ids[r] for r in rows)
+  for model_class, data_class in pairs:
+    y = index.labels[rows, index.classes.index(data_class)]
+    known = ~np.isnan(y)
+    p = [probs[index.image_ids[r]][nih.CLASSES.index(model_class)] for r in rows[known]]
+    want = classification.roc_auc(y[known], p)
+    np.testing.assert_equal(result["auc"][model_class], want)
+    assert (result.get("num_known") or {}).get(model_class, len(rows)) == known.sum()
 
 
 def test_non_finite_probability_or_map_names_the_image():
@@ -347,20 +390,20 @@ def test_non_finite_probability_or_map_names_the_image():
   probs = np.full((2, nih.NUM_CLASSES), 0.5, np.float32)
   ok = {2: np.zeros((4, 4, nih.NUM_CLASSES), np.float32)}
   evaluation.check_finite(
-    index, types.SimpleNamespace(rows=np.array([0, 2]), probs=probs, saliency=ok)
+    index, types.SimpleNamespace(rows=np.array([0, 2]), probs=probs, saliency=ok), nih.CLASSES
   )
   probs[1, 3] = np.nan
   bad = types.SimpleNamespace(rows=np.array([0, 2]), probs=probs, saliency=ok)
   with pytest.raises(DataError, match=f"image c.png: the probability of {nih.CLASSES[3]} is nan"):
-    evaluation.check_finite(index, bad)
+    evaluation.check_finite(index, bad, nih.CLASSES)
   probs[1, 3] = 0.5
   ok[2][1, 1, 0] = np.inf
   with pytest.raises(DataError, match="image c.png: its saliency map"):
-    evaluation.check_finite(index, bad)
+    evaluation.check_finite(index, bad, nih.CLASSES)
 
 
 def test_predictions_csv_with_a_nan_probability_names_the_image(tmp_path):
-  text = engine.predictions_csv(["a.png", "b.png"], [1, 2], np.full((2, nih.NUM_CLASSES), 0.5))
+  text = engine.predictions_csv(["a.png", "b.png"], [1, 2], np.full((2, 3), 0.5), "xyz")
   path = tmp_path / "p.csv"
   path.write_text(text.replace("b.png,2,0.5", "b.png,2,nan"))
   with pytest.raises(DataError, match="p.csv: image b.png has a non-finite probability"):

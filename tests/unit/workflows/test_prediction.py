@@ -33,6 +33,7 @@ from lsemil.core import configuration, errors
 from lsemil.data import dicom, imageio, nih, pipeline
 from lsemil.data.nih import CLASSES
 from lsemil.inference import engine
+from lsemil.inference.trained_model import TrainedModel
 from lsemil.metrics import calibration, localization
 from lsemil.models import mil, registry
 from lsemil.workflows import prediction
@@ -117,7 +118,7 @@ def test_png_jpeg_overlays_csv_and_a_broken_file(smoke, files, tmp_path, capsys)
   # at or above the threshold.
   text = (out / "predictions.csv").read_text()
   header = next(csv.reader(io.StringIO(text)))
-  assert header == [*engine.CSV_COLUMNS, "path", f"classes_p>={threshold:g}"]
+  assert header == [*engine.csv_columns(CLASSES), "path", f"classes_p>={threshold:g}"]
   table = list(csv.DictReader(io.StringIO(text)))
   assert [t["path"] for t in table] == [r["path"] for r in rows]
   assert [t["image_id"] for t in table] == ["chest.png", "chest_copy.jpg"]
@@ -431,3 +432,30 @@ def test_predict_files_streams_its_inputs(smoke, files, tmp_path, monkeypatch):
   assert len(rows) == 24 and not failures and len(live) >= 24
   assert peak[0] <= 8, peak[0]  # a batch or two of model inputs (and prepared images)
   assert len(list(csv.DictReader((tmp_path / "P" / "predictions.csv").open()))) == 24
+
+
+# ------------------------------------------------------- the class list is the checkpoint's
+
+
+def test_a_checkpoint_of_three_custom_classes_names_the_columns(
+  files, random_variables, write_checkpoint, tmp_path
+):
+  config = configuration.load_config("smoke")
+  names = ("Opacity", "Tube", "Normal")
+  with config.unlocked():
+    config.data.source, config.data.classes, config.model.num_classes = "csv", names, 3
+  w = tmp_path / "w"
+  write_checkpoint(w, config, random_variables(mil.from_config(config.model), seed=2), 3)
+  loaded = engine.load(w)
+  assert TrainedModel(loaded).classes == names
+  rows, _ = prediction.predict_files(
+    loaded, [str(files["png"])], tmp_path / "P", threshold=0.0, overlays=False
+  )
+  header = next(csv.reader(io.StringIO((tmp_path / "P" / "predictions.csv").read_text())))
+  assert header == ["image_id", "patient_id", *names, "path", "classes_p>=0"]
+  assert list(rows[0]["probs"]) == list(names)
+  assert engine.read_predictions_csv(tmp_path / "P" / "predictions.csv")["chest.png"].shape == (3,)
+  table = prediction.format_table(rows, 0.5, names)
+  assert "Opac=Opacity, Tube=Tube, Norm=Normal" in table
+  assert prediction.short_names(["Pneumonia", "Pneumothorax", "Pn"]) == {
+    "Pneumonia": "Pneu", "Pneumothorax": "Pnex", "Pn": "Pn"}  # fmt: skip

@@ -1,30 +1,48 @@
-"""`lsemil demo --quick` end to end: the whole method (Sec 4) on synthetic data, on a CPU.
+"""`lsemil demo --quick` end to end, then README's "From demo to predict" on its output.
 
 Runs the real command in a subprocess (synth -> prepare -> train -> evaluate -> reproduce)
 from a regular (non-editable) install of the package, in an empty directory, and checks the
-bar of the quick mode: mean test AUC >= 0.75 and DICE above a uniform map.
+bar of the quick mode: mean test AUC >= 0.75 and DICE above a uniform map. The demo runs
+once (a module fixture); the second test runs README's commands and Python block on its
+output as they are written there (export -> predict -> lsemil.load), adding a real NIH PNG
+to predict's files, and compares predict's CSV with lsemil.load's numbers.
 """
+
+from __future__ import annotations
 
 import json
 import math
 import pathlib
+import re
+import shlex
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_demo_quick_end_to_end(tmp_path, installed):
-  out, empty = tmp_path / "demo", tmp_path / "empty"
-  empty.mkdir()
-  # `lsemil demo --quick` of a regular install in a fresh virtualenv, not of the source tree
-  proc = installed("demo", "--quick", "--out", out, cwd=empty, timeout=1800)
-  assert sorted(empty.iterdir()) == []  # everything went to --out
-  results = out / "results"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, installed) -> SimpleNamespace:
+  """`lsemil demo --quick` of a regular install in a fresh virtualenv, run in an empty
+  directory: its output is ./lsemil_demo there, as README's walkthrough expects."""
+  work = tmp_path_factory.mktemp("demo")
+  proc = installed("demo", "--quick", cwd=work, timeout=1800)
+  return SimpleNamespace(work=work, out=work / "lsemil_demo", proc=proc)
+
+
+def test_demo_quick_end_to_end(demo):
+  assert sorted(p.name for p in demo.work.iterdir()) == ["lsemil_demo"]  # all in its --out
+  results, proc = demo.out / "results", demo.proc
   # figure_levels.png: one model's saliency at each level of the up path (the paper's Figure 1
   # proper, figure1.png, needs the N = 8..64 models of `--figure1`); index.html: everything.
   for name in ("table1.md", "table2.md", "table3.md", "figure_levels.png", "figure3.png",
                "summary.json", "demo_summary.json", "report.md", "index.html"):
     assert (results / name).is_file(), f"missing {name}"
     assert (results / name).stat().st_size > 100, f"{name} is nearly empty"
-  demo = json.loads((results / "demo_summary.json").read_text())
-  (run,) = demo["runs"].values()
+  summary = json.loads((results / "demo_summary.json").read_text())
+  (run,) = summary["runs"].values()
   # On a CPU the run trained as a pinned `lsemil train` subprocess with its own log.
   log = pathlib.Path(run["workdir"]) / "train.log"
   assert "best checkpoint:" in log.read_text(), log
@@ -37,3 +55,69 @@ def test_demo_quick_end_to_end(tmp_path, installed):
   # The layout of the paper's Table 3 with its reference columns.
   table3 = (results / "table3.md").read_text()
   assert "(paper)" in table3 and "Nodule" in table3 and "A.V.G." in table3
+
+
+def walkthrough() -> tuple[list[list[str]], str]:
+  """README's "From demo to predict": its shell commands (split as a shell would) and its
+  Python block."""
+  text = README.read_text().split("### From demo to predict\n", 1)[1].split("\n### ", 1)[0]
+  shell = re.search(r"```bash\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+  commands = [shlex.split(line, comments=True) for line in shell.splitlines()]
+  return [c for c in commands if c], re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+# Run after README's block in the same process: lsemil.load's numbers for predict's files,
+# in one batch as predict ran them (XLA may round the last bit differently per batch size).
+SAME_FILES = """
+import json as _json, sys as _sys
+_got = model.predict([imageio.read_gray(p) for p in _sys.argv[1:]])["probs"]
+print(_json.dumps([[float(v) for v in row] for row in _got]))
+"""
+
+
+def test_readme_from_demo_to_predict(demo, installed, request):
+  commands, code = walkthrough()
+  assert commands[0] == ["lsemil", "demo", "--quick"], "README's walkthrough starts otherwise"
+  try:  # a real NIH PNG, where the test data has one
+    real = sorted(request.getfixturevalue("nih_samples_dir").glob("*.png"))
+    no_real = None
+  except pytest.skip.Exception as e:
+    real, no_real = [], str(e)
+  files = []
+  for argv in commands[1:]:
+    assert argv[0] == "lsemil", argv
+    if argv[1] == "predict":
+      files = [a for a in argv if a.endswith(".png")]
+      names = {pathlib.Path(f).name for f in files}  # a second file of a name renames outputs
+      extra = [str(p) for p in real if p.name not in names][:1]
+      files, argv = files + extra, argv + extra
+      out = demo.work / argv[argv.index("--out") + 1]
+      threshold = float(argv[argv.index("--threshold") + 1])
+      # README's Python block, beside predict (both only read the export)
+      driver = installed.python(code + SAME_FILES, *files, cwd=demo.work)
+    installed(*argv[1:], cwd=demo.work)
+  assert files, "README's walkthrough has no predict command"
+  exported = demo.work / "lsemil_demo" / "export_r05"
+  assert "Synthetic phantoms" in (exported / "README.md").read_text()  # the demo's data
+  stdout, stderr = driver.communicate(timeout=300)
+  assert driver.returncode == 0, stderr[-3000:]
+  printed, same = stdout.strip().rsplit("\n", 1)
+  loaded = np.array(json.loads(same))
+  # predict's CSV == lsemil.load on the same files, to the CSV's float32 digits
+  table = (out / "predictions.csv").read_text().splitlines()
+  head, rows = table[0].split(","), [r.split(",") for r in table[1:]]
+  classes = head[2 : head.index("path")]
+  csv = np.array([[float(v) for v in r[2 : 2 + len(classes)]] for r in rows])
+  assert [r[head.index("path")] for r in rows] == files
+  np.testing.assert_array_equal(csv.astype(np.float32), loaded.astype(np.float32))
+  # README's own print: the phantom's probabilities, rounded
+  shown = [float(v) for v in re.findall(r"\d+\.?\d*(?:e[-+]?\d+)?", printed)]
+  np.testing.assert_allclose(shown, csv[0], atol=5e-4 + 1e-6)
+  # An overlay with its boxes for every class at or above the threshold, and only those
+  for row, path in zip(csv, files, strict=True):
+    stem = pathlib.Path(path).stem
+    want = {c for c, p in zip(classes, row, strict=True) if p >= threshold}
+    assert {p.name for p in out.glob(f"{stem}_*.png")} == {f"{stem}_{c}.png" for c in want}
+    assert set(json.loads((out / "boxes.json").read_text())[pathlib.Path(path).name]) == want
+  if no_real:
+    pytest.skip(f"README's walkthrough passed on the demo's phantom; no real NIH PNG: {no_real}")

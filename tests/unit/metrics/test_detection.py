@@ -13,7 +13,6 @@ import pytest
 import sklearn.metrics
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from rodeo import rodeo as rodeo_module
 
 from lsemil.metrics import detection
 
@@ -119,7 +118,10 @@ def test_loc_acc_hand_case():
 
 
 def package_rodeo(preds, truth, n_classes):
-  """The authors' RoDeO with their upstream fix (FeliMe/RoDeO cc55193: the clamp of a float)."""
+  """The authors' RoDeO with their upstream fix (FeliMe/RoDeO cc55193: the clamp of a float).
+  rodeometric (the test extra) is imported here, so that only the RoDeO tests need it."""
+  from rodeo import rodeo as rodeo_module  # noqa: PLC0415
+
   mp = pytest.MonkeyPatch()
   mp.setattr(rodeo_module, "matthews_corrcoef",
              lambda a, b: np.float64(sklearn.metrics.matthews_corrcoef(a, b)))  # fmt: skip

@@ -31,9 +31,11 @@ Scored (`score`, the families of `PROTOCOLS`), over the classes with a box (a no
   patient-wise into validation and test halves (`detection.wsrpn_split`, from the box file's
   order and the patient ids), boxes at both of their CAM baselines' heatmap thresholds 60/255
   and 180/255 (src/conf/model/chexnet.yaml, lse_model.yaml) with only the highest-mean box per
-  class kept (filter_top1_per_class), scored on the test half. WSRPN tunes nothing on the
-  validation half (it selects the training checkpoint there), so neither does this; its
-  confidence is a mean-pooled objectness, here peak x probability; numbers are fractions
+  class kept (filter_top1_per_class), scored on the test half; an image without a predicted
+  class has no box (WSRPN gives it a 1-pixel box of a random class with confidence 0).
+  WSRPN tunes nothing on the validation half (it selects the training checkpoint there), so
+  neither does this; its confidence is a mean-pooled objectness, here peak x probability;
+  numbers are fractions
   where WSRPN's table shows percent.
 Detection values are the mean of image-bootstrap replicates (`image_draws`) with their 2.5 and
 97.5% quantiles, as WSRPN's DetectionMetricsWithBootstrap reports them (it draws 250 with

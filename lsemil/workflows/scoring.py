@@ -35,8 +35,7 @@ Scored (`score`, the families of `PROTOCOLS`), over the classes with a box (a no
   class has no box (WSRPN gives it a 1-pixel box of a random class with confidence 0).
   WSRPN tunes nothing on the validation half (it selects the training checkpoint there), so
   neither does this; its confidence is a mean-pooled objectness, here peak x probability;
-  numbers are fractions
-  where WSRPN's table shows percent.
+  numbers are fractions where WSRPN's table shows percent.
 Detection values are the mean of image-bootstrap replicates (`image_draws`) with their 2.5 and
 97.5% quantiles, as WSRPN's DetectionMetricsWithBootstrap reports them (it draws 250 with
 torch's generator; here n_boot with numpy's), 'point' the full set's value.

@@ -451,6 +451,8 @@ def write_source_metadata(
     "source": found.source, "classes": list(found.classes),
     "official_split": bool(found.official_split),
     "options": {f: getattr(options, f) for f in OPTION_FIELDS}, "images": len(kept),
+    "prepared_from": "synthetic" if nih.read_marker(found.root).get("kind") == "synthetic"
+    else found.source,
   }
   _write_text_atomic(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 

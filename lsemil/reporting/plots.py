@@ -2,7 +2,7 @@
 
   * `roc_curve` - the ROC points of one class (ties give diagonal segments, so the trapezoid
     area is exactly `classification.roc_auc`).
-  * `roc_curves` - one panel per class (Table 3's 14), every run's curve on it, AUC in the
+  * `roc_curves` - one panel per class of the run, every run's curve on it, AUC in the
     legend; a PNG.
   * `reliability_diagrams` - one panel per run: observed frequency against mean confidence
     over 15 equal-mass bins (`lsemil.metrics.calibration`, pooled over classes), raw and, when

@@ -52,11 +52,15 @@ SHORT = 4  # letters of a class's column head in `format_table`
 
 def short_names(classes: Sequence[str]) -> dict[str, str]:
   """A unique head of at most `SHORT` letters per class for `format_table` (its legend
-  spells them out): the first letters, else the first and the last ones, else c<number>."""
+  spells them out): two letters of each of the first two words ('Pleural Effusion' ->
+  'PlEf') or a word's first letters, else its first and last ones, else c<number>."""
   out: dict[str, str] = {}
   for k, c in enumerate(classes):
-    letters = "".join(ch for ch in c if ch.isalnum()) or "c"
-    tries = [letters[:SHORT]] + [letters[: SHORT - j] + letters[-j:] for j in range(1, SHORT)]
+    words = ["".join(ch for ch in w if ch.isalnum()) for w in c.replace("_", " ").split()]
+    words = [w for w in words if w] or ["c"]
+    letters = "".join(words)
+    first = words[0][:2] + words[1][:2] if len(words) > 1 else letters[:SHORT]
+    tries = [first] + [letters[: SHORT - j] + letters[-j:] for j in range(1, SHORT)]
     out[c] = next((t for t in tries if t not in out.values()), f"c{k + 1}")
   return out
 

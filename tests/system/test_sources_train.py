@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from lsemil.commands import cli
-from lsemil.data import findings, layouts, nih, phantoms, pipeline
+from lsemil.data import findings, layouts, nih, phantoms, pipeline, siim
 from lsemil.runtime import checkpointing
 
 pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
 
-PATIENTS = 6
+PATIENTS = 8  # SIIM-ACR's phantoms then include a mask
 # Trained: CheXpert under U-Ignore (unknown labels, the masked loss, 14 classes) and SIIM-ACR
 # (one class, DICOM, masks); the other layouts are synthesized, counted and prepared.
 TRAIN = {"chexpert": ["--config.data.uncertain=ignore"], "siim-acr": []}
@@ -91,6 +91,10 @@ def test_every_layout_is_counted_prepared_and_trained_through_the_cli(run):
   assert len(got.box_rows) == len(raw.box_rows) == sum(
     c.get("boxes", c.get("bbox", 0)) for c in stats["classes"].values())
   assert len(got.masks) == len(raw.masks) == stats.get("mask_images", 0)
+  if run.layout == "siim-acr":  # the mask scaled with its image, 128 -> 64 px
+    row = next(iter(got.masks))
+    area = siim.mask(raw, raw.image_ids.index(got.image_ids[row])).sum()
+    assert abs(siim.mask(got, row).sum() - area / 4) <= 0.1 * area / 4 + 8
   first = pipeline.open_source(run.prepared, "train", source=run.layout)[0]
   assert first["image"].shape == (64, 64) and first["labels"].shape == (len(got.classes),)
   if run.layout == "chexpert":

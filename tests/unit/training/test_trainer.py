@@ -114,6 +114,8 @@ def test_train_step_then_validation_through_the_inference_path(fast_compiles, sy
     ("train.num_steps", -1, "num_steps"),
     ("data.val_fraction", 0.0, "val_fraction"),
     ("data.val_fraction", 1.0, "val_fraction"),
+    ("data.source", "padchest", r"data\.source='padchest': expected one of nih, chexpert"),
+    ("data.uncertain", "maybe", r"data\.uncertain must be one of ignore, zeros, ones"),
   ],
 )
 def test_config_errors_raise_before_anything_runs(tmp_path, field, value, match):

@@ -1,9 +1,12 @@
-"""`lsemil prepare`: an NIH folder -> a folder of size x size 8-bit PNGs or a TFDS dataset.
+"""`lsemil prepare`: a dataset folder of any source -> a folder of size x size 8-bit PNGs (or,
+for NIH, a TFDS dataset).
 
 Sec 4.2 of the paper: "the inputs of 1024x1024 are downsampled with skimage.transform.resize
-to 512x512". `lsemil.data.imageio.resize_gray` matches that resize to rounding at cv2 speed.
+to 512x512". `lsemil.data.imageio.resize_gray` matches that resize to rounding at cv2 speed;
+every source's images get it (DICOM decoded by `lsemil.data.dicom`: Modality and VOI LUT or
+window, MONOCHROME1 inverted; JPEG and PNG by `imageio.read_gray`).
 
-The output folder P is itself an NIH-layout folder, so `load_index(P)` works on it:
+An NIH folder's output P is itself an NIH-layout folder, so `load_index(P)` works on it:
 
 - `P/images/<image_id>`: size x size 8-bit grayscale PNGs (`--format png`), or
   `P/tfds/nih_chest_xray14/...`: an array_record TFDS dataset (`--format tfds`, see
@@ -11,7 +14,20 @@ The output folder P is itself an NIH-layout folder, so `load_index(P)` works on 
 - the Data_Entry CSV and the two split lists as found (rows of skipped images dropped),
   `BBox_List_2017.csv` with coordinates scaled to the output size, `bad_files.txt` when
   `--on-bad skip` skipped anything, and the marker `lsemil_dataset.json`
-  {kind: prepared, format, image_size: size, box_space: size}.
+  {kind: prepared, format, image_size: size, box_space: size, source: nih, classes, ...}.
+
+Any other source's output (`prepare_source`, read back by `read_prepared`):
+
+- `P/images/<stored_name(image_id)>`: the PNGs;
+- `P/index.csv`: `image_id,file,patient,split`, then one column per class in the source's
+  order: 1, 0, or blank where the label is unknown (NaN under the reader's policies);
+- `P/boxes.csv` (`image_id,class,x,y,w,h`) and `P/masks.csv` (`image_id,class,EncodedPixels`,
+  SIIM-ACR's run-length code of the union of an image's components) in pixels of the stored
+  images: x scaled by size / W, y by size / H of each decoded image;
+- `bad_files.txt`, and the marker {kind: prepared, format: png, image_size, box_space, source,
+  classes, official_split, options: the uncertain / blank / views / readers policies, seed
+  and val_fraction it was prepared with, images, prepared_from}.
+The policies and the split are fixed here: `open_source_index` refuses other ones.
 
 Resumable: every image is written to a temporary name and renamed, so an image that exists
 under its final name is complete; a second run skips those, and temporary files left by an

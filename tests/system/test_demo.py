@@ -10,10 +10,12 @@ to predict's files, and compares predict's CSV with lsemil.load's numbers.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import pathlib
 import re
+import select
 import shlex
 from types import SimpleNamespace
 
@@ -75,17 +77,16 @@ print(_json.dumps([[float(v) for v in row] for row in _got]))
 """
 
 
-def test_readme_from_demo_to_predict(demo, installed, request):
+def test_readme_from_demo_to_predict(demo, installed, request, tmp_path):
   commands, code = walkthrough()
   assert commands[0] == ["lsemil", "demo", "--quick"], "README's walkthrough starts otherwise"
-  try:  # a real NIH PNG, where the test data has one
-    real = sorted(request.getfixturevalue("nih_samples_dir").glob("*.png"))
-    no_real = None
-  except pytest.skip.Exception as e:
-    real, no_real = [], str(e)
-  files = []
+  assert all(argv[0] == "lsemil" for argv in commands), commands
+  real, no_real = _real_png(request)
+  serve = [argv for argv in commands if argv[1] == "serve"]
+  started = {}
   for argv in commands[1:]:
-    assert argv[0] == "lsemil", argv
+    if argv[1] == "serve":
+      continue  # started beside predict
     if argv[1] == "predict":
       files = [a for a in argv if a.endswith(".png")]
       names = {pathlib.Path(f).name for f in files}  # a second file of a name renames outputs
@@ -93,31 +94,87 @@ def test_readme_from_demo_to_predict(demo, installed, request):
       files, argv = files + extra, argv + extra
       out = demo.work / argv[argv.index("--out") + 1]
       threshold = float(argv[argv.index("--threshold") + 1])
-      # README's Python block, beside predict (both only read the export)
-      driver = installed.python(code + SAME_FILES, *files, cwd=demo.work)
+      # README's Python block and server beside predict: all three only read the export
+      started["driver"] = installed.python(code + SAME_FILES, *files, cwd=demo.work)
+      for argv_serve in serve:
+        started["serve"] = _serve(installed, argv_serve, demo.work, tmp_path / "serve.log")
     installed(*argv[1:], cwd=demo.work)
-  assert files, "README's walkthrough has no predict command"
+  assert "driver" in started, "README's walkthrough has no predict command"
   exported = demo.work / "lsemil_demo" / "export_r05"
   assert "Synthetic phantoms" in (exported / "README.md").read_text()  # the demo's data
+  classes, csv = _predictions(out, files)
+  _same_as_load(started["driver"], csv)
+  _overlays(out, files, classes, csv, threshold)
+  if serve:
+    uploads = [demo.work / f for f in files]  # README's paths are relative to its directory
+    _same_as_served(started["serve"], uploads, classes, csv, tmp_path / "serve.log")
+  if no_real:
+    pytest.skip(f"README's walkthrough passed on the demo's phantom; no real NIH PNG: {no_real}")
+
+
+def _real_png(request) -> tuple[list[pathlib.Path], str | None]:
+  """The real NIH PNGs of the test data, or [] and why there are none."""
+  try:
+    return sorted(request.getfixturevalue("nih_samples_dir").glob("*.png")), None
+  except pytest.skip.Exception as e:
+    return [], str(e)
+
+
+def _predictions(out: pathlib.Path, files: list[str]) -> tuple[list[str], np.ndarray]:
+  """predict's classes and probabilities (one row per file, in order) from its CSV."""
+  table = (out / "predictions.csv").read_text().splitlines()
+  head, rows = table[0].split(","), [r.split(",") for r in table[1:]]
+  classes = head[2 : head.index("path")]
+  assert [r[head.index("path")] for r in rows] == files
+  return classes, np.array([[float(v) for v in r[2 : 2 + len(classes)]] for r in rows])
+
+
+def _same_as_load(driver, csv: np.ndarray) -> None:
+  """README's Python block printed the phantom's probabilities; lsemil.load's numbers for
+  predict's files are predict's to the CSV's float32 digits."""
   stdout, stderr = driver.communicate(timeout=300)
   assert driver.returncode == 0, stderr[-3000:]
   printed, same = stdout.strip().rsplit("\n", 1)
   loaded = np.array(json.loads(same))
-  # predict's CSV == lsemil.load on the same files, to the CSV's float32 digits
-  table = (out / "predictions.csv").read_text().splitlines()
-  head, rows = table[0].split(","), [r.split(",") for r in table[1:]]
-  classes = head[2 : head.index("path")]
-  csv = np.array([[float(v) for v in r[2 : 2 + len(classes)]] for r in rows])
-  assert [r[head.index("path")] for r in rows] == files
   np.testing.assert_array_equal(csv.astype(np.float32), loaded.astype(np.float32))
-  # README's own print: the phantom's probabilities, rounded
   shown = [float(v) for v in re.findall(r"\d+\.?\d*(?:e[-+]?\d+)?", printed)]
   np.testing.assert_allclose(shown, csv[0], atol=5e-4 + 1e-6)
-  # An overlay with its boxes for every class at or above the threshold, and only those
+
+
+def _overlays(out, files, classes, csv, threshold: float) -> None:
+  """An overlay and boxes for every class at or above the threshold, and only those."""
+  boxes = json.loads((out / "boxes.json").read_text())
   for row, path in zip(csv, files, strict=True):
     stem = pathlib.Path(path).stem
     want = {c for c, p in zip(classes, row, strict=True) if p >= threshold}
     assert {p.name for p in out.glob(f"{stem}_*.png")} == {f"{stem}_{c}.png" for c in want}
-    assert set(json.loads((out / "boxes.json").read_text())[pathlib.Path(path).name]) == want
-  if no_real:
-    pytest.skip(f"README's walkthrough passed on the demo's phantom; no real NIH PNG: {no_real}")
+    assert set(boxes[pathlib.Path(path).name]) == want
+
+
+def _serve(installed, argv: list[str], cwd: pathlib.Path, log: pathlib.Path):
+  """README's `lsemil serve` started (its stdout piped, its stderr to `log`)."""
+  with open(log, "w") as err:
+    return installed.popen(*argv[1:], cwd=cwd, stderr=err)
+
+
+def _same_as_served(proc, files, classes, csv: np.ndarray, log: pathlib.Path) -> None:
+  """Each file uploaded to the server as its page does: the probabilities are predict's (to
+  1e-6: the server predicts one file a batch, predict ran them together)."""
+  try:
+    ready = select.select([proc.stdout], [], [], 300)[0]
+    line = proc.stdout.readline() if ready else ""
+    assert line.startswith("serving http://127.0.0.1:"), f"{line!r}\n{log.read_text()[-3000:]}"
+    port = int(line.split()[1].rstrip("/").rsplit(":", 1)[1])
+    for path, want in zip(files, csv, strict=True):
+      conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+      conn.request("POST", "/api/predict", path.read_bytes(), {"X-File-Name": path.name})
+      resp = conn.getresponse()
+      got = json.loads(resp.read())
+      conn.close()
+      assert resp.status == 200, got
+      served = {f["class"]: f["probability"] for f in got["result"]["findings"]}
+      np.testing.assert_allclose([served[c] for c in classes], want, atol=1e-6)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+  assert proc.returncode == 0, log.read_text()[-3000:]

@@ -48,21 +48,13 @@ import grain
 import numpy as np
 
 from lsemil.core import log
-from lsemil.data import dicom, imageio, index, nih, preparation, sources
+from lsemil.data import imageio, index, nih, preparation, sources
 
 PAPER_SIDE = 512  # translation_px is in pixels of a 512x512 image (Sec 4.2)
 POLICIES = ("uncertain", "blank", "views", "readers")  # config.data fields of index.Options
 
 
 # --------------------------------------------------------------------------- sources
-
-
-def _read_any(path: str) -> np.ndarray:
-  """uint8 (H, W) grey of a stored image: DICOM through `lsemil.data.dicom` (windowing,
-  MONOCHROME1 inverted), anything else (PNG, JPEG) through `imageio.read_gray`."""
-  if dicom.is_dicom(path):
-    return dicom.read_dicom(path)
-  return imageio.read_gray(path)
 
 
 class ImageSource:
@@ -191,7 +183,7 @@ class ImageSource:
     elif self.source == "nih":
       image = imageio.read_gray(self.paths[i])
     else:
-      image = _read_any(self.paths[i])
+      image = preparation.read_image(self.paths[i])  # DICOM, JPEG or PNG
     if self.raw:
       image = prepared_image(image)
     return {"image": image, "labels": self.labels[i], "row": int(self.rows[i])}

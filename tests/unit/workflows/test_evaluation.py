@@ -20,7 +20,7 @@ from PIL import Image
 from lsemil.commands import cli, reproduce
 from lsemil.core import configuration
 from lsemil.core.errors import DataError
-from lsemil.data import nih, pipeline
+from lsemil.data import chexpert, nih, pipeline
 from lsemil.inference import engine
 from lsemil.metrics import classification, overlap
 from lsemil.models import mil
@@ -408,3 +408,37 @@ def test_predictions_csv_with_a_nan_probability_names_the_image(tmp_path):
   path.write_text(text.replace("b.png,2,0.5", "b.png,2,nan"))
   with pytest.raises(DataError, match="p.csv: image b.png has a non-finite probability"):
     engine.read_predictions_csv(path)
+
+
+def test_known_aucs_score_each_class_where_known():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((60, 3)) < 0.4).astype(np.float64)
+  probs, patients = rng.random((60, 3)), rng.integers(0, 20, 60)
+  # Every label known: the very numbers of one call on the whole matrix, as before.
+  auc, lo, hi = evaluation.known_aucs(labels, probs, patients, 50, 3)
+  np.testing.assert_array_equal(auc, classification.per_class_auc(labels, probs))
+  want = classification.bootstrap_auc_ci(labels, probs, patients, n_boot=50, seed=3)
+  np.testing.assert_array_equal(np.stack([lo, hi]), np.stack(want))
+  # A column with unknown labels: over its known images only; the others unchanged.
+  labels[::3, 1] = np.nan
+  auc2, lo2, _ = evaluation.known_aucs(labels, probs, patients, 50, 3)
+  known = ~np.isnan(labels[:, 1])
+  assert auc2[1] == classification.roc_auc(labels[known, 1], probs[known, 1])
+  np.testing.assert_array_equal(auc2[[0, 2]], auc[[0, 2]])
+  assert np.isfinite(lo2).all()
+
+
+def test_scoring_of_names_a_model_class_met_twice():
+  run = configuration.load_config("smoke")
+  with run.unlocked():
+    run.data.source, run.data.classes, run.model.num_classes = "rsna-pneumonia", ["Lung Opacity"], 1
+  data = evaluation.data_config_of(run, "chexpert")
+  assert data.data.source == "chexpert" and run.data.source == "rsna-pneumonia"
+  got = evaluation.scoring_of(run, data, chexpert.LABELS)
+  assert got.names == ("Lung Opacity / Lung Opacity", "Lung Opacity / Pneumonia")
+  assert got.model_cols == (0, 0)
+  assert got.data_cols == tuple(chexpert.LABELS.index(c) for c in ("Lung Opacity", "Pneumonia"))
+  assert [p["finding"] for p in got.mapping["pairs"]] == ["Lung opacity", "Pneumonia"]
+  assert evaluation.scoring_of(run, run, ["Lung Opacity"]).mapping is None
+  with pytest.raises(DataError, match="no class of the rsna-pneumonia run"):
+    evaluation.scoring_of(run, evaluation.data_config_of(run, "siim-acr"), ["Pneumothorax"])

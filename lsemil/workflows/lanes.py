@@ -177,6 +177,7 @@ def run(
     raise OutputError("no CPU core is available to this process (its affinity mask is empty)")
   pending, running, results = list(jobs), {}, {}
   epochs = {job.key: _num_epochs(job) for job in jobs} if progress else {}
+  last_done = None
   total, last_progress = len(jobs), time.monotonic()
   main = threading.current_thread() is threading.main_thread()
   old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
@@ -206,8 +207,10 @@ def run(
           f"  done {job.config} in {result['seconds']:.0f} s: best validation mean AUC "
           f"{float(result['best_val_mean_auc']):.4f} at step {result['best_step']}"
         )
-      if progress:
-        progress(STAGE, _epochs_done(jobs, running, results, epochs), sum(epochs.values()))
+      done = _epochs_done(jobs, running, results, epochs) if progress else None
+      if progress and done != last_done:  # a bar reported finished twice would be drawn twice
+        progress(STAGE, done, sum(epochs.values()))
+        last_done = done
       if running and time.monotonic() - last_progress >= progress_s:
         last_progress = time.monotonic()
         parts = [f"{job.config} epoch {_epoch(job) or 0:.1f}" for _, job, _, _ in running.values()]

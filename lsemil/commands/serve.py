@@ -60,6 +60,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
+  viewing.browse_folder(args.browse)  # before the model loads
   loaded = engine.load(args.model, args.which)
   print(f"checkpoint {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
   if args.host not in viewing.LOOPBACK:

@@ -366,21 +366,30 @@ class Server6(Server):
   address_family = socket.AF_INET6
 
 
+def browse_folder(path: str | os.PathLike | None) -> Path | None:
+  """The --browse folder resolved (symlinks followed), None for None; OutputError naming it
+  when it is not a folder."""
+  if path is None:
+    return None
+  if not Path(path).is_dir():
+    raise OutputError(f"--browse {path}: not a folder")
+  return Path(path).resolve()
+
+
 def make_server(
   viewer: Viewer, host: str = "127.0.0.1", port: int = 0, browse: str | os.PathLike | None = None
 ) -> Server:
   """The viewer's HTTP server bound to host:port (port 0: a free one); `serve_forever` it.
   `browse`: a folder (a `reproduce` output) served under /browse/. OutputError naming the
   folder or the address when either is unusable."""
-  if browse is not None and not Path(browse).is_dir():
-    raise OutputError(f"--browse {browse}: not a folder")
+  browse = browse_folder(browse)
   kind = Server6 if ":" in host else Server
   try:
     server = kind((host.strip("[]"), int(port)), Handler)
   except OSError as e:
     raise OutputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
   server.viewer = viewer
-  server.browse = Path(browse).resolve() if browse is not None else None
+  server.browse = browse
   anywhere = host in ("", "0.0.0.0", "::")
   server.hosts = None if anywhere else tuple({host.strip("[]"), *LOOPBACK})
   return server

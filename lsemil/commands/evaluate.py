@@ -55,11 +55,13 @@ def _mapping_text(mapping: dict, auc: dict, known: dict, positives: dict) -> str
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil evaluate",
-    description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the 8 box classes "
-    "(with the uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec 4.2-4.4) of a "
-    "checkpoint on one split. Writes F.json, F.csv, F" + evaluation.PREDICTIONS_SUFFIX + " (the "
-    "per-image probabilities) and F" + evaluation.SALIENCY_SUFFIX + " (saliency maps of the images "
-    "with boxes). Paths may be relative, ~, absolute or gs://.",
+    description="Per-class AUC (95 percent patient-bootstrap CI), DICE of the box classes "
+    "(NIH: 8 of 14; with the uniform-map baseline) and IoBB accuracy (Yao et al. 2018, Sec "
+    "4.2-4.4) of a checkpoint on one split. Writes F.json, F.csv, F"
+    + evaluation.PREDICTIONS_SUFFIX
+    + " (the per-image probabilities) and F"
+    + evaluation.SALIENCY_SUFFIX
+    + " (saliency maps of the images with boxes). Paths may be relative, ~, absolute or gs://.",
   )
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (its best checkpoint, see --which)")

@@ -54,7 +54,7 @@ import numpy as np
 
 from lsemil.core import fileio, log, tables
 from lsemil.core.errors import UserError
-from lsemil.data import findings
+from lsemil.data import findings, pipeline
 from lsemil.inference import engine
 from lsemil.metrics import (
   baselines,
@@ -137,6 +137,11 @@ def load_or_evaluate(
   import jax
 
   loaded = engine.load(workdir, which)
+  data_source = pipeline.options_of(loaded.config)["source"]
+  if data_source != "nih":  # Tables 1-4 and the figures are the paper's: NIH's layout, boxes
+    raise UserError(f"{workdir}: a {data_source} run; reproduce writes the paper's NIH "
+                    "tables: score it with `lsemil evaluate --workdir W` (--source S for "
+                    "another source's data)")
   gap = _arch(loaded.config) == "gap"
   source = source or (str(loaded.config.saliency.source) if gap else "model")
   if gap == (source == "model"):

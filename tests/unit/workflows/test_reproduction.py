@@ -361,3 +361,17 @@ def test_train_step_of_every_demo_n_builds():
     model = mil.from_config(config.model)
     assert model.saliency_size == n
     trainer.validate_config(config)
+
+
+def test_a_run_of_another_source_is_refused_before_evaluating(
+  tmp_path, synth_dir, random_variables, write_checkpoint
+):
+  config = configuration.load_config("smoke")
+  with config.unlocked():
+    config.data.source, config.data.classes = "siim-acr", ["Pneumothorax"]
+    config.model.num_classes = 1
+  w = tmp_path / "w"
+  write_checkpoint(w, config, random_variables(mil.from_config(config.model), seed=0), 1)
+  with pytest.raises(reproduction.UserError, match="a siim-acr run; reproduce writes the paper's"):
+    reproduction.reproduce_runs([("r0=5", 5.0, str(w))], str(synth_dir), tmp_path / "R")
+  assert not list(w.glob("evaluation_*"))  # refused before anything was evaluated

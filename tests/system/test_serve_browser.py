@@ -9,7 +9,8 @@ page's 3 decimals, every decision. Every request the browser makes is recorded (
 the server) and so is every console message and exception (none but the bad file's 422).
 Plain HTTP requests then check the JSON against predict's CSV and boxes.json exactly, and
 that no path of /browse reads a file outside the folder ('..', percent-encoded, absolute,
-symlinks out), with a foreign Host header or an oversized upload refused.
+symlinks out), with a foreign Host header or an oversized upload refused, and a DICOM upload
+(MONOCHROME1, 16 bits) is read under its plain name.
 """
 
 from __future__ import annotations
@@ -335,3 +336,14 @@ def test_folder_files_and_foreign_hosts(server):
   assert status == 200 and body.startswith(imageio.PNG_SIGNATURE)
   assert _request(port, "GET", "/", Host="evil.example")[0] == 403  # DNS rebinding
   assert _request(port, "GET", "/", Host=f"localhost:{port}")[0] == 200
+
+
+def test_dicom_upload(server, write_dicom, tmp_path):
+  raw = np.random.default_rng(1).integers(0, 4096, (70, 90), dtype=np.uint16)
+  path = write_dicom(tmp_path / "scan.dcm", raw, photometric="MONOCHROME1")
+  header = {"X-File-Name": "..%2F..%2Fscan%201.dcm"}  # the page percent-encodes the name
+  status, body = _request(server.port, "POST", "/api/predict", path.read_bytes(), **header)
+  assert status == 200, body[:300]
+  result = json.loads(body)["result"]
+  assert result["file"] == "scan 1.dcm" and result["image_size"] == {"height": 70, "width": 90}
+  assert len(result["findings"]) == len(CLASSES)

@@ -221,9 +221,10 @@ def _copy(src, dst, size: int, name: str, chunk: int = 1 << 20) -> None:
 def inside(root: Path, url_path: str) -> Path:
   """The file of `root` that a /browse URL path names (percent-decoded once).
 
-  Raises PermissionError for a path that would leave `root` ('..', an absolute part, a
+  Raises PermissionError for a path that would leave `root` ('..' or '.' parts, a
   backslash, NUL, a symlink resolving outside) and FileNotFoundError for a path inside that
-  is no regular file. 'x/' names x/index.html.
+  is no regular file. Empty parts are dropped ('/etc/passwd' names R/etc/passwd); 'x/'
+  names x/index.html.
   """
   text = urllib.parse.unquote(url_path, errors="strict")
   parts = text.split("/")
@@ -258,7 +259,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
   server_version = "lsemil-serve"
   protocol_version = "HTTP/1.1"
 
-  def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
+  def log_message(self, format, *args) -> None:
     pass  # one line per request would bury the URL; failures are logged where they happen
 
   def _send(self, code: int, body: bytes, kind: str, policy: str = _PAGE_POLICY) -> None:
@@ -328,7 +329,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     except ValueError:
       return self._error(411, f"{safe_name(name)}: no Content-Length")
     if size > imageio.MAX_FILE_BYTES:
-      self.close_connection = True  # the body is not read
       return self._error(
         413, f"{safe_name(name)}: {size:,} bytes, above the limit of "
         f"{imageio.MAX_FILE_BYTES:,} bytes (lsemil.data.imageio.MAX_FILE_BYTES); not read",
@@ -397,14 +397,18 @@ def make_server(
 
 def url(server: Server) -> str:
   host, port = server.server_address[:2]
-  host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+  host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
   return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
 @contextlib.contextmanager
 def serving(viewer: Viewer, **options):
   """`make_server` for a `with` block: the server, closed with the viewer's temp folder."""
-  server = make_server(viewer, **options)
+  try:
+    server = make_server(viewer, **options)
+  except BaseException:
+    viewer.close()
+    raise
   try:
     yield server
   finally:

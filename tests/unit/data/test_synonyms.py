@@ -2,7 +2,7 @@
 
 import pytest
 
-from lsemil.data import chexpert, nih, rsna, siim, synonyms, vindr
+from lsemil.data import chestx_det10, chexlocalize_truth, chexpert, nih, rsna, siim, synonyms, vindr
 
 CX = chexpert.LABELS
 
@@ -31,6 +31,22 @@ CASES = [
   # a csv source matches by any source's name, without case or underscores
   (("effusion", "PNEUMO_THORAX", "Fracture"), "csv", nih.CLASSES[:3], "nih",
    [("effusion", "Effusion")], ["PNEUMO_THORAX", "Fracture"], ["Atelectasis", "Cardiomegaly"]),
+  # one labeller: CheXpert and MIMIC-CXR pair all 14
+  (CX, "chexpert", CX, "mimic-cxr-jpg", [(c, c) for c in CX], [], []),
+  # CheXlocalize calls CheXpert's Lung Opacity Airspace Opacity
+  (("Lung Opacity", "Pneumonia"), "chexpert", chexlocalize_truth.CLASSES, "chexlocalize",
+   [("Lung Opacity", "Airspace Opacity")], ["Pneumonia"],
+   [c for c in chexlocalize_truth.CLASSES if c != "Airspace Opacity"]),
+  # ChestX-Det10: NIH's names, Mass and Nodule included
+  (nih.CLASSES, "nih", chestx_det10.CLASSES, "chestx-det10",
+   [("Atelectasis", "Atelectasis"), ("Effusion", "Effusion"), ("Mass", "Mass"),
+    ("Nodule", "Nodule"), ("Pneumothorax", "Pneumothorax"),
+    ("Consolidation", "Consolidation"), ("Emphysema", "Emphysema"), ("Fibrosis", "Fibrosis")],
+   ["Cardiomegaly", "Infiltration", "Pneumonia", "Edema", "Pleural_Thickening", "Hernia"],
+   ["Calcification", "Fracture"]),
+  # a csv 'Lung Opacity' is RSNA's Lung Opacity, not (by RSNA's definition) Pneumonia
+  (("Lung Opacity", "Pneumonia"), "csv", rsna.CLASSES, "rsna-pneumonia",
+   [("Lung Opacity", "Lung Opacity"), ("Pneumonia", "Lung Opacity")], [], []),
   # the same source pairs equal names only
   (("a", "b", "c"), "csv", ("c", "a", "d"), "csv", [("a", "a"), ("c", "c")], ["b"], ["d"]),
 ]  # fmt: skip
@@ -56,7 +72,13 @@ def test_pairs_name_their_row():
 def test_every_name_in_the_table_is_a_class_of_its_source():
   classes = {"nih": nih.CLASSES, "chexpert": CX, "mimic-cxr-jpg": CX,
              "vindr-cxr": vindr.COMPETITION_CLASSES, "rsna-pneumonia": rsna.CLASSES,
-             "siim-acr": siim.CLASSES}  # fmt: skip
+             "siim-acr": siim.CLASSES, "chestx-det10": chestx_det10.CLASSES,
+             "chexlocalize": chexlocalize_truth.CLASSES}  # fmt: skip
   for finding, row in synonyms.FINDINGS.items():
     for source, name in row.items():
       assert name in classes[source], (finding, source, name)
+
+
+def test_the_csv_fallback_never_matches_through_a_defined_name():
+  got = synonyms.resolve(("Lung Opacity",), "csv", ("Pneumonia",), "nih")
+  assert got.pairs == () and got.model_only == ("Lung Opacity",)

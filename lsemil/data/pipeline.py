@@ -84,7 +84,6 @@ class ImageSource:
     self.paths: list[str] = []
     self._tfds_split: list[tuple[str, int]] = []
     self._tfds = None
-    self._dicom = False
     marker = nih.read_marker(self.data_dir)
     if source == "nih" and not preparation.is_prepared_source(marker):
       self._open_nih(marker, val_fraction, split_seed)

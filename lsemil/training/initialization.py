@@ -13,7 +13,9 @@ bytes differ from their checksum (`lsemil.runtime.integrity`). What is copied:
   the source's class of the same name, else the class the synonym table calls the same
   finding (`lsemil.data.synonyms`, e.g. NIH `Effusion` = CheXpert `Pleural Effusion`). A class
   with no counterpart keeps its fresh initialisation, and so does a class that two source
-  classes would fill (named in the mapping as not copied, never chosen at random).
+  classes would fill (named in the mapping as not copied, never chosen at random). A head
+  variable of another form (a shared beta against per-class ones, a pooling without beta)
+  stays fresh too, with a note.
 
 The mapping is reported through `lsemil.core.log`. The optimizer starts fresh; learning rate
 and schedule are the config's. `freeze_backbone` is `train.freeze=backbone`: only the head
@@ -127,13 +129,12 @@ def map_classes(
 
 
 def _head_columns(path: str, src: np.ndarray, fresh: np.ndarray, mapping: ClassMapping):
-  """`fresh` with the mapped class columns (last axis) of `src`; a shared scalar is copied."""
-  if fresh.ndim == 0 or src.ndim == 0:
-    if src.shape != fresh.shape:
-      raise _mismatch(path, src.shape, fresh.shape)
-    return src.astype(fresh.dtype)
-  if src.shape[:-1] != fresh.shape[:-1]:
-    raise _mismatch(path, src.shape, fresh.shape)
+  """(`fresh` with the mapped class columns (last axis) of `src`, None), or (`fresh`, a note)
+  when the head's form differs (another pooling, a shared beta); a shared scalar is copied."""
+  if src.shape == fresh.shape == ():
+    return src.astype(fresh.dtype), None
+  if src.ndim != fresh.ndim or src.shape[:-1] != fresh.shape[:-1]:
+    return fresh, f"{path} is {src.shape} in the source, {fresh.shape} here: not copied"
   if src.shape[-1] != len(mapping.source) or fresh.shape[-1] != len(mapping.target):
     raise ConfigError(
       f"{path} has {src.shape[-1]} class columns in the source and {fresh.shape[-1]} here, "
@@ -143,7 +144,7 @@ def _head_columns(path: str, src: np.ndarray, fresh: np.ndarray, mapping: ClassM
   for j, c in enumerate(mapping.columns):
     if c is not None:
       out[..., j] = src[..., c]
-  return out
+  return out, None
 
 
 def _mismatch(path: str, source_shape, run_shape) -> ConfigError:
@@ -154,30 +155,38 @@ def _mismatch(path: str, source_shape, run_shape) -> ConfigError:
   )
 
 
-def transplant(source: dict, fresh: dict, mapping: ClassMapping) -> dict:
+def transplant(source: dict, fresh: dict, mapping: ClassMapping) -> tuple[dict, list[str]]:
   """The run's first variables: `fresh` (its own initialisation, {'params',
-  'batch_stats'?}) with the backbone of `source` and the head columns of `mapping`.
+  'batch_stats'?}) with the backbone of `source` and the head columns of `mapping`; and notes
+  on head variables left fresh or unused (one model lacks them, or their form differs).
 
-  Raises ConfigError naming the first variable path ('params/stem/kernel') that one model has
-  and the other lacks, or whose shape differs outside the class axis of the head."""
+  Raises ConfigError naming the first backbone variable path ('params/stem/kernel') that one
+  model has and the other lacks, or whose shape differs."""
   src = flax.traverse_util.flatten_dict(dict(source), sep=SEP)
   new = flax.traverse_util.flatten_dict(dict(fresh), sep=SEP)
-  out = {}
+  out, notes = {}, []
   for path in sorted(set(src) | set(new), key=lambda p: (not p.startswith("params/"), p)):
+    head = is_head(path.split(SEP))
     if path not in new or path not in src:
       where = "the source" if path in src else "this run's model"
-      raise ConfigError(
-        f"the source model's architecture differs from this run's: only {where} has {path} "
-        "(set the run's model config to the source's, or train from scratch)"
-      )
+      if not head:
+        raise ConfigError(
+          f"the source model's architecture differs from this run's: only {where} has {path} "
+          "(set the run's model config to the source's, or train from scratch)"
+        )
+      notes.append(f"{path}: only {where} has it" + ("" if path in src else "; fresh"))
+      if path in new:
+        out[path] = np.asarray(new[path])
+      continue
     a, b = np.asarray(src[path]), np.asarray(new[path])
-    if is_head(path.split(SEP)):
-      out[path] = _head_columns(path, a, b, mapping)
+    if head:
+      out[path], note = _head_columns(path, a, b, mapping)
+      notes += [note] if note else []
     elif a.shape != b.shape:
       raise _mismatch(path, a.shape, b.shape)
     else:
       out[path] = a.astype(b.dtype)
-  return flax.traverse_util.unflatten_dict(out, sep=SEP)
+  return flax.traverse_util.unflatten_dict(out, sep=SEP), notes
 
 
 def _source_of(config) -> str:
@@ -200,7 +209,7 @@ def initialize(source: str | os.PathLike, fresh: dict, config) -> tuple[dict, Cl
     _source_of(loaded.config),
   )
   try:
-    variables = transplant(loaded.variables, fresh, mapping)
+    variables, notes = transplant(loaded.variables, fresh, mapping)
   except ConfigError as e:
     raise ConfigError(f"train.init_from={source}: {e}") from None
   backbone = sum(
@@ -212,7 +221,7 @@ def initialize(source: str | os.PathLike, fresh: dict, config) -> tuple[dict, Cl
     f"initialised from {loaded.checkpoint} (step {loaded.step}, source "
     f"{_source_of(loaded.config)}): backbone copied ({backbone:,} values), optimizer from scratch"
   )
-  for line in mapping.lines():
+  for line in [*mapping.lines(), *notes]:
     log.info(line)
   return variables, mapping
 

@@ -76,7 +76,8 @@ def _tree(k: int, seed: int, width: int = 4) -> dict:
 def test_backbone_copied_and_head_columns_of_shared_classes_only():
   mapping = initialization.map_classes(["A", "B", "New"], "nih", ["B", "Old", "A"], "nih")
   source, fresh = _tree(3, seed=0), _tree(3, seed=1)
-  out = initialization.transplant(source, fresh, mapping)
+  out, notes = initialization.transplant(source, fresh, mapping)
+  assert notes == []
   for part in ("stem", "stem_norm"):
     for name, a in source["params"][part].items():
       np.testing.assert_array_equal(out["params"][part][name], a)
@@ -91,10 +92,18 @@ def test_backbone_copied_and_head_columns_of_shared_classes_only():
   np.testing.assert_array_equal(beta, [source["params"]["pool"]["beta"][i] for i in (2, 0)]
                                 + [fresh["params"]["pool"]["beta"][2]])  # fmt: skip
   assert fresh["params"]["head"]["bias"][0] != out["params"]["head"]["bias"][0]  # not in place
-  # A shared scalar beta (per_class_beta=False) is copied as it is.
+  # A shared scalar beta (per_class_beta=False) is copied as it is; against per-class betas,
+  # or where the run's pooling has none, it is not, with a note.
   source["params"]["pool"]["beta"] = np.float32(2.5)
   fresh["params"]["pool"]["beta"] = np.float32(0.0)
-  assert initialization.transplant(source, fresh, mapping)["params"]["pool"]["beta"] == 2.5
+  assert initialization.transplant(source, fresh, mapping)[0]["params"]["pool"]["beta"] == 2.5
+  fresh["params"]["pool"]["beta"] = np.zeros(3, np.float32)
+  out, notes = initialization.transplant(source, fresh, mapping)
+  assert notes == ["params/pool/beta is () in the source, (3,) here: not copied"]
+  np.testing.assert_array_equal(out["params"]["pool"]["beta"], np.zeros(3))
+  del fresh["params"]["pool"]
+  out, notes = initialization.transplant(source, fresh, mapping)
+  assert notes == ["params/pool/beta: only the source has it"] and "pool" not in out["params"]
 
 
 def test_another_architecture_is_refused_naming_the_parameter_and_both_shapes():
@@ -104,10 +113,9 @@ def test_another_architecture_is_refused_naming_the_parameter_and_both_shapes():
   with pytest.raises(ConfigError, match=r"params/stem/kernel is \(3, 3, 1, 4\) in the source, "
                                         r"\(3, 3, 1, 8\) here"):  # fmt: skip
     initialization.transplant(_tree(1, 0), wide, mapping)
-  narrow = _tree(1, 1)
-  narrow["params"]["head"]["kernel"] = np.zeros((1, 1, 8, 1), np.float32)
-  with pytest.raises(ConfigError, match=r"params/head/kernel is \(1, 1, 4, 1\) in the source"):
-    initialization.transplant(_tree(1, 0), narrow, mapping)
+  wide["params"]["head"]["kernel"] = np.zeros((1, 1, 8, 1), np.float32)  # follows the stem
+  with pytest.raises(ConfigError, match="params/stem/kernel is"):
+    initialization.transplant(_tree(1, 0), wide, mapping)
   extra = _tree(1, 1)
   extra["params"]["dense1"] = {"kernel": np.zeros((3, 3, 4, 4), np.float32)}
   with pytest.raises(ConfigError, match="only this run's model has params/dense1/kernel"):

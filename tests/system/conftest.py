@@ -7,7 +7,8 @@ runs the CLI and asserts it succeeded, `lsemil.run(*args)` runs it and returns t
 whatever its exit status, `lsemil.popen(*args)` starts it, `lsemil.together(procs)` reads
 the output of processes that run together (one multi-host run), and `lsemil.env(...)` is the
 environment a subprocess gets (the CPU backend, unbuffered output, optionally a JAX cache of
-its own and a number of host devices).
+its own and a number of host devices). `chromium` is the headless Chromium executable of the
+browser tests (they skip where there is none).
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="the --data-dir's source (default: the run's own, its config's data.source). "
     "Another source's data is scored on the classes both share (lsemil.data.synonyms), each "
-    "over the images where its label is known; localization and calibration are left out",
+    "over the images where its label is known, localized against the data's boxes of those "
+    "classes; calibration and operating points are left out",
   )
   p.add_argument("--out", help="output JSON (default: <workdir>/evaluation_<split>.json)")
   p.add_argument(

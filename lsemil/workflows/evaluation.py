@@ -330,6 +330,7 @@ class EvalRun:
   figure: list[tuple[int, int]]  # (row, box class) of the Figure 1/3 candidates
   calibration_params: dict | None = None  # `calibration.fit` of the valid split
   classes: tuple[str, ...] = ()  # the run's classes: the probability columns
+  data_config: Any = None  # the config that read the data (`data_config_of`); None: the run's
 
 
 def _predict(predictor, config, data_dir, split, keep, fig_rows, progress):
@@ -505,8 +506,9 @@ def evaluate_split(
   Every image's class probabilities are kept; saliency maps only for the images with boxes
   (or `options.keep_saliency_for`), so memory does not grow with the split. On another
   source's data only the classes `scoring_of` pairs are scored (AUC over the images where
-  the label is known); localization, calibration and operating points are the run's own
-  source's (and need every scored label known), so they are left out there.
+  the label is known), localization on the data's boxes of those classes
+  (`boxes_as_run_classes`); calibration and operating points are the run's own source's (and
+  need every scored label known), so they are left out there.
   """
   from lsemil.data import statistics
 
@@ -518,14 +520,15 @@ def evaluate_split(
     raise DataError(f"the {split} split of {data_dir} is empty: no images to evaluate")
   data_classes = pipeline.open_source(data_dir, split, **pipeline.options_of(data_config)).classes
   scoring = scoring_of(config, data_config, data_classes)
-  space = None if scoring.mapping else box_space_of(index)
+  space = box_space_of(index)
+  boxed = boxes_as_run_classes(index, scoring) if scoring.mapping else index
   if space is None:
     keep: set[int] = set()
   elif options.keep_saliency_for is None:
-    keep = set(np.unique(index.box_rows).tolist()) & set(split_rows.tolist())
+    keep = set(np.unique(boxed.box_rows).tolist()) & set(split_rows.tolist())
   else:
     keep = set(int(r) for r in options.keep_saliency_for)
-  fig = figure_cases(index, split, options.n_figure) if space is not None else []
+  fig = figure_cases(boxed, split, options.n_figure) if space is not None else []
   preds, seconds, ips = _predict(
     predictor, data_config, data_dir, split, keep, [r for r, _ in fig], options.progress
   )
@@ -533,7 +536,7 @@ def evaluate_split(
     f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)"
   )
   check_finite(index, preds, classes)
-  cases = box_cases(index, preds.saliency)
+  cases = box_cases(boxed, preds.saliency)
   loc = localization_metrics(
     preds.saliency,
     cases,
@@ -544,7 +547,7 @@ def evaluate_split(
     progress=options.progress,
   )
   protocols = (
-    protocol_metrics(index, preds, cases, options, classes, space)
+    protocol_metrics(boxed, preds, cases, options, classes, space)
     if options.protocols and space is not None
     else None
   )
@@ -588,7 +591,26 @@ def evaluate_split(
   )
   return EvalRun(
     result=result, predictions=preds, index=index, figure=fig, calibration_params=params,
-    classes=tuple(classes),
+    classes=tuple(classes), data_config=data_config,
+  )
+
+
+def boxes_as_run_classes(index, scoring: Scoring):
+  """`index` with its boxes in the run's class numbers (`scoring`'s pairs): each box of a
+  paired data class once per run class scored against it, none of the others, and none of a
+  run class scored against two data classes (whose boxes would mix two findings)."""
+  twice = {k for k in scoring.model_cols if scoring.model_cols.count(k) > 1}
+  run_of: dict[int, list[int]] = {}
+  for k, j in zip(scoring.model_cols, scoring.data_cols, strict=True):
+    if k not in twice:
+      run_of.setdefault(j, []).append(k)
+  sel = [(b, k) for b, j in enumerate(index.box_classes.tolist()) for k in run_of.get(j, [])]
+  at = np.array([b for b, _ in sel], np.int64)
+  return dataclasses.replace(
+    index,
+    box_rows=np.asarray(index.box_rows)[at],
+    box_classes=np.array([k for _, k in sel], np.int64),
+    box_xywh=np.asarray(index.box_xywh).reshape(-1, 4)[at],
   )
 
 
@@ -742,7 +764,7 @@ def write_outputs(run: EvalRun, config, data_dir: str, out) -> dict[str, epath.P
     run.predictions.levels,
     run.figure,
     run.index,
-    config,
+    run.data_config or config,
     data_dir,
     run.result.split,
     run.classes or findings.of_config(config),

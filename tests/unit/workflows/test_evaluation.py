@@ -383,6 +383,20 @@ def _cross_source(w, tmp_path, capsys):
     want = classification.roc_auc(y[known], p)
     np.testing.assert_equal(result["auc"][model_class], want)
     assert (result.get("num_known") or {}).get(model_class, len(rows)) == known.sum()
+  # RSNA's boxes of Lung Opacity are the localization truth of the run's Pneumonia.
+  rs = tmp_path / "rs"
+  assert cli.main(["synth", "--layout", "rsna-pneumonia", "--out", str(rs), "--patients", "10",
+                   "--size", "128"]) == 0  # fmt: skip
+  argv = ["evaluate", "--workdir", str(w), "--data-dir", str(rs), "--source", "rsna-pneumonia"]
+  assert cli.main([*argv, "--n-boot", "0", "--no-progress"]) == 0
+  result = evaluation.load_evaluation(w / "evaluation_test_on_rsna-pneumonia.json")
+  assert [(p["model"], p["data"]) for p in result["mapping"]["pairs"]] == [
+    ("Pneumonia", "Lung Opacity")]  # fmt: skip
+  index = pipeline.open_index(rs, source="rsna-pneumonia")
+  boxes = int(np.isin(index.box_rows, index.rows("test")).sum())
+  assert boxes and result["num_boxes"] == {"Pneumonia": boxes} and list(result["dice"]) == [
+    "Pneumonia"]  # fmt: skip
+  assert math.isfinite(result["auc"]["Pneumonia"]) and "calibration" not in result
 
 
 def test_non_finite_probability_or_map_names_the_image():

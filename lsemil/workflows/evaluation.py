@@ -536,21 +536,7 @@ def evaluate_split(
     f"evaluated {len(preds.rows)} images of {split!r} in {seconds:.1f} s ({ips:.1f} images/s)"
   )
   check_finite(index, preds, classes)
-  cases = box_cases(boxed, preds.saliency)
-  loc = localization_metrics(
-    preds.saliency,
-    cases,
-    space or 0.0,
-    classes=classes,
-    taus=options.taus,
-    ts=options.ts,
-    progress=options.progress,
-  )
-  protocols = (
-    protocol_metrics(boxed, preds, cases, options, classes, space)
-    if options.protocols and space is not None
-    else None
-  )
+  loc, protocols = localization_results(boxed, preds, options, classes, space)
   if scoring.mapping or np.isnan(scored_arrays(index, preds, scoring)[0]).any():
     log.info("calibration and operating points left out: they need the run's own source "
              "with every label known")
@@ -622,6 +608,26 @@ def data_config_of(config, source: str | None):
   out = ml_collections.ConfigDict(config.to_dict())
   out.data.source = source
   return out
+
+
+def localization_results(
+  boxed, preds, options: EvalOptions, classes: Sequence[str], box_space: float | None
+) -> tuple[dict, dict | None]:
+  """(`localization_metrics`, `protocol_metrics` or None) of the kept maps against the boxes
+  of `boxed` (an index whose box classes are the run's; no box space: no protocols)."""
+  cases = box_cases(boxed, preds.saliency)
+  loc = localization_metrics(
+    preds.saliency,
+    cases,
+    box_space or 0.0,
+    classes=classes,
+    taus=options.taus,
+    ts=options.ts,
+    progress=options.progress,
+  )
+  if not options.protocols or box_space is None:
+    return loc, None
+  return loc, protocol_metrics(boxed, preds, cases, options, classes, box_space)
 
 
 def protocol_metrics(

@@ -28,6 +28,8 @@ MIL_ONLY = (
   "r0",
   "per_class_beta",
   "beta_init",
+  "dense_impl",
+  "up_impl",
 )
 
 

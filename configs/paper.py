@@ -67,6 +67,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"
   # Rematerialise residual / dense blocks to save accelerator memory.
   m.remat = False
+  # What remat keeps for the backward pass: nothing (recompute each block) | dots (the conv
+  # outputs; norms and relus are recomputed).
+  m.remat_policy = "nothing"
   # Speed options (lsemil/models/layers.py): same parameters, same sums up to float rounding;
   # measured in README's benchmark section.
   # BatchNorm: fused (custom VJP saving only its input and float32 mean / inverse std)
@@ -82,6 +85,17 @@ def get_model_config() -> ml_collections.ConfigDict:
   # The 7x7 strided stem on 1 channel: conv | space_to_depth (a 4x4 stride-1 conv on
   # 2x2 blocks, 4 channels) | pad8 (input channels zero-padded to 8, for tensor cores).
   m.stem_impl = "conv"
+  # How the DenseNet blocks (Eq. 2) read the growing concatenation F_1 + ... + F_m: concat
+  # (formed for each layer) | split (never formed: each conv is the sum of one conv per map,
+  # kernel sliced) | buffer (the maps written into one preallocated tensor, DenseNet's
+  # shared storage; convs zero over the channels not yet written) | auto (split on TPU,
+  # where it saves HBM bytes per step, README "Before you rent a TPU"; concat elsewhere).
+  m.dense_impl = "auto"
+  # How the up path (Eq. 3) reads U(F^{l+1}) + F^l: concat (upsampled and concatenated at
+  # the fine resolution) | split (never formed: the first conv split over its two inputs,
+  # U(F^{l+1})'s share computed at the coarse resolution, layers.upsampled_input_kernel)
+  # | auto (split on TPU, concat elsewhere).
+  m.up_impl = "auto"
   return m
 
 

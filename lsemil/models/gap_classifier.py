@@ -78,6 +78,7 @@ def validate(cfg: Any) -> tuple[int, ...]:
     ("conv1x1_impl", mil.CONV1X1_IMPLS),
     ("conv_weight_grad", mil.CONV_WEIGHT_GRADS),
     ("stem_impl", mil.STEM_IMPLS),
+    ("remat_policy", tuple(mil.REMAT_POLICIES)),
   ):
     if get(field) not in choices:
       fail(field, f"unknown {get(field)!r}; choose one of {choices}")

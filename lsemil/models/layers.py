@@ -211,6 +211,38 @@ def space_to_depth_conv_operands(x, w, stride: int):
   return z, wp.reshape(kb, kb, stride * stride * c, o)
 
 
+def upsampled_input_kernel(kernel: jax.Array, factor: int = 2) -> tuple[jax.Array, Any]:
+  """conv(U(a), kernel, 'SAME') as a conv of `a` itself, U the nearest x`factor` upsampling.
+
+  Output pixel f i + p (phase p < f) of a k-tap 'SAME' conv (lo = (k - 1) // 2 zeros before)
+  reads U(a)[f i + p + t - lo] = a[i + (p + t - lo) // f]: tap t of phase p lands on offset
+  (p + t - lo) // f of `a`, and the zeros U(a) is padded with are the zeros `a` is padded
+  with. So one stride-1 conv of `a` whose kernel sums, per phase and offset, the taps that
+  land there gives all f x f phases as f * f * O channels (same parameters; the sums
+  regrouped). Returns (that kernel (kb, kb, C, f * f * O), its explicit padding); the
+  result is depth-to-space'd by `phases_to_space`.
+  """
+  k = kernel.shape[0]
+  lo = (k - 1) // 2
+  first, last = (0 - lo) // factor, (factor - 1 + k - 1 - lo) // factor
+  taps = last - first + 1
+  # place[p, o, t] = 1 where tap t of phase p reads offset first + o.
+  place = [[[float((p + t - lo) // factor == first + o) for t in range(k)]
+            for o in range(taps)] for p in range(factor)]  # fmt: skip
+  place = jnp.asarray(place, kernel.dtype)
+  w = jnp.einsum("pat,qbs,tsco->abcpqo", place, place, kernel)
+  c, o = kernel.shape[2], kernel.shape[3]
+  return w.reshape(taps, taps, c, factor * factor * o), ((-first, last), (-first, last))
+
+
+def phases_to_space(y: jax.Array, factor: int = 2) -> jax.Array:
+  """(B, h, w, f * f * O) phases -> (B, f h, f w, O): out[f i + p, f j + q] = y[i, j, (p, q)]."""
+  b, h, w, c = y.shape
+  o = c // (factor * factor)
+  y = y.reshape(b, h, w, factor, factor, o).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, h * factor, w * factor, o)
+
+
 class Conv(nn.Module):
   """`flax.linen.Conv(padding='SAME', feature_group_count=1)` on NHWC with speed options.
 
@@ -235,31 +267,68 @@ class Conv(nn.Module):
   input_transform: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: Any, coarse: jax.Array | None = None, in_features: int | None = None
+  ) -> jax.Array:
+    """conv(x) (x an array), with two ways to read an input without forming it:
+
+    - `x` a sequence of arrays: the conv of their channel concatenation, as the sum of each
+      one's conv with its slice of the kernel (a DenseNet block's growing input, Eq. 2);
+    - `coarse` (half the side): the conv of concat([U(coarse), x]) with U the nearest x2
+      upsampling (Eq. 3), U(coarse)'s share as a conv of `coarse` at its own resolution
+      (`upsampled_input_kernel`);
+    - `in_features`: only x's first `in_features` channels are the input; the rest are
+      zeros (preallocated storage), so the kernel is zero-padded over them.
+
+    Same parameters as the conv of the concatenated input; the same sums, regrouped.
+    """
     kh, kw = self.kernel_size
-    s = int(self.strides)
-    shape = (kh, kw, x.shape[-1], self.features)
+    parts = list(x) if isinstance(x, list | tuple) else [x]
+    extra = 0 if coarse is None else coarse.shape[-1]
+    width = sum(p.shape[-1] for p in parts) if in_features is None else in_features
+    shape = (kh, kw, extra + width, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    h, w = x.shape[1:3]
-    if self.dot_1x1 and kh == kw == 1 and h % s == 0 and w % s == 0:
-      xs = x[:, ::s, ::s, :] if s > 1 else x
-      y = lax.dot_general(xs, kernel[0, 0], (((3,), (0,)), ((), ())))
+    if len(parts) == 1 and coarse is None and in_features is None:
+      y = self._apply(parts[0].astype(self.dtype), kernel.astype(self.dtype))
     else:
-      padding = "SAME"
-      if self.input_transform == "space_to_depth" and s > 1 and h % s == 0 and w % s == 0:
-        x, kernel = space_to_depth_conv_operands(x, kernel, s)
-        s, padding = 1, "VALID"
-      elif self.input_transform == "pad8" and x.shape[-1] % 8:
-        extra = 8 - x.shape[-1] % 8
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
-        kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
-      if self.weight_grad == "gemm" and kernel.shape[0] * kernel.shape[1] > 1:
-        y = conv_gemm_weight_grad(x, kernel, s, padding)
-      else:
-        y = _conv(x, kernel, s, padding)
+      y, start = None, extra
+      for part in parts:
+        k = kernel[:, :, start : start + min(part.shape[-1], width)]
+        start += part.shape[-1]
+        if k.shape[2] < part.shape[-1]:  # in_features: zeros beyond
+          k = jnp.pad(k, ((0, 0), (0, 0), (0, part.shape[-1] - k.shape[2]), (0, 0)))
+        term = self._apply(part.astype(self.dtype), k.astype(self.dtype))
+        y = term if y is None else y + term
+    if coarse is not None:
+      if self.strides != 1 or kh != kw or 2 * coarse.shape[1] != parts[0].shape[1]:
+        raise ValueError(f"an upsampled input needs a square stride-1 conv of half the side, "
+                         f"got {coarse.shape} for {parts[0].shape}")  # fmt: skip
+      phased, pads = upsampled_input_kernel(kernel[:, :, :extra])
+      low = lax.conv_general_dilated(
+        coarse.astype(self.dtype), phased.astype(self.dtype), (1, 1), pads, dimension_numbers=_DN
+      )
+      y = y + phases_to_space(low)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(
         self.dtype
       )
     return y
+
+  def _apply(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    s = int(self.strides)
+    h, w = x.shape[1:3]
+    if self.dot_1x1 and kh == kw == 1 and h % s == 0 and w % s == 0:
+      xs = x[:, ::s, ::s, :] if s > 1 else x
+      return lax.dot_general(xs, kernel[0, 0], (((3,), (0,)), ((), ())))
+    padding = "SAME"
+    if self.input_transform == "space_to_depth" and s > 1 and h % s == 0 and w % s == 0:
+      x, kernel = space_to_depth_conv_operands(x, kernel, s)
+      s, padding = 1, "VALID"
+    elif self.input_transform == "pad8" and x.shape[-1] % 8:
+      extra = 8 - x.shape[-1] % 8
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+      kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    if self.weight_grad == "gemm" and kernel.shape[0] * kernel.shape[1] > 1:
+      return conv_gemm_weight_grad(x, kernel, s, padding)
+    return _conv(x, kernel, s, padding)

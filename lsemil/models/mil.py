@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from lsemil.core.errors import ConfigError
 from lsemil.models import layers, pooling
@@ -48,6 +49,15 @@ BATCH_NORM_IMPLS = ("auto", "fused", "flax")
 CONV1X1_IMPLS = ("dot", "conv")
 CONV_WEIGHT_GRADS = ("xla", "gemm", "auto")
 STEM_IMPLS = ("conv", "space_to_depth", "pad8")
+# How a DenseNet block (Eq. 2) and an up-path step (Eq. 3) read their concatenated inputs.
+DENSE_IMPLS = ("auto", "concat", "split", "buffer")
+UP_IMPLS = ("auto", "concat", "split")
+# What `remat` keeps for the backward pass (jax.checkpoint policies): nothing (recompute
+# each block's forward), dots (the conv and dot outputs; norms and relus recomputed).
+REMAT_POLICIES = {
+  "nothing": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +156,9 @@ def validate(cfg: Any) -> ModelSpec:
     ("conv1x1_impl", CONV1X1_IMPLS),
     ("conv_weight_grad", CONV_WEIGHT_GRADS),
     ("stem_impl", STEM_IMPLS),
+    ("dense_impl", DENSE_IMPLS),
+    ("up_impl", UP_IMPLS),
+    ("remat_policy", tuple(REMAT_POLICIES)),
   ):
     # Absent (a model config without the field) is reported by from_config, naming it.
     value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
@@ -194,35 +207,61 @@ class DenseBlock(nn.Module):
   """F_{m+1} = relu(f(F_1 + ... + F_m)) (Sec 3.2, Eq. 2), + the channel concatenation.
 
   f is conv3x3-norm; there is no identity skip, so f cannot be bypassed. Returns the
-  concatenation of the input and all new maps, as in DenseNet.
+  concatenation of the input and all new maps, as in DenseNet. `impl` (a resolved
+  `dense_impl`) is how f reads the growing concatenation: 'concat' forms it for each layer;
+  'split' never forms it (f's conv is the sum of each map's conv, `layers.Conv` over a
+  list; the block returns the list of maps); 'buffer' writes each new map into one
+  preallocated tensor (shared storage, Pleiss et al. 2017), read by convs whose kernels are
+  zero over the channels not yet written. Same parameters, same sums up to float rounding.
   """
 
   layers: int
   growth: int
   conv: Any
   norm: Any
+  impl: str = "concat"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> Any:
+    if self.impl == "buffer":
+      width = x.shape[-1]
+      out = jnp.pad(x, ((0, 0),) * 3 + ((0, self.layers * self.growth),))
+      for m in range(self.layers):
+        start = width + m * self.growth
+        y = nn.relu(self.norm()(self.conv(self.growth, (3, 3))(out, in_features=start)))
+        out = lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=-1)
+      return out
     features = [x]
     for _ in range(self.layers):
-      y = jnp.concatenate(features, axis=-1)
+      y = features if self.impl == "split" else jnp.concatenate(features, axis=-1)
       features.append(nn.relu(self.norm()(self.conv(self.growth, (3, 3))(y))))
-    return jnp.concatenate(features, axis=-1)
+    return features if self.impl == "split" else jnp.concatenate(features, axis=-1)
 
 
 class FuseUp(nn.Module):
-  """One up-path step, Eq. (3): f(U(F^{l+1}) + F^l), f = `convs` conv3x3-norm-relu."""
+  """One up-path step, Eq. (3): f(U(F^{l+1}) + F^l), f = `convs` conv3x3-norm-relu.
+
+  `fine` is an array or a list of maps standing for their concatenation (a 'split' dense
+  block). `impl` (a resolved `up_impl`): 'concat' forms U(F^{l+1}) and the concatenation;
+  'split' never does: f's first conv reads F^{l+1} at its own resolution and the fine maps
+  apart (`layers.Conv` with `coarse`). Same parameters, same sums up to float rounding.
+  """
 
   features: int
   convs: int
   conv: Any
   norm: Any
+  impl: str = "concat"
 
   @nn.compact
-  def __call__(self, coarse: jax.Array, fine: jax.Array) -> jax.Array:
-    x = jnp.concatenate([upsample_nearest(coarse).astype(fine.dtype), fine], axis=-1)
-    for _ in range(self.convs):
+  def __call__(self, coarse: jax.Array, fine: Any) -> jax.Array:
+    fine = list(fine) if isinstance(fine, list | tuple) else [fine]
+    if self.impl == "split":
+      x = self.conv(self.features, (3, 3))(fine, coarse=coarse.astype(fine[0].dtype))
+      x = nn.relu(self.norm()(x))
+    else:
+      x = jnp.concatenate([upsample_nearest(coarse).astype(fine[0].dtype), *fine], axis=-1)
+    for _ in range(self.convs - (self.impl == "split")):
       x = nn.relu(self.norm()(self.conv(self.features, (3, 3))(x)))
     return x
 
@@ -247,8 +286,13 @@ def layer_fns(m: Any, train: bool) -> tuple[Any, Any, Any]:
     )
   else:
     norm = functools.partial(nn.GroupNorm, num_groups=m.group_norm_groups, dtype=dtype)
-  residual = nn.remat(ResidualBlock) if m.remat else ResidualBlock
+  residual = remat(ResidualBlock, m)
   return conv, norm, residual
+
+
+def remat(block: type[nn.Module], m: Any) -> type[nn.Module]:
+  """`block` rematerialised with the model's `remat_policy` when `m.remat`, else itself."""
+  return nn.remat(block, policy=REMAT_POLICIES[m.remat_policy]) if m.remat else block
 
 
 def down_path(m: Any, x: jax.Array, conv, norm, residual, perturb=None) -> list[jax.Array]:
@@ -292,6 +336,7 @@ class Backbone(nn.Module):
   conv1x1_impl: str
   conv_weight_grad: str
   stem_impl: str
+  remat_policy: str
 
 
 class MultiResolutionMIL(Backbone):
@@ -311,6 +356,8 @@ class MultiResolutionMIL(Backbone):
   r0: float
   per_class_beta: bool
   beta_init: float
+  dense_impl: str
+  up_impl: str
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
@@ -322,14 +369,19 @@ class MultiResolutionMIL(Backbone):
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) * (1.0 / 255.0)
     conv, norm, residual = layer_fns(self, train)
-    dense = nn.remat(DenseBlock) if self.remat else DenseBlock
+    dense = remat(DenseBlock, self)
     levels = down_path(self, x.astype(DTYPES[self.dtype]), conv, norm, residual)
 
     # Horizontal flow (Sec 3.2) on the fused levels, then the up path (Sec 3.3).
     refined = {
-      level: dense(self.dense_layers, self.dense_growth, conv, norm, name=f"dense{level}")(
-        levels[level]
-      )
+      level: dense(
+        self.dense_layers,
+        self.dense_growth,
+        conv,
+        norm,
+        resolve_concat_impl(self.dense_impl),
+        name=f"dense{level}",
+      )(levels[level])
       for level in spec.fused_levels
     }
     head = conv(self.num_classes, (1, 1), use_bias=True, name="head")  # shared W (Sec 3.6)
@@ -342,9 +394,9 @@ class MultiResolutionMIL(Backbone):
     fused = nn.relu(norm(name=f"up{coarse_to_fine[0]}_in_norm")(fused))
     level_logits = [head(fused)]
     for level in coarse_to_fine[1:]:
-      fused = FuseUp(self.up_features, self.up_convs, conv, norm, name=f"up{level}")(
-        fused, refined[level]
-      )
+      impl = resolve_concat_impl(self.up_impl)
+      up = FuseUp(self.up_features, self.up_convs, conv, norm, impl, name=f"up{level}")
+      fused = up(fused, refined[level])
       level_logits.append(head(fused))
 
     # Sigmoid saliency (Sec 3.6) and MIL pooling (Sec 3.4/3.5), in float32.
@@ -375,6 +427,15 @@ def resolve_weight_grad(choice: str, platform: str | None = None) -> str:
   if choice != "auto":
     return choice
   return "gemm" if (platform or jax.default_backend()) == "cpu" else "xla"
+
+
+def resolve_concat_impl(choice: str, platform: str | None = None) -> str:
+  """`dense_impl` / `up_impl` 'auto' -> 'split' on TPU (fewer bytes per step, measured with
+  `lsemil aot`, README), else 'concat' (the CPU program stays what it was, bit for bit);
+  `platform` as in `resolve_batch_norm`."""
+  if choice != "auto":
+    return choice
+  return "split" if (platform or jax.default_backend()) == "tpu" else "concat"
 
 
 def fields_from_config(cls: type[Backbone], cfg: Any, what: str) -> dict[str, Any]:

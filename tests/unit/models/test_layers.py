@@ -253,3 +253,44 @@ def test_space_to_depth_stem_with_gemm_weight_gradient():
 )
 def test_same_padding_matches_xla(size, kernel, stride, expect):
   assert layers.same_padding(size, kernel, stride) == expect
+
+
+# ------------------------------------------------------------ inputs read without forming
+
+
+class _ConcatInput(nn.Module):
+  """The reference: nn.Conv of concat([U(coarse), *parts]) (Eq. 2 and 3 as written)."""
+
+  kernel: tuple[int, int]
+
+  @nn.compact
+  def __call__(self, x):
+    coarse, parts = x
+    up = [jnp.repeat(jnp.repeat(coarse, 2, 1), 2, 2)] if coarse is not None else []
+    return nn.Conv(4, self.kernel, use_bias=False, name="Conv_0")(
+      jnp.concatenate(up + list(parts), -1)
+    )
+
+
+class _PartsInput(nn.Module):
+  kernel: tuple[int, int]
+
+  @nn.compact
+  def __call__(self, x):
+    coarse, parts = x
+    return layers.Conv(4, self.kernel, name="Conv_0")(list(parts), coarse=coarse)
+
+
+def test_conv_of_parts_and_upsampled_input_equals_conv_of_the_concatenation():
+  coarse = _x((2, 5, 5, 3), seed=4)
+  parts = (_x((2, 10, 10, 2), seed=5), _x((2, 10, 10, 3), seed=6))
+  _conv_check(_ConcatInput((3, 3)), _PartsInput((3, 3)), (coarse, parts))
+
+
+def test_conv_of_preallocated_storage_reads_only_the_written_channels():
+  x = _x((2, 6, 6, 3))
+  ref = nn.Conv(4, (3, 3), use_bias=False)
+  v = ref.init(jax.random.key(1), x)
+  storage = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 5)))  # 5 channels not yet written
+  y = layers.Conv(4, (3, 3)).apply(v, storage, in_features=3)
+  np.testing.assert_allclose(y, ref.apply(v, x), **F32_TOL)

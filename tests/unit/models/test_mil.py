@@ -411,6 +411,8 @@ def test_speed_options_keep_the_parameter_tree_and_the_outputs():
     dict(batch_norm_impl="flax", conv1x1_impl="conv"),
     dict(conv_weight_grad="gemm", stem_impl="space_to_depth"),
     dict(stem_impl="pad8"),
+    dict(dense_impl="split", up_impl="split"),
+    dict(dense_impl="buffer", remat=True, remat_policy="dots"),
   ):
     model = mil.from_config(_cfg(**overrides))
     shapes = jax.eval_shape(lambda m=model: mil.init_variables(m, KEY))
@@ -421,6 +423,12 @@ def test_speed_options_keep_the_parameter_tree_and_the_outputs():
     got = jax.jit(functools.partial(model.apply, train=False))(variables, x)
     np.testing.assert_allclose(got["probs"], out["probs"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["saliency"], out["saliency"], rtol=1e-5, atol=1e-5)
+
+
+def test_concat_levers_resolve_per_target_platform():
+  assert [mil.resolve_concat_impl("auto", p) for p in ("cpu", "gpu", "tpu")] == [
+    "concat", "concat", "split"]  # fmt: skip
+  assert mil.resolve_concat_impl("buffer", "cpu") == "buffer"
 
 
 def test_unknown_field_in_from_config_raises_naming_it():

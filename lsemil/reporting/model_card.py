@@ -65,9 +65,10 @@ def _training_data(data_kind: str, classes: Sequence[str]) -> str:
     )
   if data_kind == "synthetic":
     return (
-      "**Synthetic phantoms** (`lsemil synth`: planted findings of all 14 classes in the NIH "
-      "ChestX-ray14 layout), not real radiographs. This model demonstrates the method and the "
-      "file formats; it has never seen a chest X-ray and says nothing about real images."
+      "**Synthetic phantoms** (`lsemil synth`: planted findings of all its classes, in the "
+      f"layout of a chest X-ray release; {len(classes)} classes here), not real radiographs. "
+      "This model demonstrates the method and the file formats; it has never seen a chest "
+      "X-ray and says nothing about real images."
     )
   text = (
     "NIH ChestX-ray14 (112,120 frontal chest radiographs of 30,805 patients, 14 labels "

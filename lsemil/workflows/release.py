@@ -174,18 +174,22 @@ def _results(loaded: engine.LoadedModel, step: int) -> tuple[dict, dict, dict, l
 
 
 def _data_kind(config) -> str:
+  """'synthetic' (lsemil synth's phantoms, in any layout), another source's name (its
+  release, as its reader reads it), or for NIH 'nih' / 'unknown' (a folder of unknown
+  origin)."""
   source = str(config.data.get("source") or "nih")
-  if source != "nih":
-    return source
+  other = source if source != "nih" else "unknown"
   data_dir = str(config.data.get("data_dir") or "")
   if not data_dir:
-    return "synthetic" if int(config.data.get("synth_patients", 0) or 0) > 0 else "unknown"
+    return "synthetic" if int(config.data.get("synth_patients", 0) or 0) > 0 else other
   if fileio.is_remote(data_dir) or not os.path.isdir(data_dir):
-    return "unknown"
+    return other
   marker = nih.read_marker(data_dir)
   prepared = marker.get("kind") == "prepared"
   kind = marker.get("prepared_from", "unknown") if prepared else marker.get("kind")
-  return {"synthetic": "synthetic", "nih": "nih", None: "nih"}.get(kind, "unknown")
+  if kind == "synthetic" or source != "nih":
+    return "synthetic" if kind == "synthetic" else source
+  return {"nih": "nih", None: "nih"}.get(kind, "unknown")
 
 
 def _clean_output(out) -> None:

@@ -220,6 +220,9 @@ def test_operating_points_from_evaluate_to_export(run, tmp_path, synth_dir, caps
     ({"kind": "prepared"}, "unknown"),  # prepared before the origin was recorded
     ({"kind": "synthetic"}, "synthetic"),
     (None, "nih"),  # no marker: the release as NIH gives it
+    ({"kind": "synthetic", "layout": "chexpert"}, "chexpert:synthetic"),  # synth --layout
+    ({"kind": "prepared", "prepared_from": "synthetic"}, "chexpert:synthetic"),
+    (None, "chexpert:chexpert"),  # another source's release: its name
   ],
 )
 def test_the_model_cards_training_data_follows_a_prepared_folder(tmp_path, marker, kind):
@@ -227,4 +230,7 @@ def test_the_model_cards_training_data_follows_a_prepared_folder(tmp_path, marke
     (tmp_path / "lsemil_dataset.json").write_text(json.dumps(marker))
   config = configuration.load_config("smoke")
   config.data.data_dir = str(tmp_path)
+  source, _, kind = kind.rpartition(":")
+  with config.unlocked():
+    config.data.source = source or "nih"
   assert release._data_kind(config) == kind

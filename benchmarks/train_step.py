@@ -40,7 +40,8 @@ markdown row:
   Without torch the benchmark says so and goes on.
 
 `--variant k=v,k=v` (repeatable; '' = the config as is) sets model config fields, e.g. the
-speed options batch_norm_impl, conv1x1_impl, conv_weight_grad, stem_impl (configs/paper.py).
+speed options batch_norm_impl, conv1x1_impl, conv_weight_grad, stem_impl, dense_impl, up_impl
+(configs/paper.py).
 `--interleave` compiles every setting first and then runs their windows round-robin, so
 a shared machine's changing load falls on all of them alike (for before/after tables).
 `--json FILE` appends one JSON line per row. No data or checkpoint is needed.
@@ -217,6 +218,7 @@ def conv_census(model, batch: int) -> list[dict]:
   from lsemil.models import mil
 
   plain = model.clone(conv1x1_impl="conv", stem_impl="conv", conv_weight_grad="xla")
+  plain = plain.clone(dense_impl="concat", up_impl="concat")
   variables = jax.eval_shape(lambda: mil.init_variables(plain, jax.random.key(0)))
   s = plain.input_size
   x = jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32)
@@ -423,6 +425,12 @@ def _fmt(x, spec, blank=""):
   return blank if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+# Model fields that change speed only (same parameters, same sums up to float rounding): a
+# variant of these still compares with the twin.
+SPEED_OPTIONS = ("batch_norm_impl", "conv1x1_impl", "conv_weight_grad", "stem_impl", "dense_impl",
+                 "up_impl")  # fmt: skip
+
+
 def setup_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_py) -> dict:
   """Compiles one setting; its windows run later (`run_round`), maybe interleaved."""
   from lsemil.core.configuration import load_config
@@ -438,7 +446,7 @@ def setup_setting(args, *, variant: str, batch: int, res: int, dtype: str, twin_
   prep = prepare(config, batch=batch, warmup=args.warmup, args=args)
   twin_name = args.config if args.config in ("demo", "paper") else None
   speed_only = all(
-    item.split("=")[0] in ("batch_norm_impl", "conv1x1_impl", "conv_weight_grad", "stem_impl")
+    item.split("=")[0] in SPEED_OPTIONS
     for item in filter(None, variant.split(","))
   )
   base_res = int(load_config(args.config).model.input_size)

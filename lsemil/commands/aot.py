@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     help="with --max-batch: search multiples of this (fewer compiles; default 1)",
   )
   parser.add_argument(
+    "--batch-start",
+    type=arguments.positive_int,
+    help="with --max-batch: start the search here, a guess of the answer (e.g. from HBM's "
+    "linear growth with the batch), then step up or down from it: two compiles when the "
+    "guess is right (default: from --batch-step, doubling)",
+  )
+  parser.add_argument(
     "--batch-limit",
     type=arguments.positive_int,
     default=1024,
@@ -75,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     "--hbm-bytes",
     type=arguments.positive_int,
     help="HBM capacity per chip to check against, instead of the generation's published one",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="model.FIELD=VALUE",
+    help="override a model field, e.g. --set model.dense_impl=split (repeatable; as "
+    "`lsemil train --config.model.FIELD=VALUE`)",
   )
   parser.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
   return parser
@@ -113,7 +128,8 @@ def format_report(report: dict) -> str:
   out = [
     f"{r['config']} on {r['topology']} ({r['generation']}): {r['dtype']} compute, "
     f"{r['param_dtype']} params, BatchNorm {r['batch_norm_impl']}, conv weight gradients "
-    f"{r['conv_weight_grad']}, fsdp {r['fsdp']}",
+    f"{r['conv_weight_grad']}, dense blocks {r['dense_impl']}, up path {r['up_impl']}, "
+    f"remat {r['remat']}, fsdp {r['fsdp']}",
     f"mesh {mesh}: {r['devices']} chips on {r['hosts']} host(s), {r['slices']} slice(s); "
     f"batch {r['per_chip_batch']} per chip, {r['global_batch']} global; input "
     f"{inp['spec']} over {inp['devices']} devices ({inp['images_per_device']} images each)",
@@ -176,6 +192,8 @@ def main(argv: list[str]) -> int:
     config.model.dtype = args.dtype
   if args.fsdp:
     config.train.fsdp = True
+  for item in args.set:
+    _override(config, item)
   configuration.check_finite(config)
   chip, _ = accelerators.parse_topology(args.topology)
   devices = accelerators.topology_devices(args.topology, args.num_slices)
@@ -188,18 +206,20 @@ def main(argv: list[str]) -> int:
     c = compilation.compile_steps(config, devices, chip, batch, with_eval=with_eval)
     return dict(compilation.report(c, capacity), topology=args.topology)
 
-  searched = None
+  searched, reports = None, {}
   if args.max_batch:
     print(f"searching the largest per-chip batch on {args.topology} (a compile per try)")
 
     def fits(batch: int) -> bool:
-      r = compiled_report(batch)
+      r = reports[batch] = compiled_report(batch)
       print(f"  per-chip batch {batch}: {_size(r['train']['hbm']['total'])} train, "
             f"{_size(r['eval']['hbm']['total'])} eval -> {'fits' if r['fits'] else 'does not fit'}",
             flush=True)  # fmt: skip
       return r["fits"]
 
-    batch, tried = compilation.largest_batch(fits, args.batch_limit, args.batch_step)
+    batch, tried = compilation.largest_batch(
+      fits, args.batch_limit, args.batch_step, args.batch_start
+    )
     searched = {"max_per_chip_batch": batch, "tried": {str(k): v for k, v in tried.items()}}
     if batch == 0:
       print(f"lsemil aot: {args.config} does not fit on {args.topology} even at a per-chip "
@@ -215,7 +235,7 @@ def main(argv: list[str]) -> int:
         f"config train.batch_size={config.train.batch_size} does not divide over the "
         f"{len(devices)} chips of {args.topology}: pass --per-chip-batch"
       )
-  report = compiled_report(batch)
+  report = reports.get(batch) or compiled_report(batch)  # the search compiled it already
   if searched:
     report["search"] = searched
   print(format_report(report), end="")
@@ -233,6 +253,28 @@ def main(argv: list[str]) -> int:
     )
     return 1
   return 0
+
+
+def _override(config, item: str) -> None:
+  """--set model.FIELD=VALUE: the value parsed as the field's type (ConfigError naming it)."""
+  from lsemil.core.errors import ConfigError
+
+  key, sep, text = item.partition("=")
+  section, _, field = key.partition(".")
+  if not sep or section != "model" or field not in config.model:
+    raise ConfigError(f"--set {item!r}: expected model.FIELD=VALUE with a field of config.model")
+  current = config.model[field]
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ConfigError(f"--set {item!r}: {key} is true or false")
+    config.model[field] = text.lower() == "true"
+  elif isinstance(current, int | float | str):
+    try:
+      config.model[field] = type(current)(text)
+    except ValueError:
+      raise ConfigError(f"--set {item!r}: {key} is a {type(current).__name__}") from None
+  else:
+    raise ConfigError(f"--set {item!r}: {key} is not a single value")
 
 
 def _write_json(path: str | None, report: dict) -> None:

@@ -55,6 +55,9 @@ def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collect
     m.batch_norm_impl = mil.resolve_batch_norm(m.batch_norm_impl, platform)
   if "conv_weight_grad" in m:
     m.conv_weight_grad = mil.resolve_weight_grad(m.conv_weight_grad, platform)
+  for key in ("dense_impl", "up_impl"):
+    if key in m:
+      m[key] = mil.resolve_concat_impl(m[key], platform)
   return config
 
 
@@ -247,6 +250,9 @@ def report(c: Compiled, capacity: int | None = None) -> dict[str, Any]:
     "param_dtype": "float32",  # lsemil.models.layers: params and Adam moments stay float32
     "batch_norm_impl": str(m.get("batch_norm_impl", "")),
     "conv_weight_grad": str(m.get("conv_weight_grad", "")),
+    "dense_impl": str(m.get("dense_impl", "")),
+    "up_impl": str(m.get("up_impl", "")),
+    "remat": str(m.get("remat_policy", "nothing")) if m.get("remat") else "off",
     "fsdp": bool(c.config.train.fsdp),
     "per_chip_batch": c.per_chip_batch,
     "global_batch": c.per_chip_batch * n,
@@ -273,11 +279,14 @@ def report(c: Compiled, capacity: int | None = None) -> dict[str, Any]:
 
 
 def largest_batch(
-  fits: Callable[[int], bool], limit: int = 4096, step: int = 1
+  fits: Callable[[int], bool], limit: int = 4096, step: int = 1, start: int | None = None
 ) -> tuple[int, dict[int, bool]]:
   """The largest multiple b of `step` in [step, limit] with fits(b), assuming fits is
-  monotone (it holds up to some b and not above): doubling from `step`, then bisection.
-  Returns (b, or 0 when `step` does not fit; {batch: fits} of every batch tried)."""
+  monotone (it holds up to some b and not above). From `start` (a guess, rounded down to a
+  multiple of `step`; default `step`), steps of `step`, 2 `step`, 4 `step`, ... up while it
+  fits (from `step`: doubling) or down while it does not, then bisection: a good guess
+  costs two compiles (the guess and one step above). Returns (b, or 0 when `step` does not
+  fit; {batch: fits} of every batch tried)."""
   if step < 1 or limit < step:
     raise ConfigError(f"the batch search needs 1 <= step <= limit, got step {step}, limit {limit}")
   tried: dict[int, bool] = {}
@@ -288,17 +297,21 @@ def largest_batch(
     return tried[k * step]
 
   top = limit // step
-  if not check(1):
-    return 0, tried
-  good, bad = 1, None
-  while bad is None:
-    nxt = min(good * 2, top)
+  k = 1 if start is None else min(max(1, start // step), top)
+  stride = k if start is None else 1
+  good, bad = (k, None) if check(k) else (None, k)
+  while bad is None:  # up
+    nxt = min(good + stride, top)
     if nxt == good:
       return good * step, tried
-    if check(nxt):
-      good = nxt
-    else:
-      bad = nxt
+    good, bad = (nxt, None) if check(nxt) else (good, nxt)
+    stride *= 2
+  while good is None:  # down
+    if bad == 1:
+      return 0, tried
+    nxt = max(bad - stride, 1)
+    good, bad = (nxt, bad) if check(nxt) else (None, nxt)
+    stride *= 2
   while bad - good > 1:
     mid = (good + bad) // 2
     if check(mid):

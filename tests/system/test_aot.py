@@ -16,7 +16,7 @@ def test_oversized_config_is_reported_and_fails(lsemil, tmp_path):
   out = tmp_path / "aot.json"
   proc = lsemil.run(
     "aot", "--config", "smoke", "--topology", "v5e:2x2", "--per-chip-batch", "8",
-    "--hbm-bytes", "1000000", "--json", str(out),
+    "--hbm-bytes", "1000000", "--json", str(out), "--set", "model.up_impl=split",
   )  # fmt: skip
   error = lsemil.one_error(proc, "aot")
   assert "smoke at 8 per chip does not fit on v5e:2x2" in error and "976.56 KiB" in error
@@ -25,5 +25,8 @@ def test_oversized_config_is_reported_and_fails(lsemil, tmp_path):
   report = json.loads(out.read_text())
   assert report["fits"] is False and report["train"]["fits"] is False
   assert report["hbm_capacity"] == 1_000_000 and report["global_batch"] == 32
+  # The model's auto options resolve for the TPU (--set: the same choice, the same program).
+  assert (report["up_impl"], report["dense_impl"], report["remat"]) == ("split", "split", "off")
+  assert "dense blocks split, up path split, remat off" in proc.stdout
   total = report["train"]["hbm"]["total"]
   assert report["train"]["headroom_bytes"] == 1_000_000 - total < 0

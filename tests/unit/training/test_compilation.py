@@ -41,6 +41,8 @@ def test_auto_options_follow_the_target_not_this_host():
   cpu = compilation.for_platform(smoke, "cpu").model
   assert (tpu.batch_norm_impl, tpu.conv_weight_grad) == ("fused", "xla")
   assert (cpu.batch_norm_impl, cpu.conv_weight_grad) == ("flax", "gemm")
+  assert (tpu.dense_impl, tpu.up_impl, cpu.dense_impl, cpu.up_impl) == (
+    "split", "split", "concat", "concat")  # fmt: skip
 
 
 def test_inputs_are_sharded_over_every_chip(v5e_2x2):
@@ -106,3 +108,13 @@ def test_largest_batch_bisects():
     assert batch == min(top, 256)
     assert all(ok == (b <= top) for b, ok in tried.items()) and len(tried) <= 17
   assert compilation.largest_batch(lambda b: b <= 100, limit=256, step=32)[0] == 96
+
+
+def test_largest_batch_from_a_guess():
+  for top in (0, 7, 96, 100, 200, 9999):
+    for start in (8, 96, 100, 500):
+      batch, tried = compilation.largest_batch(lambda b, t=top: b <= t, 1024, 8, start)
+      assert batch == min(top, 1024) // 8 * 8
+      assert all(ok == (b <= top) for b, ok in tried.items())
+  # A right guess costs two compiles: the guess fits and one step above does not.
+  assert compilation.largest_batch(lambda b: b <= 100, 1024, 8, 96)[1] == {96: True, 104: False}

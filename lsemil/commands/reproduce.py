@@ -4,6 +4,7 @@ with significance, spread over seeds, calibration, Table 4 and an HTML report.
   lsemil reproduce --run r0=0:W0 --run r0=5:W5 --run r0=10:W10 --data-dir D --out R
   lsemil reproduce --run r0=5:W5a --run r0=5:W5b --baseline gradcam:WG \
       --figure1 N=8:W8 --figure1 N=16:W16 --figure1 N=32:W5a --figure1 N=64:W64 --out R
+  lsemil reproduce --run r0=5:W5 --extra-truth rsna-pneumonia=DIR --out R   # Table 4 on RSNA too
 
 See `lsemil.workflows.reproduction` for what is written.
 """
@@ -17,7 +18,7 @@ import unicodedata
 
 from lsemil.commands import arguments, progress
 from lsemil.core import fileio
-from lsemil.data import nih
+from lsemil.data import nih, sources
 from lsemil.reporting import paper_tables
 from lsemil.runtime import sharding
 from lsemil.workflows import evaluation, reproduction
@@ -80,6 +81,17 @@ def parse_tau(spec: str) -> tuple[str, tuple[float, ...]]:
   return cls, taus
 
 
+def parse_truth(spec: str) -> tuple[str, str]:
+  """'rsna-pneumonia=DIR' -> ('rsna-pneumonia', 'DIR'): a source's folder as its reader reads it."""
+  source, sep, path = spec.partition("=")
+  if not sep or not path or source not in sources.READERS or source == "nih":
+    others = ", ".join(s for s in sources.READERS if s != "nih")
+    raise argparse.ArgumentTypeError(
+      f"--extra-truth {spec!r}: expected SOURCE=DIR with SOURCE one of {others}"
+    )
+  return source, path
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="lsemil reproduce",
@@ -114,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     "draw the paper's Figure 1 (repeatable)",
   )
   p.add_argument("--data-dir", help="dataset folder (default: data.data_dir of the first run)")
+  p.add_argument(
+    "--extra-truth",
+    action="append",
+    default=[],
+    metavar="SOURCE=DIR",
+    help="Table 4 (cheXlocalize's protocols) and for boxes the WSRPN-style table also against "
+    "another source's boxes or masks, e.g. rsna-pneumonia=DIR (the folder as the source "
+    "releases it); run classes are matched through the synonym table (repeatable)",
+  )
   p.add_argument("--out", required=True, help="output folder R")
   p.add_argument("--split", choices=nih.SPLITS, default="test", help="default test")
   arguments.add_which(p, "checkpoint of each run (default best validation mean AUC)")
@@ -159,6 +180,7 @@ def main(argv: list[str]) -> int:
     runs = [parse_run(s) for s in args.run]
     baselines = [parse_baseline(s) for s in args.baseline]
     figure1 = [parse_figure1(s) for s in args.figure1]
+    extra_truth = [parse_truth(s) for s in args.extra_truth]
     classes_taus = (
       [parse_tau(s) for s in args.tau] if args.tau else paper_tables.DEFAULT_CLASSES_TAUS
     )
@@ -167,6 +189,7 @@ def main(argv: list[str]) -> int:
   runs = [(label, r0, fileio.resolve(path)) for label, r0, path in runs]
   baselines = [(source, fileio.resolve(path)) for source, path in baselines]
   figure1 = [(n, fileio.resolve(path)) for n, path in figure1]
+  extra_truth = [(source, fileio.resolve(path)) for source, path in extra_truth]
   out = fileio.resolve(args.out)
   with progress.bars(not args.no_progress) as bar:
     summary = reproduction.reproduce_runs(
@@ -184,6 +207,7 @@ def main(argv: list[str]) -> int:
       figure1=figure1,
       html=not args.no_html,
       calibrate=args.calibrate,
+      extra_truth=extra_truth,
     )
   if "tables" in summary:  # process 0
     print(summary["tables"]["table3"])

@@ -570,18 +570,39 @@ def table3(runs: Sequence[RunResult], significance: Mapping | None = None) -> tu
 # Table 4
 
 
-# Table 4's default columns: `lsemil.metrics.localization.score_all` protocols (cheXlocalize's
-# exactly as its official code computes them, `lsemil.metrics.chexlocalize`).
+# Table 4's columns: cheXlocalize's protocols first, exactly as its official code computes them
+# (`lsemil score`'s `workflows.scoring.score`), then `lsemil.metrics.localization.score_all`'s.
+TABLE4_CHEXLOCALIZE: tuple[str, ...] = (
+  "chexlocalize_miou_otsu",
+  "chexlocalize_miou_tuned",
+  "chexlocalize_hit_rate",
+)
 TABLE4_PROTOCOLS: tuple[str, ...] = (
+  *TABLE4_CHEXLOCALIZE,
   "dice",
   "acc_iobb@0.5",
   "afp_iobb@0.5",
   "acc_iou@0.25",
-  "chexlocalize_miou_otsu",
-  "chexlocalize_miou_tuned",
-  "chexlocalize_hit_rate",
   "energy",
   "auprc",
+)
+# Another source's Table 4: cheXlocalize's protocols only, with the all-images variants (the
+# images with truth include images without the class's finding).
+TABLE4_SOURCE_PROTOCOLS: tuple[str, ...] = (
+  *TABLE4_CHEXLOCALIZE,
+  "chexlocalize_miou_otsu_all",
+  "chexlocalize_miou_otsu_cutoff",
+)
+# The WSRPN-style table (Mueller et al. 2024, Table 2): `scoring`'s detection family, pooled.
+WSRPN_COLUMNS: tuple[tuple[str, str], ...] = (
+  ("detection_rodeo_total", "RoDeO total"),
+  ("detection_rodeo_localization", "RoDeO loc"),
+  ("detection_rodeo_shape", "RoDeO shape"),
+  ("detection_rodeo_classification", "RoDeO cls"),
+  ("detection_ap@0.3", "AP@0.3"),
+  ("detection_ap@0.5", "AP@0.5"),
+  ("detection_loc_acc@0.3", "loc-acc@0.3"),
+  ("detection_loc_acc@0.5", "loc-acc@0.5"),
 )
 
 
@@ -641,6 +662,32 @@ def table4_rows(
     "markdown": _markdown(rows, protocols, digits),
     "csv": _csv(rows, protocols),
   }
+
+
+def wsrpn_table(results_by_source: Mapping[str, Mapping], digits: int = 3) -> tuple[str, str]:
+  """The WSRPN-style table: one row per source, `WSRPN_COLUMNS` of its `scoring.score`
+  result's '(all)' entries (AP and loc-acc: the class mean; RoDeO: pooled), 'value (lo-hi)';
+  best per column in bold. Returns (markdown, csv)."""
+  names = list(results_by_source)
+  vals = {
+    (src, p): {k: _num((results_by_source[src].get(p) or {}).get("(all)", {}).get(k))
+               for k in ("value", "lo", "hi")}
+    for src in names for p, _ in WSRPN_COLUMNS
+  }  # fmt: skip
+  best = {}
+  for p, _ in WSRPN_COLUMNS:
+    v = np.array([vals[src, p]["value"] for src in names])
+    best[p] = np.nanmax(v) if (~np.isnan(v)).any() else math.nan
+  md_rows, csv_rows = [], []
+  for src in names:
+    cells = [_cell({**vals[src, p], "best": vals[src, p]["value"] == best[p]}, digits)
+             for p, _ in WSRPN_COLUMNS]  # fmt: skip
+    md_rows.append([src, *cells])
+    csv_rows.append([src, *(_csv_num(vals[src, p][k]) for p, _ in WSRPN_COLUMNS
+                            for k in ("value", "lo", "hi"))])  # fmt: skip
+  header = ["source", *(label for _, label in WSRPN_COLUMNS)]
+  csv_header = ["source", *(f"{p}_{k}" for p, _ in WSRPN_COLUMNS for k in ("value", "lo", "hi"))]
+  return tables.markdown(header, md_rows), tables.csv_text(csv_header, csv_rows)
 
 
 def _num(v) -> float:

@@ -6,6 +6,7 @@ with the statistics the paper lacks (significance, spread over seeds, calibratio
       [--run r0=5:W5b ...]                  # more seeds of a label: grouped, mean ± sd
       [--baseline gradcam:WG --baseline cam:WG]   # a GAP run's post-hoc maps (Table 4)
       [--figure1 N=8:W8 --figure1 N=16:W16 ...]   # one model per target resolution N
+      [--extra-truth rsna-pneumonia=DIR ...]      # Table 4 on another source's truth too
 
 From the best checkpoint of each run this writes (`lsemil.reporting.paper_tables` formats the
 paper's tables):
@@ -21,11 +22,17 @@ paper's tables):
 - R/spread.md/.csv: per label, mean ± sd and each seed's mean AUC and mean DICE;
 - R/calibration.md/.csv and R/reliability.png: ECE (15 equal-mass bins) and Brier score of
   every run, raw and, where the evaluation holds a fit, recalibrated; reliability diagrams;
-- R/table4.md/.csv: classes x protocols (`lsemil.metrics.localization.score_all`: DICE, Wang et al.
-  accuracy / AFP, cheXlocalize's mIoU and hit rate as its official code computes them, energy,
-  pixel AUPRC) with patient-bootstrap intervals (cheXlocalize's: its image bootstrap), for
-  each label's first run, each baseline (Grad-CAM / CAM of a GAP run), the best constant map
-  and the centre prior; best in bold (`paper_tables.table4_rows`);
+- R/table4.md/.csv: classes x protocols, cheXlocalize's first (mIoU with Otsu, mIoU at the
+  tuned threshold, hit rate: `lsemil score`'s code on the stored maps and the boxes,
+  `truth_scoring.nih_scores`, with its image bootstrap), then `lsemil.metrics.localization
+  .score_all`'s (DICE, Wang et al. accuracy / AFP, energy, pixel AUPRC; patient-bootstrap
+  intervals), for each label's first run, each baseline (Grad-CAM / CAM of a GAP run), the
+  best constant map and the centre prior; best in bold (`paper_tables.table4_rows`);
+- R/table_wsrpn.md/.csv: the WSRPN-style table (RoDeO total and components, AP@0.3, AP@0.5,
+  loc-acc) of the same sources, `lsemil score`'s detection family (`paper_tables.wsrpn_table`);
+- with --extra-truth SOURCE=DIR: R/table4_SOURCE.md/.csv (cheXlocalize's protocols on that
+  source's boxes or masks, run classes matched through the synonym table) and, for boxes,
+  R/table_wsrpn_SOURCE.md/.csv (`truth_scoring.source_scores`);
 - R/roc_curves.png: per class, every run's ROC curve;
 - R/figure3.png: test images with boxes, each run's saliency and DICE (Sec 4.4, Fig. 3);
 - R/figure1.png (with --figure1): the paper's Figure 1, one image and class, each model's
@@ -54,7 +61,7 @@ import numpy as np
 
 from lsemil.core import fileio, log, tables
 from lsemil.core.errors import UserError
-from lsemil.data import findings, pipeline
+from lsemil.data import findings, pipeline, sources
 from lsemil.inference import engine
 from lsemil.metrics import (
   baselines,
@@ -64,7 +71,7 @@ from lsemil.metrics import (
   significance,
 )
 from lsemil.reporting import drawing, html_page, paper_tables, plots
-from lsemil.workflows import evaluation
+from lsemil.workflows import evaluation, truth_scoring
 
 SIG_N_BOOT = 2000  # paired patient bootstrap of DICE differences (a matmul per resample)
 BASELINE_SOURCES = ("gradcam", "cam")
@@ -334,17 +341,20 @@ def calibration_entry(run: Run, labels: np.ndarray) -> dict | None:
 
 def table4(
   runs: Sequence[Run], index, split: str, n_boot: int
-) -> tuple[dict, dict[str, dict], list[str]]:
-  """(table4_rows result, {source: score_all result}, sources left out for lack of
-  'protocols') for the labels' first runs, the baselines, the constant map and the centre
-  prior (the last two scored here with the runs' settings)."""
+) -> tuple[dict, dict[str, dict], list[str], dict[str, dict]]:
+  """(table4_rows result, {source: protocols}, sources left out for lack of 'protocols',
+  {source: `scoring.score` result}) for the labels' first runs, the baselines, the constant
+  map and the centre prior. The cheXlocalize columns are `lsemil score`'s
+  (`truth_scoring.nih_scores` on the stored maps: one scoring path); the others are the
+  evaluation's `localization.score_all` (the model-free sources scored here with the runs'
+  settings)."""
   by_source, missing, settings = {}, [], None
   for r in runs:
     protocols = r.result.get("protocols")
     if protocols is None:
       missing.append(r.name)
       continue
-    by_source[r.name] = protocols
+    by_source[r.name] = dict(protocols)
     settings = settings or protocols.get("settings")
   cases = localization.make_cases(evaluation.box_cases(index, index.rows(split)), index.patient_ids)
   kw = {"n_boot": n_boot}
@@ -360,7 +370,52 @@ def table4(
       cases, m, index.box_space, image_ids=index.image_ids,
       class_names=findings.of_config(runs[0].config) if runs else None, **kw,
     )  # fmt: skip
-  return paper_tables.table4_rows(by_source), by_source, missing
+  scored = truth_scoring.nih_scores(runs, index, split, n_boot) if runs else {}
+  for name, res in scored.items():
+    official = {p: v for p, v in res.items() if p.startswith("chexlocalize_")}
+    by_source[name] = {**by_source.get(name, {}), **official}
+  return paper_tables.table4_rows(by_source), by_source, missing, scored
+
+
+def source_tables(inp: Inputs, out_dir, n_boot: int) -> tuple[dict, dict]:
+  """Table 4 (cheXlocalize's protocols) and, for box truth, the WSRPN-style table of every
+  `Inputs.extra_truth` source: R/table4_<source>.md/.csv, R/table_wsrpn_<source>.md/.csv.
+  Returns (texts, data)."""
+  shown = [g[0] for g in groups_of(inp.runs).values()] + list(inp.baselines)
+  texts, data = {}, {}
+  for source, data_dir in inp.extra_truth:
+    scored, mapping = truth_scoring.source_scores(
+      shown, source, data_dir, inp.split, n_boot, which=inp.which
+    )
+    pairs = ", ".join(f"{p['model']} = {p['data']}" for p in mapping.get("pairs", ()))
+    t4 = paper_tables.table4_rows(scored, paper_tables.TABLE4_SOURCE_PROTOCOLS)
+    texts[f"table4_{source}"] = _write(
+      out_dir, f"table4_{source}", (t4["markdown"], t4["csv"]),
+      f"**Table 4 ({source}, {data_dir}).** cheXlocalize's protocols (its official code, "
+      f"`lsemil score`) on the {inp.split} images with a {source} box or mask, each run class "
+      f"scored as its data class ({pairs}); value (95% image-bootstrap interval); best in "
+      "bold; _all and _cutoff: over every such image, the finding's or not.",
+    )  # fmt: skip
+    data[source] = {"data_dir": str(data_dir), "mapping": mapping, "rows": t4["rows"],
+                    "results": scored}  # fmt: skip
+    if any("detection_ap@0.3" in r for r in scored.values()):
+      texts[f"table_wsrpn_{source}"] = _write(
+        out_dir, f"table_wsrpn_{source}", paper_tables.wsrpn_table(scored),
+        _wsrpn_caption(f"the {inp.split} images with a {source} box"),
+      )  # fmt: skip
+  return texts, data
+
+
+def _wsrpn_caption(images: str) -> str:
+  return (
+    f"**WSRPN-style table** (Müller et al. 2024) on {images}: `lsemil score`'s detection "
+    "family (the boxes of `predict --boxes` at tau 0.5, score = peak x probability, classes "
+    "with probability > 0.5; the model-free maps: every class). RoDeO pooled over classes "
+    "('-': it needs two classes or more), AP (COCO 101-point) and loc-acc the class mean "
+    "(loc-acc counts a class without a box on an image without it as correct, so the "
+    "constant map, which has no box, scores there); fractions (WSRPN prints percent); the "
+    "mean of image-bootstrap replicates (2.5-97.5%)."
+  )
 
 
 # --------------------------------------------------------------------------- figures
@@ -555,6 +610,8 @@ class Inputs:
   figure1: Sequence[tuple[int, Run]] = ()  # (N, run) of the paper's Figure 1
   config: Any = None  # to read images the saliency files lack
   data_dir: Any = None
+  extra_truth: Sequence[tuple[str, Any]] = ()  # (source, folder): Table 4 on its truth too
+  which: str = "best"  # the checkpoints the extra truth's maps come from
 
   @property
   def classes(self) -> tuple[str, ...]:
@@ -648,8 +705,10 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
       "after the evaluation's recalibration fitted on the validation split.",
     )  # fmt: skip
   shown = [g[0] for g in groups.values()] + list(inp.baselines)
-  t4, by_source, missing = table4(shown, index, inp.split, n_boot)
+  t4, by_source, missing, scored = table4(shown, index, inp.split, n_boot)
   data["table4"] = {"rows": t4["rows"], "results": by_source, "not_scored": missing}
+  data["wsrpn"] = {name: {p: v for p, v in res.items() if p.startswith("detection_")}
+                   for name, res in scored.items()}  # fmt: skip
   note = (
     f" Not scored (the evaluation has no 'protocols'; re-run `lsemil evaluate`): "
     f"{', '.join(missing)}."
@@ -658,13 +717,21 @@ def _tables(inp: Inputs, out_dir, classes_taus, n_boot: int) -> tuple[dict, dict
   )
   texts["table4"] = _write(
     out_dir, "table4", (t4["markdown"], t4["csv"]),
-    "**Table 4.** Weak localization by protocol (`lsemil.metrics.localization`): value (95% "
-    "patient-bootstrap interval; chexlocalize_*: cheXlocalize's eval.py, the mean of its "
-    "image-bootstrap replicates and their 2.5/97.5% points); best source per class and "
-    "protocol in bold (lowest for afp_*). Sources: each label's first run, the GAP "
-    "baselines' Grad-CAM / CAM, the best constant map (an oracle of the box area) and a "
-    "centre prior." + note,
+    "**Table 4.** Weak localization by protocol: cheXlocalize's first, as its official code "
+    "computes them (`lsemil score` on the stored maps and the boxes, box-space pixels: "
+    "value = the mean of eval.py's image-bootstrap replicates, their 2.5/97.5% points), then "
+    "`lsemil.metrics.localization`'s (95% patient-bootstrap interval); best source per class "
+    "and protocol in bold (lowest for afp_*). Sources: each label's first run, the GAP "
+    "baselines' Grad-CAM / CAM, the best constant map (an oracle of the box area; under "
+    "cheXlocalize's min-max scaling any constant predicts nothing) and a centre prior." + note,
   )  # fmt: skip
+  if scored:
+    texts["table_wsrpn"] = _write(
+      out_dir, "table_wsrpn", paper_tables.wsrpn_table(scored),
+      _wsrpn_caption(f"the {inp.split} images with boxes"),
+    )  # fmt: skip
+  more, data["table4_sources"] = source_tables(inp, out_dir, n_boot)
+  texts.update(more)
   return texts, data, dice_by_run, calib
 
 
@@ -761,7 +828,8 @@ def reproduce_results(
   md = ["# Reproduction of Yao et al. 2018 (Tables 1-4, Figures 1 and 3)", ""]
   md += [f"Runs: {', '.join(r.name for r in inp.runs)}; split {inp.split!r}; "
          f"data {inp.index.root}.", ""]  # fmt: skip
-  order = ("table1", "table2", "table3", "spread", "calibration", "table4", "table2_sweep")
+  order = ("table1", "table2", "table3", "spread", "calibration", "table4", "table_wsrpn",
+           *(k for k in texts if k.startswith(("table4_", "table_wsrpn_"))), "table2_sweep")
   md += [x for name in order if name in texts for x in (texts[name], "")]
   md += [f"![{f}]({f})" for f, _ in figures]
   fileio.write_text(out_dir / "report.md", "\n".join(md) + "\n")
@@ -819,6 +887,7 @@ def reproduce_runs(
   figure1: Sequence[tuple[int, Any]] = (),
   html: bool = True,
   calibrate: str | None = None,
+  extra_truth: Sequence[tuple[str, Any]] = (),
 ) -> dict:
   """The Python API of `lsemil reproduce`.
 
@@ -827,11 +896,16 @@ def reproduce_runs(
   its config's saliency source. baselines: [(source 'gradcam' | 'cam', workdir)].
   figure1: [(N, workdir)], one model per target resolution N. calibrate: 'temperature' |
   'platt' has each evaluation fit a recalibration on the valid split (raw and fitted are
-  reported). data_dir None uses the first
+  reported). extra_truth: [(source, folder)]: Table 4 (and for boxes the WSRPN-style table)
+  also on that source's truth (`truth_scoring.source_scores`). data_dir None uses the first
   run's `config.data.data_dir`. Returns the summary dict.
   """
   import jax
 
+  for source, folder in extra_truth:
+    if source not in sources.READERS or not fileio.as_path(folder).is_dir():
+      raise UserError(f"--extra-truth {source}={folder}: a source of {', '.join(sources.READERS)}"
+                      " and an existing folder")
   kw = {"split": split, "which": which, "n_boot": n_boot, "force": force, "progress": progress}
   kw["calibrate"] = calibrate
   loaded: list[Run] = []
@@ -866,7 +940,7 @@ def reproduce_runs(
     r.name = r.label
   if jax.process_index() != 0:  # only process 0 writes
     return {"labels": list(groups_of(mil)), "runs": [r.result for r in mil]}
-  inp = Inputs(mil, index, split, base, fig1, mil[0].config, data_dir)
+  inp = Inputs(mil, index, split, base, fig1, mil[0].config, data_dir, extra_truth, which)
   return reproduce_results(
     inp, out_dir, classes_taus=classes_taus, n_figure=n_figure, n_boot=n_boot, html=html
   )

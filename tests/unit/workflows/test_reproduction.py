@@ -24,10 +24,11 @@ from PIL import Image
 
 from lsemil.commands import cli, reproduce
 from lsemil.core import configuration
-from lsemil.data import nih
+from lsemil.data import layouts, nih
+from lsemil.inference import engine
 from lsemil.metrics import calibration, overlap, significance
 from lsemil.models import mil
-from lsemil.reporting import drawing
+from lsemil.reporting import drawing, paper_tables
 from lsemil.training import trainer
 from lsemil.workflows import evaluation, reproduction
 
@@ -53,15 +54,21 @@ def make_run(synth_dir, random_variables, write_checkpoint):
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, make_run):
-  """Two seeds of r0=5, one r0=0, reproduced once."""
+  """Two seeds of r0=5, one r0=0, reproduced once, with Table 4 on a synthetic RSNA folder's
+  boxes and a SIIM-ACR folder's masks too."""
   tmp = tmp_path_factory.mktemp("rep")
   runs = [
     ("r0=5", 5.0, make_run(tmp / "w5a", 5, seed=0)),
     ("r0=5", 5.0, make_run(tmp / "w5b", 5, seed=1)),
     ("r0=0", 0.0, make_run(tmp / "w0", 0, seed=2)),
   ]
+  extra = [(s, tmp / s) for s in ("rsna-pneumonia", "siim-acr")]
+  for source, folder in extra:
+    layouts.write(source, folder, patients=16, size=128, seed=1)
   out = tmp / "R"
-  summary = reproduction.reproduce_runs(runs, None, out, n_boot=N_BOOT, progress=False, n_figure=2)
+  summary = reproduction.reproduce_runs(
+    runs, None, out, n_boot=N_BOOT, progress=False, n_figure=2, extra_truth=extra
+  )
   return tmp, out, summary
 
 
@@ -262,6 +269,79 @@ def test_table4_model_free_sources(reproduced, synth_dir):
   assert "| constant |" in text and "| centre |" in text and "**" in text
   if any("protocols" not in r for r in summary["runs"]):  # evaluate without protocols yet
     assert "Not scored" in text
+
+
+def _table_header(path) -> list[str]:
+  line = next(x for x in path.read_text().splitlines() if x.startswith("| "))
+  return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_table4_is_lsemil_scores_on_the_same_maps(reproduced, synth_dir, tmp_path):
+  """cheXlocalize's protocols first; their values and the WSRPN-style table's are `lsemil
+  score`'s on the r0=0 run's stored maps, written here as score's inputs (one scoring path)."""
+  tmp, out, summary = reproduced
+  assert _table_header(out / "table4.md")[2:5] == [
+    "chexlocalize_miou_otsu", "chexlocalize_miou_tuned", "chexlocalize_hit_rate"]  # fmt: skip
+  index = evaluation.open_index(configuration.load_config("smoke"), synth_dir)
+  with np.load(tmp / "w0" / "evaluation_test_saliency_boxes.npz") as z:
+    rows, ids = z["rows"], z["image_ids"]
+    maps = z["saliency"].astype(np.float32).transpose(0, 3, 1, 2)
+  probs = [engine.read_predictions_csv(tmp / "w0" / "evaluation_test_predictions.csv")[i]
+           for i in ids]  # fmt: skip
+  side = int(index.box_space)
+  np.savez(tmp_path / "maps.npz", image_ids=ids, classes=np.array(nih.CLASSES), maps=maps,
+           probs=np.array(probs), image_sizes=np.full((len(ids), 2), side),
+           patient_ids=np.asarray(index.patient_ids)[rows])  # fmt: skip
+  lines = ["image_id,class,x,y,w,h"] + [
+    f"{index.image_ids[r]},{nih.CLASSES[k]},{','.join(repr(float(v)) for v in xywh)}"
+    for r, k, xywh in zip(index.box_rows, index.box_classes, index.box_xywh, strict=True)
+    if r in set(rows.tolist())
+  ]
+  (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
+  argv = ["score", "--maps", str(tmp_path / "maps.npz"), "--boxes", str(tmp_path / "boxes.csv"),
+          "--out", str(tmp_path / "S"), "--n-boot", str(N_BOOT)]  # fmt: skip
+  assert cli.main(argv) == 0
+  scores = json.loads((tmp_path / "S" / "scores.json").read_text())
+  t4, wsrpn = summary["table4"]["results"]["r0=0"], summary["wsrpn"]["r0=0"]
+  checked = 0
+  for p in ("chexlocalize_miou_otsu", "chexlocalize_miou_tuned", "chexlocalize_hit_rate",
+            "detection_ap@0.3", "detection_rodeo_total", "detection_loc_acc@0.5"):  # fmt: skip
+    got = t4[p] if p.startswith("chexlocalize_") else wsrpn[p]
+    assert set(got) == set(scores[p]), p
+    for cls, e in scores[p].items():
+      want = [math.nan if e[k] is None else e[k] for k in ("value", "lo")]
+      assert [got[cls]["value"], got[cls]["lo"]] == pytest.approx(want, abs=1e-12, nan_ok=True)
+      checked += 1
+  assert checked > 12
+  row = next(r for r in _csv(out / "table_wsrpn.csv") if r["source"] == "r0=0")
+  assert float(row["detection_ap@0.5_value"]) == pytest.approx(
+    scores["detection_ap@0.5"]["(all)"]["value"], abs=1e-12)  # fmt: skip
+  assert _table_header(out / "table_wsrpn.md") == [
+    "source", "RoDeO total", "RoDeO loc", "RoDeO shape", "RoDeO cls", "AP@0.3", "AP@0.5",
+    "loc-acc@0.3", "loc-acc@0.5"]  # fmt: skip
+  assert [r["source"] for r in _csv(out / "table_wsrpn.csv")] == [
+    "r0=5 (seed 0)", "r0=0", "constant", "centre"]  # fmt: skip
+
+
+def test_table4_of_extra_truth_sources(reproduced):
+  """RSNA's boxes (Lung Opacity = the run's Pneumonia) and SIIM-ACR's masks: a Table 4 each,
+  cheXlocalize's protocols first, the class under its data name; a WSRPN table for boxes only."""
+  tmp, out, summary = reproduced
+  for source, cls in (("rsna-pneumonia", "Lung Opacity"), ("siim-acr", "Pneumothorax")):
+    header = _table_header(out / f"table4_{source}.md")
+    assert header[2:] == list(paper_tables.TABLE4_SOURCE_PROTOCOLS)
+    rows = _csv(out / f"table4_{source}.csv")
+    assert {r["class"] for r in rows} == {cls, "mean"}
+    assert [r["source"] for r in rows if r["class"] == cls] == [
+      "r0=5 (seed 0)", "r0=0", "constant", "centre"]  # fmt: skip
+    model = next(r for r in rows if r["class"] == cls and r["source"] == "r0=0")
+    assert model["chexlocalize_hit_rate_value"] != ""
+    data = summary["table4_sources"][source]
+    assert data["results"]["r0=0"]["settings"]["classes"] == [cls]
+  assert (out / "table_wsrpn_rsna-pneumonia.md").is_file()
+  assert not (out / "table_wsrpn_siim-acr.md").exists()
+  pairs = summary["table4_sources"]["rsna-pneumonia"]["mapping"]["pairs"]
+  assert [(p["model"], p["data"]) for p in pairs] == [("Pneumonia", "Lung Opacity")]
 
 
 def test_figures_html_and_figure1_split(reproduced):

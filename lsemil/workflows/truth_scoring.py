@@ -115,7 +115,7 @@ def nih_scores(runs: Sequence, index, split: str, n_boot: int, seed: int = 0) ->
 
 def truth_rows(idx, split: str) -> list[int]:
   """The rows of the split with a box or a mask (the reader's index)."""
-  with_truth = set(np.asarray(idx.box_rows).tolist()) | set(idx.masks)
+  with_truth = set(np.asarray(idx.box_rows).tolist()) | {r for r, m in idx.masks.items() if m}
   return [int(r) for r in idx.rows(split) if int(r) in with_truth]
 
 

@@ -360,10 +360,13 @@ def test_cli_parsing_errors(tmp_path, capsys):
     (["--baseline", "lime:W"], "gradcam"),
     (["--figure1", "8:W"], "N=<side>"),
     (["--figure1", "N=x:W"], "N=<side>"),
+    (["--extra-truth", "rsna=D"], "SOURCE=DIR with SOURCE one of"),
+    (["--extra-truth", "nih=D"], "rsna-pneumonia"),
   ]:
     with pytest.raises(SystemExit) as e:
       cli.main(["reproduce", "--run", f"x:{tmp_path}", "--out", str(tmp_path / "R"), *argv])
     assert e.value.code == 2 and words in capsys.readouterr().err
+  assert reproduce.parse_truth("siim-acr=a=b") == ("siim-acr", "a=b")
 
 
 # --------------------------------------------------------------------------- Figure 1

@@ -410,7 +410,8 @@ def _wsrpn_caption(images: str) -> str:
   return (
     f"**WSRPN-style table** (Müller et al. 2024) on {images}: `lsemil score`'s detection "
     "family (the boxes of `predict --boxes` at tau 0.5, score = peak x probability, classes "
-    "with probability > 0.5; the model-free maps: every class). RoDeO pooled over classes "
+    "with probability > 0.5; the model-free maps take the first run's probabilities). RoDeO "
+    "pooled over classes "
     "('-': it needs two classes or more), AP (COCO 101-point) and loc-acc the class mean "
     "(loc-acc counts a class without a box on an image without it as correct, so the "
     "constant map, which has no box, scores there); fractions (WSRPN prints percent); the "

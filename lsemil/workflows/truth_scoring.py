@@ -14,9 +14,10 @@ the centre prior) becomes a `scoring.MapSet` of the images with truth:
   run class's map is scored as its data class, against the reader's truth
   (`scoring.truth_from_source`, as `lsemil score --source`).
 
-The model-free sources have no probabilities (every class counts as predicted in the
-detection protocols); the constant map predicts nothing (min-max scaling makes any constant
-zero), the centre prior (`baselines.centre_prior`) the same central region for every class.
+The model-free sources carry the first run's probabilities (the same classes count as
+predicted in the detection protocols, the same cutoff decisions: only the map differs); the
+constant map predicts nothing (min-max scaling makes any constant zero), the centre prior
+(`baselines.centre_prior`) the same central region for every class.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def map_set(image_ids, patient_ids, classes, maps, probs, hw) -> scoring.MapSet:
 
 
 def model_free(ms: scoring.MapSet) -> dict[str, scoring.MapSet]:
-  """{'constant', 'centre'}: the model-free maps of a MapSet's images and classes."""
+  """{'constant', 'centre'}: the model-free maps of a MapSet's images, classes and
+  probabilities."""
   n, c = len(ms.image_ids), len(ms.classes)
   centre = np.broadcast_to(baselines.centre_prior(CENTRE_SIDE), (n, c, CENTRE_SIDE, CENTRE_SIDE))
   return {
     "constant": scoring.MapSet(ms.image_ids, ms.classes, np.zeros((n, c, 8, 8), np.float32),
-                               None, ms.image_sizes, ms.patient_ids, ms.sizes_given),
-    "centre": scoring.MapSet(ms.image_ids, ms.classes, np.ascontiguousarray(centre), None,
+                               ms.probs, ms.image_sizes, ms.patient_ids, ms.sizes_given),
+    "centre": scoring.MapSet(ms.image_ids, ms.classes, np.ascontiguousarray(centre), ms.probs,
                              ms.image_sizes, ms.patient_ids, ms.sizes_given),
   }  # fmt: skip
 
@@ -103,7 +105,8 @@ def nih_scores(runs: Sequence, index, split: str, n_boot: int, seed: int = 0) ->
   if ids:
     blank = [np.zeros((1, 1, len(classes)), np.float32)] * len(rows)
     pids = [index.patient_ids[r] for r in rows]
-    sets.update(model_free(map_set(ids, pids, classes, blank, None, (side, side))))
+    probs = _probs_at(runs[0], index, split, rows)  # the model-free maps: the first run's
+    sets.update(model_free(map_set(ids, pids, classes, blank, probs, (side, side))))
   return {
     name: scoring.score(ms, boxes, n_boot, seed, protocols=FAMILIES, box_order=order)
     for name, ms in sets.items()

@@ -397,7 +397,8 @@ def source_tables(inp: Inputs, out_dir, n_boot: int) -> tuple[dict, dict]:
       "bold; _all and _cutoff: over every such image, the finding's or not.",
     )  # fmt: skip
     data[source] = {"data_dir": str(data_dir), "mapping": mapping, "rows": t4["rows"],
-                    "results": scored}  # fmt: skip
+                    "results": {n: {k: v for k, v in r.items() if k != "per_image"}
+                                for n, r in scored.items()}}  # fmt: skip
     if any("detection_ap@0.3" in r for r in scored.values()):
       texts[f"table_wsrpn_{source}"] = _write(
         out_dir, f"table_wsrpn_{source}", paper_tables.wsrpn_table(scored),

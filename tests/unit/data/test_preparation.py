@@ -289,7 +289,9 @@ def test_prepared_source_keeps_classes_unknown_labels_split_and_scales_boxes(tmp
   marker = json.loads((out / "lsemil_dataset.json").read_text())
   assert (marker["source"], marker["classes"], marker["images"]) == ("csv", ["Edema", "Mass"], 4)
   assert (out / "index.csv").read_text().splitlines()[1:3] == [
-    "images/x0.png,images/images__x0.png,p0,train,1,", "images/x1.png,images/images__x1.png,p1,train,,0"]
+    "images/x0.png,images/images__x0.png,p0,train,1,",
+    "images/x1.png,images/images__x1.png,p1,train,,0",
+  ]
   got = pipeline.open_index(out, source="csv", **policies)
   want = sources.load("csv", raw, **policies)
   assert got.classes == want.classes == ("Edema", "Mass")

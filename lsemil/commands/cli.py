@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return int(module.main(rest) or 0)
   except UserError as e:
-    print(f"lsemil {name}: {e}", file=sys.stderr)
     progress.close_all()  # a bar left open by the failed step must not share the line
+    print(f"lsemil {name}: {e}", file=sys.stderr)
     return int(getattr(e, "exit_code", EXIT_USER_ERROR))
 
 

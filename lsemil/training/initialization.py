@@ -200,7 +200,7 @@ def initialize(source: str | os.PathLike, fresh: dict, config) -> tuple[dict, Cl
   for another architecture."""
   try:
     loaded = engine.load(source, which="best")
-  except FileNotFoundError as e:
+  except (FileNotFoundError, CheckpointError) as e:  # the message names the path
     raise CheckpointError(f"train.init_from: {e}") from None
   mapping = map_classes(
     findings.of_config(config),

@@ -16,6 +16,7 @@ from lsemil.commands import train
 from lsemil.core import fileio
 from lsemil.core.configuration import load_config
 from lsemil.core.errors import CheckpointError, ConfigError
+from lsemil.data import nih
 from lsemil.models import registry
 from lsemil.runtime import bundle
 from lsemil.training import initialization, trainer
@@ -163,6 +164,26 @@ def test_initialize_from_an_export_folder_logs_the_mapping_and_refuses_bad_sourc
   with pytest.raises(ConfigError, match="train.init_from=.*" + first):
     initialization.initialize(tmp_path / "x", random_variables(registry.from_config(wide.model)),
                               wide)  # fmt: skip
+
+
+def test_initialize_from_a_checkpoint_step_of_other_classes(
+  tmp_path, smoke, random_variables, write_checkpoint, capsys
+):
+  """A step folder of a 3-class csv run into an NIH run: its config's classes map by name."""
+  config, fresh = smoke
+  other = load_config("smoke")
+  other.data.source, other.data.classes, other.model.num_classes = "csv", ("Mass", "X", "Edema"), 3
+  source = random_variables(registry.from_config(other.model), seed=5)
+  write_checkpoint(tmp_path / "w", other, source, 5)
+  out, mapping = initialization.initialize(tmp_path / "w" / "checkpoints" / "5", fresh, config)
+  assert [(t, s) for t, s, _ in mapping.copied] == [("Mass", "Mass"), ("Edema", "Edema")]
+  assert len(mapping.new) == 12 and mapping.unused == ["X"]
+  got, src, new = (t["params"]["head"]["kernel"] for t in (out, source, fresh))
+  np.testing.assert_array_equal(got[..., nih.CLASSES.index("Mass")], src[..., 0])
+  np.testing.assert_array_equal(got[..., nih.CLASSES.index("Edema")], src[..., 2])
+  np.testing.assert_array_equal(got[..., 0], new[..., 0])  # Atelectasis: fresh
+  np.testing.assert_array_equal(out["params"]["stem"]["kernel"], source["params"]["stem"]["kernel"])
+  assert "checkpoints/5 (step 5, source csv)" in capsys.readouterr().err
 
 
 def test_freeze_backbone_updates_the_head_only_and_is_a_resume_field():

@@ -237,8 +237,7 @@ def card(
     "```python",
     "import lsemil",
     "model = lsemil.load('THIS_FOLDER')",
-    f"out = model.predict(gray_uint8_images)  # out['probs'] (n, {len(classes)}), "
-    "out['saliency']; model.classes names the columns",
+    "result = model.predict('chest.png')  # .probs, .decisions, .boxes, .saliency_map(class)",
     "```",
     "",
     "or `lsemil predict --checkpoint THIS_FOLDER image.png`"

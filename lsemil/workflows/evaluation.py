@@ -69,6 +69,13 @@ from lsemil.core import fileio, log
 from lsemil.core.errors import ConfigError, DataError, OutputError
 from lsemil.data import findings, nih, pipeline, synonyms
 from lsemil.inference import engine
+
+# Where a workdir keeps its evaluations, and what they store for predict (moved down for
+# `lsemil.load`); the names stay importable from here.
+from lsemil.inference.records import default_output as default_output
+from lsemil.inference.records import stored_calibration as stored_calibration
+from lsemil.inference.records import stored_operating_points as stored_operating_points
+from lsemil.inference.records import workdir_of as workdir_of
 from lsemil.metrics import calibration, classification, localization, operating_points, overlap
 from lsemil.models import registry
 
@@ -679,30 +686,6 @@ def operating_point_results(
   return {**{k: stored.get(k) for k in keep}, "num_images": int(len(preds.rows)), **rates}
 
 
-def stored_operating_points(workdir, step: int | None) -> dict | None:
-  """The operating points of W/evaluation_valid.json when it evaluated `step`, else None."""
-  path = default_output(workdir, "valid")
-  if step is None or not path.exists():
-    return None
-  valid = load_evaluation(path)
-  return valid.get("operating_points") if valid.get("step") == int(step) else None
-
-
-def stored_calibration(workdir, step: int | None) -> tuple[dict, str] | None:
-  """(the parameters of `evaluate --calibrate`, the evaluated split) of the first of
-  W/evaluation_test.json, _valid.json, _train.json that evaluated `step` with a
-  recalibration, else None (the fit is on the valid split whichever split was evaluated)."""
-  for split in ("test", "valid", "train"):
-    path = default_output(workdir, split)
-    if step is None or not path.exists():
-      continue
-    ev = load_evaluation(path)
-    name = ev.get("calibration_file")
-    if ev.get("step") == int(step) and name and (path.parent / name).exists():
-      return fileio.read_json(path.parent / name), split
-  return None
-
-
 def calibration_results(predictor, config, data_dir, preds, options: EvalOptions):
   """(raw calibration, fitted calibration or None, fitted parameters or None) of a split.
 
@@ -949,28 +932,6 @@ def write_evaluation(result: Mapping, out) -> tuple[epath.Path, epath.Path]:
 
 
 # --------------------------------------------------------------------------- workdirs
-
-
-def workdir_of(path) -> epath.Path:
-  """The training workdir of a workdir, its checkpoints/ folder or a step folder."""
-  p = fileio.as_path(path)
-  if p.name.isdigit() and p.parent.name == "checkpoints":
-    return p.parent.parent
-  if p.name == "checkpoints":
-    return p.parent
-  return p
-
-
-def default_output(
-  workdir, split: str = "test", source: str | None = None, data_source: str | None = None
-) -> epath.Path:
-  """W/evaluation_<split>.json: where `evaluate --workdir W` writes with the run's own
-  saliency source and `reproduce` looks; W/evaluation_<split>_<source>.json for another
-  saliency source (e.g. 'cam' of a Grad-CAM run); ..._on_<data_source>.json for another
-  dataset source's data (cross-dataset evaluation, never read as the run's own)."""
-  name = f"evaluation_{split}" + (f"_{source}" if source else "")
-  name += f"_on_{data_source}" if data_source else ""
-  return fileio.as_path(workdir) / f"{name}.json"
 
 
 def resolve_data_dir(config, data_dir) -> str:

@@ -35,17 +35,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 
 from lsemil.core import fileio, log
-from lsemil.core.errors import ConfigError, UserError
-from lsemil.data import dicom, findings, imageio, pipeline
-from lsemil.inference import engine
-from lsemil.metrics import calibration, localization
+from lsemil.core.errors import ConfigError
+from lsemil.data import findings
+from lsemil.inference import engine, readout, records
+
+# Moved down to `lsemil.inference` (`lsemil.load` reads files and decides the same way); the
+# names stay importable from here.
+from lsemil.inference.readout import read_image as read_image
+from lsemil.metrics import calibration
 from lsemil.models import registry
 
 BOXES_FILE = "boxes.json"
+
+stored_calibration = records.model_calibration
+stored_thresholds = records.model_thresholds
 
 SHORT = 4  # letters of a class's column head in `format_table`
 
@@ -63,15 +69,6 @@ def short_names(classes: Sequence[str]) -> dict[str, str]:
     tries = [first] + [letters[: SHORT - j] + letters[-j:] for j in range(1, SHORT)]
     out[c] = next((t for t in tries if t not in out.values()), f"c{k + 1}")
   return out
-
-
-def read_image(path: str | Path, multiframe: str = "first") -> np.ndarray:
-  """Any supported file -> uint8 (H, W) grey; raises ImageError naming the file.
-  `multiframe`: a multi-frame DICOM's 'first' frame (with a warning) or 'refuse'."""
-  imageio.check_file(path)  # a regular file of a sane size, before anything opens it
-  if dicom.is_dicom(path):
-    return dicom.read_dicom(path, multiframe)
-  return imageio.read_gray(path)
 
 
 def _output_stems(paths: Sequence[str]) -> list[str]:
@@ -108,7 +105,7 @@ def read_files(
   `read_image`)."""
   inputs, prepared, ok, failures, shapes = [], [], [], [], []
   for i, path in log.tracked(enumerate(paths), progress, "read", len(paths)):
-    got = _read_one(path, input_size, multiframe, True, failures)
+    got = readout.read_one(path, input_size, multiframe, True, failures)
     if got is not None:
       inputs.append(got[0])
       prepared.append(got[1])
@@ -117,20 +114,6 @@ def read_files(
   s = int(input_size)
   images = np.stack(inputs) if inputs else np.zeros((0, s, s, 1), np.uint8)
   return Inputs(images, prepared, ok, failures, shapes)
-
-
-def _read_one(path, input_size: int, multiframe: str, want_prepared: bool, failures: list):
-  """(model input, prepared image or None, (H, W)) of one file; None for a file that cannot
-  be read, which is appended to `failures` as (path, message) and logged."""
-  try:
-    gray = read_image(path, multiframe)
-    prepared = pipeline.prepared_image(gray) if want_prepared else None
-    return engine.model_input(gray, input_size), prepared, (int(gray.shape[0]), int(gray.shape[1]))
-  except (UserError, OSError, ValueError, cv2.error) as e:
-    msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-    failures.append((str(path), msg))
-    log.warning(msg)
-    return None
 
 
 def predict_files(
@@ -171,7 +154,7 @@ def predict_files(
   classes = findings.of_config(loaded.config)
   for params in (calibration, calibrated):
     if params is not None:
-      _check_calibration(params, classes)
+      records.check_calibration(params, classes)
   columns = (thresholds is not None, calibrated is not None)  # to_csv's extra columns
   source, level = registry.saliency_settings(loaded.config, saliency_source, gradcam_level)
   paths = [str(p) for p in paths]
@@ -192,7 +175,7 @@ def predict_files(
       np.stack([b[1] for b in batch]), len(batch), saliency=want_maps
     )
     all_probs = np.asarray(out["probs"], np.float64)
-    decided = _decisions(thresholds, all_probs)  # on the model's own probabilities
+    decided = readout.decisions(thresholds, all_probs)  # on the model's own probabilities
     recal = _recalibrate(calibrated, all_probs) if calibrated is not None else None
     if calibration is not None:
       all_probs = _recalibrate(calibration, all_probs)
@@ -206,14 +189,10 @@ def predict_files(
       if recal is not None:
         row["calibrated"] = dict(zip(classes, recal[j].tolist(), strict=True))
       if boxes:
-        row["boxes"] = {}
+        row["boxes"] = readout.boxes(out["saliency"][j], probs, classes, threshold, box_tau, shape)
       for k, cls in enumerate(classes):
         if not probs[k] >= threshold:  # NaN never passes
           continue
-        if boxes:
-          row["boxes"][cls] = localization.boxes_from_map(
-            out["saliency"][j, ..., k], box_tau, shape
-          )
         if out_path is not None and overlays:
           name = f"{stems[i]}_{cls}.png"
           title = f"{Path(paths[i]).name}: {cls} p={probs[k]:.3f}"
@@ -240,7 +219,7 @@ def predict_files(
       table.flush()
     pending = []
     for i, path in log.tracked(enumerate(paths), progress, "predict", len(paths)):
-      got = _read_one(path, size, multiframe, keep_prepared, failures)
+      got = readout.read_one(path, size, multiframe, keep_prepared, failures)
       if got is not None:
         pending.append((i, *got))
       # the last batch runs inside the loop too, so that the bar's rate covers every forward
@@ -267,22 +246,12 @@ def _recalibrate(params: Mapping, probs: np.ndarray) -> np.ndarray:
   return calibration.apply(params, probs)
 
 
-def _check_calibration(params: Mapping, classes: Sequence[str]) -> None:
-  stored = params.get("classes") if isinstance(params, Mapping) else None
-  if stored is not None and list(stored) != list(classes):
-    raise ConfigError(
-      f"calibration parameters: classes {list(stored)[:3]}... are not the model's "
-      f"{len(classes)} classes ({', '.join(classes[:3])}...)"
-    )
-  calibration.apply(params, np.full((1, len(classes)), 0.5))  # raises naming the field
-
-
 def load_calibration(path: str | Path, classes: Sequence[str]) -> dict:
   """The parameters `lsemil evaluate --calibrate` wrote (F_calibration.json), checked
   against the model's `classes`."""
   params = fileio.read_json(path)
   try:
-    _check_calibration(params, classes)
+    records.check_calibration(params, classes)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   return params
@@ -315,59 +284,6 @@ def to_csv(
     classes,
     extra=extra,
   )
-
-
-def _decisions(thresholds, probs: np.ndarray) -> list[list[bool | None]] | None:
-  """Per row and class: p >= threshold, None where the class has no threshold."""
-  if thresholds is None:
-    return None
-  return [
-    [None if t is None else bool(p >= t) for p, t in zip(row, thresholds, strict=True)]
-    for row in probs
-  ]
-
-
-def stored_calibration(loaded: engine.LoadedModel) -> dict | None:
-  """The recalibration stored with a checkpoint: an exported folder's calibration.json, or
-  the `evaluate --calibrate` fit of the step in its workdir
-  (`evaluation.stored_calibration`); None when there is none."""
-  from lsemil.workflows import evaluation
-
-  if loaded.info.get("which") == "export":
-    path = fileio.as_path(loaded.checkpoint) / "calibration.json"
-    params = fileio.read_json(path) if path.exists() else None
-  else:
-    found = evaluation.stored_calibration(evaluation.workdir_of(loaded.checkpoint), loaded.step)
-    path, params = "the workdir's evaluate --calibrate parameters", found and found[0]
-  if not params or not params.get("method"):
-    return None
-  try:
-    _check_calibration(params, findings.of_config(loaded.config))
-  except ConfigError as e:
-    raise ConfigError(f"{path}: {e}") from None
-  return dict(params)
-
-
-def stored_thresholds(loaded: engine.LoadedModel) -> dict | None:
-  """The operating points stored with a checkpoint: an exported folder's thresholds.json, or
-  the valid evaluation of the step in its workdir (`evaluation.stored_operating_points`);
-  None when there are none. ConfigError naming the file for thresholds of other classes
-  than the model's."""
-  from lsemil.workflows import evaluation
-
-  if loaded.info.get("which") == "export":
-    path = fileio.as_path(loaded.checkpoint) / "thresholds.json"
-    ops = fileio.read_json(path) if path.exists() else None
-  else:
-    path = evaluation.default_output(evaluation.workdir_of(loaded.checkpoint), "valid")
-    ops = evaluation.stored_operating_points(evaluation.workdir_of(loaded.checkpoint), loaded.step)
-  if not ops or ops.get("thresholds") is None:
-    return None
-  classes = findings.of_config(loaded.config)
-  if list(ops.get("classes") or ()) != list(classes) or len(ops["thresholds"]) != len(classes):
-    raise ConfigError(f"{path}: operating points are not for the model's {len(classes)} "
-                      f"classes in order ({', '.join(classes[:3])}...)")
-  return dict(ops)
 
 
 def format_table(rows: Sequence[dict], threshold: float, classes: Sequence[str]) -> str:

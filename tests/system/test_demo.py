@@ -72,8 +72,8 @@ def walkthrough() -> tuple[list[list[str]], str]:
 # in one batch as predict ran them (XLA may round the last bit differently per batch size).
 SAME_FILES = """
 import json as _json, sys as _sys
-_got = model.predict([imageio.read_gray(p) for p in _sys.argv[1:]])["probs"]
-print(_json.dumps([[float(v) for v in row] for row in _got]))
+_got = model.predict(_sys.argv[1:])
+print(_json.dumps([[_r.probs[_c] for _c in model.classes] for _r in _got]))
 """
 
 

@@ -105,8 +105,8 @@ def test_one_prediction_path(run, tmp_path, phantom_image, capsys):
   from_export, from_workdir = lsemil.load(run.out), lsemil.load(run.w)
   assert isinstance(from_export, lsemil.TrainedModel) and from_export.step == STEP
   image = prediction.read_image(path)
-  p_export = from_export.predict(image)["probs"][0]
-  p_workdir = from_workdir.predict([image])["probs"][0]
+  p_export = from_export.forward(image)["probs"][0]
+  p_workdir = from_workdir.forward([image])["probs"][0]
   assert p_export.dtype == np.float32
   np.testing.assert_array_equal(p_export, p_workdir)
   np.testing.assert_array_equal(csv["w"].astype(np.float32), p_export)
@@ -127,7 +127,7 @@ def test_onnx_matches_jax(run, phantom_image):
     ("image", "tensor(uint8)", ["B", 64, 64, 1])
   ]
   images = np.stack([model.preprocess(phantom_image(s, 256)) for s in range(3)])
-  got, want = onnx_graph.run(sess, images), model.predict(images)
+  got, want = onnx_graph.run(sess, images), model.forward(images)
   assert got["probs"].shape == (3, 14) and got["saliency"].shape == (3, 16, 16, 14)
   np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-4, rtol=0)
   np.testing.assert_allclose(got["saliency"], want["saliency"], atol=1e-3, rtol=0)

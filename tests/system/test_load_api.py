@@ -1,8 +1,7 @@
 """`lsemil.load(PATH).predict(images)` against `lsemil predict --boxes` on the same files.
 
-One smoke checkpoint with random weights (no training), a valid evaluation of its step with
-per-class operating points and a test evaluation with a temperature fit, exported through the
-CLI (no ONNX). The same two files (a non-square grey PNG and a colour PNG) go through
+An export folder of a smoke model with random weights (no training), per-class operating
+points and a temperature fit. The same two files (a non-square grey PNG and a colour PNG) go through
 `lsemil predict --boxes` and through `lsemil.load(export).predict`: the same float32
 probabilities bit for bit (the same reading, `engine.Predictor` and batch of 16), the same
 decisions, calibrated probabilities and boxes. Arrays and PIL images of the same pixels give
@@ -29,6 +28,8 @@ from lsemil.core import configuration
 from lsemil.core.errors import ImageError
 from lsemil.data.nih import CLASSES
 from lsemil.models import registry
+from lsemil.runtime import bundle
+from lsemil.workflows import release
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -37,26 +38,27 @@ STEP = 3
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, random_variables, write_checkpoint, phantom_image):
+def run(tmp_path_factory, random_variables, phantom_image):
+  """An export folder as `lsemil export` writes it (`bundle.write`, thresholds.json with a
+  class left without a threshold, calibration.json), written directly: no orbax round trip
+  (tests/unit/workflows/test_release.py exports through the CLI); two image files."""
   tmp = tmp_path_factory.mktemp("load_api")
   config = configuration.load_config("smoke")
-  w, out = tmp / "w", tmp / "export"
-  write_checkpoint(w, config, random_variables(registry.from_config(config.model), seed=5), STEP)
+  out = tmp / "export"
+  variables = random_variables(registry.from_config(config.model), seed=5)
+  bundle.write(out, config, variables, step=STEP, source="test", version=lsemil.__version__)
   thresholds = [0.5 + 0.001 * (k - 7) for k in range(len(CLASSES))]
   thresholds[3] = None  # a class without an operating point
   ops = {"rule": "spec=0.9", "fit_split": "valid", "classes": list(CLASSES),
          "thresholds": thresholds}  # fmt: skip
-  (w / "evaluation_valid.json").write_text(json.dumps({"step": STEP, "operating_points": ops}))
+  (out / release.THRESHOLDS_FILE).write_text(json.dumps(ops))
   cal = {"method": "temperature", "classes": list(CLASSES), "temperature": [1.5] * len(CLASSES)}
-  (w / "cal.json").write_text(json.dumps(cal))
-  test = {"step": STEP, "calibration_file": "cal.json"}
-  (w / "evaluation_test.json").write_text(json.dumps(test))
-  assert cli.main(["export", "--workdir", str(w), "--out", str(out), "--no-onnx"]) == 0
+  (out / release.CALIBRATION_FILE).write_text(json.dumps(cal))
   grey = cv2.resize(phantom_image(1, 600), (600, 480))  # not square, above 512 px
   colour = np.stack([phantom_image(s, 200) for s in (2, 3, 4)], axis=-1)  # BGR, as cv2 writes
   files = [tmp / "grey.png", tmp / "colour.png"]
   assert cv2.imwrite(str(files[0]), grey) and cv2.imwrite(str(files[1]), colour)
-  return SimpleNamespace(w=w, out=out, files=files, model=lsemil.load(out), tmp=tmp)
+  return SimpleNamespace(out=out, files=files, model=lsemil.load(out), tmp=tmp)
 
 
 def test_predict_matches_the_cli(run, tmp_path, capsys):

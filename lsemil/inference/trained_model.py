@@ -193,16 +193,37 @@ class TrainedModel:
       single = False  # an (n, H, W) stack of grey images
     items = [images] if single else list(images)
     got = [self._read(x, i) for i, x in enumerate(items)]
-    x = np.stack([g[1] for g in got]) if got else np.zeros((0, 1, 1, 1), np.uint8)
-    out = self.forward(x, batch_size=batch_size) if got else {"probs": np.zeros((0, 0))}
+    s = self.input_size
+    x = np.stack([g[1] for g in got]) if got else np.zeros((0, s, s, 1), np.uint8)
+    results = self.findings(
+      x, [g[2] for g in got], [g[0] for g in got], threshold=threshold, box_tau=box_tau,
+      batch_size=batch_size,
+    )  # fmt: skip
+    return results[0] if single else results
+
+  def findings(
+    self,
+    inputs: np.ndarray,
+    image_sizes: Sequence[tuple[int, int]],
+    sources: Sequence[str],
+    *,
+    threshold: float = THRESHOLD,
+    box_tau: float = BOX_TAU,
+    batch_size: int = 16,
+  ) -> list[Prediction]:
+    """A `Prediction` per uint8 (n, S, S, 1) model input (`predict` after reading; `lsemil
+    serve` reads its uploads itself), `image_sizes` the (H, W) of each decoded image."""
+    if not len(inputs):
+      return []
+    out = self.forward(inputs, batch_size=batch_size)
     probs = np.asarray(out["probs"], np.float64)
     ops, cal, classes = self.operating_points, self.calibration, self.classes
     decided = readout.decisions(ops["thresholds"] if ops else None, probs)
-    recal = calibration.apply(cal, probs) if cal is not None and len(probs) else None
+    recal = calibration.apply(cal, probs) if cal is not None else None
     rule = f"{ops.get('rule')} ({ops.get('fit_split', 'valid')} split)" if ops else None
-    results = [
+    return [
       Prediction(
-        source=src, classes=classes, image_size=shape,
+        source=str(src), classes=classes, image_size=(int(shape[0]), int(shape[1])),
         probs=dict(zip(classes, probs[j].tolist(), strict=True)),
         calibrated=None if recal is None else dict(zip(classes, recal[j].tolist(), strict=True)),
         decisions=None if decided is None else dict(zip(classes, decided[j], strict=True)),
@@ -210,9 +231,8 @@ class TrainedModel:
         boxes=readout.boxes(out["saliency"][j], probs[j], classes, threshold, box_tau, shape),
         saliency=np.asarray(out["saliency"][j], np.float32),
       )  # fmt: skip
-      for j, (src, _, shape) in enumerate(got)
+      for j, (src, shape) in enumerate(zip(sources, image_sizes, strict=True))
     ]
-    return results[0] if single else results
 
   def _read(self, image, i: int) -> tuple[str, np.ndarray, tuple[int, int]]:
     """(source, model input, (H, W)) of one image; ImageError naming it."""

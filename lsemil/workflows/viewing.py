@@ -1,16 +1,17 @@
 """The local web viewer of `lsemil serve`: drop chest X-rays on a page, see what the model says.
 
-`Viewer` predicts one uploaded file the way `lsemil predict` predicts a file: the upload is
-written to a private temporary folder (mode 0700, removed on `close`) under its own name's
-suffix and read by `prediction.read_files` (every size, pixel and type guard of
-`lsemil.data.imageio` and the DICOM rules of `lsemil.data.dicom`, nothing copied), turned into
-the model input by `engine.model_input` and run through the one `engine.Predictor` with the
-run's saliency source (`registry.saliency_settings`), batched alone as `predict` batches one
-file. So the probabilities are `lsemil predict`'s for the same file; the decisions use the
-operating points stored with the checkpoint and the calibrated probabilities the stored
-recalibration (`prediction.stored_thresholds` / `stored_calibration`), as predict's columns.
-Each class's map S (Sec 3.6) comes back with its boxes (`localization.boxes_from_map` at
-`BOX_TAU`, predict --boxes' default, in the file's own pixels) and an overlay PNG coloured with
+`Viewer` predicts one uploaded file the way `lsemil predict` and `lsemil.load(...).predict`
+do, through `lsemil.inference.trained_model.TrainedModel`: the upload is written to a private
+temporary folder (mode 0700, removed on `close`) under its own name's suffix and read by
+`readout.read_one` (every size, pixel and type guard of `lsemil.data.imageio` and the DICOM
+rules of `lsemil.data.dicom`, nothing copied), turned into the model input by
+`engine.model_input` and run through the one `engine.Predictor` with the run's saliency source
+(`registry.saliency_settings`), batched alone as `predict` batches one file
+(`TrainedModel.findings`). So the probabilities are `lsemil predict`'s for the same file; the
+decisions use the operating points stored with the checkpoint and the calibrated probabilities
+the stored recalibration (`lsemil.inference.records`), as predict's columns. Each class's map
+S (Sec 3.6) comes back with its boxes (`readout.boxes` at `BOX_TAU`, predict --boxes' default,
+for every class, in the file's own pixels) and an overlay PNG coloured with
 the scale of `lsemil.reporting.drawing` ('jet' over 0..1 at alpha 0.5, nearest upsampling).
 The class names are `findings.of_config` of the run.
 
@@ -67,11 +68,8 @@ import numpy as np
 
 from lsemil.core import log
 from lsemil.core.errors import ImageError, OutputError
-from lsemil.data import findings, imageio
-from lsemil.inference import engine
-from lsemil.metrics import calibration, localization
-from lsemil.models import registry
-from lsemil.workflows import prediction
+from lsemil.data import imageio
+from lsemil.inference import engine, readout, trained_model
 
 BOX_TAU = 0.5  # the saliency threshold of the drawn boxes: predict --box-tau's default
 OVERLAY_ALPHA = 0.5  # drawing.overlay_png's
@@ -121,18 +119,15 @@ class Viewer:
 
   def __init__(self, loaded: engine.LoadedModel):
     self.loaded = loaded
-    self.classes = findings.of_config(loaded.config)
-    source, level = registry.saliency_settings(loaded.config)
-    self.predictor = engine.Predictor(
-      loaded.model, loaded.variables, saliency_source=source, gradcam_level=level
-    )
-    self.operating_points = prediction.stored_thresholds(loaded)
-    self.calibration = prediction.stored_calibration(loaded)
+    self.model = trained_model.TrainedModel(loaded)  # predict's and lsemil.load's path
+    self.classes = self.model.classes
+    self.operating_points = self.model.operating_points
+    self.calibration = self.model.calibration
     self.folder = Path(tempfile.mkdtemp(prefix="lsemil-serve-"))  # mode 0700
     self._lock = threading.Lock()
     # Compiles the one-image forward now: the first upload is answered at once.
-    s = self.predictor.input_size
-    self.predictor.predict_images(np.zeros((1, s, s, 1), np.uint8), 1, saliency=True)
+    s = self.model.input_size
+    self.model.forward(np.zeros((1, s, s, 1), np.uint8))
 
   def close(self) -> None:
     shutil.rmtree(self.folder, ignore_errors=True)
@@ -162,37 +157,41 @@ class Viewer:
         else:
           _copy(data, f, int(size or 0), name)
       with self._lock:  # one forward at a time; uploads stream in meanwhile
-        inputs = prediction.read_files([str(path)], self.predictor.input_size)
-        if inputs.failures:
-          raise ImageError(inputs.failures[0][1].replace(str(path), name))
-        out = self.predictor.predict_images(inputs.images, len(inputs.images), saliency=True)
-    maps = np.asarray(out["saliency"][0], np.float32)
-    result = self.result(name, np.asarray(out["probs"], np.float64), maps, inputs.shapes[0])
+        failures = []
+        got = readout.read_one(str(path), self.model.input_size, "first", True, failures)
+        if got is None:
+          raise ImageError(failures[0][1].replace(str(path), name))
+        # boxes of every class (the page draws the one shown), at predict's --box-tau
+        (found,) = self.model.findings(
+          got[0][None], [got[2]], [name], threshold=-np.inf, box_tau=BOX_TAU
+        )
+    maps = found.saliency
+    result = self.result(found)
     view = {
-      "image": data_uri(png_bytes(inputs.prepared[0])),
+      "image": data_uri(png_bytes(got[1])),
       "overlays": {c: data_uri(overlay(maps[..., k])) for k, c in enumerate(self.classes)},
     }
     return {"result": result, "view": view}
 
-  def result(self, name: str, probs: np.ndarray, maps: np.ndarray, shape) -> dict:
+  def result(self, found: trained_model.Prediction) -> dict:
     """The JSON of one file: per class (model order) the probability, the calibrated one,
     the decision at the stored threshold; boxes; the maps (N x N over the whole image)."""
     ops = self.operating_points
     thresholds = ops["thresholds"] if ops else [None] * len(self.classes)
-    recal = calibration.apply(self.calibration, probs)[0] if self.calibration else None
-    rows = []
-    for k, cls in enumerate(self.classes):
-      p, t = float(probs[0, k]), thresholds[k]
-      rows.append({
+    rows = [
+      {
         "class": cls,
-        "probability": p,
-        "calibrated": None if recal is None else float(recal[k]),
-        "threshold": t,
-        "decision": None if t is None else bool(p >= t),  # prediction's rule, uncalibrated p
-      })  # fmt: skip
-    h, w = shape
+        "probability": found.probs[cls],
+        "calibrated": None if found.calibrated is None else found.calibrated[cls],
+        "threshold": thresholds[k],
+        "decision": None if found.decisions is None else found.decisions[cls],
+      }
+      for k, cls in enumerate(self.classes)
+    ]
+    h, w = found.image_size
+    maps = found.saliency
     return {
-      "file": name,
+      "file": found.source,
       "checkpoint": str(self.loaded.checkpoint),
       "step": int(self.loaded.step),
       "image_size": {"height": int(h), "width": int(w)},
@@ -200,13 +199,9 @@ class Viewer:
       "calibration": None if self.calibration is None else self.calibration.get("method"),
       "findings": rows,
       "box_tau": BOX_TAU,
-      "boxes": {
-        c: localization.boxes_from_map(maps[..., k], BOX_TAU, shape)
-        for k, c in enumerate(self.classes)
-      },
+      "boxes": {c: found.boxes.get(c, []) for c in self.classes},  # [] where p is NaN
       "saliency": {c: np.round(maps[..., k], 4).tolist() for k, c in enumerate(self.classes)},
     }
-
 
 def _copy(src, dst, size: int, name: str, chunk: int = 1 << 20) -> None:
   left = size

@@ -157,6 +157,18 @@ class Together:
 
 
 @pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory) -> Path:
+  """The one compilation cache of the subprocesses started with `cache=jax_cache` (cheaper
+  compiles, see `Lsemil.env`) for the whole run: the smoke steps a module compiled are cache
+  hits in every later module. xdist workers share it (a folder of tests/conftest.py's cache,
+  removed with it); jax's file lock makes concurrent use safe."""
+  base = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  path = Path(base) / "cheap-compiles" if base else tmp_path_factory.mktemp("jax_cache")
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope="session")
 def lsemil() -> Lsemil:
   """Runs the `lsemil` CLI (and driver scripts) in subprocesses: see `Lsemil`."""
   return Lsemil()

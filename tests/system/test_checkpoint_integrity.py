@@ -30,11 +30,6 @@ def _train_args(workdir, data_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, synth_dir, jax_cache, lsemil) -> Path:
   w = tmp_path_factory.mktemp("integrity") / "run"
   lsemil(*_train_args(w, synth_dir, f"--config.train.num_steps={STEPS}"), cache=jax_cache)

@@ -47,14 +47,14 @@ def _cmd(workdir: Path, data: Path, *extra: str) -> list[str]:
   ]  # fmt: skip
 
 
-def _launch(lsemil, workdir: Path, data: Path):
+def _launch(lsemil, workdir: Path, data: Path, cache: Path):
   port = _port()
   return lsemil.together([
     subprocess.Popen(
       _cmd(workdir, data, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}"),
-      cwd=REPO, env=lsemil.env(devices=4, **ROWS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True,
+      cwd=REPO, env=lsemil.env(cache, devices=4, **ROWS), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
     )
     for i in range(2)
   ])  # fmt: skip
@@ -74,9 +74,11 @@ def _steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_dir, lsemil):
+def test_sigterm_on_both_processes_saves_one_step_and_resumes(
+  tmp_path, synth_dir, jax_cache, lsemil
+):
   w = tmp_path / "w"
-  run = _launch(lsemil, w, synth_dir)
+  run = _launch(lsemil, w, synth_dir, jax_cache)
   deadline = time.time() + 600
   while not _steps(w):
     if any(p.poll() is not None for p in run.procs) or time.time() > deadline:
@@ -91,10 +93,11 @@ def test_sigterm_on_both_processes_saves_one_step_and_resumes(tmp_path, synth_di
   assert saved[0] == saved[1], saved  # every process saved the same step
   assert int(saved[0]) in _steps(w) and int(saved[0]) < STEPS
 
-  codes, errs = _launch(lsemil, w, synth_dir).errors(timeout=900)
+  codes, errs = _launch(lsemil, w, synth_dir, jax_cache).errors(timeout=900)
   assert codes == [0, 0], run.shown(errs)
   ref = tmp_path / "ref"
-  codes, errs = _launch(lsemil, ref, synth_dir).errors(timeout=900)  # uninterrupted, 2 x 4
+  ref_run = _launch(lsemil, ref, synth_dir, jax_cache)  # uninterrupted, 2 x 4
+  codes, errs = ref_run.errors(timeout=900)
   assert codes == [0, 0], run.shown(errs)
   # Not one batch lost, repeated or augmented differently across the preemption.
   for p in (0, 1):

@@ -69,10 +69,10 @@ def run(script_result, lsemil):
   return run
 
 
-def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil, run):
+def test_cli_smoke_run_then_exact_resume_and_nan_stop(tmp_path, lsemil, run, jax_cache):
   """`lsemil train` on the smoke config with no data (it synthesizes W/data), 4 steps;
   then 2 steps + exit + 2 resumed steps elsewhere give bit-identical weights."""
-  cache, a = tmp_path / "jax_cache", tmp_path / "a"
+  cache, a = jax_cache, tmp_path / "a"
   cmd = [sys.executable, "-m", "lsemil.commands.cli", "train", "--config", "configs/smoke.py"]
   cmd += ["--workdir", str(a), "--config.train.num_steps=4"]
   cmd += ["--config.train.eval_every_steps=2", "--config.train.checkpoint_every_steps=1"]

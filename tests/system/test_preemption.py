@@ -38,9 +38,10 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data) -> Path:
+def reference(tmp_path_factory, data, jax_cache, lsemil) -> Path:
   w = tmp_path_factory.mktemp("ref") / "w"
-  proc = subprocess.run(train_cmd(w, data), cwd=REPO, capture_output=True, text=True)
+  proc = subprocess.run(train_cmd(w, data), cwd=REPO, env=lsemil.env(jax_cache),
+                        capture_output=True, text=True)  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   return w
 
@@ -53,10 +54,11 @@ def params_at(workdir: Path, step: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_and_rerun_resumes_exactly(tmp_path, data, reference, sig):
-  w = tmp_path / "w"
+def test_signal_saves_and_rerun_resumes_exactly(tmp_path, data, reference, sig, jax_cache, lsemil):
+  w, env = tmp_path / "w", lsemil.env(jax_cache)
   proc = subprocess.Popen(
-    train_cmd(w, data), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    train_cmd(w, data), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    text=True,
   )
   deadline = time.time() + 600
   while not (w / "checkpoints" / "2").is_dir():
@@ -71,7 +73,7 @@ def test_signal_saves_and_rerun_resumes_exactly(tmp_path, data, reference, sig):
   stopped = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
   assert stopped and stopped[-1] < STEPS  # it stopped early, having saved where it was
 
-  rerun = subprocess.run(train_cmd(w, data), cwd=REPO, capture_output=True, text=True)
+  rerun = subprocess.run(train_cmd(w, data), cwd=REPO, env=env, capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"(step {stopped[-1]})" in rerun.stderr + rerun.stdout  # resumed from that step
   for a, b in zip(params_at(w, STEPS), params_at(reference, STEPS), strict=True):

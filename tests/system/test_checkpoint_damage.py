@@ -50,10 +50,10 @@ def _train_args(workdir, data_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_dir, lsemil) -> Path:
+def trained(tmp_path_factory, synth_dir, jax_cache, lsemil) -> Path:
   """A smoke workdir with checkpoints at steps 1..6 (6 the newest)."""
   w = tmp_path_factory.mktemp("trained") / "W"
-  lsemil(*_train_args(w, synth_dir, "--config.train.keep_checkpoints=20"))
+  lsemil(*_train_args(w, synth_dir, "--config.train.keep_checkpoints=20"), cache=jax_cache)
   assert sorted(int(p.name) for p in (w / "checkpoints").iterdir()) == [1, 2, 3, 4, 5, 6]
   return w
 
@@ -65,50 +65,61 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_predict_latest_skips_a_damaged_newest_step(tmp_path, trained, synth_dir, kind, lsemil):
+def test_predict_latest_skips_a_damaged_newest_step(
+  tmp_path, trained, synth_dir, kind, jax_cache, lsemil
+):
   w = _copy(trained, tmp_path)
   damage(w / "checkpoints" / "6", kind)
   files = sorted(p.relative_to(w) for p in w.rglob("*"))
   image = next((synth_dir / "images").glob("*.png"))
-  proc = lsemil("predict", "--checkpoint", w, "--which", "latest", image, cwd=tmp_path)
+  proc = lsemil("predict", "--checkpoint", w, "--which", "latest", image, cwd=tmp_path,
+                cache=jax_cache)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "skipped damaged checkpoint step 6" in proc.stderr, proc.stderr[-3000:]
   assert f"{w}/checkpoints/5" in proc.stdout + proc.stderr
   # The damaged step asked for by path: one line naming the step and the file.
   line = lsemil.one_error(
-    lsemil.run("predict", "--checkpoint", w / "checkpoints" / "6", image, cwd=tmp_path),
+    lsemil.run("predict", "--checkpoint", w / "checkpoints" / "6", image, cwd=tmp_path,
+               cache=jax_cache),
     "predict",
   )
   assert "checkpoint step 6" in line and f"{w}/checkpoints/6/" in line, line
   assert sorted(p.relative_to(w) for p in w.rglob("*")) == files  # nothing deleted
 
 
-def test_every_step_damaged_is_one_error(tmp_path, trained, synth_dir, lsemil):
+def test_every_step_damaged_is_one_error(tmp_path, trained, synth_dir, jax_cache, lsemil):
   w = _copy(trained, tmp_path)
   for step in range(1, 7):
     damage(w / "checkpoints" / str(step), "truncated")
   image = next((synth_dir / "images").glob("*.png"))
   line = lsemil.one_error(
-    lsemil.run("predict", "--checkpoint", w, "--which", "latest", image, cwd=tmp_path),
+    lsemil.run("predict", "--checkpoint", w, "--which", "latest", image, cwd=tmp_path,
+               cache=jax_cache),
     "predict",
   )
   assert "no intact checkpoint" in line and f"{w}/checkpoints/6/model" in line, line
 
 
-def test_evaluate_latest_skips_a_damaged_newest_step(tmp_path, trained, synth_dir, lsemil):
+def test_evaluate_latest_skips_a_damaged_newest_step(
+  tmp_path, trained, synth_dir, jax_cache, lsemil
+):
   w = _copy(trained, tmp_path)
   damage(w / "checkpoints" / "6", "metadata")
   proc = lsemil("evaluate", "--checkpoint", w, "--which", "latest", "--data-dir", synth_dir,
-                "--out", tmp_path / "ev", "--n-boot", "2", "--no-protocols", "--no-progress")
+                "--out", tmp_path / "ev", "--n-boot", "2", "--no-protocols", "--no-progress",
+                cache=jax_cache)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "skipped damaged checkpoint step 6" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["truncated", "manifest"])  # resume reads no step config
-def test_train_resumes_from_the_newest_intact_step(tmp_path, trained, synth_dir, kind, lsemil):
+def test_train_resumes_from_the_newest_intact_step(
+  tmp_path, trained, synth_dir, kind, jax_cache, lsemil
+):
   w = _copy(trained, tmp_path)
   damage(w / "checkpoints" / "6", kind)
-  proc = lsemil(*_train_args(w, synth_dir, "--config.train.keep_checkpoints=20"))
+  proc = lsemil(*_train_args(w, synth_dir, "--config.train.keep_checkpoints=20"),
+                cache=jax_cache)
   out = proc.stdout + proc.stderr
   assert "Traceback" not in out, out[-3000:]
   assert "cannot resume from checkpoint step 6" in out and "(step 5)" in out, out[-3000:]

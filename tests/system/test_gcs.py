@@ -216,10 +216,10 @@ def test_train_into_a_locked_gcs_workdir_refuses_at_once(gcs_bucket, synth_dir, 
 
 
 @pytest.fixture(scope="module")
-def gcs_runs(gcs_bucket, synth_dir, tmp_path_factory, lsemil):
+def gcs_runs(gcs_bucket, synth_dir, jax_cache, lsemil):
   """Three `lsemil train` runs into the bucket: 3 steps then resumed to 6 (`run`), and 6
   straight (`straight`); returns their URLs and the logs."""
-  cache = tmp_path_factory.mktemp("jax_cache_gcs")
+  cache = jax_cache
   base = ["train", "--config", "configs/smoke.py", "--data-dir", synth_dir]
   run, straight = f"{gcs_bucket}/run", f"{gcs_bucket}/straight"
   logs = {}

@@ -152,8 +152,8 @@ def _rows(a: np.ndarray) -> list[tuple]:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir, lsemil):
-  cache = tmp_path / "jax_cache"
+def test_two_processes_train_and_resume_like_one(tmp_path, synth_dir, jax_cache, lsemil):
+  cache = jax_cache
   # Reference: one process, 8 devices, 2N straight steps; params after N and 2N.
   ref = tmp_path / "ref"
   (ref_out,) = _launch(

@@ -26,19 +26,11 @@ import cv2
 import numpy as np
 
 from lsemil.core import tables
+from lsemil.data import nih
 from lsemil.workflows import scoring
 
 BUDGET_S = 60.0
-CLASSES = (
-  "Atelectasis",
-  "Cardiomegaly",
-  "Effusion",
-  "Infiltration",
-  "Mass",
-  "Nodule",
-  "Pneumonia",
-  "Pneumothorax",
-)  # fmt: skip  (NIH's box classes)
+CLASSES = nih.BOX_CLASSES  # NIH's 8 box classes
 
 
 def synthetic(n: int, n_boxes: int, n_classes: int, image: int, side: int, seed: int = 0):
